@@ -1,0 +1,45 @@
+"""The reward API: a reward is a small class with `score(sample) -> RewardResult`.
+
+Batching, concurrency, deadlines and sandboxing belong to the scorer (`rewards.scorer`), not to each reward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+
+class Verdict(str, Enum):
+    CORRECT = "correct"
+    WRONG = "wrong"
+    ABSTAIN = "abstain"  # a canonical "I don't know" with no extractable answer
+    FORMAT_ERROR = "format_error"
+    TIMEOUT = "timeout"  # the verifier passed its deadline (reported by the scorer, never a silent 0)
+    ERROR = "error"  # the verifier raised (reported by the scorer, never a silent 0)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One completion to score. `gold` is the reference answer (or tests, for code) when the task has one."""
+
+    prompt: str
+    completion: str
+    gold: Any = None
+    task: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    score: float
+    verdict: Verdict
+    components: Mapping[str, float] = field(default_factory=dict)  # named parts, each logged
+    info: Mapping[str, Any] = field(default_factory=dict)  # e.g. the extracted answer
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """What a user implements. A class with this method (and any constructor kwargs) plugs in by import_path."""
+
+    def score(self, sample: Sample) -> RewardResult: ...

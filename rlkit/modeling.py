@@ -1,0 +1,122 @@
+"""Build the embedded default model (a small Llama with a character-level tokenizer) or load one from disk.
+
+No weights are ever downloaded: `model.path` must be a local Hugging Face folder, or empty to build from
+`ModelConfig`'s architecture fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rlkit.config import ModelConfig, RecipeError
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+# Printable ASCII plus newline: enough for arithmetic, puzzles, code and "I don't know".
+CHARACTERS = [chr(c) for c in range(32, 127)] + ["\n"]
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: one token per printable ASCII character, decoded by concatenation.
+
+    >>> tok = build_char_tokenizer()
+    >>> tok.decode(tok("12+34=46")["input_ids"])
+    '12+34=46'
+    """
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    # BPE with no merges splits text into single characters; Fuse joins them back without separators.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """A randomly initialised Llama-architecture model sized by `cfg`."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=cfg.tie_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(cfg.init_seed)
+    return LlamaForCausalLM(config)
+
+
+def load_model_and_tokenizer(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a local Hugging Face checkpoint, failing with the folder and the missing file named."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RecipeError(f"model.path: '{path}' is not a folder; expected a local Hugging Face model folder")
+    if not (path / "config.json").exists():
+        raise RecipeError(f"model.path: '{path}' has no config.json; expected a Hugging Face model folder")
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise RecipeError(
+            f"model.path: '{path}' has no tokenizer (tokenizer.json or tokenizer_config.json); "
+            "save one beside the weights with tokenizer.save_pretrained(path)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model, tokenizer
+
+
+def init_model(cfg: ModelConfig):
+    """The stage-0 model: loaded from `cfg.path`, or built from the architecture fields."""
+    if cfg.path:
+        model, tokenizer = load_model_and_tokenizer(cfg.path)
+        log.info("loaded model from %s", cfg.path)
+        return model, tokenizer
+    tokenizer = build_char_tokenizer()
+    model = build_model(cfg, len(tokenizer), tokenizer)
+    n = sum(p.numel() for p in model.parameters())
+    log.info("built a %.2fM-parameter Llama from config (vocab %d)", n / 1e6, len(tokenizer))
+    return model, tokenizer
+
+
+def save_checkpoint(model, tokenizer, path: str | Path, recipe_yaml: str, extra: dict | None = None) -> Path:
+    """Save in Hugging Face format (safetensors + tokenizer) with the resolved recipe beside it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "recipe.yaml").write_text(recipe_yaml)
+    if extra:
+        (tmp / "rlkit_stage.json").write_text(json.dumps(extra, indent=2))
+    # Rename last so a crash mid-write never leaves a half-written checkpoint under the final name.
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        path.rename(old)
+        tmp.rename(path)
+        _rmtree(old)
+    else:
+        tmp.rename(path)
+    return path
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
