@@ -1,0 +1,1 @@
+"""rlkit: RL post-training of language models, SFT -> DPO -> GRPO/PPO in one typed recipe."""

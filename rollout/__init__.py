@@ -1,0 +1,1 @@
+"""Rollout engines: sampling completions with log-probs, and taking weights from the trainer."""

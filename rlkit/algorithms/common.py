@@ -1,0 +1,81 @@
+"""What every stage shares: its context, tokenization of prompts and responses, and timing."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from rlkit.config import RecipeConfig, StageConfig
+from rlkit.data import Problem
+from rlkit.tracking import RunLogger
+from rewards.base import Sample
+
+
+@dataclass
+class StageContext:
+    """The live objects a stage works with. The model is trained in place; the engine follows it."""
+
+    cfg: RecipeConfig
+    stage: StageConfig
+    index: int  # position of the stage in the recipe
+    model: torch.nn.Module
+    tokenizer: Any
+    train: list[Problem]
+    engine: Any  # rollout.VllmRollout or anything with its generate/sync_weights interface
+    scorer: Any  # rewards.Scorer
+    logger: RunLogger
+
+    @property
+    def lr(self) -> float:
+        return self.cfg.trainer.lr if self.stage.lr is None else self.stage.lr
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.cfg.trainer.warmup_steps if self.stage.warmup_steps is None else self.stage.warmup_steps
+
+    @property
+    def prefix(self) -> str:
+        return self.stage.name or self.stage.kind
+
+    def seed(self) -> int:
+        return self.cfg.trainer.seed * 1000 + self.index
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt token ids: BOS (when the tokenizer has one) + the text, no EOS."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """Response token ids ending in EOS, so the model learns to stop."""
+    return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+def to_samples(problems: list[Problem], texts: list[str], repeat: int = 1) -> list[Sample]:
+    """Pair each completion with its problem; completions come `repeat` per problem, in order."""
+    return [
+        Sample(prompt=p.prompt, completion=texts[i * repeat + j], gold=p.answer, task=p.task)
+        for i, p in enumerate(problems)
+        for j in range(repeat)
+    ]
+
+
+class Timer:
+    """Wall-clock seconds per phase: `with timer("generate"): ...` then `timer.metrics(prefix)`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}/time/{k}": v for k, v in self.seconds.items()}

@@ -1,0 +1,85 @@
+"""Direct preference optimisation against a frozen reference.
+
+Pairs are built from the current policy before training (offline DPO): for each prompt, K samples are
+scored by the recipe's rewards; the gold solution is `chosen`, a sample the rewards judge wrong is `rejected`.
+Prompts whose samples are all correct give no pair.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from rlkit.algorithms.common import StageContext, encode_prompt, encode_response, to_samples
+from rlkit.config import RecipeError
+from rlkit.data import BatchSampler
+from rlkit.losses import dpo_loss
+from rlkit.reference import ReferenceModel
+from rlkit.trainer import TokenBatch, Trainer, pack_sequences, sequence_logprobs
+from rewards.base import Verdict
+
+SAMPLES_PER_PROMPT = 4
+
+
+def build_pairs(ctx: StageContext, num_prompts: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt_ids, chosen_ids, rejected_ids) triples from the policy's own wrong answers."""
+    tok = ctx.tokenizer
+    problems = random.Random(ctx.seed()).sample(ctx.train, min(num_prompts, len(ctx.train)))
+    prompt_ids = [encode_prompt(tok, p.prompt) for p in problems]
+    groups = ctx.engine.generate(prompt_ids, n=SAMPLES_PER_PROMPT, temperature=1.0, seed=ctx.seed())
+    completions = [c for g in groups for c in g]
+    scored = ctx.scorer.score(to_samples(problems, [c.text for c in completions], SAMPLES_PER_PROMPT))
+    pairs = []
+    for i, problem in enumerate(problems):
+        for j in range(SAMPLES_PER_PROMPT):
+            k = i * SAMPLES_PER_PROMPT + j
+            if scored.valid[k] and scored.results[k].verdict != Verdict.CORRECT:
+                pairs.append((prompt_ids[i], encode_response(tok, problem.solution), list(completions[k].token_ids)))
+                break
+    return pairs
+
+
+def pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], pad_id: int) -> TokenBatch:
+    """Rows alternate chosen, rejected: row 2i is pair i's chosen response, row 2i + 1 its rejected one."""
+    prompts = [p for p, _, _ in pairs for _ in range(2)]
+    responses = [r for _, c, rj in pairs for r in (c, rj)]
+    return pack_sequences(prompts, responses, pad_id)
+
+
+def train(ctx: StageContext) -> None:
+    cfg, stage = ctx.cfg, ctx.stage
+    if cfg.trainer.micro_batch_size % 2:
+        raise RecipeError("trainer.micro_batch_size: DPO keeps each pair in one micro-batch, so it must be even")
+    pairs = build_pairs(ctx, stage.steps * stage.batch_size)
+    if not pairs:
+        raise RecipeError(f"stages.{ctx.index}: the policy answered every sampled prompt correctly; no DPO pairs")
+    ctx.logger.log({f"{ctx.prefix}/num_pairs": len(pairs)})
+    ref = ReferenceModel(cfg.ref, ctx.model, cfg.trainer.micro_batch_size, cfg.trainer.logprob_impl)
+    trainer = Trainer(ctx.model, cfg.trainer, ctx.lr, ctx.warmup_steps)
+    sampler = BatchSampler(pairs, stage.batch_size, ctx.seed())
+    bar = ctx.logger.progress(stage.steps, f"{ctx.index}:{ctx.prefix}")
+    for step in range(stage.steps):
+        batch = pack_pairs(sampler.next(), ctx.tokenizer.pad_token_id)  # (2B, L)
+        ref_seq = ref.logprobs(batch).sum(-1)  # (2B,) summed response log-probs
+        num_pairs = len(batch) // 2
+
+        def micro_loss(mb, rows):
+            logprobs, _ = sequence_logprobs(ctx.model, mb, impl=cfg.trainer.logprob_impl)
+            seq = logprobs.sum(-1)  # (b,)
+            r = ref_seq[rows]
+            losses, margins = dpo_loss(seq[0::2], seq[1::2], r[0::2], r[1::2], cfg.algo.dpo_beta, cfg.algo.dpo_loss)
+            loss = losses.sum() / num_pairs
+            return loss, {
+                "loss": loss.detach(),
+                "reward_margin": margins.detach().sum() / num_pairs,
+                "pair_accuracy": (margins > 0).float().sum() / num_pairs,
+            }
+
+        metrics = trainer.step(micro_loss, batch)
+        ctx.logger.global_step += 1
+        if step % cfg.logging.log_every == 0 or step == stage.steps - 1:
+            ctx.logger.log({f"{ctx.prefix}/{k}": v for k, v in metrics.items()})
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['reward_margin']:.2f}")
+        bar.update(1)
+    bar.close()

@@ -1,0 +1,36 @@
+"""Supervised fine-tuning on (prompt, solution) pairs; prompt tokens are masked out of the loss."""
+
+from __future__ import annotations
+
+from rlkit.algorithms.common import StageContext, encode_prompt, encode_response
+from rlkit.data import BatchSampler
+from rlkit.losses import sft_loss
+from rlkit.trainer import Trainer, pack_sequences, sequence_logprobs
+
+
+def train(ctx: StageContext) -> None:
+    cfg, stage, tok = ctx.cfg, ctx.stage, ctx.tokenizer
+    trainer = Trainer(ctx.model, cfg.trainer, ctx.lr, ctx.warmup_steps)
+    sampler = BatchSampler(ctx.train, stage.batch_size, ctx.seed())
+    bar = ctx.logger.progress(stage.steps, f"{ctx.index}:{ctx.prefix}")
+    for step in range(stage.steps):
+        problems = sampler.next()
+        batch = pack_sequences(
+            [encode_prompt(tok, p.prompt) for p in problems],
+            [encode_response(tok, p.solution) for p in problems],
+            tok.pad_token_id,
+        )
+        normalizer = batch.response_mask.sum()  # every response token in the step batch weighs the same
+
+        def micro_loss(mb, rows):
+            logprobs, _ = sequence_logprobs(ctx.model, mb, impl=cfg.trainer.logprob_impl)  # (b, L-1)
+            loss = sft_loss(logprobs, mb.response_mask, normalizer)
+            return loss, {"loss": loss.detach()}
+
+        metrics = trainer.step(micro_loss, batch)
+        ctx.logger.global_step += 1
+        if step % cfg.logging.log_every == 0 or step == stage.steps - 1:
+            ctx.logger.log({f"{ctx.prefix}/{k}": v for k, v in metrics.items()})
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        bar.update(1)
+    bar.close()

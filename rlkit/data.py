@@ -1,0 +1,141 @@
+"""Datasets: synthetic verifiable arithmetic (the embedded default) or a JSONL file of prompts with gold answers.
+
+Every problem has a prompt, a gold answer and a solution (the SFT target: here the answer itself, or a worked
+solution when the JSONL has one). The held-out split is disjoint from training by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlkit.config import DataConfig, RecipeError
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str  # e.g. "12+345="
+    answer: str  # gold answer, e.g. "357"
+    solution: str  # SFT target text that follows the prompt
+    task: str = ""
+
+
+def _operands(rng: random.Random, task: str, max_digits: int) -> tuple[int, int]:
+    def number(digits: int) -> int:
+        return rng.randint(0, 10**digits - 1)
+
+    if task == "add":
+        return number(rng.randint(1, max_digits)), number(rng.randint(1, max_digits))
+    # Multiplication by a single digit keeps the answer learnable by a tiny model in minutes.
+    return number(rng.randint(1, max_digits)), rng.randint(0, 9)
+
+
+def make_problem(rng: random.Random, task: str, max_digits: int) -> Problem:
+    """One synthetic problem.
+
+    >>> p = make_problem(random.Random(0), "add", 3)
+    >>> int(p.answer) == eval(p.prompt[:-1])
+    True
+    """
+    a, b = _operands(rng, task, max_digits)
+    op, value = ("+", a + b) if task == "add" else ("*", a * b)
+    answer = str(value)
+    return Problem(prompt=f"{a}{op}{b}=", answer=answer, solution=answer, task=task)
+
+
+def synthetic_splits(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
+    """(train, held_out): held-out prompts never appear in training."""
+    rng = random.Random(cfg.seed)
+    held_out: dict[str, Problem] = {}
+    while len(held_out) < cfg.num_eval:
+        p = make_problem(rng, rng.choice(cfg.tasks), cfg.max_digits)
+        held_out.setdefault(p.prompt, p)
+    train: list[Problem] = []
+    attempts = 0
+    while len(train) < cfg.num_train:
+        attempts += 1
+        if attempts > 20 * cfg.num_train:
+            raise RecipeError(
+                f"data.num_train: only {len(train)} distinct problems exist outside the held-out set for "
+                f"max_digits={cfg.max_digits}; lower data.num_train or raise data.max_digits"
+            )
+        p = make_problem(rng, rng.choice(cfg.tasks), cfg.max_digits)
+        if p.prompt not in held_out:
+            train.append(p)
+    return train, list(held_out.values())
+
+
+def read_jsonl(path: str | Path, cfg: DataConfig) -> list[Problem]:
+    """Read problems from JSONL, naming the file and line of any malformed record."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"data.source: file '{path}' not found; expected a JSONL file or 'synthetic'")
+    problems = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"data.source: {path}:{lineno} is not valid JSON ({e.msg})") from e
+            for key in (cfg.prompt_key, cfg.answer_key):
+                if key not in record:
+                    raise RecipeError(
+                        f"data.source: {path}:{lineno} has no '{key}' field; set data.prompt_key/data.answer_key "
+                        f"to the file's field names (it has: {', '.join(record)})"
+                    )
+            answer = str(record[cfg.answer_key])
+            problems.append(
+                Problem(
+                    prompt=str(record[cfg.prompt_key]),
+                    answer=answer,
+                    solution=str(record.get(cfg.solution_key, answer)),
+                    task=str(record.get("task", "")),
+                )
+            )
+    if not problems:
+        raise RecipeError(f"data.source: '{path}' holds no records")
+    return problems
+
+
+def load_splits(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
+    if cfg.source == "synthetic":
+        return synthetic_splits(cfg)
+    problems = read_jsonl(cfg.source, cfg)
+    random.Random(cfg.seed).shuffle(problems)
+    if len(problems) <= cfg.num_eval:
+        raise RecipeError(
+            f"data.num_eval: {cfg.num_eval} held-out problems requested but '{cfg.source}' has only {len(problems)}"
+        )
+    return problems[cfg.num_eval :][: cfg.num_train], problems[: cfg.num_eval]
+
+
+class BatchSampler:
+    """Endless shuffled batches over a list, reproducible from (seed, position) for resume."""
+
+    def __init__(self, items: list, batch_size: int, seed: int):
+        if not items:
+            raise RecipeError("data: the training split is empty")
+        self.items, self.batch_size, self.seed = items, batch_size, seed
+        self.position = 0  # batches drawn so far
+
+    def next(self) -> list:
+        n = len(self.items)
+        start = self.position * self.batch_size
+        out = []
+        for i in range(start, start + self.batch_size):
+            epoch, offset = divmod(i, n)
+            order = self._order(epoch)
+            out.append(self.items[order[offset]])
+        self.position += 1
+        return out
+
+    def _order(self, epoch: int) -> list[int]:
+        if getattr(self, "_cached_epoch", None) != epoch:
+            order = list(range(len(self.items)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._cached_epoch, self._cached_order = epoch, order
+        return self._cached_order

@@ -1,0 +1,38 @@
+"""`python -m rlkit.run RECIPE.yaml [key=value ...] [--print-config]`: run a recipe's stages."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rlkit.config import RecipeError, load_recipe, to_yaml
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m rlkit.run", description=__doc__)
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.steps=10 trainer.lr=3e-4")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        from rlkit.runner import run  # heavy imports only once the recipe is known to be good
+
+        run(cfg)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # vLLM spawns worker processes, which re-import this module
+    sys.exit(main())

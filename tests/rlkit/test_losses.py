@@ -1,0 +1,110 @@
+"""Each loss against numbers worked out by hand in the comments."""
+
+import math
+
+import pytest
+import torch
+
+from rlkit.losses import aggregate, dpo_loss, kl_estimate, policy_loss, sft_loss, token_normalizer
+
+
+def test_kl_estimators_by_hand():
+    # policy p = 0.5, reference q = 0.25 on the sampled token: r = log q - log p = log(1/2) = -0.693147
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    r = math.log(0.5)
+    assert kl_estimate(logp, ref, "k1").item() == pytest.approx(-r)  # 0.693147
+    assert kl_estimate(logp, ref, "k2").item() == pytest.approx(0.5 * r * r)  # 0.240227
+    # k3 = exp(r) - 1 - r = 0.5 - 1 + 0.693147 = 0.193147
+    assert kl_estimate(logp, ref, "k3").item() == pytest.approx(0.193147, abs=1e-6)
+
+
+def test_k3_is_zero_at_equal_policies_and_never_negative():
+    x = torch.randn(100)
+    assert torch.allclose(kl_estimate(x, x, "k3"), torch.zeros(100))
+    assert (kl_estimate(x, torch.randn(100), "k3") >= 0).all()
+
+
+def test_k3_is_unbiased_for_the_true_kl():
+    # Sample from p, average k3: converges to KL(p || q) = sum p log(p / q).
+    p = torch.tensor([0.7, 0.2, 0.1])
+    q = torch.tensor([0.3, 0.3, 0.4])
+    true_kl = (p * (p / q).log()).sum().item()
+    idx = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    est = kl_estimate(p.log()[idx], q.log()[idx], "k3").mean().item()
+    assert est == pytest.approx(true_kl, rel=0.02)
+
+
+def test_unknown_estimator():
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        kl_estimate(torch.zeros(1), torch.zeros(1), "k9")
+
+
+def test_policy_loss_by_hand():
+    # token 0: ratio 1.5, A = +2: unclipped 3.0, clipped 1.2 * 2 = 2.4 -> loss -2.4, clipped
+    # token 1: ratio 0.5, A = -1: unclipped -0.5, clipped 0.8 * -1 = -0.8 -> min -0.8 -> loss 0.8, clipped
+    # token 2: ratio 1.1, A = +1: inside the range -> loss -1.1, not clipped
+    logp = torch.tensor([[math.log(1.5), math.log(0.5), math.log(1.1)]])
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[2.0, -1.0, 1.0]])
+    mask = torch.ones(1, 3)
+    loss, clipped = policy_loss(logp, old, adv, mask, epsilon=0.2, epsilon_high=0.2)
+    assert loss.tolist()[0] == pytest.approx([-2.4, 0.8, -1.1])
+    assert clipped.tolist() == [[1.0, 1.0, 0.0]]
+
+
+def test_clip_higher_widens_only_the_upper_bound():
+    # ratio 1.25, A = +1: eps_high 0.28 leaves it unclipped (loss -1.25); ratio 0.7, A = -1 still clips at 0.8
+    logp = torch.tensor([[math.log(1.25), math.log(0.7)]])
+    loss, clipped = policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), 0.2, 0.28)
+    assert loss.tolist()[0] == pytest.approx([-1.25, 0.8])
+    assert clipped.tolist() == [[0.0, 1.0]]
+
+
+def test_sequence_advantage_broadcasts_over_tokens():
+    loss, _ = policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([1.0, -2.0]), torch.ones(2, 3), 0.2, 0.2)
+    assert loss.tolist() == [[-1.0] * 3, [2.0] * 3]
+
+
+def test_aggregation_by_hand():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    # token-mean: (1 + 2 + 4) / 3 tokens = 7/3
+    assert aggregate(loss, mask, "token-mean", token_normalizer(mask, "token-mean")).item() == pytest.approx(7 / 3)
+    # seq-mean-token-mean: mean(1.5, 4.0) = 2.75
+    norm = token_normalizer(mask, "seq-mean-token-mean")
+    assert aggregate(loss, mask, "seq-mean-token-mean", norm).item() == pytest.approx(2.75)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_split_batches_sum_to_the_full_batch(mode):
+    # With a global normaliser, the parts of any row split add up to the whole (micro-batches, ranks).
+    g = torch.Generator().manual_seed(0)
+    loss, mask = torch.randn(6, 5, generator=g), (torch.rand(6, 5, generator=g) > 0.3).float()
+    norm = token_normalizer(mask, mode)
+    whole = aggregate(loss, mask, mode, norm)
+    parts = sum(aggregate(loss[i : i + 2], mask[i : i + 2], mode, norm) for i in range(0, 6, 2))
+    assert parts.item() == pytest.approx(whole.item())
+
+
+def test_sft_loss_ignores_masked_tokens():
+    logp = torch.tensor([[-1.0, -2.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert sft_loss(logp, mask, mask.sum()).item() == pytest.approx(1.5)  # (1 + 2) / 2
+
+
+def test_dpo_losses_by_hand():
+    # h = (chosen - ref_chosen) - (rejected - ref_rejected) = (-1 + 2) - (-3 + 2) = 2
+    args = [torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])]
+    loss, margin = dpo_loss(*args, beta=0.5, kind="sigmoid")
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0)))  # -log sigmoid(0.5 * 2) = 0.313262
+    assert margin.item() == pytest.approx(1.0)
+    loss, _ = dpo_loss(*args, beta=0.5, kind="ipo")
+    assert loss.item() == pytest.approx(1.0)  # (2 - 1 / (2 * 0.5))^2
+
+
+def test_dpo_gradient_pushes_chosen_up_and_rejected_down():
+    chosen, rejected = torch.tensor([-2.0], requires_grad=True), torch.tensor([-2.0], requires_grad=True)
+    loss, _ = dpo_loss(chosen, rejected, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.1)
+    loss.sum().backward()
+    # d/dh -log sigmoid(beta h) at h = 0 is -beta / 2 = -0.05
+    assert chosen.grad.item() == pytest.approx(-0.05) and rejected.grad.item() == pytest.approx(0.05)
