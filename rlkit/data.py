@@ -45,22 +45,26 @@ def make_problem(rng: random.Random, task: str, max_digits: int) -> Problem:
     return Problem(prompt=f"{a}{op}{b}=", answer=answer, solution=answer, task=task)
 
 
+def _distinct_problems(cfg: DataConfig) -> int:
+    """How many different prompts the synthetic tasks can produce (an upper bound: operands may repeat)."""
+    per_task = {"add": (10**cfg.max_digits) ** 2, "mul": 10**cfg.max_digits * 10}
+    return sum(per_task[t] for t in set(cfg.tasks))
+
+
 def synthetic_splits(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
     """(train, held_out): held-out prompts never appear in training."""
     rng = random.Random(cfg.seed)
     held_out: dict[str, Problem] = {}
+    if cfg.num_eval * 2 > _distinct_problems(cfg):
+        raise RecipeError(
+            f"data.num_eval: {cfg.num_eval} held-out problems would leave too few of the "
+            f"{_distinct_problems(cfg)} distinct ones for training; lower it or raise data.max_digits"
+        )
     while len(held_out) < cfg.num_eval:
         p = make_problem(rng, rng.choice(cfg.tasks), cfg.max_digits)
         held_out.setdefault(p.prompt, p)
-    train: list[Problem] = []
-    attempts = 0
+    train: list[Problem] = []  # may repeat problems (small digit ranges), never a held-out one
     while len(train) < cfg.num_train:
-        attempts += 1
-        if attempts > 20 * cfg.num_train:
-            raise RecipeError(
-                f"data.num_train: only {len(train)} distinct problems exist outside the held-out set for "
-                f"max_digits={cfg.max_digits}; lower data.num_train or raise data.max_digits"
-            )
         p = make_problem(rng, rng.choice(cfg.tasks), cfg.max_digits)
         if p.prompt not in held_out:
             train.append(p)
