@@ -106,6 +106,7 @@ class AlgoConfig:
     ppo_epochs: int = 1  # optimizer passes over each rollout batch
     dpo_beta: float = 0.1
     dpo_loss: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
+    dpo_nll_coef: float = 0.0  # weight of the chosen response's NLL (RPO, Pang et al. 2024; Llama 3 uses 0.2)
     gamma: float = 1.0  # PPO discount
     gae_lambda: float = 0.95  # PPO GAE lambda
     value_coef: float = 0.5

@@ -63,6 +63,7 @@ class VllmRollout:
             max_model_len=max_model_len,
             seed=seed,
             max_num_seqs=256,
+            use_tqdm_on_load=False,  # a bar per weight sync would flood the console
             logprobs_mode="processed_logprobs",  # after temperature, as the trainer computes them
         )
         if torch.cuda.is_available():

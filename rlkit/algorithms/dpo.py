@@ -69,10 +69,13 @@ def train(ctx: StageContext) -> None:
             seq = logprobs.sum(-1)  # (b,)
             r = ref_seq[rows]
             losses, margins = dpo_loss(seq[0::2], seq[1::2], r[0::2], r[1::2], cfg.algo.dpo_beta, cfg.algo.dpo_loss)
-            loss = losses.sum() / num_pairs
+            # NLL of the chosen response per token keeps its likelihood from sinking with the rejected one's.
+            chosen_nll = -seq[0::2] / mb.response_mask[0::2].sum(-1).clamp(min=1.0)  # (b/2,)
+            loss = (losses + cfg.algo.dpo_nll_coef * chosen_nll).sum() / num_pairs
             return loss, {
                 "loss": loss.detach(),
                 "reward_margin": margins.detach().sum() / num_pairs,
+                "chosen_nll": chosen_nll.detach().sum() / num_pairs,
                 "pair_accuracy": (margins > 0).float().sum() / num_pairs,
             }
 
