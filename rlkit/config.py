@@ -124,6 +124,17 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    backend: str = "local"  # "local": every worker in this process; "ray": each worker a Ray actor
+    rollout_engines: int = 1  # vLLM engines in the rollout pool (prompts are split across them)
+    trainer_ranks: int = 1  # FSDP2 ranks of the trainer group (> 1 needs backend "ray")
+    cpus_per_trainer: float = 1.0
+    gpus_per_trainer: float = 0.0
+    cpus_per_engine: float = 1.0
+    gpus_per_engine: float = 0.0
+
+
+@dataclass(frozen=True)
 class StageConfig:
     kind: str = "sft"  # "sft", "dpo", "grpo" or "ppo"
     name: str = ""  # checkpoint folder name; defaults to "<index>_<kind>"
@@ -146,6 +157,7 @@ class RecipeConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     stages: List[StageConfig] = field(default_factory=lambda: [StageConfig()])
 
 
@@ -270,5 +282,17 @@ def validate(cfg: RecipeConfig) -> None:
     if cfg.data.source == "synthetic":
         for t in cfg.data.tasks:
             _one_of("data.tasks", t, ("add", "mul"))
+    _one_of("cluster.backend", cfg.cluster.backend, ("local", "ray"))
+    if cfg.cluster.trainer_ranks > 1 and cfg.cluster.backend != "ray":
+        raise RecipeError("cluster.trainer_ranks: more than one rank needs cluster.backend=ray")
+    if cfg.cluster.rollout_engines > 1 and cfg.cluster.backend != "ray":
+        raise RecipeError("cluster.rollout_engines: more than one engine needs cluster.backend=ray")
+    for i, stage in enumerate(cfg.stages):
+        rows = {"grpo": stage.batch_size * cfg.algo.group_size, "dpo": stage.batch_size}.get(stage.kind, stage.batch_size)
+        if rows % cfg.cluster.trainer_ranks:
+            raise RecipeError(
+                f"stages.{i}.batch_size: {rows} rows per step do not split evenly over "
+                f"cluster.trainer_ranks={cfg.cluster.trainer_ranks}"
+            )
     if not cfg.reward.rewards:
         raise RecipeError("reward.rewards: empty; name at least one reward, e.g. [{name: math}]")

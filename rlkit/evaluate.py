@@ -9,10 +9,10 @@ from rlkit.data import Problem
 from rewards.base import Verdict
 
 
-def evaluate(engine, tokenizer, scorer, problems: list[Problem], temperature: float = 0.0) -> dict[str, float]:
+def evaluate(pool, tokenizer, scorer, problems: list[Problem], temperature: float = 0.0) -> dict[str, float]:
     """accuracy (share judged correct), mean reward, and the share of each verdict."""
     prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in problems]
-    completions = [g[0] for g in engine.generate(prompt_ids, n=1, temperature=temperature, seed=0)]
+    completions = [g[0] for g in pool.generate(prompt_ids, n=1, temperature=temperature, seed=0)]
     scored = scorer.score(to_samples(problems, [c.text for c in completions]))
     verdicts = Counter(r.verdict for r in scored.results)
     n = len(problems)

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from rlkit.algorithms import dpo, grpo, sft
 from rlkit.algorithms.common import StageContext
+from rlkit.cluster import Cluster
 from rlkit.config import RecipeConfig, RecipeError, to_yaml
 from rlkit.data import load_splits
 from rlkit.evaluate import evaluate
@@ -38,44 +39,30 @@ def prepare_run_dir(cfg: RecipeConfig) -> Path:
 
 def run(cfg: RecipeConfig) -> dict:
     """Run every stage; returns the summary (held-out accuracy before and after each stage)."""
-    from rewards.scorer import Scorer  # starts verifier worker processes
-    from rollout.vllm_engine import VllmRollout  # imports vLLM
-
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.trainer.seed)
     recipe_yaml = to_yaml(cfg)
     train_set, held_out = load_splits(cfg.data)  # bad data fails here, before any heavy work
-    scorer = Scorer(cfg.reward)  # unknown rewards or import paths fail here
     run_dir = prepare_run_dir(cfg)
+    cluster = Cluster(cfg)
+    scorer = cluster.scorer()  # unknown rewards or import paths fail here, before the model is built
     (run_dir / "recipe.yaml").write_text(recipe_yaml)
     logger = RunLogger(cfg.logging, run_dir, OmegaConf.to_container(OmegaConf.create(recipe_yaml)))
     model, tokenizer = init_model(cfg.model)
-    start_ckpt = save_checkpoint(model, tokenizer, run_dir / "checkpoints" / "00_init", recipe_yaml)
-    engine = VllmRollout(cfg.rollout, str(start_ckpt), cfg.model.max_seq_len, seed=cfg.trainer.seed)
+    model_path = str(save_checkpoint(model, tokenizer, run_dir / "checkpoints" / "00_init", recipe_yaml))
+    del model  # from here on the trainer group owns the weights
+    pool = cluster.rollout_pool(model_path)
     summary: dict = {"stages": []}
     started = time.perf_counter()
     try:
-        before = evaluate(engine, tokenizer, scorer, held_out, cfg.logging.eval_temperature)
+        before = evaluate(pool, tokenizer, scorer, held_out, cfg.logging.eval_temperature)
         logger.log({f"eval/{k}": v for k, v in before.items()})
         print(f"held-out accuracy before training: {before['accuracy']:.3f}", flush=True)
         for index, stage in enumerate(cfg.stages):
-            ctx = StageContext(cfg, stage, index, model, tokenizer, train_set, engine, scorer, logger)
             t0 = time.perf_counter()
-            if stage.kind == "sft":
-                sft.train(ctx)
-            elif stage.kind == "dpo":
-                dpo.train(ctx)
-            elif stage.kind == "grpo":
-                grpo.train(ctx)
-            else:  # validate() admits only the kinds above
-                raise RecipeError(f"stages.{index}.kind: '{stage.kind}' is not implemented")
-            if stage.kind != "grpo":  # GRPO syncs after every step already
-                engine.sync_weights(model.state_dict())
-            name = stage.name or f"{index + 1:02d}_{stage.kind}"
-            save_checkpoint(model, tokenizer, run_dir / "checkpoints" / name, recipe_yaml, {"stage": index, "kind": stage.kind})
-            after = evaluate(engine, tokenizer, scorer, held_out, cfg.logging.eval_temperature)
-            logger.log({f"eval/{k}": v for k, v in after.items()})
+            model_path, after = run_stage(cfg, index, model_path, tokenizer, train_set, held_out, cluster, pool,
+                                          scorer, logger, recipe_yaml)
             seconds = time.perf_counter() - t0
             print(
                 f"stage {index} ({stage.kind}): held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
@@ -83,14 +70,41 @@ def run(cfg: RecipeConfig) -> dict:
                 flush=True,
             )
             summary["stages"].append(
-                {"name": name, "kind": stage.kind, "before": before, "after": after, "seconds": seconds}
+                {"name": Path(model_path).name, "kind": stage.kind, "before": before, "after": after, "seconds": seconds}
             )
             before = after
         summary["seconds"] = time.perf_counter() - started
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         logger.summary({f"final/{k}": v for k, v in before.items()})
     finally:
-        engine.close()
+        pool.close()
         scorer.close()
         logger.close()
+        cluster.shutdown()
     return summary
+
+
+def run_stage(cfg, index, model_path, tokenizer, train_set, held_out, cluster, pool, scorer, logger, recipe_yaml):
+    """Train one stage from `model_path`; returns (its checkpoint path, held-out metrics after it)."""
+    stage = cfg.stages[index]
+    lr = cfg.trainer.lr if stage.lr is None else stage.lr
+    warmup = cfg.trainer.warmup_steps if stage.warmup_steps is None else stage.warmup_steps
+    trainer = cluster.trainer_group(model_path, lr, warmup)
+    ctx = StageContext(cfg, stage, index, model_path, tokenizer, train_set, trainer, pool, scorer, cluster, logger)
+    if stage.kind == "sft":
+        sft.train(ctx)
+    elif stage.kind == "dpo":
+        dpo.train(ctx)
+    elif stage.kind == "grpo":
+        grpo.train(ctx)
+    else:  # validate() admits only the kinds above
+        raise RecipeError(f"stages.{index}.kind: '{stage.kind}' is not implemented")
+    if stage.kind != "grpo":  # GRPO syncs after every step already
+        pool.sync_weights(trainer.state_dict())
+    name = stage.name or f"{index + 1:02d}_{stage.kind}"
+    path = trainer.save(str(Path(logger.run_dir) / "checkpoints" / name), model_path, recipe_yaml,
+                        {"stage": index, "kind": stage.kind})
+    cluster.release(trainer)
+    after = evaluate(pool, tokenizer, scorer, held_out, cfg.logging.eval_temperature)
+    logger.log({f"eval/{k}": v for k, v in after.items()})
+    return path, after

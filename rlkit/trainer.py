@@ -1,8 +1,9 @@
-"""The trainer: a causal LM, its optimizer and schedule, and per-token log-probs through the fused kernel.
+"""The trainer: one rank of a group that holds a causal LM sharded with FSDP2, its optimizer and schedule.
 
-A step takes the whole step batch, splits it into micro-batches and accumulates gradients. Losses are sums
-divided by a normaliser the caller computes over the whole step batch, so the update does not depend on the
-micro-batch size (see rlkit.losses).
+Each rank gets a slice of the step batch's rows, splits it into micro-batches and accumulates gradients;
+FSDP2 reduces them across ranks. Losses are sums divided by a normaliser the controller computes over the
+whole step batch, so the update is the same for any number of ranks and any micro-batch size
+(see rlkit.losses). Per-token log-probs go through the fused kernel, never through full logits.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from kernels import fused_logprobs
-from rlkit.config import TrainerConfig
+from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
+from rlkit.losses import aggregate, dpo_loss, kl_estimate, policy_loss, sft_loss
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,44 @@ class TokenBatch:
 
     def select(self, index: slice | torch.Tensor) -> "TokenBatch":
         return TokenBatch(self.input_ids[index], self.attention_mask[index], self.response_mask[index])
+
+
+@dataclass(frozen=True)
+class PolicyBatch:
+    """A GRPO/PPO update: sampled sequences with everything the clipped objective needs."""
+
+    tokens: TokenBatch  # (B, L)
+    mask: torch.Tensor  # (B, L-1) response tokens that count (excluded samples are zero)
+    old_logprobs: torch.Tensor  # (B, L-1) sampling policy, recomputed by the trainer
+    ref_logprobs: torch.Tensor  # (B, L-1) frozen reference
+    advantages: torch.Tensor  # (B,) per sequence or (B, L-1) per token
+    normalizer: float  # loss divisor over the whole step batch (tokens or sequences, by algo.loss_agg)
+    kl_coef: float  # KL-in-loss coefficient (0 when the KL is in the reward)
+    temperature: float
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def select(self, rows: slice) -> "PolicyBatch":
+        return PolicyBatch(
+            self.tokens.select(rows), self.mask[rows], self.old_logprobs[rows], self.ref_logprobs[rows],
+            self.advantages[rows], self.normalizer, self.kl_coef, self.temperature,
+        )
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """A DPO update: rows alternate chosen (2i) and rejected (2i + 1)."""
+
+    tokens: TokenBatch  # (2P, L)
+    ref_logps: torch.Tensor  # (2P,) summed response log-probs under the reference
+    num_pairs: int  # pairs in the whole step batch (the loss divisor)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def select(self, rows: slice) -> "PairBatch":
+        return PairBatch(self.tokens.select(rows), self.ref_logps[rows], self.num_pairs)
 
 
 def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> TokenBatch:
@@ -84,48 +125,138 @@ def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
 
 
-class Trainer:
-    """Owns the optimisation of `model` for one stage."""
+class ShardedTrainer:
+    """One rank. With world_size > 1 the model is sharded with FSDP2 (gloo on CPU, nccl on GPU); the caller
+    (rlkit.cluster) starts one per rank and sets MASTER_ADDR/MASTER_PORT."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainerConfig, lr: float, warmup_steps: int):
-        self.model, self.cfg = model, cfg
+    def __init__(
+        self, cfg: TrainerConfig, algo: AlgoConfig, ref: RefConfig, model_path: str, lr: float, warmup_steps: int,
+        rank: int = 0, world_size: int = 1,
+    ):
+        from transformers import AutoModelForCausalLM
+
+        self.cfg, self.algo, self.ref_cfg, self.rank, self.world_size = cfg, algo, ref, rank, world_size
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        torch.manual_seed(cfg.seed)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        if world_size > 1:
+            self._shard()
         self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad],
-            lr=lr,
-            betas=tuple(cfg.betas),
+            [p for p in self.model.parameters() if p.requires_grad], lr=lr, betas=tuple(cfg.betas),
             weight_decay=cfg.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(warmup_steps))
         self.step_count = 0
 
+    def _shard(self) -> None:
+        import torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard
+
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+        body = getattr(self.model, self.model.base_model_prefix)
+        for layer in body.layers:  # one FSDP unit per block: gathered just in time, freed after
+            fully_shard(layer)
+        fully_shard(self.model)
+
+    # -- log-probs -------------------------------------------------------------------------------------
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
-        """(B, L-1) log-probs without gradients (the "old" policy of a PPO-style update)."""
+        """(b, L-1) log-probs of this rank's rows without gradients."""
         self.model.eval()
         return batched_logprobs(self.model, batch, self.cfg.micro_batch_size, temperature, self.cfg.logprob_impl)
 
-    def step(self, micro_losses: Callable[[TokenBatch, slice], tuple[torch.Tensor, dict]], batch: TokenBatch) -> dict:
-        """One optimizer update over `batch`.
+    # -- updates: each returns metrics already normalised over the whole step batch (sum across ranks) ---
+    def sft_step(self, batch: TokenBatch, normalizer: float) -> dict[str, float]:
+        def micro_loss(mb: TokenBatch):
+            logprobs, _ = sequence_logprobs(self.model, mb, impl=self.cfg.logprob_impl)  # (b, L-1)
+            loss = sft_loss(logprobs, mb.response_mask, normalizer)
+            return loss, {"loss": loss.detach()}
 
-        `micro_losses(mb, rows)` returns (loss already divided by the global normaliser, metrics to sum);
-        `rows` locates the micro-batch in the step batch so callers can slice per-sequence tensors.
-        """
+        return self._step(micro_loss, batch)
+
+    def dpo_step(self, batch: PairBatch) -> dict[str, float]:
+        algo = self.algo
+
+        def micro_loss(mb: PairBatch):
+            logprobs, _ = sequence_logprobs(self.model, mb.tokens, impl=self.cfg.logprob_impl)
+            seq = logprobs.sum(-1)  # (b,)
+            r = mb.ref_logps
+            losses, margins = dpo_loss(seq[0::2], seq[1::2], r[0::2], r[1::2], algo.dpo_beta, algo.dpo_loss)
+            # NLL of the chosen response per token keeps its likelihood from sinking with the rejected one's.
+            chosen_nll = -seq[0::2] / mb.tokens.response_mask[0::2].sum(-1).clamp(min=1.0)  # (b/2,)
+            loss = (losses + algo.dpo_nll_coef * chosen_nll).sum() / mb.num_pairs
+            return loss, {
+                "loss": loss.detach(),
+                "reward_margin": margins.detach().sum() / mb.num_pairs,
+                "pair_accuracy": (margins > 0).float().sum() / mb.num_pairs,
+                "chosen_nll": chosen_nll.detach().sum() / mb.num_pairs,
+            }
+
+        return self._step(micro_loss, batch)
+
+    def policy_step(self, batch: PolicyBatch) -> dict[str, float]:
+        algo = self.algo
+
+        def micro_loss(mb: PolicyBatch):
+            logprobs, entropy = sequence_logprobs(
+                self.model, mb.tokens, mb.temperature, self.cfg.logprob_impl, return_entropy=True
+            )
+            pg, clipped = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, algo.epsilon, algo.epsilon_high)
+            kl = kl_estimate(logprobs, mb.ref_logprobs, self.ref_cfg.kl_estimator)
+            loss = aggregate(pg + mb.kl_coef * kl, mb.mask, algo.loss_agg, mb.normalizer)
+            return loss, {
+                "loss": loss.detach(),
+                "kl_sum": (kl.detach() * mb.mask).sum(),
+                "entropy_sum": (entropy.detach() * mb.mask).sum(),
+                "clipped_sum": clipped.sum(),
+                "token_count": mb.mask.sum(),
+            }
+
+        return self._step(micro_loss, batch)
+
+    def _step(self, micro_loss: Callable, batch) -> dict[str, float]:
+        """One optimizer update over this rank's rows, micro-batch by micro-batch."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         size = self.cfg.micro_batch_size
         for start in range(0, len(batch), size):
-            rows = slice(start, start + size)
-            loss, metrics = micro_losses(batch.select(rows), rows)
+            loss, metrics = micro_loss(batch.select(slice(start, start + size)))
             loss.backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        if not math.isfinite(float(grad_norm)):
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {self.step_count}; lower the learning rate")
         self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
-        totals["grad_norm"] = float(grad_norm)
-        totals["lr"] = self.scheduler.get_last_lr()[0]
-        return totals
+        return totals | {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
 
+    # -- weights ---------------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The unsharded weights on CPU (every rank must call it; all ranks get them)."""
+        if self.world_size == 1:
+            return {k: v.detach() for k, v in self.model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save(self, path: str, tokenizer_path: str, recipe_yaml: str, extra: dict | None = None) -> str | None:
+        """Hugging Face checkpoint of the full weights (written by rank 0); returns the path on rank 0."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rlkit.modeling import save_checkpoint
+
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return None
+        model = self.model
+        if self.world_size > 1:  # save_pretrained needs plain tensors: rebuild an unsharded copy
+            model = AutoModelForCausalLM.from_config(self.model.config)
+            model.load_state_dict(state)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        return str(save_checkpoint(model, tokenizer, Path(path), recipe_yaml, extra))

@@ -7,8 +7,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import torch
-
 from rlkit.config import RecipeConfig, StageConfig
 from rlkit.data import Problem
 from rlkit.tracking import RunLogger
@@ -17,16 +15,18 @@ from rewards.base import Sample
 
 @dataclass
 class StageContext:
-    """The live objects a stage works with. The model is trained in place; the engine follows it."""
+    """The live workers a stage drives. The trainer group starts from `model_path`; the pool follows it."""
 
     cfg: RecipeConfig
     stage: StageConfig
     index: int  # position of the stage in the recipe
-    model: torch.nn.Module
+    model_path: str  # the checkpoint this stage starts from (the previous stage's)
     tokenizer: Any
     train: list[Problem]
-    engine: Any  # rollout.VllmRollout or anything with its generate/sync_weights interface
-    scorer: Any  # rewards.Scorer
+    trainer: Any  # rlkit.cluster.TrainerGroup
+    pool: Any  # rlkit.cluster.RolloutPool
+    scorer: Any  # rewards.Scorer, in this process or behind a Ray actor
+    cluster: Any  # rlkit.cluster.Cluster, to make the stage's reference model
     logger: RunLogger
 
     @property

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import random
 
-import torch
-
 from rlkit.algorithms.common import StageContext, encode_prompt, encode_response, to_samples
 from rlkit.config import RecipeError
 from rlkit.data import BatchSampler
-from rlkit.losses import dpo_loss
-from rlkit.reference import ReferenceModel
-from rlkit.trainer import TokenBatch, Trainer, pack_sequences, sequence_logprobs
+from rlkit.trainer import PairBatch, TokenBatch, pack_sequences
 from rewards.base import Verdict
 
 SAMPLES_PER_PROMPT = 4
@@ -27,7 +23,7 @@ def build_pairs(ctx: StageContext, num_prompts: int) -> list[tuple[list[int], li
     tok = ctx.tokenizer
     problems = random.Random(ctx.seed()).sample(ctx.train, min(num_prompts, len(ctx.train)))
     prompt_ids = [encode_prompt(tok, p.prompt) for p in problems]
-    groups = ctx.engine.generate(prompt_ids, n=SAMPLES_PER_PROMPT, temperature=1.0, seed=ctx.seed())
+    groups = ctx.pool.generate(prompt_ids, n=SAMPLES_PER_PROMPT, temperature=1.0, seed=ctx.seed())
     completions = [c for g in groups for c in g]
     scored = ctx.scorer.score(to_samples(problems, [c.text for c in completions], SAMPLES_PER_PROMPT))
     pairs = []
@@ -55,34 +51,17 @@ def train(ctx: StageContext) -> None:
     if not pairs:
         raise RecipeError(f"stages.{ctx.index}: the policy answered every sampled prompt correctly; no DPO pairs")
     ctx.logger.log({f"{ctx.prefix}/num_pairs": len(pairs)})
-    ref = ReferenceModel(cfg.ref, ctx.model, cfg.trainer.micro_batch_size, cfg.trainer.logprob_impl)
-    trainer = Trainer(ctx.model, cfg.trainer, ctx.lr, ctx.warmup_steps)
+    ref = ctx.cluster.reference(ctx.model_path)
     sampler = BatchSampler(pairs, stage.batch_size, ctx.seed())
     bar = ctx.logger.progress(stage.steps, f"{ctx.index}:{ctx.prefix}")
     for step in range(stage.steps):
-        batch = pack_pairs(sampler.next(), ctx.tokenizer.pad_token_id)  # (2B, L)
-        ref_seq = ref.logprobs(batch).sum(-1)  # (2B,) summed response log-probs
-        num_pairs = len(batch) // 2
-
-        def micro_loss(mb, rows):
-            logprobs, _ = sequence_logprobs(ctx.model, mb, impl=cfg.trainer.logprob_impl)
-            seq = logprobs.sum(-1)  # (b,)
-            r = ref_seq[rows]
-            losses, margins = dpo_loss(seq[0::2], seq[1::2], r[0::2], r[1::2], cfg.algo.dpo_beta, cfg.algo.dpo_loss)
-            # NLL of the chosen response per token keeps its likelihood from sinking with the rejected one's.
-            chosen_nll = -seq[0::2] / mb.response_mask[0::2].sum(-1).clamp(min=1.0)  # (b/2,)
-            loss = (losses + cfg.algo.dpo_nll_coef * chosen_nll).sum() / num_pairs
-            return loss, {
-                "loss": loss.detach(),
-                "reward_margin": margins.detach().sum() / num_pairs,
-                "chosen_nll": chosen_nll.detach().sum() / num_pairs,
-                "pair_accuracy": (margins > 0).float().sum() / num_pairs,
-            }
-
-        metrics = trainer.step(micro_loss, batch)
+        tokens = pack_pairs(sampler.next(), ctx.tokenizer.pad_token_id)  # (2P, L)
+        ref_logps = ref.logprobs(tokens).sum(-1)  # (2P,) summed response log-probs
+        metrics = ctx.trainer.dpo_step(PairBatch(tokens, ref_logps, len(tokens) // 2))
         ctx.logger.global_step += 1
         if step % cfg.logging.log_every == 0 or step == stage.steps - 1:
             ctx.logger.log({f"{ctx.prefix}/{k}": v for k, v in metrics.items()})
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['reward_margin']:.2f}")
         bar.update(1)
     bar.close()
+    ctx.cluster.release(ref)

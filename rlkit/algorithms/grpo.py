@@ -17,9 +17,8 @@ import torch
 from kernels import group_normalize
 from rlkit.algorithms.common import StageContext, Timer, encode_prompt, to_samples
 from rlkit.data import BatchSampler
-from rlkit.losses import aggregate, kl_estimate, policy_loss, token_normalizer
-from rlkit.reference import ReferenceModel
-from rlkit.trainer import Trainer, pack_sequences, sequence_logprobs
+from rlkit.losses import kl_estimate, token_normalizer
+from rlkit.trainer import PolicyBatch, pack_sequences
 
 
 def rollout_logprob_tensor(completions, prompt_lengths: list[int], width: int) -> torch.Tensor:
@@ -32,9 +31,8 @@ def rollout_logprob_tensor(completions, prompt_lengths: list[int], width: int) -
 
 def train(ctx: StageContext) -> None:
     cfg, stage, algo, tok = ctx.cfg, ctx.stage, ctx.cfg.algo, ctx.tokenizer
-    group, temperature, impl = algo.group_size, cfg.rollout.temperature, cfg.trainer.logprob_impl
-    trainer = Trainer(ctx.model, cfg.trainer, ctx.lr, ctx.warmup_steps)
-    ref = ReferenceModel(cfg.ref, ctx.model, cfg.trainer.micro_batch_size, impl)
+    group, temperature = algo.group_size, cfg.rollout.temperature
+    ref = ctx.cluster.reference(ctx.model_path)
     sampler = BatchSampler(ctx.train, stage.batch_size, ctx.seed())
     bar = ctx.logger.progress(stage.steps, f"{ctx.index}:{ctx.prefix}")
     for step in range(stage.steps):
@@ -44,7 +42,7 @@ def train(ctx: StageContext) -> None:
 
         # generate: `group` samples per prompt from the current policy, with the engine's log-probs
         with timer("generate"):
-            groups = ctx.engine.generate(prompt_ids, n=group, temperature=temperature, seed=ctx.seed() + step)
+            groups = ctx.pool.generate(prompt_ids, n=group, temperature=temperature, seed=ctx.seed() + step)
         completions = [c for g in groups for c in g]  # (B*G,) prompt-major
 
         # score: one scalar reward per completion; samples the reward policy excludes drop out of the loss
@@ -54,67 +52,70 @@ def train(ctx: StageContext) -> None:
         valid = torch.tensor(scored.valid, dtype=torch.float32)  # (B*G,)
 
         repeated_prompts = [p for p in prompt_ids for _ in range(group)]
-        batch = pack_sequences(repeated_prompts, [list(c.token_ids) for c in completions], tok.pad_token_id)
-        mask = batch.response_mask * valid[:, None]  # (B*G, L-1)
+        tokens = pack_sequences(repeated_prompts, [list(c.token_ids) for c in completions], tok.pad_token_id)
+        mask = tokens.response_mask * valid[:, None]  # (B*G, L-1)
 
         # reference and old log-probs: the anchor of the KL term and the denominator of the ratio
         with timer("reference"):
-            old_logprobs = trainer.logprobs(batch, temperature)  # (B*G, L-1)
-            ref_logprobs = ref.logprobs(batch, temperature)
-        kl_old = (kl_estimate(old_logprobs, ref_logprobs, cfg.ref.kl_estimator) * mask).sum(-1)  # (B*G,)
+            old_logprobs = ctx.trainer.logprobs(tokens, temperature)  # (B*G, L-1)
+            ref_logprobs = ref.logprobs(tokens, temperature)
         if cfg.ref.kl_in == "reward":
+            kl_old = (kl_estimate(old_logprobs, ref_logprobs, cfg.ref.kl_estimator) * mask).sum(-1)  # (B*G,)
             rewards = rewards - cfg.ref.kl_coef * kl_old
 
         # advantages: reward relative to the other samples of the same prompt
         advantages = group_normalize(rewards, group, scale=algo.scale_rewards) * valid  # (B*G,)
-        normalizer = token_normalizer(mask, algo.loss_agg)
-        kl_coef = cfg.ref.kl_coef if cfg.ref.kl_in == "loss" else 0.0
-
-        def micro_loss(mb, rows):
-            logprobs, entropy = sequence_logprobs(ctx.model, mb, temperature, impl, return_entropy=True)
-            m = mask[rows]
-            pg, clipped = policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, algo.epsilon, algo.epsilon_high)
-            kl = kl_estimate(logprobs, ref_logprobs[rows], cfg.ref.kl_estimator)
-            loss = aggregate(pg + kl_coef * kl, m, algo.loss_agg, normalizer)
-            tokens = mask.sum().clamp(min=1.0)
-            return loss, {
-                "loss": loss.detach(),
-                "kl": (kl.detach() * m).sum() / tokens,
-                "entropy": (entropy.detach() * m).sum() / tokens,
-                "clip_fraction": clipped.sum() / tokens,
-            }
+        batch = PolicyBatch(
+            tokens, mask, old_logprobs, ref_logprobs, advantages,
+            normalizer=float(token_normalizer(mask, algo.loss_agg)),
+            kl_coef=cfg.ref.kl_coef if cfg.ref.kl_in == "loss" else 0.0,
+            temperature=temperature,
+        )
 
         # update: ppo_epochs passes over the rollout batch
         with timer("train"):
             for _ in range(algo.ppo_epochs):
-                metrics = trainer.step(micro_loss, batch)
+                metrics = ctx.trainer.policy_step(batch)
 
-        # sync: the engine samples the next batch from the updated weights
+        # sync: the engines sample the next batch from the updated weights
         with timer("weight_sync"):
-            sync = ctx.engine.sync_weights(ctx.model.state_dict())
+            sync = ctx.pool.sync_weights(ctx.trainer.state_dict())
 
         # log
         ctx.logger.global_step += 1
-        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
-        rollout_lp = rollout_logprob_tensor(completions, [len(p) for p in repeated_prompts], mask.shape[1])
-        n_tok = batch.response_mask.sum().clamp(min=1.0)
-        metrics.update(
-            {
-                "reward/mean": rewards.mean(),
-                "reward/std": rewards.std(),
-                **{f"reward/{k}": v for k, v in scored.stats.items()},
-                "response_length/mean": lengths.mean(),
-                "response_length/max": lengths.max(),
-                "truncation_rate": sum(not c.finished for c in completions) / len(completions),
-                "rollout_kl": (kl_estimate(rollout_lp, old_logprobs, "k3") * batch.response_mask).sum() / n_tok,
-                "weight_sync/seconds": sync.seconds,
-                "weight_sync/mb_per_s": sync.mb_per_s,
-                "samples_per_s": len(completions) / sum(timer.seconds.values()),
-                "tokens_per_s": float(lengths.sum()) / sum(timer.seconds.values()),
-            }
-        )
+        metrics = summarize(metrics) | rollout_metrics(completions, repeated_prompts, tokens, old_logprobs, timer)
+        metrics |= {"reward/mean": rewards.mean(), "reward/std": rewards.std()}
+        metrics |= {f"reward/{k}": v for k, v in scored.stats.items()}
+        metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s}
         if step % cfg.logging.log_every == 0 or step == stage.steps - 1:
             ctx.logger.log({f"{ctx.prefix}/{k}": v for k, v in metrics.items()} | timer.metrics(ctx.prefix))
         bar.set_postfix(reward=f"{float(rewards.mean()):.3f}", kl=f"{float(metrics['kl']):.4f}")
         bar.update(1)
     bar.close()
+    ctx.cluster.release(ref)
+
+
+def summarize(step_metrics: dict[str, float]) -> dict[str, float]:
+    """Per-token means from the trainer's summed metrics."""
+    out = dict(step_metrics)
+    tokens = max(out.pop("token_count"), 1.0)
+    for name in ("kl", "entropy", "clipped"):
+        out[name if name != "clipped" else "clip_fraction"] = out.pop(f"{name}_sum") / tokens
+    return out
+
+
+def rollout_metrics(completions, prompts, tokens, old_logprobs, timer) -> dict[str, float]:
+    """Lengths, truncation, engine-vs-trainer log-prob KL and throughput of one step."""
+    lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+    rollout_lp = rollout_logprob_tensor(completions, [len(p) for p in prompts], old_logprobs.shape[1])
+    n_tok = tokens.response_mask.sum().clamp(min=1.0)
+    seconds = sum(timer.seconds.values())
+    return {
+        "response_length/mean": lengths.mean(),
+        "response_length/max": lengths.max(),
+        "truncation_rate": sum(not c.finished for c in completions) / len(completions),
+        # KL(engine || trainer) on the engine's samples (k3): how far the two implementations disagree
+        "rollout_kl": (kl_estimate(rollout_lp, old_logprobs, "k3") * tokens.response_mask).sum() / n_tok,
+        "samples_per_s": len(completions) / seconds,
+        "tokens_per_s": float(lengths.sum()) / seconds,
+    }

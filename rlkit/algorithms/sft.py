@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from rlkit.algorithms.common import StageContext, encode_prompt, encode_response
 from rlkit.data import BatchSampler
-from rlkit.losses import sft_loss
-from rlkit.trainer import Trainer, pack_sequences, sequence_logprobs
+from rlkit.trainer import pack_sequences
 
 
 def train(ctx: StageContext) -> None:
     cfg, stage, tok = ctx.cfg, ctx.stage, ctx.tokenizer
-    trainer = Trainer(ctx.model, cfg.trainer, ctx.lr, ctx.warmup_steps)
     sampler = BatchSampler(ctx.train, stage.batch_size, ctx.seed())
     bar = ctx.logger.progress(stage.steps, f"{ctx.index}:{ctx.prefix}")
     for step in range(stage.steps):
@@ -20,14 +18,8 @@ def train(ctx: StageContext) -> None:
             [encode_response(tok, p.solution) for p in problems],
             tok.pad_token_id,
         )
-        normalizer = batch.response_mask.sum()  # every response token in the step batch weighs the same
-
-        def micro_loss(mb, rows):
-            logprobs, _ = sequence_logprobs(ctx.model, mb, impl=cfg.trainer.logprob_impl)  # (b, L-1)
-            loss = sft_loss(logprobs, mb.response_mask, normalizer)
-            return loss, {"loss": loss.detach()}
-
-        metrics = trainer.step(micro_loss, batch)
+        # every response token in the step batch weighs the same, whichever rank or micro-batch holds it
+        metrics = ctx.trainer.sft_step(batch, float(batch.response_mask.sum()))
         ctx.logger.global_step += 1
         if step % cfg.logging.log_every == 0 or step == stage.steps - 1:
             ctx.logger.log({f"{ctx.prefix}/{k}": v for k, v in metrics.items()})

@@ -1,0 +1,196 @@
+"""Wiring workers into groups, in this process or as Ray actors. The only module that imports ray.
+
+Workers are plain classes (rollout.VllmRollout, rewards.Scorer, rlkit.reference.ReferenceModel,
+rlkit.trainer.ShardedTrainer). Here they are made remote with `ray.remote(...)(Cls)`; the groups below give
+the controller one interface either way, so the stage loops run unchanged in unit tests and on a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any, Callable
+
+import torch
+
+from rlkit.config import RecipeConfig
+from rlkit.trainer import PairBatch, PolicyBatch, TokenBatch
+
+log = logging.getLogger(__name__)
+
+
+class _Remote:
+    """An actor handle whose methods are called like a local object's and return object refs."""
+
+    def __init__(self, handle: Any):
+        self._handle = handle
+
+    def __getattr__(self, name: str) -> Callable:
+        return getattr(self._handle, name).remote
+
+
+def _local_resolve(values: list) -> list:
+    return values
+
+
+class TrainerGroup:
+    """W trainer ranks; each batch's rows are split evenly across them (FSDP2 needs equal work per rank)."""
+
+    def __init__(self, workers: list, resolve: Callable[[list], list] = _local_resolve):
+        self.workers, self._resolve = workers, resolve
+
+    @property
+    def world_size(self) -> int:
+        return len(self.workers)
+
+    def _split(self, batch) -> list:
+        rows = len(batch) // self.world_size
+        if rows * self.world_size != len(batch):
+            raise ValueError(f"{len(batch)} rows do not split evenly over {self.world_size} trainer ranks")
+        return [batch.select(slice(r * rows, (r + 1) * rows)) for r in range(self.world_size)]
+
+    def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
+        parts = self._resolve([w.logprobs(s, temperature) for w, s in zip(self.workers, self._split(batch))])
+        return torch.cat(parts)
+
+    def sft_step(self, batch: TokenBatch, normalizer: float) -> dict[str, float]:
+        return _merge(self._resolve([w.sft_step(s, normalizer) for w, s in zip(self.workers, self._split(batch))]))
+
+    def dpo_step(self, batch: PairBatch) -> dict[str, float]:
+        return _merge(self._resolve([w.dpo_step(s) for w, s in zip(self.workers, self._split(batch))]))
+
+    def policy_step(self, batch: PolicyBatch) -> dict[str, float]:
+        return _merge(self._resolve([w.policy_step(s) for w, s in zip(self.workers, self._split(batch))]))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights; every rank takes part in the gather."""
+        return self._resolve([w.full_state_dict() for w in self.workers])[0]
+
+    def save(self, path: str, tokenizer_path: str, recipe_yaml: str, extra: dict | None = None) -> str:
+        return self._resolve([w.save(path, tokenizer_path, recipe_yaml, extra) for w in self.workers])[0]
+
+
+def _merge(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Sum the ranks' normalised partial sums; grad norm and learning rate are the same on every rank."""
+    merged = {k: sum(m[k] for m in per_rank) for k in per_rank[0]}
+    merged["grad_norm"], merged["lr"] = per_rank[0]["grad_norm"], per_rank[0]["lr"]
+    return merged
+
+
+class RolloutPool:
+    """N engines; prompts are split across them and every engine takes each weight sync."""
+
+    def __init__(self, engines: list, resolve: Callable[[list], list] = _local_resolve):
+        self.engines, self._resolve = engines, resolve
+
+    def generate(self, prompt_ids: list[list[int]], n: int = 1, temperature=None, max_new_tokens=None, seed=None):
+        k = len(self.engines)
+        size = -(-len(prompt_ids) // k)  # ceil: contiguous chunks keep the output in prompt order
+        chunks = [prompt_ids[i * size : (i + 1) * size] for i in range(k)]
+        results = self._resolve(
+            [e.generate(c, n, temperature, max_new_tokens, None if seed is None else seed + i)
+             for i, (e, c) in enumerate(zip(self.engines, chunks)) if c]
+        )
+        return [group for part in results for group in part]
+
+    def sync_weights(self, state_dict: dict[str, torch.Tensor]):
+        """Push weights to every engine; returns the slowest engine's SyncStats."""
+        stats = self._resolve([e.sync_weights(state_dict) for e in self.engines])
+        return max(stats, key=lambda s: s.seconds)
+
+    def close(self) -> None:
+        self._resolve([e.close() for e in self.engines])
+
+
+class Cluster:
+    """Makes the workers of a run, locally or as Ray actors, from the recipe's `cluster` section."""
+
+    def __init__(self, cfg: RecipeConfig):
+        self.cfg = cfg
+        self.ray = None
+        if cfg.cluster.backend == "ray":
+            import ray
+
+            if not ray.is_initialized():
+                # RAY_ADDRESS set: join that cluster; otherwise start a local one.
+                ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+            self.ray = ray
+
+    def _actor(self, cls: type, num_cpus: float, num_gpus: float, env: dict | None = None):
+        options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        if env:
+            options["runtime_env"] = {"env_vars": env}
+        return self.ray.remote(**options)(cls)
+
+    def _resolve(self) -> Callable[[list], list]:
+        return self.ray.get if self.ray else _local_resolve
+
+    def rollout_pool(self, model_path: str) -> RolloutPool:
+        from rollout.vllm_engine import VllmRollout
+
+        cfg, c = self.cfg, self.cfg.cluster
+        args = (cfg.rollout, model_path, cfg.model.max_seq_len)
+        if self.ray is None:
+            return RolloutPool([VllmRollout(*args, seed=cfg.trainer.seed)])
+        actor = self._actor(VllmRollout, c.cpus_per_engine, c.gpus_per_engine)
+        engines = [_Remote(actor.remote(*args, seed=cfg.trainer.seed + i)) for i in range(c.rollout_engines)]
+        return RolloutPool(engines, self._resolve())
+
+    def trainer_group(self, model_path: str, lr: float, warmup_steps: int) -> TrainerGroup:
+        from rlkit.trainer import ShardedTrainer
+
+        cfg, c = self.cfg, self.cfg.cluster
+        args = (cfg.trainer, cfg.algo, cfg.ref, model_path, lr, warmup_steps)
+        if self.ray is None:
+            return TrainerGroup([ShardedTrainer(*args)])
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+        actor = self._actor(ShardedTrainer, c.cpus_per_trainer, c.gpus_per_trainer, env)
+        workers = [_Remote(actor.remote(*args, rank=r, world_size=c.trainer_ranks)) for r in range(c.trainer_ranks)]
+        return TrainerGroup(workers, self._resolve())
+
+    def reference(self, model_path: str):
+        from rlkit.reference import ReferenceModel
+
+        cfg = self.cfg
+        args = (cfg.ref, model_path, cfg.trainer.micro_batch_size, cfg.trainer.logprob_impl)
+        if self.ray is None:
+            return ReferenceModel(*args)
+        return _Blocking(self._actor(ReferenceModel, 1, self.cfg.cluster.gpus_per_trainer).remote(*args), self.ray.get)
+
+    def scorer(self):
+        from rewards.scorer import Scorer
+
+        if self.ray is None:
+            return Scorer(self.cfg.reward)
+        return _Blocking(self._actor(Scorer, 1, 0).remote(self.cfg.reward), self.ray.get)
+
+    def release(self, *workers) -> None:
+        """Stop actors of a finished stage (local workers are simply dropped)."""
+        if self.ray is None:
+            return
+        for w in workers:
+            for handle in getattr(w, "workers", None) or getattr(w, "engines", None) or [w]:
+                self.ray.kill(handle._handle)
+
+    def shutdown(self) -> None:
+        if self.ray is not None:
+            self.ray.shutdown()
+
+
+class _Blocking(_Remote):
+    """An actor handle used like a local object: each call waits for its result."""
+
+    def __init__(self, handle: Any, get: Callable):
+        super().__init__(handle)
+        self._get = get
+
+    def __getattr__(self, name: str) -> Callable:
+        method = getattr(self._handle, name).remote
+        return lambda *args, **kwargs: self._get(method(*args, **kwargs))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

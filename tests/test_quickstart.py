@@ -1,0 +1,75 @@
+"""The quickstart recipe end to end, shortened by overrides: real model, real vLLM engine, real rewards.
+
+Each learning stage must raise held-out accuracy. The run is a subprocess, as a user runs it.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quickstart_learns_at_every_stage(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"logging.output_dir={run_dir}",
+        "logging.wandb_mode=offline",
+        "data.num_eval=300",
+        "stages.0.steps=400",
+        "stages.1.steps=30",
+        "stages.2.steps=40",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlkit.run", "recipes/quickstart.yaml", *overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stages = summary["stages"]
+    assert [s["kind"] for s in stages] == ["sft", "dpo", "grpo"]
+    for s in stages:
+        assert s["after"]["accuracy"] > s["before"]["accuracy"], s
+        ckpt = run_dir / "checkpoints" / s["name"]
+        assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
+        assert (ckpt / "recipe.yaml").exists()
+    assert "held-out accuracy" in proc.stdout
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*metrics)
+    for key in ("sft/loss", "dpo/reward_margin", "grpo/reward/mean", "grpo/kl", "grpo/weight_sync/seconds",
+                "grpo/rollout_kl", "eval/accuracy"):
+        assert key in keys, key
+    assert list((run_dir / "wandb").glob("offline-run-*")), "offline W&B run missing"
+
+
+def test_refuses_to_overwrite_an_existing_run(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlkit.run", "recipes/quickstart.yaml", f"logging.output_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "logging.output_dir" in proc.stderr and "overwrite" in proc.stderr
+    assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_typo_fails_fast_with_closest_key():
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlkit.run", "recipes/quickstart.yaml", "rollout.temprature=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Did you mean 'temperature'?" in proc.stderr
+
+
+def test_print_config_shows_resolved_recipe():
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlkit.run", "recipes/quickstart.yaml", "--print-config", "trainer.lr=0.5"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "lr: 0.5" in proc.stdout and "kind: grpo" in proc.stdout
