@@ -113,8 +113,14 @@ class Cluster:
             import ray
 
             if not ray.is_initialized():
-                # RAY_ADDRESS set: join that cluster; otherwise start a local one.
-                ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+                c = cfg.cluster
+                if os.environ.get("RAY_ADDRESS"):  # join the running cluster
+                    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+                else:
+                    # A local cluster advertises enough CPUs for every actor of the recipe even on a small
+                    # machine: the actors mostly wait on one another, so oversubscribing is what we want.
+                    wanted = c.trainer_ranks * c.cpus_per_trainer + c.rollout_engines * c.cpus_per_engine + 2
+                    ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False)
             self.ray = ray
 
     def _actor(self, cls: type, num_cpus: float, num_gpus: float, env: dict | None = None):

@@ -91,6 +91,27 @@ def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id:
     return TokenBatch(input_ids, attention, response_mask)
 
 
+class LogprobModel(torch.nn.Module):
+    """A causal LM seen as tokens -> per-token log-probs of the targets, through the fused kernel.
+
+    It is the FSDP2 root unit: its forward unshards the embedding, final norm and LM head, so the kernel may
+    read the LM head weight directly (and the backward reduces its gradient) without full logits.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: TokenBatch, temperature: float = 1.0, impl: str = "auto", return_entropy: bool = False):
+        body = getattr(self.lm, self.lm.base_model_prefix)  # the transformer without its LM head
+        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (B, L, H)
+        targets = batch.input_ids[:, 1:].masked_fill(batch.response_mask == 0, -100)  # (B, L-1)
+        weight = self.lm.get_output_embeddings().weight  # (V, H)
+        return fused_logprobs(
+            hidden[:, :-1], weight, targets, temperature=temperature, return_entropy=return_entropy, impl=impl
+        )
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     batch: TokenBatch,
@@ -99,13 +120,9 @@ def sequence_logprobs(
     return_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (B, L-1) of the targets under `model`, zero off the response; never full logits."""
-    body = getattr(model, model.base_model_prefix)  # the transformer without its LM head
-    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (B, L, H)
-    targets = batch.input_ids[:, 1:].masked_fill(batch.response_mask == 0, -100)  # (B, L-1)
-    weight = model.get_output_embeddings().weight  # (V, H)
-    return fused_logprobs(
-        hidden[:, :-1], weight, targets, temperature=temperature, return_entropy=return_entropy, impl=impl
-    )
+    if not isinstance(model, LogprobModel):
+        model = LogprobModel(model)
+    return model(batch, temperature, impl, return_entropy)
 
 
 @torch.no_grad()
@@ -139,7 +156,7 @@ class ShardedTrainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         torch.manual_seed(cfg.seed)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.model = LogprobModel(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
         if world_size > 1:
             self._shard()
         self.optimizer = torch.optim.AdamW(
@@ -156,7 +173,7 @@ class ShardedTrainer:
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
-        body = getattr(self.model, self.model.base_model_prefix)
+        body = getattr(self.model.lm, self.model.lm.base_model_prefix)
         for layer in body.layers:  # one FSDP unit per block: gathered just in time, freed after
             fully_shard(layer)
         fully_shard(self.model)
@@ -240,10 +257,11 @@ class ShardedTrainer:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The unsharded weights on CPU (every rank must call it; all ranks get them)."""
         if self.world_size == 1:
-            return {k: v.detach() for k, v in self.model.state_dict().items()}
+            return {k: v.detach() for k, v in self.model.lm.state_dict().items()}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k.removeprefix("lm."): v for k, v in full.items()}
 
     def save(self, path: str, tokenizer_path: str, recipe_yaml: str, extra: dict | None = None) -> str | None:
         """Hugging Face checkpoint of the full weights (written by rank 0); returns the path on rank 0."""
@@ -254,9 +272,9 @@ class ShardedTrainer:
         state = self.full_state_dict()
         if self.rank != 0:
             return None
-        model = self.model
+        model = self.model.lm
         if self.world_size > 1:  # save_pretrained needs plain tensors: rebuild an unsharded copy
-            model = AutoModelForCausalLM.from_config(self.model.config)
+            model = AutoModelForCausalLM.from_config(self.model.lm.config)
             model.load_state_dict(state)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         return str(save_checkpoint(model, tokenizer, Path(path), recipe_yaml, extra))
