@@ -92,6 +92,7 @@ class TrainerConfig:
     grad_clip: float = 1.0
     micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate across micro-batches
     logprob_impl: str = "auto"  # "auto", "torch" or "triton" (see kernels.fused_logprobs)
+    dtype: str = "float32"  # parameter dtype of the trained model: float32, bfloat16 or float64 (exact tests)
     seed: int = 0
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
 
@@ -268,6 +269,7 @@ def validate(cfg: RecipeConfig) -> None:
     _one_of("ref.kl_in", cfg.ref.kl_in, ("loss", "reward"))
     _one_of("algo.loss_agg", cfg.algo.loss_agg, ("token-mean", "seq-mean-token-mean"))
     _one_of("algo.dpo_loss", cfg.algo.dpo_loss, ("sigmoid", "ipo"))
+    _one_of("trainer.dtype", cfg.trainer.dtype, ("float32", "bfloat16", "float64"))
     _one_of("trainer.logprob_impl", cfg.trainer.logprob_impl, ("auto", "torch", "triton"))
     _one_of("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
     _one_of("reward.on_error", cfg.reward.on_error, ("exclude", "score", "fail"))

@@ -156,7 +156,8 @@ class ShardedTrainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         torch.manual_seed(cfg.seed)
-        self.model = LogprobModel(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
+        dtype = getattr(torch, cfg.dtype)
+        self.model = LogprobModel(AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype))
         if world_size > 1:
             self._shard()
         self.optimizer = torch.optim.AdamW(
@@ -168,7 +169,7 @@ class ShardedTrainer:
 
     def _shard(self) -> None:
         import torch.distributed as dist
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -177,6 +178,11 @@ class ShardedTrainer:
         for layer in body.layers:  # one FSDP unit per block: gathered just in time, freed after
             fully_shard(layer)
         fully_shard(self.model)
+        # Losses are already divided by the whole step batch's normaliser, so ranks' gradients must be summed;
+        # FSDP2 would average them by default (a 1/world_size error).
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
 
     # -- log-probs -------------------------------------------------------------------------------------
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:

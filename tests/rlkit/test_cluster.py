@@ -1,0 +1,67 @@
+"""The trainer group sharded with FSDP2 over 2 real ranks (Ray actors, gloo) equals the 1-rank trainer."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from rlkit.cluster import Cluster, TrainerGroup
+from rlkit.config import ClusterConfig, ModelConfig, RecipeConfig, TrainerConfig
+from rlkit.losses import token_normalizer
+from rlkit.modeling import init_model, save_checkpoint
+from rlkit.trainer import PolicyBatch
+from tests.rlkit.test_trainer import random_batch
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def groups(tmp_path_factory):
+    model, tok = init_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2))
+    path = str(save_checkpoint(model, tok, tmp_path_factory.mktemp("m") / "ckpt", ""))
+    trainer = TrainerConfig(micro_batch_size=2, logprob_impl="torch", dtype="float64", num_threads=1)
+    local_cfg = RecipeConfig(trainer=trainer)
+    ray_cfg = dataclasses.replace(local_cfg, cluster=ClusterConfig(backend="ray", trainer_ranks=2, cpus_per_trainer=0.5))
+    one = Cluster(local_cfg).trainer_group(path, lr=1e-2, warmup_steps=1)
+    cluster = Cluster(ray_cfg)
+    two = cluster.trainer_group(path, lr=1e-2, warmup_steps=1)
+    yield one, two
+    cluster.release(two)
+    cluster.shutdown()
+
+
+def assert_same_weights(a: TrainerGroup, b: TrainerGroup, tol=1e-9):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], atol=tol, rtol=0), k
+
+
+def test_two_ranks_equal_one_rank(groups):
+    one, two = groups
+    assert two.world_size == 2
+    batch = random_batch(n=8, seed=3)
+    assert torch.allclose(one.logprobs(batch), two.logprobs(batch), atol=1e-10)
+
+    m1 = one.sft_step(batch, float(batch.response_mask.sum()))
+    m2 = two.sft_step(batch, float(batch.response_mask.sum()))
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-9)
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-9)
+    assert_same_weights(one, two)
+
+    old = one.logprobs(batch)
+    g = torch.Generator().manual_seed(0)
+    policy = PolicyBatch(
+        batch, batch.response_mask, old, old + 0.05 * torch.randn(old.shape, generator=g, dtype=old.dtype) * batch.response_mask,
+        torch.randn(8, generator=g, dtype=old.dtype), float(token_normalizer(batch.response_mask, "token-mean")), 0.1, 1.0,
+    )
+    for _ in range(2):
+        m1, m2 = one.policy_step(policy), two.policy_step(policy)
+        assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-8, abs=1e-12)
+    assert_same_weights(one, two)
+
+
+def test_uneven_split_is_refused(groups):
+    _, two = groups
+    with pytest.raises(ValueError, match="do not split evenly over 2 trainer ranks"):
+        two.logprobs(random_batch(n=3))
