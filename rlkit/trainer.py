@@ -183,6 +183,7 @@ class ShardedTrainer:
         for module in self.model.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
 
     # -- log-probs -------------------------------------------------------------------------------------
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:

@@ -73,3 +73,25 @@ def test_print_config_shows_resolved_recipe():
     )
     assert proc.returncode == 0, proc.stderr
     assert "lr: 0.5" in proc.stdout and "kind: grpo" in proc.stdout
+
+
+@pytest.mark.slow
+def test_ray_run_with_two_engines_and_two_ranks_learns(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"logging.output_dir={run_dir}",
+        "logging.wandb_mode=disabled",
+        "data.num_eval=300",
+        "stages=[{kind: sft, steps: 300, batch_size: 64, lr: 1.0e-3}, {kind: grpo, steps: 60, batch_size: 16, lr: 1.0e-4}]",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlkit.run", "recipes/quickstart_ray.yaml", *overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sft, grpo = json.loads((run_dir / "summary.json").read_text())["stages"]
+    assert sft["after"]["accuracy"] > sft["before"]["accuracy"]
+    assert grpo["after"]["accuracy"] > grpo["before"]["accuracy"], grpo
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    syncs = [m["grpo/weight_sync/seconds"] for m in metrics if "grpo/weight_sync/seconds" in m]
+    assert syncs and all(s > 0 for s in syncs)

@@ -68,3 +68,20 @@ def test_sync_with_a_wrong_shape_fails_clearly(setup):
     bad[key] = torch.zeros(3, 3)
     with pytest.raises(WeightSyncError):
         engine.sync_weights(bad)
+
+
+def test_sync_past_its_deadline_raises_instead_of_hanging(setup):
+    import dataclasses
+    import time
+
+    model, _, engine = setup
+    saved = engine.cfg
+    engine.cfg = dataclasses.replace(saved, sync_timeout_s=1e-4)  # far below a real reload's ~20 ms
+    try:
+        start = time.perf_counter()
+        with pytest.raises(WeightSyncError, match="did not finish within rollout.sync_timeout_s"):
+            engine.sync_weights(model.state_dict())
+        assert time.perf_counter() - start < 10
+    finally:
+        engine.cfg = saved
+        engine._pool.submit(lambda: None).result()  # let the abandoned reload finish before the next test
