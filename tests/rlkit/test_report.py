@@ -1,0 +1,35 @@
+import json
+
+from rlkit.report import main, series
+
+
+def write_run(tmp_path, torn_tail=False):
+    rows = [{"step": 0, "eval/accuracy": 0.1}]
+    rows += [{"step": s, "grpo/reward/mean": s / 10, "grpo/kl": 0.01 * s, "grpo/rollout_kl": 0.0} for s in range(1, 6)]
+    rows += [{"step": 5, "eval/accuracy": 0.4}]
+    text = "\n".join(json.dumps(r) for r in rows) + "\n"
+    if torn_tail:
+        text += '{"step": 6, "grpo/rew'
+    (tmp_path / "metrics.jsonl").write_text(text)
+
+
+def test_series_matches_stage_prefixed_keys_and_keeps_kinds_apart(tmp_path):
+    write_run(tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert series(rows, "reward/mean")["grpo/reward/mean"] == ([1, 2, 3, 4, 5], [0.1, 0.2, 0.3, 0.4, 0.5])
+    assert set(series(rows, "kl")) == {"grpo/kl"}  # rollout_kl is its own line
+    assert series(rows, "eval/accuracy")["eval/accuracy"][1] == [0.1, 0.4]
+
+
+def test_report_writes_pngs_and_summary_even_for_a_cut_off_run(tmp_path, capsys):
+    write_run(tmp_path, torn_tail=True)
+    assert main([str(tmp_path)]) == 0
+    for name in ("reward.png", "accuracy.png", "kl.png"):
+        png = tmp_path / "report" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "has not finished" in (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_report_on_a_folder_without_metrics(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
