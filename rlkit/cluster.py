@@ -63,6 +63,12 @@ class TrainerGroup:
     def policy_step(self, batch: PolicyBatch) -> dict[str, float]:
         return _merge(self._resolve([w.policy_step(s) for w, s in zip(self.workers, self._split(batch))]))
 
+    def values(self, batch: TokenBatch) -> torch.Tensor:  # critic groups
+        return torch.cat(self._resolve([w.values(s) for w, s in zip(self.workers, self._split(batch))]))
+
+    def value_step(self, batch) -> dict[str, float]:  # critic groups
+        return _merge(self._resolve([w.value_step(s) for w, s in zip(self.workers, self._split(batch))]))
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights; every rank takes part in the gather."""
         return self._resolve([w.full_state_dict() for w in self.workers])[0]
@@ -146,12 +152,22 @@ class Cluster:
     def trainer_group(self, model_path: str, lr: float, warmup_steps: int) -> TrainerGroup:
         from rlkit.trainer import ShardedTrainer
 
-        cfg, c = self.cfg, self.cfg.cluster
-        args = (cfg.trainer, cfg.algo, cfg.ref, model_path, lr, warmup_steps)
+        cfg = self.cfg
+        return self._group(ShardedTrainer, (cfg.trainer, cfg.algo, cfg.ref, model_path, lr, warmup_steps))
+
+    def critic_group(self, model_path: str, lr: float, warmup_steps: int) -> TrainerGroup:
+        """The PPO critic, sharded like the policy (its ranks form their own process group)."""
+        from rlkit.critic import CriticTrainer
+
+        return self._group(CriticTrainer, (self.cfg.trainer, self.cfg.algo, model_path, lr, warmup_steps))
+
+    def _group(self, cls: type, args: tuple) -> TrainerGroup:
+        """`cluster.trainer_ranks` ranks of `cls`, each told its rank and the rendezvous address."""
+        c = self.cfg.cluster
         if self.ray is None:
-            return TrainerGroup([ShardedTrainer(*args)])
+            return TrainerGroup([cls(*args)])
         env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-        actor = self._actor(ShardedTrainer, c.cpus_per_trainer, c.gpus_per_trainer, env)
+        actor = self._actor(cls, c.cpus_per_trainer, c.gpus_per_trainer, env)
         workers = [_Remote(actor.remote(*args, rank=r, world_size=c.trainer_ranks)) for r in range(c.trainer_ranks)]
         return TrainerGroup(workers, self._resolve())
 

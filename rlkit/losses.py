@@ -96,3 +96,21 @@ def dpo_loss(
     else:
         raise ValueError(f"dpo loss '{kind}' is not one of sigmoid, ipo")
     return loss, beta * h
+
+
+def value_loss(
+    values: torch.Tensor,  # (B, T) critic now
+    old_values: torch.Tensor,  # (B, T) critic when the batch was sampled
+    returns: torch.Tensor,  # (B, T) GAE targets
+    mask: torch.Tensor,  # (B, T)
+    clip: float,
+    normalizer: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped value loss: 0.5 * max((v - R)^2, (clip(v, v_old +- clip) - R)^2), token-mean.
+
+    Returns (loss, per-token clipped indicator (B, T)).
+    """
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped_err, clipped_err = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = aggregate(0.5 * torch.maximum(unclipped_err, clipped_err), mask, "token-mean", normalizer)
+    return loss, (clipped_err > unclipped_err).float() * mask

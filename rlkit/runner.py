@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from rlkit.algorithms import dpo, grpo, sft
+from rlkit.algorithms import dpo, grpo, ppo, sft
 from rlkit.algorithms.common import StageContext
 from rlkit.cluster import Cluster
 from rlkit.config import RecipeConfig, RecipeError, to_yaml
@@ -97,9 +97,11 @@ def run_stage(cfg, index, model_path, tokenizer, train_set, held_out, cluster, p
         dpo.train(ctx)
     elif stage.kind == "grpo":
         grpo.train(ctx)
+    elif stage.kind == "ppo":
+        ppo.train(ctx)
     else:  # validate() admits only the kinds above
         raise RecipeError(f"stages.{index}.kind: '{stage.kind}' is not implemented")
-    if stage.kind != "grpo":  # GRPO syncs after every step already
+    if stage.kind in ("sft", "dpo"):  # GRPO and PPO sync after every step already
         pool.sync_weights(trainer.state_dict())
     name = stage.name or f"{index + 1:02d}_{stage.kind}"
     path = trainer.save(str(Path(logger.run_dir) / "checkpoints" / name), model_path, recipe_yaml,

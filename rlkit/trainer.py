@@ -142,48 +142,81 @@ def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
 
 
-class ShardedTrainer:
-    """One rank. With world_size > 1 the model is sharded with FSDP2 (gloo on CPU, nccl on GPU); the caller
-    (rlkit.cluster) starts one per rank and sets MASTER_ADDR/MASTER_PORT."""
+def shard_with_fsdp2(root: torch.nn.Module, blocks: list[torch.nn.Module], rank: int, world_size: int) -> None:
+    """FSDP2 over `world_size` ranks: one unit per transformer block, the rest in the root unit."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    def __init__(
-        self, cfg: TrainerConfig, algo: AlgoConfig, ref: RefConfig, model_path: str, lr: float, warmup_steps: int,
-        rank: int = 0, world_size: int = 1,
-    ):
-        from transformers import AutoModelForCausalLM
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world_size)
+    for block in blocks:  # gathered just in time for its forward/backward, freed after
+        fully_shard(block)
+    fully_shard(root)
+    # Losses are already divided by the whole step batch's normaliser, so ranks' gradients must be summed;
+    # FSDP2 would average them by default (a 1/world_size error).
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
 
-        self.cfg, self.algo, self.ref_cfg, self.rank, self.world_size = cfg, algo, ref, rank, world_size
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
-        torch.manual_seed(cfg.seed)
-        dtype = getattr(torch, cfg.dtype)
-        self.model = LogprobModel(AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype))
+
+class RankWorker:
+    """What every trained model's rank shares: sharding, the optimizer and schedule, and the update loop."""
+
+    def __init__(self, cfg: TrainerConfig, model: torch.nn.Module, blocks: list, lr: float, warmup_steps: int,
+                 rank: int, world_size: int):
+        self.cfg, self.model, self.rank, self.world_size = cfg, model, rank, world_size
         if world_size > 1:
-            self._shard()
+            shard_with_fsdp2(model, blocks, rank, world_size)
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=lr, betas=tuple(cfg.betas),
+            [p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(cfg.betas),
             weight_decay=cfg.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(warmup_steps))
         self.step_count = 0
 
-    def _shard(self) -> None:
-        import torch.distributed as dist
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+    def _step(self, micro_loss: Callable, batch) -> dict[str, float]:
+        """One optimizer update over this rank's rows, micro-batch by micro-batch."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        size = self.cfg.micro_batch_size
+        for start in range(0, len(batch), size):
+            loss, metrics = micro_loss(batch.select(slice(start, start + size)))
+            loss.backward()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm at step {self.step_count}; lower the learning rate")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        return totals | {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
 
-        if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
-        body = getattr(self.model.lm, self.model.lm.base_model_prefix)
-        for layer in body.layers:  # one FSDP unit per block: gathered just in time, freed after
-            fully_shard(layer)
-        fully_shard(self.model)
-        # Losses are already divided by the whole step batch's normaliser, so ranks' gradients must be summed;
-        # FSDP2 would average them by default (a 1/world_size error).
-        for module in self.model.modules():
-            if isinstance(module, FSDPModule):
-                module.set_gradient_divide_factor(1.0)
-                module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+
+def load_causal_lm(model_path: str, cfg: TrainerConfig) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
+
+
+class ShardedTrainer(RankWorker):
+    """One rank of the policy. With world_size > 1 the model is sharded with FSDP2 (gloo on CPU, nccl on
+    GPU); the caller (rlkit.cluster) starts one per rank and sets MASTER_ADDR/MASTER_PORT."""
+
+    def __init__(
+        self, cfg: TrainerConfig, algo: AlgoConfig, ref: RefConfig, model_path: str, lr: float, warmup_steps: int,
+        rank: int = 0, world_size: int = 1,
+    ):
+        self.algo, self.ref_cfg = algo, ref
+        lm = load_causal_lm(model_path, cfg)
+        blocks = list(getattr(lm, lm.base_model_prefix).layers)
+        super().__init__(cfg, LogprobModel(lm), blocks, lr, warmup_steps, rank, world_size)
 
     # -- log-probs -------------------------------------------------------------------------------------
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
@@ -239,26 +272,6 @@ class ShardedTrainer:
             }
 
         return self._step(micro_loss, batch)
-
-    def _step(self, micro_loss: Callable, batch) -> dict[str, float]:
-        """One optimizer update over this rank's rows, micro-batch by micro-batch."""
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        size = self.cfg.micro_batch_size
-        for start in range(0, len(batch), size):
-            loss, metrics = micro_loss(batch.select(slice(start, start + size)))
-            loss.backward()
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        if not math.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient norm at step {self.step_count}; lower the learning rate")
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step_count += 1
-        return totals | {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
 
     # -- weights ---------------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -95,3 +95,24 @@ def test_ray_run_with_two_engines_and_two_ranks_learns(tmp_path):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     syncs = [m["grpo/weight_sync/seconds"] for m in metrics if "grpo/weight_sync/seconds" in m]
     assert syncs and all(s > 0 for s in syncs)
+
+
+@pytest.mark.slow
+def test_ppo_with_a_critic_learns(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"logging.output_dir={run_dir}",
+        "logging.wandb_mode=disabled",
+        "data.num_eval=300",
+        "ref.kl_in=reward",
+        "stages=[{kind: sft, steps: 300, batch_size: 64, lr: 1.0e-3}, {kind: ppo, steps: 60, batch_size: 64, lr: 1.0e-4}]",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlkit.run", "recipes/quickstart.yaml", *overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _, ppo = json.loads((run_dir / "summary.json").read_text())["stages"]
+    assert ppo["after"]["accuracy"] > ppo["before"]["accuracy"], ppo
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("ppo/value/value_loss" in m for m in metrics)

@@ -108,3 +108,15 @@ def test_dpo_gradient_pushes_chosen_up_and_rejected_down():
     loss.sum().backward()
     # d/dh -log sigmoid(beta h) at h = 0 is -beta / 2 = -0.05
     assert chosen.grad.item() == pytest.approx(-0.05) and rejected.grad.item() == pytest.approx(0.05)
+
+
+def test_value_loss_by_hand():
+    from rlkit.losses import value_loss
+
+    # token 0: v 1.5, v_old 1.0, R 2.0, clip 0.2 -> clipped v 1.2; errors 0.25 vs 0.64 -> 0.5 * 0.64 = 0.32
+    # token 1: v 1.1, v_old 1.0, R 0.0 -> inside the clip; errors 1.21 and 1.21 -> 0.605
+    values, old, ret = torch.tensor([[1.5, 1.1]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 0.0]])
+    mask = torch.ones(1, 2)
+    loss, clipped = value_loss(values, old, ret, mask, clip=0.2, normalizer=2.0)
+    assert loss.item() == pytest.approx((0.32 + 0.605) / 2)
+    assert clipped.tolist() == [[1.0, 0.0]]

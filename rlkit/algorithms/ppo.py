@@ -1,0 +1,108 @@
+"""PPO with a learned critic and GAE (Schulman et al. 2017; Ouyang et al. 2022 for the LM setting).
+
+Per-token rewards: the verifier's score on the last response token, and (with `ref.kl_in: reward`, the usual
+PPO choice) a per-token KL penalty -kl_coef * k(old, ref). Advantages come from GAE over the critic's values
+(`algo.gamma`, `algo.gae_lambda`) and are whitened over the batch's response tokens. One sample per prompt;
+the critic starts from the policy checkpoint's transformer body with a zero value head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import gae
+from rlkit.algorithms.common import StageContext, Timer, encode_prompt, to_samples
+from rlkit.algorithms.grpo import rollout_metrics, summarize
+from rlkit.critic import ValueBatch
+from rlkit.data import BatchSampler
+from rlkit.losses import kl_estimate, token_normalizer
+from rlkit.trainer import PolicyBatch, pack_sequences
+
+
+def terminal_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) zeros with each row's score on its last counted token.
+
+    >>> terminal_rewards(torch.tensor([1.0, -2.0]), torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0]])).tolist()
+    [[0.0, 0.0, 1.0, 0.0], [-2.0, 0.0, 0.0, 0.0]]
+    """
+    positions = torch.arange(mask.shape[1])
+    last = (positions * (mask > 0)).amax(-1)  # (B,) index of the last counted token
+    out = torch.zeros(mask.shape)
+    has_tokens = mask.sum(-1) > 0
+    out[has_tokens, last[has_tokens]] = scores[has_tokens].float()
+    return out
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit variance over the counted tokens (the rest stay zero)."""
+    n = mask.sum().clamp(min=1.0)
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / n
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def train(ctx: StageContext) -> None:
+    cfg, stage, algo, tok = ctx.cfg, ctx.stage, ctx.cfg.algo, ctx.tokenizer
+    n, temperature = 1, cfg.rollout.temperature  # PPO: one sample per prompt
+    ref = ctx.cluster.reference(ctx.model_path)
+    critic = ctx.cluster.critic_group(ctx.model_path, ctx.lr, ctx.warmup_steps)
+    sampler = BatchSampler(ctx.train, stage.batch_size, ctx.seed())
+    bar = ctx.logger.progress(stage.steps, f"{ctx.index}:{ctx.prefix}")
+    for step in range(stage.steps):
+        timer = Timer()
+        problems = sampler.next()
+        prompt_ids = [encode_prompt(tok, p.prompt) for p in problems]
+
+        # generate
+        with timer("generate"):
+            completions = [c for g in ctx.pool.generate(prompt_ids, n=n, temperature=temperature,
+                                                        seed=ctx.seed() + step) for c in g]
+        # score
+        with timer("score"):
+            scored = ctx.scorer.score(to_samples(problems, [c.text for c in completions], n))
+        scores = torch.tensor(scored.scores, dtype=torch.float32)  # (B,)
+        valid = torch.tensor(scored.valid, dtype=torch.float32)
+        tokens = pack_sequences(prompt_ids, [list(c.token_ids) for c in completions], tok.pad_token_id)
+        mask = tokens.response_mask * valid[:, None]  # (B, L-1)
+
+        # reference, old log-probs and values
+        with timer("reference"):
+            old_logprobs = ctx.trainer.logprobs(tokens, temperature)
+            ref_logprobs = ref.logprobs(tokens, temperature)
+            old_values = critic.values(tokens)  # (B, L-1)
+
+        # advantages: GAE over per-token rewards (score at the end, KL penalty along the way)
+        kl = kl_estimate(old_logprobs, ref_logprobs, cfg.ref.kl_estimator) * mask
+        rewards = terminal_rewards(scores * valid, mask)
+        if cfg.ref.kl_in == "reward":
+            rewards = rewards - cfg.ref.kl_coef * kl
+        advantages, returns = gae(rewards, old_values * mask, mask, algo.gamma, algo.gae_lambda)
+        advantages = whiten(advantages, mask)
+        normalizer = float(token_normalizer(mask, "token-mean"))
+        batch = PolicyBatch(
+            tokens, mask, old_logprobs, ref_logprobs, advantages, float(token_normalizer(mask, algo.loss_agg)),
+            kl_coef=cfg.ref.kl_coef if cfg.ref.kl_in == "loss" else 0.0, temperature=temperature,
+        )
+
+        # update policy and critic
+        with timer("train"):
+            for _ in range(algo.ppo_epochs):
+                metrics = ctx.trainer.policy_step(batch)
+                value_metrics = critic.value_step(ValueBatch(tokens, mask, old_values, returns, normalizer))
+
+        # sync
+        with timer("weight_sync"):
+            sync = ctx.pool.sync_weights(ctx.trainer.state_dict())
+
+        # log
+        ctx.logger.global_step += 1
+        metrics = summarize(metrics) | rollout_metrics(completions, prompt_ids, tokens, old_logprobs, timer)
+        metrics |= {f"value/{k}": v for k, v in value_metrics.items()}
+        metrics |= {"reward/mean": scores.mean(), **{f"reward/{k}": v for k, v in scored.stats.items()}}
+        metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s}
+        if step % cfg.logging.log_every == 0 or step == stage.steps - 1:
+            ctx.logger.log({f"{ctx.prefix}/{k}": v for k, v in metrics.items()} | timer.metrics(ctx.prefix))
+        bar.set_postfix(reward=f"{float(scores.mean()):.3f}", vloss=f"{value_metrics['value_loss']:.4f}")
+        bar.update(1)
+    bar.close()
+    ctx.cluster.release(ref, critic)
