@@ -1,0 +1,102 @@
+"""Advantage estimators as vectorised tensor ops: group normalisation (GRPO, Dr.GRPO), leave-one-out (RLOO),
+discounted returns (REINFORCE++) and GAE (PPO).
+
+The two time recurrences are one reverse linear scan y_t = x_t + c_t * y_{t+1}, computed in chunks of
+`SCAN_CHUNK` positions: inside a chunk the scan is a (C x C) matrix of decay products applied at once, and only
+the boundary value is carried from chunk to chunk, so there is no Python loop over individual time steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCAN_CHUNK = 64
+_LOG_ZERO = -1e4  # log of a zero decay: exp() of it is exactly 0 in float64, and sums stay finite
+
+
+def group_normalize(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages: each reward minus its group's mean, divided by the group's std when `scale`.
+
+    rewards (B,) with groups of `group_size` consecutive samples -> (B,). The std is the population std
+    (unbiased=False); `scale=False` is Dr.GRPO.
+
+    >>> [round(a, 4) for a in group_normalize(torch.tensor([1.0, 0.0, 0.0, 0.0]), 2).tolist()]
+    [1.0, -1.0, 0.0, 0.0]
+    """
+    grouped = _groups(rewards, group_size)  # (B/G, G)
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(-1, unbiased=False, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): each reward minus the mean of the other G - 1 rewards of its group.
+
+    >>> rloo_advantages(torch.tensor([3.0, 0.0, 0.0]), 3).tolist()
+    [3.0, -1.5, -1.5]
+    """
+    if group_size < 2:
+        raise ValueError("RLOO needs group_size >= 2")
+    grouped = _groups(rewards, group_size)
+    others = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others).reshape(-1)
+
+
+def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (B,), got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    return rewards.reshape(-1, group_size)
+
+
+def reverse_scan(x: torch.Tensor, decay: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
+    """y_t = x_t + decay_t * y_{t+1} with y_T = 0, over the last dim. x, decay (B, T) -> (B, T).
+
+    >>> reverse_scan(torch.tensor([[1.0, 1.0, 1.0]]), torch.tensor([[0.5, 0.5, 0.5]])).tolist()
+    [[1.75, 1.5, 1.0]]
+    """
+    b, t = x.shape
+    out_dtype = x.dtype
+    x64, log_c = x.double(), torch.log(decay.double()).clamp(min=_LOG_ZERO)
+    y = torch.zeros_like(x64)
+    carry = torch.zeros(b, dtype=torch.float64, device=x.device)  # y at the first position after the chunk
+    for end in range(t, 0, -chunk):
+        start = max(0, end - chunk)
+        lc = log_c[:, start:end]  # (B, C)
+        # s[:, i] = sum of log decays before position i within the chunk; prod_{k=i}^{j-1} c_k = exp(s_j - s_i)
+        s = torch.cat([torch.zeros(b, 1, dtype=torch.float64, device=x.device), lc.cumsum(-1)], dim=-1)  # (B, C+1)
+        diff = s[:, None, :-1] - s[:, :-1, None]  # (B, C, C): [i, j] = s_j - s_i
+        upper = torch.ones(end - start, end - start, dtype=torch.bool, device=x.device).triu()
+        weights = torch.where(upper, diff, torch.full_like(diff, float("-inf"))).exp()  # j >= i only
+        y[:, start:end] = (weights @ x64[:, start:end, None])[..., 0] + torch.exp(s[:, -1:] - s[:, :-1]) * carry[:, None]
+        carry = y[:, start]
+    return y.to(out_dtype)
+
+
+def _next(x: torch.Tensor) -> torch.Tensor:
+    """x shifted one step left along time, zero at the end: x_{t+1}."""
+    return torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], dim=-1)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """REINFORCE++ returns G_t = r_t + gamma * G_{t+1} within the mask. (B, T) -> (B, T), zero off the mask."""
+    mask = mask.to(rewards.dtype)
+    return reverse_scan(rewards * mask, gamma * _next(mask)) * mask
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016). (B, T) each -> (advantages, returns).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}; the value after the last
+    counted token is 0 (the episode ends there). Returns = A + V.
+    """
+    mask = mask.to(rewards.dtype)
+    values = values * mask
+    next_mask = _next(mask)
+    deltas = (rewards + gamma * _next(values) * next_mask - values) * mask
+    advantages = reverse_scan(deltas, gamma * lam * next_mask) * mask
+    return advantages, (advantages + values) * mask

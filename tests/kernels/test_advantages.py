@@ -1,0 +1,88 @@
+"""Advantage estimators against hand-worked numbers and step-by-step loop references."""
+
+import pytest
+import torch
+
+from kernels import discounted_returns, gae, group_normalize, reverse_scan, rloo_advantages
+
+
+def test_group_normalize_by_hand():
+    # group [1, 2, 3]: mean 2, population std sqrt(2/3) = 0.816497 -> [-1.224745, 0, 1.224745]
+    # group [5, 5, 5]: zero variance -> all zeros (no signal, no NaN)
+    adv = group_normalize(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), 3)
+    assert adv.tolist() == pytest.approx([-1.224745, 0.0, 1.224745, 0.0, 0.0, 0.0], abs=1e-5)
+    # Dr.GRPO: centred only
+    assert group_normalize(torch.tensor([1.0, 2.0, 3.0]), 3, scale=False).tolist() == [-1.0, 0.0, 1.0]
+
+
+def test_rloo_by_hand():
+    # [1, 0, 0, 1]: others' means [1/3, 2/3, 2/3, 1/3] -> [2/3, -2/3, -2/3, 2/3]
+    assert rloo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4).tolist() == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
+
+
+def test_group_size_must_divide():
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_normalize(torch.zeros(6), 4)
+
+
+def test_discounted_returns_by_hand():
+    # rewards [0, 0, 1] on tokens 1..3 of 4, gamma 0.5: G = [0, 0.25, 0.5, 1], position 0 masked out
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    assert discounted_returns(rewards, mask, 0.5).tolist() == [[0.0, 0.25, 0.5, 1.0]]
+
+
+def test_gae_by_hand():
+    # two tokens, r = [0, 1], V = [0.5, 0.2], gamma 1, lambda 0.5
+    # delta_1 = 1 + 0 - 0.2 = 0.8; delta_0 = 0 + 0.2 - 0.5 = -0.3
+    # A_1 = 0.8; A_0 = -0.3 + 0.5 * 0.8 = 0.1; returns = A + V = [0.6, 1.0]
+    adv, ret = gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.2]]), torch.ones(1, 2), 1.0, 0.5)
+    assert adv.tolist()[0] == pytest.approx([0.1, 0.8])
+    assert ret.tolist()[0] == pytest.approx([0.6, 1.0])
+
+
+def loop_gae(rewards, values, mask, gamma, lam):
+    b, t = rewards.shape
+    adv = torch.zeros(b, t, dtype=torch.float64)
+    for i in range(b):
+        last = 0.0
+        for j in reversed(range(t)):
+            if mask[i, j] == 0:
+                last = 0.0 if (j + 1 >= t or mask[i, j + 1] == 0) else last
+                continue
+            nxt = values[i, j + 1].item() if j + 1 < t and mask[i, j + 1] else 0.0
+            cont = 1.0 if j + 1 < t and mask[i, j + 1] else 0.0
+            delta = rewards[i, j].item() + gamma * nxt - values[i, j].item()
+            last = delta + gamma * lam * cont * last
+            adv[i, j] = last
+    return adv
+
+
+@pytest.mark.parametrize("t", [1, 63, 64, 65, 200])
+def test_chunked_gae_matches_a_step_loop(t):
+    g = torch.Generator().manual_seed(t)
+    b = 5
+    rewards, values = torch.randn(b, t, generator=g), torch.randn(b, t, generator=g)
+    mask = torch.zeros(b, t)
+    for i in range(b):  # a response span per row, of random start and length (one row empty)
+        start = int(torch.randint(0, t, (1,), generator=g))
+        length = 0 if i == 0 else int(torch.randint(1, t - start + 1, (1,), generator=g))
+        mask[i, start : start + length] = 1
+    adv, ret = gae(rewards, values, mask, 0.99, 0.95)
+    expected = loop_gae(rewards.double(), (values * mask).double(), mask, 0.99, 0.95)
+    assert torch.allclose(adv.double(), expected, atol=1e-5)
+    assert torch.allclose(ret, (adv + values * mask) * mask)
+
+
+def test_reverse_scan_with_zero_decays_and_long_sequences():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 300, generator=g, dtype=torch.float64)
+    decay = torch.rand(3, 300, generator=g, dtype=torch.float64)
+    decay[:, ::17] = 0.0
+    expected = torch.zeros_like(x)
+    acc = torch.zeros(3, dtype=torch.float64)
+    for j in reversed(range(300)):
+        nxt = decay[:, j] * acc
+        acc = x[:, j] + nxt
+        expected[:, j] = acc
+    assert torch.allclose(reverse_scan(x, decay, chunk=64), expected, atol=1e-10)
