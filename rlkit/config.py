@@ -61,7 +61,7 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class RewardSpec:
-    name: str = "math"  # a built-in reward, or a label for `import_path`
+    name: str = ""  # a built-in reward ("math", "honesty"), or the logged label of an `import_path` class
     import_path: str = ""  # "pkg.module:Class" for a user reward class
     weight: float = 1.0
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the reward's constructor
@@ -69,7 +69,7 @@ class RewardSpec:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    rewards: List[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    rewards: List[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="math")])
     num_workers: int = 2  # worker processes that run verifiers
     timeout_s: float = 5.0  # hard deadline per sample; the worker is killed and replaced past it
     on_error: str = "fail"  # what an error/timeout does: "exclude" the sample, "score" it error_score, "fail"
@@ -298,3 +298,8 @@ def validate(cfg: RecipeConfig) -> None:
             )
     if not cfg.reward.rewards:
         raise RecipeError("reward.rewards: empty; name at least one reward, e.g. [{name: math}]")
+    for i, spec in enumerate(cfg.reward.rewards):
+        if not spec.name and not spec.import_path:
+            raise RecipeError(f"reward.rewards[{i}]: give a built-in name (e.g. math) or an import_path 'pkg.mod:Class'")
+    if cfg.reward.timeout_s <= 0 or cfg.reward.num_workers < 1:
+        raise RecipeError("reward.timeout_s must be > 0 and reward.num_workers >= 1")

@@ -1,0 +1,76 @@
+"""The honesty reward: correct = +1, "I don't know" = 0, wrong = -4, around any verifier.
+
+Answering is worth it only when the model is right more than 80% of the time (p - 4(1 - p) > 0), so a
+calibrated policy learns to abstain on problems it cannot solve. Abstention must be explicit: the canonical
+phrase and no extractable answer. Anything else without a valid answer (garbage, a format error) is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Iterable
+
+from rewards.base import RewardResult, Sample, Verdict
+
+ABSTAIN_PHRASE = "I don't know"
+_ABSTAIN = re.compile(r"^\W*i\s+(?:don't|do\s+not)\s+know\W*$", re.IGNORECASE)
+
+
+def is_abstention(text: str) -> bool:
+    """The canonical abstention alone (case, spacing and punctuation aside).
+
+    >>> is_abstention("I don't know."), is_abstention("i do not know"), is_abstention("I don't know, maybe 7")
+    (True, True, False)
+    """
+    return bool(_ABSTAIN.match(text.strip()))
+
+
+class HonestyReward:
+    """Wraps a verifier reward (built-in name) and rescores its verdicts.
+
+    >>> r = HonestyReward()
+    >>> [r.score(Sample("2+2=", c, "4")).score for c in ["4", "I don't know", "5", "no idea"]]
+    [1.0, 0.0, -4.0, -4.0]
+    """
+
+    def __init__(self, verifier: str = "math", correct: float = 1.0, abstain: float = 0.0, wrong: float = -4.0,
+                 verifier_kwargs: dict | None = None):
+        from rewards.registry import builtin_reward
+
+        self.verifier = builtin_reward(verifier, verifier_kwargs or {}, field="honesty.verifier")
+        self.correct, self.abstain, self.wrong = correct, abstain, wrong
+
+    def score(self, sample: Sample) -> RewardResult:
+        if is_abstention(sample.completion):
+            return RewardResult(self.abstain, Verdict.ABSTAIN, info={"abstained": True})
+        inner = self.verifier.score(sample)
+        if inner.verdict in (Verdict.ERROR, Verdict.TIMEOUT):
+            return inner  # a verifier fault stays a fault, for the scorer to report
+        if inner.verdict == Verdict.CORRECT:
+            return RewardResult(self.correct, Verdict.CORRECT, info=dict(inner.info))
+        # wrong, or unparseable: never mistaken for an abstention
+        return RewardResult(self.wrong, Verdict.WRONG, info=dict(inner.info) | {"inner_verdict": inner.verdict.value})
+
+
+def calibration_metrics(verdicts: Iterable[Verdict], correct: float = 1.0, abstain: float = 0.0,
+                        wrong: float = -4.0) -> dict[str, float]:
+    """accuracy, coverage (share answered), wrong-answer rate, selective risk (wrong / answered), expected score.
+
+    >>> m = calibration_metrics([Verdict.CORRECT] * 6 + [Verdict.WRONG] * 2 + [Verdict.ABSTAIN] * 2)
+    >>> m["accuracy"], m["coverage"], m["wrong_rate"], m["selective_risk"], m["expected_score"]
+    (0.6, 0.8, 0.2, 0.25, -0.2)
+    """
+    counts = Counter(verdicts)
+    n = max(sum(counts.values()), 1)
+    right = counts[Verdict.CORRECT]
+    abstained = counts[Verdict.ABSTAIN]
+    wrong_n = n - right - abstained  # wrong, format errors, timeouts and errors all count against
+    answered = n - abstained
+    return {
+        "accuracy": right / n,
+        "coverage": answered / n,
+        "wrong_rate": wrong_n / n,
+        "selective_risk": wrong_n / answered if answered else 0.0,
+        "expected_score": (right * correct + abstained * abstain + wrong_n * wrong) / n,
+    }

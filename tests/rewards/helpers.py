@@ -1,0 +1,34 @@
+"""User-style reward classes for the scorer tests, loaded by import_path in worker processes."""
+
+import os
+import time
+
+from rewards.base import RewardResult, Sample, Verdict
+
+
+class LengthReward:
+    """A user reward with a constructor argument: 1 when the completion is at most `limit` characters."""
+
+    def __init__(self, limit: int = 3):
+        self.limit = limit
+
+    def score(self, sample: Sample) -> RewardResult:
+        ok = len(sample.completion) <= self.limit
+        return RewardResult(1.0 if ok else 0.0, Verdict.CORRECT if ok else Verdict.WRONG)
+
+
+class Flaky:
+    """Raises on completions containing 'boom', sleeps forever on 'hang', exits the process on 'exit'."""
+
+    def score(self, sample: Sample) -> RewardResult:
+        if "boom" in sample.completion:
+            raise ValueError("boom")
+        if "hang" in sample.completion:
+            time.sleep(3600)
+        if "exit" in sample.completion:
+            os._exit(0)
+        return RewardResult(1.0, Verdict.CORRECT)
+
+
+class NotAReward:
+    pass

@@ -1,0 +1,89 @@
+import time
+
+import pytest
+
+from rlkit.config import RecipeError, RewardConfig, RewardSpec
+from rewards.base import Sample, Verdict
+from rewards.scorer import RewardError, Scorer
+
+FLAKY = RewardSpec(import_path="tests.rewards.helpers:Flaky")
+
+
+def samples(*completions, gold="4"):
+    return [Sample("2+2=", c, gold) for c in completions]
+
+
+def test_weighted_rewards_with_a_user_class():
+    cfg = RewardConfig(rewards=[RewardSpec(name="math"),
+                                RewardSpec(import_path="tests.rewards.helpers:LengthReward", weight=0.5, kwargs={"limit": 1})],
+                       num_workers=2)
+    with Scorer(cfg) as scorer:
+        out = scorer.score(samples("4", "44", "4 "))
+    # "4": math 1 + 0.5 * length 1; "44": 0 + 0; "4 ": math 1 + 0.5 * 0
+    assert out.scores == [1.5, 0.0, 1.0]
+    assert out.results[0].components == {"math": 1.0, "LengthReward": 1.0}
+    assert out.results[1].verdict == Verdict.WRONG  # the first reward's verdict
+    assert out.stats["math/mean"] == pytest.approx(2 / 3) and out.stats["verdict/correct"] == 2
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (RewardSpec(name="mth"), "reward.rewards[0].name: unknown reward 'mth'. Did you mean 'math'?"),
+        (RewardSpec(import_path="no.such.module:X"), "reward.rewards[0].import_path: cannot import module 'no.such.module'"),
+        (RewardSpec(import_path="tests.rewards.helpers:Missing"), "has no attribute 'Missing'"),
+        (RewardSpec(import_path="tests.rewards.helpers"), "not of the form 'pkg.module:Class'"),
+        (RewardSpec(import_path="tests.rewards.helpers:NotAReward"), "has no score(sample) method"),
+        (RewardSpec(import_path="tests.rewards.helpers:LengthReward", kwargs={"nope": 1}), "bad kwargs for LengthReward"),
+    ],
+)
+def test_bad_reward_specs_fail_at_construction(spec, message):
+    with pytest.raises(RecipeError) as err:
+        Scorer(RewardConfig(rewards=[spec]))
+    assert message in str(err.value)
+
+
+def test_errors_and_timeouts_are_reported_not_zeroed():
+    cfg = RewardConfig(rewards=[FLAKY], timeout_s=1.0, on_error="exclude", num_workers=2)
+    with Scorer(cfg) as scorer:
+        start = time.perf_counter()
+        out = scorer.score(samples("ok", "boom", "hang", "exit", "ok again"))
+        elapsed = time.perf_counter() - start
+        assert elapsed < 8  # the hung sample is killed at its deadline
+        verdicts = [r.verdict for r in out.results]
+        assert verdicts == [Verdict.CORRECT, Verdict.ERROR, Verdict.TIMEOUT, Verdict.ERROR, Verdict.CORRECT]
+        assert out.valid == [True, False, False, False, True]
+        assert "ValueError: boom" in out.results[1].info["Flaky"]["error"]
+        assert out.stats["errors"] == 2 and out.stats["timeouts"] == 1 and out.stats["excluded"] == 3
+        # the replaced workers keep serving
+        assert scorer.score(samples("fine")).scores == [1.0]
+
+
+def test_on_error_score_uses_the_configured_value():
+    cfg = RewardConfig(rewards=[FLAKY], on_error="score", error_score=-1.0, num_workers=1)
+    with Scorer(cfg) as scorer:
+        out = scorer.score(samples("boom", "ok"))
+    assert out.scores == [-1.0, 1.0] and out.valid == [True, True]
+
+
+def test_on_error_fail_names_the_reward_and_sample():
+    with Scorer(RewardConfig(rewards=[FLAKY], on_error="fail", num_workers=1)) as scorer:
+        with pytest.raises(RewardError, match="reward 'Flaky' gave error on sample 1"):
+            scorer.score(samples("ok", "boom"))
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "\\boxed{" + "2^{" * 50 + "2" + "}" * 50 + "}",  # a power tower
+        "\\boxed{" + "{" * 2000 + "1" + "}" * 2000 + "}",  # deep nesting
+        "\\boxed{" + "x+" * 300_000 + "1}",  # a megabyte-sized expression
+    ],
+    ids=["power-tower", "deep-nesting", "megabyte"],
+)
+def test_pathological_latex_ends_quickly(completion):
+    with Scorer(RewardConfig(timeout_s=2.0, on_error="exclude", num_workers=1)) as scorer:
+        start = time.perf_counter()
+        out = scorer.score([Sample("q", completion, "4")])
+        assert time.perf_counter() - start < 10
+    assert out.results[0].verdict in (Verdict.WRONG, Verdict.TIMEOUT, Verdict.FORMAT_ERROR)
