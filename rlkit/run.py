@@ -14,7 +14,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.steps=10 trainer.lr=3e-4")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags may come before, between or after overrides
 
 
 def main(argv: list[str] | None = None) -> int:
