@@ -4,11 +4,14 @@ discounted returns (REINFORCE++) and GAE (PPO).
 The two time recurrences are one reverse linear scan y_t = x_t + c_t * y_{t+1}, computed in chunks of
 `SCAN_CHUNK` positions: inside a chunk the scan is a (C x C) matrix of decay products applied at once, and only
 the boundary value is carried from chunk to chunk, so there is no Python loop over individual time steps.
+On CUDA, `impl="auto"` runs the scan as a Triton kernel instead (`kernels._triton_scan`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from kernels._dispatch import choose_impl
 
 SCAN_CHUNK = 64
 _LOG_ZERO = -1e4  # log of a zero decay: exp() of it is exactly 0 in float64, and sums stay finite
@@ -51,14 +54,25 @@ def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards.reshape(-1, group_size)
 
 
-def reverse_scan(x: torch.Tensor, decay: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
-    """y_t = x_t + decay_t * y_{t+1} with y_T = 0, over the last dim. x, decay (B, T) -> (B, T).
+def reverse_scan(x: torch.Tensor, decay: torch.Tensor, chunk: int = SCAN_CHUNK, impl: str = "auto") -> torch.Tensor:
+    """y_t = x_t + decay_t * y_{t+1} with y_T = 0, over the last dim. x, decay (B, T) -> (B, T); decay >= 0.
 
     >>> reverse_scan(torch.tensor([[1.0, 1.0, 1.0]]), torch.tensor([[0.5, 0.5, 0.5]])).tolist()
     [[1.75, 1.5, 1.0]]
     """
+    if x.dim() != 2 or decay.shape != x.shape:
+        raise ValueError(f"reverse_scan wants x, decay of one (B, T) shape, got {tuple(x.shape)}, {tuple(decay.shape)}")
+    if choose_impl("reverse_scan", impl, x) == "triton":
+        from kernels._triton_scan import triton_reverse_scan
+
+        return triton_reverse_scan(x, decay)
+    return _chunked_reverse_scan(x, decay, chunk)
+
+
+def _chunked_reverse_scan(x: torch.Tensor, decay: torch.Tensor, chunk: int) -> torch.Tensor:
     b, t = x.shape
     out_dtype = x.dtype
+    # float64 throughout: the in-chunk solve forms decay products as exp(difference of log-decay prefix sums)
     x64, log_c = x.double(), torch.log(decay.double()).clamp(min=_LOG_ZERO)
     y = torch.zeros_like(x64)
     carry = torch.zeros(b, dtype=torch.float64, device=x.device)  # y at the first position after the chunk
@@ -70,7 +84,8 @@ def reverse_scan(x: torch.Tensor, decay: torch.Tensor, chunk: int = SCAN_CHUNK) 
         diff = s[:, None, :-1] - s[:, :-1, None]  # (B, C, C): [i, j] = s_j - s_i
         upper = torch.ones(end - start, end - start, dtype=torch.bool, device=x.device).triu()
         weights = torch.where(upper, diff, torch.full_like(diff, float("-inf"))).exp()  # j >= i only
-        y[:, start:end] = (weights @ x64[:, start:end, None])[..., 0] + torch.exp(s[:, -1:] - s[:, :-1]) * carry[:, None]
+        to_carry = torch.exp(s[:, -1:] - s[:, :-1])  # (B, C): product of decays from i to the chunk's end
+        y[:, start:end] = (weights @ x64[:, start:end, None])[..., 0] + to_carry * carry[:, None]
         carry = y[:, start]
     return y.to(out_dtype)
 
@@ -80,23 +95,35 @@ def _next(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], dim=-1)
 
 
-def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """REINFORCE++ returns G_t = r_t + gamma * G_{t+1} within the mask. (B, T) -> (B, T), zero off the mask."""
+def _check_bt(**tensors: torch.Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    first = next(iter(shapes.values()))
+    if len(first) != 2 or any(shape != first for shape in shapes.values()):
+        raise ValueError(f"expected tensors of one (B, T) shape, got {shapes}")
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, impl: str = "auto") -> torch.Tensor:
+    """REINFORCE++ returns G_t = r_t + gamma * G_{t+1} within the mask. (B, T) -> (B, T), zero off the mask.
+
+    The sum stops at the end of each run of mask = 1 (rewards outside the mask are dropped).
+    """
+    _check_bt(rewards=rewards, mask=mask)
     mask = mask.to(rewards.dtype)
-    return reverse_scan(rewards * mask, gamma * _next(mask)) * mask
+    return reverse_scan(rewards * mask, gamma * _next(mask), impl=impl) * mask
 
 
 def gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, impl: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016). (B, T) each -> (advantages, returns).
 
     delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}; the value after the last
     counted token is 0 (the episode ends there). Returns = A + V.
     """
+    _check_bt(rewards=rewards, values=values, mask=mask)
     mask = mask.to(rewards.dtype)
     values = values * mask
     next_mask = _next(mask)
     deltas = (rewards + gamma * _next(values) * next_mask - values) * mask
-    advantages = reverse_scan(deltas, gamma * lam * next_mask) * mask
+    advantages = reverse_scan(deltas, gamma * lam * next_mask, impl=impl) * mask
     return advantages, (advantages + values) * mask

@@ -1,111 +1,108 @@
-"""Per-token log-probs (and entropy) of targets straight from hidden states, never materialising [N, V] logits.
+"""Per-token log-probs (and entropy) of targets straight from hidden states, never materialising (N, V) logits.
 
 `fused_logprobs` is the one public op. `_torch_impl` processes tokens in chunks: the forward keeps only each
-token's log-sum-exp, the backward recomputes a chunk's logits to form its gradient. It runs anywhere and is the
-reference for the Triton kernel (`kernels._triton_logprobs`), which `impl="auto"` picks on CUDA.
+token's log-sum-exp (and entropy), the backward recomputes a chunk's logits to form its gradient. It runs
+anywhere and is the reference for the Triton kernels (`kernels._triton_logprobs`), which `impl="auto"` picks
+for CUDA tensors.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-log = logging.getLogger(__name__)
+from kernels._dispatch import choose_impl
+from kernels._matmul import addmm_f32_, mm_f32
 
-CHUNK_BYTES = 256 * 2**20  # budget for one chunk's float32 logits (and as much again for its gradient)
-_logged_choice: set[str] = set()
+# Budget for one chunk's float32 logits. Forward and backward each hold about 2.5 buffers of this size.
+CHUNK_BYTES = 128 * 2**20
 
 
 def _chunk_rows(vocab: int, chunk_size: int | None) -> int:
     return chunk_size or max(1, CHUNK_BYTES // (4 * vocab))
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float64 inputs (exact tests) stay float64; everything else accumulates in float32.
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _operand_weight(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The weight as the chunk GEMMs take it: itself on CUDA or at full precision, else one upcast copy."""
+    # CPU has no half-precision GEMM with a float32 result, and mixed dtypes need a common one: pay one copy
+    # per call rather than one per chunk. CUDA takes half-precision weights as they are (kernels._matmul).
+    if weight.dtype == hidden.dtype and (weight.is_cuda or weight.dtype not in (torch.float16, torch.bfloat16)):
+        return weight
+    return weight.to(torch.promote_types(torch.promote_types(weight.dtype, hidden.dtype), torch.float32))
+
+
+def _chunk_logp(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """h (c, H), weight (V, H) -> logits / temperature, (c, V) float32 (float64 for float64 input)."""
+    return mm_f32(h, weight.T).div_(temperature)
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, ignore_index, chunk):
-        # hidden (N, H), weight (V, H), targets (N,) -> logprobs (N,), entropy (N,)
-        cdt = _compute_dtype(hidden.dtype)
-        w = weight.to(cdt)
+    def forward(ctx, hidden, weight, targets, temperature, want_entropy, chunk):
+        # hidden (N, H), weight (V, H), targets (N,) with ignored positions already mapped to 0, valid (N,)
+        w = _operand_weight(weight, hidden)
         n = hidden.shape[0]
-        logprobs = torch.zeros(n, dtype=cdt, device=hidden.device)
+        cdt = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+        lse, logprobs = (torch.empty(n, dtype=cdt, device=hidden.device) for _ in range(2))
         entropy = torch.zeros(n, dtype=cdt, device=hidden.device)
-        lse_all = torch.zeros(n, dtype=cdt, device=hidden.device)
-        valid = targets != ignore_index
-        safe_targets = torch.where(valid, targets, 0)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            logits = (hidden[rows].to(cdt) @ w.T) / temperature  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            probs = torch.exp(logits - lse[:, None])
-            logprobs[rows] = logits.gather(1, safe_targets[rows, None])[:, 0] - lse
-            entropy[rows] = lse - (probs * logits).sum(-1)
-            lse_all[rows] = lse
-        logprobs = logprobs * valid
-        entropy = entropy * valid
-        ctx.save_for_backward(hidden, weight, safe_targets, valid, lse_all, entropy)
-        ctx.temperature, ctx.chunk = temperature, chunk
+            logp = _chunk_logp(hidden[rows], w, temperature)  # (c, V) logits
+            lse[rows] = torch.logsumexp(logp, dim=-1)
+            logp.sub_(lse[rows, None])  # now log-probs
+            logprobs[rows] = logp.gather(1, targets[rows, None])[:, 0]
+            if want_entropy:
+                # -sum p log p, not lse - sum p z: the latter cancels catastrophically at large logits
+                entropy[rows] = -logp.exp().mul_(logp).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.temperature, ctx.want_entropy, ctx.chunk = temperature, want_entropy, chunk
+        if not want_entropy:
+            ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, targets, valid, lse_all, entropy = ctx.saved_tensors
-        cdt = lse_all.dtype
-        w = weight.to(cdt)
-        grad_hidden = torch.zeros_like(hidden, dtype=cdt) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-        g_lp = grad_logprobs.to(cdt) * valid if grad_logprobs is not None else None
-        g_h = grad_entropy.to(cdt) * valid if grad_entropy is not None else None
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        w = _operand_weight(weight, hidden)
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_w32 = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
+        g_lp = grad_logprobs.to(lse.dtype) if grad_logprobs is not None else torch.zeros_like(lse)
+        g_ent = grad_entropy.to(lse.dtype) if ctx.want_entropy and grad_entropy is not None else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            h = hidden[rows].to(cdt)
-            logits = (h @ w.T) / ctx.temperature  # (c, V), recomputed
-            probs = torch.exp(logits - lse_all[rows, None])
-            grad_logits = torch.zeros_like(logits)
-            if g_lp is not None:
-                # d logp_target / d z = onehot(target) - p
-                grad_logits -= g_lp[rows, None] * probs
-                grad_logits.scatter_add_(1, targets[rows, None], g_lp[rows, None])
-            if g_h is not None:
-                # d H / d z_k = -p_k (log p_k + H) = -p_k (z_k - lse + H)
-                log_p = logits - lse_all[rows, None]
-                grad_logits -= g_h[rows, None] * probs * (log_p + entropy[rows, None])
-            grad_logits /= ctx.temperature
-            if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits @ w
-            if grad_weight is not None:
-                grad_weight += grad_logits.T @ h
-        grad_hidden = grad_hidden.to(hidden.dtype) if grad_hidden is not None else None
-        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+            h = hidden[rows]
+            d = _chunk_dlogits(
+                _chunk_logp(h, w, ctx.temperature), targets[rows], lse[rows], entropy[rows],
+                g_lp[rows], None if g_ent is None else g_ent[rows], ctx.temperature,
+            )
+            d = d.to(w.dtype)  # GEMMs in the weight's dtype with float32 accumulation, as autograd's would be
+            if need_h:
+                grad_hidden[rows] = mm_f32(d, w)
+            if need_w:
+                addmm_f32_(grad_w32, d.T, h)
+        grad_weight = grad_w32.to(weight.dtype) if need_w else None
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def _torch_impl(hidden, weight, targets, temperature, ignore_index, chunk_size):
+def _chunk_dlogits(logits, targets, lse, entropy, g_lp, g_ent, temperature):
+    """d loss / d logits for one chunk, (c, V), overwriting `logits` (c, V); the rest are (c,).
+
+    d logp_t / dz_k = onehot_k(t) - p_k;  d H / dz_k = -p_k (log p_k + H);  then the chain rule through z / T.
+    """
+    logp = logits.sub_(lse[:, None])
+    p = logp.exp()
+    coef = g_lp[:, None]
+    if g_ent is not None:
+        coef = logp.add_(entropy[:, None]).mul_(g_ent[:, None]).add_(coef)
+    d = p.mul_(coef).neg_()
+    d.scatter_add_(1, targets[:, None], g_lp[:, None])
+    return d.div_(temperature)
+
+
+def _torch_impl(hidden, weight, targets, temperature, return_entropy, chunk_size):
+    """hidden (N, H), weight (V, H), targets (N,) in [0, V) -> logprobs (N,), entropy (N,)."""
     chunk = _chunk_rows(weight.shape[0], chunk_size)
-    return _ChunkedLogprobs.apply(hidden, weight, targets, float(temperature), ignore_index, chunk)
-
-
-def _choose(impl: str, hidden: torch.Tensor) -> str:
-    if impl == "auto":
-        impl = "torch"
-        if hidden.is_cuda:
-            try:
-                import triton  # noqa: F401
-
-                impl = "triton"
-            except ImportError:
-                pass
-    if impl not in ("torch", "triton"):
-        raise ValueError(f"fused_logprobs impl '{impl}' is not one of auto, torch, triton")
-    if impl not in _logged_choice:
-        _logged_choice.add(impl)
-        log.info("fused_logprobs: using the %s implementation", impl)
-    return impl
+    return _ChunkedLogprobs.apply(hidden, weight, targets, float(temperature), return_entropy, chunk)
 
 
 def fused_logprobs(
@@ -122,7 +119,8 @@ def fused_logprobs(
 
     hidden (..., H), weight (V, H), targets (...) long -> logprobs (...) float32 (float64 for float64 input),
     entropy (...) or None. Positions whose target is `ignore_index` get 0 and no gradient. Differentiable
-    in hidden and weight; memory stays O(chunk x V) instead of O(N x V).
+    in hidden and weight; memory stays O(chunk x V) instead of O(N x V). `chunk_size` is the token chunk of
+    the torch path (default: CHUNK_BYTES of float32 logits); `impl` is "auto", "torch" or "triton".
 
     >>> h, w = torch.randn(5, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
     >>> t = torch.tensor([0, 3, -100, 10, 2])
@@ -133,14 +131,22 @@ def fused_logprobs(
     """
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on leading dims")
-    if weight.shape[1] != hidden.shape[-1]:
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    triton_ok = hidden.dtype != torch.float64 and weight.dtype != torch.float64
+    chosen = choose_impl("fused_logprobs", impl, hidden, triton_ok)
     lead = targets.shape
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    if _choose(impl, hidden) == "triton":
+    valid = flat_t != ignore_index
+    safe_t = torch.where(valid, flat_t, 0)
+    if chosen == "triton":
         from kernels._triton_logprobs import triton_logprobs
 
-        logprobs, entropy = triton_logprobs(flat_h, weight, flat_t, float(temperature), ignore_index)
+        logprobs, entropy = triton_logprobs(flat_h, weight, safe_t, float(temperature), return_entropy)
     else:
-        logprobs, entropy = _torch_impl(flat_h, weight, flat_t, temperature, ignore_index, chunk_size)
-    return logprobs.reshape(lead), entropy.reshape(lead) if return_entropy else None
+        logprobs, entropy = _torch_impl(flat_h, weight, safe_t, temperature, return_entropy, chunk_size)
+    # masking by multiplication zeroes both the values and their gradients at ignored positions
+    logprobs = (logprobs * valid).reshape(lead)
+    return logprobs, (entropy * valid).reshape(lead) if return_entropy else None

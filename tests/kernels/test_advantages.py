@@ -17,7 +17,8 @@ def test_group_normalize_by_hand():
 
 def test_rloo_by_hand():
     # [1, 0, 0, 1]: others' means [1/3, 2/3, 2/3, 1/3] -> [2/3, -2/3, -2/3, 2/3]
-    assert rloo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4).tolist() == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
+    adv = rloo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4)
+    assert adv.tolist() == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
 
 
 def test_group_size_must_divide():
@@ -86,3 +87,60 @@ def test_reverse_scan_with_zero_decays_and_long_sequences():
         acc = x[:, j] + nxt
         expected[:, j] = acc
     assert torch.allclose(reverse_scan(x, decay, chunk=64), expected, atol=1e-10)
+
+
+def random_spans(b, t, g):
+    """A (b, t) mask with one response span per row at a random start and length; row 0 is empty."""
+    mask = torch.zeros(b, t)
+    for i in range(1, b):
+        start = int(torch.randint(0, t, (1,), generator=g))
+        mask[i, start : start + int(torch.randint(1, t - start + 1, (1,), generator=g))] = 1
+    return mask
+
+
+@pytest.mark.parametrize("t", [1, 64, 130, 257])
+def test_chunked_discounted_returns_match_a_step_loop(t):
+    g = torch.Generator().manual_seed(100 + t)
+    rewards, mask = torch.randn(4, t, generator=g), random_spans(4, t, g)
+    expected = torch.zeros(4, t)
+    for i in range(4):
+        acc = 0.0
+        for j in reversed(range(t)):
+            acc = rewards[i, j].item() + 0.97 * acc if mask[i, j] else 0.0
+            expected[i, j] = acc
+    assert torch.allclose(discounted_returns(rewards, mask, 0.97), expected, atol=1e-5)
+
+
+def test_gae_limits_lambda_one_and_zero():
+    # lambda = 1: A_t = G_t - V_t (Monte Carlo); lambda = 0: A_t = delta_t (one-step TD)
+    g = torch.Generator().manual_seed(8)
+    rewards, values, mask = torch.randn(3, 150, generator=g), torch.randn(3, 150, generator=g), random_spans(3, 150, g)
+    adv, _ = gae(rewards, values, mask, 0.9, 1.0)
+    assert torch.allclose(adv, discounted_returns(rewards, mask, 0.9) - values * mask, atol=1e-5)
+    adv, _ = gae(rewards, values, mask, 0.9, 0.0)
+    v = values * mask
+    next_v = torch.cat([v[:, 1:], torch.zeros(3, 1)], 1)
+    assert torch.allclose(adv, (rewards + 0.9 * next_v - v) * mask, atol=1e-6)
+
+
+def test_gae_with_discount_by_hand():
+    # three tokens, the last masked out: r = [1, 2, (5)], V = [0.5, 1.0, (9)], gamma 0.5, lambda 0.5
+    # the masked token is past the end: V_2 counts as 0, so delta_1 = 2 + 0 - 1 = 1, delta_0 = 1 + 0.5*1 - 0.5 = 1
+    # A_1 = 1; A_0 = 1 + 0.25 * 1 = 1.25; returns = A + V = [1.75, 2.0, 0]
+    rewards, values, mask = torch.tensor([[1.0, 2.0, 5.0]]), torch.tensor([[0.5, 1.0, 9.0]]), torch.tensor([[1, 1, 0]])
+    adv, ret = gae(rewards, values, mask, 0.5, 0.5)
+    assert adv.tolist()[0] == pytest.approx([1.25, 1.0, 0.0])
+    assert ret.tolist()[0] == pytest.approx([1.75, 2.0, 0.0])
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(ValueError, match="1-D"):
+        group_normalize(torch.zeros(2, 3), 3)
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        rloo_advantages(torch.zeros(4), 1)
+    with pytest.raises(ValueError, match="one \\(B, T\\) shape"):
+        gae(torch.zeros(2, 5), torch.zeros(2, 4), torch.ones(2, 5), 1.0, 0.95)
+    with pytest.raises(ValueError, match="one \\(B, T\\) shape"):
+        discounted_returns(torch.zeros(5), torch.ones(5), 1.0)
+    with pytest.raises(ValueError, match="impl"):
+        reverse_scan(torch.zeros(1, 3), torch.zeros(1, 3), impl="cuda")
