@@ -187,3 +187,11 @@ def test_triton_on_cpu_tensors_is_refused_outside_the_interpreter(monkeypatch):
         fused_logprobs(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]), impl="triton")
     with pytest.raises(ValueError, match="float64"):
         fused_logprobs(torch.randn(2, 3).double(), torch.randn(4, 3).double(), torch.tensor([0, 1]), impl="triton")
+
+
+def test_empty_batch():
+    hidden = torch.zeros(2, 0, 4, requires_grad=True)
+    lp, ent = fused_logprobs(hidden, torch.randn(5, 4), torch.zeros(2, 0, dtype=torch.long), return_entropy=True)
+    assert lp.shape == ent.shape == (2, 0)
+    (lp.sum() + ent.sum()).backward()
+    assert hidden.grad.shape == (2, 0, 4)
