@@ -100,9 +100,15 @@ class TrainerConfig:
 @dataclass(frozen=True)
 class AlgoConfig:
     group_size: int = 8  # GRPO samples per prompt
+    advantage_estimator: str = "grpo"  # "grpo", "rloo", "reinforce_pp", or "pkg.module:function" (rlkit.advantages)
     epsilon: float = 0.2  # clip range below 1
     epsilon_high: float = 0.2  # clip range above 1 (DAPO clip-higher when > epsilon)
     loss_agg: str = "token-mean"  # "token-mean" or "seq-mean-token-mean"
+    ratio_level: str = "token"  # "token" (PPO/GRPO) or "sequence" (GSPO: length-normalised sequence ratio)
+    tis_cap: float = 0.0  # truncated importance sampling: weight tokens by min(p_trainer / p_engine, cap); 0 = off
+    drop_uniform_groups: bool = False  # DAPO dynamic sampling: groups whose rewards are all equal leave the loss
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens before max_new_tokens; 0 = off
+    overlong_penalty: float = 1.0  # penalty at rollout.max_new_tokens, ramping linearly over the buffer
     scale_rewards: bool = True  # divide group-centred rewards by their std (Dr.GRPO sets False)
     ppo_epochs: int = 1  # optimizer passes over each rollout batch
     dpo_beta: float = 0.1
@@ -268,6 +274,11 @@ def validate(cfg: RecipeConfig) -> None:
     _one_of("ref.kl_estimator", cfg.ref.kl_estimator, ("k1", "k2", "k3"))
     _one_of("ref.kl_in", cfg.ref.kl_in, ("loss", "reward"))
     _one_of("algo.loss_agg", cfg.algo.loss_agg, ("token-mean", "seq-mean-token-mean"))
+    _one_of("algo.ratio_level", cfg.algo.ratio_level, ("token", "sequence"))
+    if cfg.algo.overlong_buffer >= cfg.rollout.max_new_tokens:
+        raise RecipeError(
+            f"algo.overlong_buffer: {cfg.algo.overlong_buffer} must be below rollout.max_new_tokens={cfg.rollout.max_new_tokens}"
+        )
     _one_of("algo.dpo_loss", cfg.algo.dpo_loss, ("sigmoid", "ipo"))
     _one_of("trainer.dtype", cfg.trainer.dtype, ("float32", "bfloat16", "float64"))
     _one_of("trainer.logprob_impl", cfg.trainer.logprob_impl, ("auto", "torch", "triton"))

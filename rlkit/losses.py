@@ -76,6 +76,12 @@ def policy_loss(
     return loss, was_clipped
 
 
+def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's length-normalised sequence log-ratio (Zheng et al. 2025): mean over response tokens of
+    log pi - log pi_old. (B, T) -> (B,)."""
+    return ((logprobs - old_logprobs) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
 def dpo_loss(
     chosen_logps: torch.Tensor,  # (B,) summed response log-probs under the policy
     rejected_logps: torch.Tensor,

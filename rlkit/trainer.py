@@ -18,7 +18,7 @@ import torch
 
 from kernels import fused_logprobs
 from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
-from rlkit.losses import aggregate, dpo_loss, kl_estimate, policy_loss, sft_loss
+from rlkit.losses import aggregate, dpo_loss, kl_estimate, policy_loss, sequence_log_ratio, sft_loss
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class PolicyBatch:
     normalizer: float  # loss divisor over the whole step batch (tokens or sequences, by algo.loss_agg)
     kl_coef: float  # KL-in-loss coefficient (0 when the KL is in the reward)
     temperature: float
+    is_weights: torch.Tensor | None = None  # (B, L-1) truncated importance weights trainer/engine, or None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -58,6 +59,7 @@ class PolicyBatch:
         return PolicyBatch(
             self.tokens.select(rows), self.mask[rows], self.old_logprobs[rows], self.ref_logprobs[rows],
             self.advantages[rows], self.normalizer, self.kl_coef, self.temperature,
+            None if self.is_weights is None else self.is_weights[rows],
         )
 
 
@@ -260,7 +262,13 @@ class ShardedTrainer(RankWorker):
             logprobs, entropy = sequence_logprobs(
                 self.model, mb.tokens, mb.temperature, self.cfg.logprob_impl, return_entropy=True
             )
-            pg, clipped = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, algo.epsilon, algo.epsilon_high)
+            new, old = logprobs, mb.old_logprobs
+            if algo.ratio_level == "sequence":  # GSPO: one clipped ratio per sequence, shared by its tokens
+                new = sequence_log_ratio(logprobs, mb.old_logprobs, mb.mask)[:, None].expand_as(logprobs)
+                old = torch.zeros_like(new)
+            pg, clipped = policy_loss(new, old, mb.advantages, mb.mask, algo.epsilon, algo.epsilon_high)
+            if mb.is_weights is not None:  # correct for sampling from the engine rather than the trainer
+                pg = pg * mb.is_weights
             kl = kl_estimate(logprobs, mb.ref_logprobs, self.ref_cfg.kl_estimator)
             loss = aggregate(pg + mb.kl_coef * kl, mb.mask, algo.loss_agg, mb.normalizer)
             return loss, {

@@ -2,6 +2,9 @@
 KL term to a frozen reference.
 
 Departures from the paper, each a recipe switch:
+- `algo.advantage_estimator` swaps group normalisation for RLOO or REINFORCE++-baseline, `algo.ratio_level:
+  sequence` is GSPO, `algo.drop_uniform_groups` and `algo.overlong_buffer` are DAPO's dynamic-sampling filter and
+  soft overlong penalty, and `algo.tis_cap` weights tokens by truncated importance ratios trainer/engine;
 - the KL term uses the configured estimator (k3 by default, as the paper) and can move into the reward
   (`ref.kl_in: reward`, PPO-style) instead of the loss;
 - `algo.scale_rewards: false` drops the std division (Dr.GRPO), `algo.loss_agg` picks token-level (DAPO) or
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import group_normalize
+from rlkit.advantages import get_estimator, overlong_penalty, uniform_groups
 from rlkit.algorithms.common import StageContext, Timer, encode_prompt, to_samples
 from rlkit.data import BatchSampler
 from rlkit.losses import kl_estimate, token_normalizer
@@ -32,6 +35,7 @@ def rollout_logprob_tensor(completions, prompt_lengths: list[int], width: int) -
 def train(ctx: StageContext) -> None:
     cfg, stage, algo, tok = ctx.cfg, ctx.stage, ctx.cfg.algo, ctx.tokenizer
     group, temperature = algo.group_size, cfg.rollout.temperature
+    estimator = get_estimator(algo.advantage_estimator)
     ref = ctx.cluster.reference(ctx.model_path)
     sampler = BatchSampler(ctx.train, stage.batch_size, ctx.seed())
     bar = ctx.logger.progress(stage.steps, f"{ctx.index}:{ctx.prefix}")
@@ -50,6 +54,13 @@ def train(ctx: StageContext) -> None:
             scored = ctx.scorer.score(to_samples(problems, [c.text for c in completions], group))
         rewards = torch.tensor(scored.scores, dtype=torch.float32)  # (B*G,)
         valid = torch.tensor(scored.valid, dtype=torch.float32)  # (B*G,)
+        lengths = torch.tensor([len(c.token_ids) for c in completions])
+        if algo.overlong_buffer:  # DAPO: discourage running into the length limit before it truncates
+            rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer,
+                                                 algo.overlong_penalty)
+        uniform = uniform_groups(rewards, group)  # (B*G,) groups with nothing to compare
+        if algo.drop_uniform_groups:  # DAPO dynamic sampling (filtering only: no re-sampling)
+            valid = valid * (~uniform).float()
 
         repeated_prompts = [p for p in prompt_ids for _ in range(group)]
         tokens = pack_sequences(repeated_prompts, [list(c.token_ids) for c in completions], tok.pad_token_id)
@@ -63,13 +74,18 @@ def train(ctx: StageContext) -> None:
             kl_old = (kl_estimate(old_logprobs, ref_logprobs, cfg.ref.kl_estimator) * mask).sum(-1)  # (B*G,)
             rewards = rewards - cfg.ref.kl_coef * kl_old
 
-        # advantages: reward relative to the other samples of the same prompt
-        advantages = group_normalize(rewards, group, scale=algo.scale_rewards) * valid  # (B*G,)
+        # advantages: reward relative to the other samples of the same prompt (algo.advantage_estimator)
+        advantages = estimator(rewards, group, algo) * valid  # (B*G,)
+        rollout_lp = rollout_logprob_tensor(completions, [len(p) for p in repeated_prompts], mask.shape[1])
+        is_weights = None
+        if algo.tis_cap > 0:  # truncated importance sampling: the engine, not the trainer, sampled these tokens
+            is_weights = torch.exp(old_logprobs - rollout_lp).clamp(max=algo.tis_cap) * tokens.response_mask
         batch = PolicyBatch(
             tokens, mask, old_logprobs, ref_logprobs, advantages,
             normalizer=float(token_normalizer(mask, algo.loss_agg)),
             kl_coef=cfg.ref.kl_coef if cfg.ref.kl_in == "loss" else 0.0,
             temperature=temperature,
+            is_weights=is_weights,
         )
 
         # update: ppo_epochs passes over the rollout batch
@@ -83,8 +99,8 @@ def train(ctx: StageContext) -> None:
 
         # log
         ctx.logger.global_step += 1
-        metrics = summarize(metrics) | rollout_metrics(completions, repeated_prompts, tokens, old_logprobs, timer)
-        metrics |= {"reward/mean": rewards.mean(), "reward/std": rewards.std()}
+        metrics = summarize(metrics) | rollout_metrics(completions, rollout_lp, tokens, old_logprobs, timer)
+        metrics |= {"reward/mean": rewards.mean(), "reward/std": rewards.std(), "uniform_group_rate": uniform.float().mean()}
         metrics |= {f"reward/{k}": v for k, v in scored.stats.items()}
         metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s}
         if step % cfg.logging.log_every == 0 or step == stage.steps - 1:
@@ -104,10 +120,9 @@ def summarize(step_metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def rollout_metrics(completions, prompts, tokens, old_logprobs, timer) -> dict[str, float]:
+def rollout_metrics(completions, rollout_lp, tokens, old_logprobs, timer) -> dict[str, float]:
     """Lengths, truncation, engine-vs-trainer log-prob KL and throughput of one step."""
     lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
-    rollout_lp = rollout_logprob_tensor(completions, [len(p) for p in prompts], old_logprobs.shape[1])
     n_tok = tokens.response_mask.sum().clamp(min=1.0)
     seconds = sum(timer.seconds.values())
     return {

@@ -12,7 +12,7 @@ import torch
 
 from kernels import gae
 from rlkit.algorithms.common import StageContext, Timer, encode_prompt, to_samples
-from rlkit.algorithms.grpo import rollout_metrics, summarize
+from rlkit.algorithms.grpo import rollout_logprob_tensor, rollout_metrics, summarize
 from rlkit.critic import ValueBatch
 from rlkit.data import BatchSampler
 from rlkit.losses import kl_estimate, token_normalizer
@@ -96,7 +96,8 @@ def train(ctx: StageContext) -> None:
 
         # log
         ctx.logger.global_step += 1
-        metrics = summarize(metrics) | rollout_metrics(completions, prompt_ids, tokens, old_logprobs, timer)
+        rollout_lp = rollout_logprob_tensor(completions, [len(p) for p in prompt_ids], old_logprobs.shape[1])
+        metrics = summarize(metrics) | rollout_metrics(completions, rollout_lp, tokens, old_logprobs, timer)
         metrics |= {f"value/{k}": v for k, v in value_metrics.items()}
         metrics |= {"reward/mean": scores.mean(), **{f"reward/{k}": v for k, v in scored.stats.items()}}
         metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s}
