@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from rlkit.advantages import get_estimator
 from rlkit.algorithms import dpo, grpo, ppo, sft
 from rlkit.algorithms.common import StageContext
 from rlkit.cluster import Cluster
@@ -44,6 +45,8 @@ def run(cfg: RecipeConfig) -> dict:
     torch.manual_seed(cfg.trainer.seed)
     recipe_yaml = to_yaml(cfg)
     train_set, held_out = load_splits(cfg.data)  # bad data fails here, before any heavy work
+    if any(s.kind == "grpo" for s in cfg.stages):
+        get_estimator(cfg.algo.advantage_estimator)  # an unknown estimator or import path fails here too
     run_dir = prepare_run_dir(cfg)
     cluster = Cluster(cfg)
     scorer = cluster.scorer()  # unknown rewards or import paths fail here, before the model is built

@@ -112,3 +112,13 @@ def test_ppo_with_a_critic_learns(tmp_path):
     assert ppo["after"]["accuracy"] > ppo["before"]["accuracy"], ppo
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("ppo/value/value_loss" in m for m in metrics)
+
+
+def test_unknown_advantage_estimator_fails_before_heavy_work(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlkit.run", "recipes/quickstart.yaml", f"logging.output_dir={tmp_path}/r",
+         "algo.advantage_estimator=grpoo"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "algo.advantage_estimator: 'grpoo'" in proc.stderr
+    assert not (tmp_path / "r").exists()  # nothing was written

@@ -120,3 +120,12 @@ def test_value_loss_by_hand():
     loss, clipped = value_loss(values, old, ret, mask, clip=0.2, normalizer=2.0)
     assert loss.item() == pytest.approx((0.32 + 0.605) / 2)
     assert clipped.tolist() == [[1.0, 0.0]]
+
+
+def test_sequence_log_ratio_is_the_mean_over_response_tokens():
+    from rlkit.losses import sequence_log_ratio
+
+    # row 0: (0.2 + 0.4) / 2 = 0.3 (third token masked); row 1: no tokens -> 0
+    logp = torch.tensor([[0.2, 0.4, 9.0], [1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    assert sequence_log_ratio(logp, torch.zeros(2, 3), mask).tolist() == pytest.approx([0.3, 0.0])

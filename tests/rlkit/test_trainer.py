@@ -65,8 +65,11 @@ def test_sft_update_is_invariant_to_micro_batch_size(model_path):
         assert loss == pytest.approx(results[0][1], rel=1e-5)
 
 
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
-def test_policy_update_is_invariant_to_micro_batch_size(model_path, loss_agg):
+@pytest.mark.parametrize(
+    "loss_agg, ratio_level, tis",
+    [("token-mean", "token", False), ("seq-mean-token-mean", "token", False), ("seq-mean-token-mean", "sequence", True)],
+)
+def test_policy_update_is_invariant_to_micro_batch_size(model_path, loss_agg, ratio_level, tis):
     batch = random_batch()
     trainer = make_trainer(model_path, 8)
     old = trainer.logprobs(batch)
@@ -74,11 +77,12 @@ def test_policy_update_is_invariant_to_micro_batch_size(model_path, loss_agg):
     policy = PolicyBatch(
         batch, batch.response_mask, old, old + 0.1 * torch.randn(old.shape, generator=g) * batch.response_mask,
         torch.randn(8, generator=g), float(token_normalizer(batch.response_mask, loss_agg)), 0.05, 1.0,
+        torch.rand(old.shape, generator=g, dtype=old.dtype) * 2 if tis else None,
     )
     results = []
     for mb in (8, 2):
         trainer = make_trainer(model_path, mb)
-        trainer.algo = AlgoConfig(loss_agg=loss_agg)
+        trainer.algo = AlgoConfig(loss_agg=loss_agg, ratio_level=ratio_level)
         trainer.policy_step(policy)
         results.append(params(trainer))
     assert_same(results[0], results[1])
