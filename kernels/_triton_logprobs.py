@@ -35,8 +35,9 @@ _V_ALIGN = 16 if _INTERPRET else 256  # slices and chunks start on a multiple of
 def _configs() -> list[triton.Config]:
     if _INTERPRET:  # the CPU interpreter: one tiny config, tl.dot needs 16 in every dim
         return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_H": 16}, num_warps=1)]
-    # H100 bf16 GEMM tiles: 128x128 / 128x256 with 64-deep K steps, 3-4 pipeline stages
-    shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 256, 64, 4, 4)]
+    # H100 bf16 tiles with 64-deep K steps and 3-4 cp.async stages. Compiled for sm_90 with ptxas (no GPU
+    # here) these fit in 255 registers without spilling; 128x256 tiles spilled in the forward epilogue.
+    shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_H": h}, num_warps=w, num_stages=s)
         for n, v, h, w, s in shapes
@@ -86,7 +87,9 @@ def _forward_kernel(h_ptr, w_ptr, t_ptr, part_ptr, N, V, H, S, v_per_split, s_hn
     s = tl.zeros((BLOCK_N,), tl.float32)
     u = tl.zeros((BLOCK_N,), tl.float32)
     zt = tl.zeros((BLOCK_N,), tl.float32)
-    for v0 in range(v_lo, v_hi, BLOCK_V):
+    # flatten: one software-pipelined loop over (vocabulary tile, K step), so the next tile's loads are in
+    # flight while this tile's softmax epilogue runs (at H=896 a tile is only 14 K steps)
+    for v0 in tl.range(v_lo, v_hi, BLOCK_V, flatten=True):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # cols * stride may pass 2^31 at large V * H
         col_ok = cols < v_hi
         z = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, s_hn, s_hk, s_wv, s_wk, inv_temp,
