@@ -95,6 +95,11 @@ class TrainerConfig:
     dtype: str = "float32"  # parameter dtype of the trained model: float32, bfloat16 or float64 (exact tests)
     seed: int = 0
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    lora_rank: int = 0  # > 0 trains LoRA adapters (peft) of this rank instead of all weights; syncs merged weights
+    lora_alpha: float = 16.0
+    lora_targets: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
 
 @dataclass(frozen=True)

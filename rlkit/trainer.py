@@ -18,6 +18,7 @@ import torch
 
 from kernels import fused_logprobs
 from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
+from rlkit.lora import apply_lora, merge_lora_state_dict
 from rlkit.losses import aggregate, dpo_loss, kl_estimate, policy_loss, sequence_log_ratio, sft_loss
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,8 @@ class ShardedTrainer(RankWorker):
     ):
         self.algo, self.ref_cfg = algo, ref
         lm = load_causal_lm(model_path, cfg)
+        if cfg.lora_rank:
+            lm = apply_lora(lm, cfg)
         blocks = list(getattr(lm, lm.base_model_prefix).layers)
         super().__init__(cfg, LogprobModel(lm), blocks, lr, warmup_steps, rank, world_size)
 
@@ -283,13 +286,17 @@ class ShardedTrainer(RankWorker):
 
     # -- weights ---------------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The unsharded weights on CPU (every rank must call it; all ranks get them)."""
+        """The unsharded weights on CPU under the model's own names, LoRA merged (every rank must call it)."""
         if self.world_size == 1:
-            return {k: v.detach() for k, v in self.model.lm.state_dict().items()}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            state = {k: v.detach() for k, v in self.model.lm.state_dict().items()}
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k.removeprefix("lm."): v for k, v in full.items()}
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            state = {k.removeprefix("lm."): v for k, v in full.items()}
+        if self.cfg.lora_rank:
+            state = merge_lora_state_dict(state, self.cfg.lora_alpha / self.cfg.lora_rank)
+        return state
 
     def save(self, path: str, tokenizer_path: str, recipe_yaml: str, extra: dict | None = None) -> str | None:
         """Hugging Face checkpoint of the full weights (written by rank 0); returns the path on rank 0."""
@@ -301,7 +308,7 @@ class ShardedTrainer(RankWorker):
         if self.rank != 0:
             return None
         model = self.model.lm
-        if self.world_size > 1:  # save_pretrained needs plain tensors: rebuild an unsharded copy
+        if self.world_size > 1 or self.cfg.lora_rank:  # save plain merged tensors from an unsharded copy
             model = AutoModelForCausalLM.from_config(self.model.lm.config)
             model.load_state_dict(state)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
