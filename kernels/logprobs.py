@@ -140,7 +140,7 @@ def fused_logprobs(
     lead = targets.shape
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     valid = flat_t != ignore_index
-    safe_t = torch.where(valid, flat_t, 0)
+    safe_t = torch.where(valid, flat_t, 0).long()  # gather wants int64 indices
     if chosen == "triton":
         from kernels._triton_logprobs import triton_logprobs
 

@@ -34,6 +34,7 @@ def test_leading_dims_and_no_entropy_by_default():
     targets = torch.randint(0, 9, (2, 3))
     lp, ent = fused_logprobs(hidden, weight, targets)
     assert lp.shape == (2, 3) and ent is None
+    assert torch.equal(fused_logprobs(hidden, weight, targets.int())[0], lp)  # int32 targets work too
 
 
 @pytest.mark.parametrize("scale", [1e4, -1e4])
