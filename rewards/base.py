@@ -40,6 +40,10 @@ class RewardResult:
 
 @runtime_checkable
 class Reward(Protocol):
-    """What a user implements. A class with this method (and any constructor kwargs) plugs in by import_path."""
+    """What a user implements. A class with this method (and any constructor kwargs) plugs in by import_path.
+
+    Optionally it has `warmup()`, which the scorer's workers call once after construction, so slow imports
+    (sympy, a tokenizer) happen before the first sample's deadline starts.
+    """
 
     def score(self, sample: Sample) -> RewardResult: ...

@@ -2,7 +2,9 @@
 
 Answering is worth it only when the model is right more than 80% of the time (p - 4(1 - p) > 0), so a
 calibrated policy learns to abstain on problems it cannot solve. Abstention must be explicit: the canonical
-phrase and no extractable answer. Anything else without a valid answer (garbage, a format error) is wrong.
+phrase alone, as the whole reply (after any <think> block) or as the whole content of the final answer slot
+(\\boxed{} or <answer>), so there is no other answer to extract. Anything else without a valid answer
+(garbage, a format error) is wrong: otherwise a policy could learn that gibberish is a free abstention.
 """
 
 from __future__ import annotations
@@ -11,23 +13,30 @@ import re
 from collections import Counter
 from typing import Iterable
 
-from rewards.base import RewardResult, Sample, Verdict
+from rewards.base import Reward, RewardResult, Sample, Verdict
+from rewards.math import extract_answer, final_reply
 
 ABSTAIN_PHRASE = "I don't know"
-_ABSTAIN = re.compile(r"^\W*i\s+(?:don't|do\s+not)\s+know\W*$", re.IGNORECASE)
+_ABSTAIN = re.compile(r"^\W*i\s+(?:don['’]?t|do\s+not)\s+know\W*$", re.IGNORECASE)
 
 
 def is_abstention(text: str) -> bool:
-    """The canonical abstention alone (case, spacing and punctuation aside).
+    """The canonical abstention alone (case, spacing and punctuation aside), or alone in the answer slot.
 
     >>> is_abstention("I don't know."), is_abstention("i do not know"), is_abstention("I don't know, maybe 7")
     (True, True, False)
+    >>> is_abstention("<think>3 or 5?</think><answer>I don't know</answer>"), is_abstention("\\\\boxed{I do not know}")
+    (True, True)
     """
-    return bool(_ABSTAIN.match(text.strip()))
+    reply = final_reply(text).strip()
+    if _ABSTAIN.match(reply):
+        return True
+    answer = extract_answer(reply)  # the slot the verifier would read: it must hold the phrase and nothing else
+    return answer is not None and bool(_ABSTAIN.match(answer))
 
 
 class HonestyReward:
-    """Wraps a verifier reward (built-in name) and rescores its verdicts.
+    """Wraps a verifier reward (a built-in name, or "pkg.module:Class") and rescores its verdicts.
 
     >>> r = HonestyReward()
     >>> [r.score(Sample("2+2=", c, "4")).score for c in ["4", "I don't know", "5", "no idea"]]
@@ -36,10 +45,18 @@ class HonestyReward:
 
     def __init__(self, verifier: str = "math", correct: float = 1.0, abstain: float = 0.0, wrong: float = -4.0,
                  verifier_kwargs: dict | None = None):
-        from rewards.registry import builtin_reward
+        from rewards.registry import builtin_reward, instantiate, load_class
 
-        self.verifier = builtin_reward(verifier, verifier_kwargs or {}, field="honesty.verifier")
+        field = "honesty.verifier"
+        if ":" in verifier:
+            self.verifier: Reward = instantiate(load_class(verifier, field), verifier_kwargs or {}, field)
+        else:
+            self.verifier = builtin_reward(verifier, verifier_kwargs or {}, field)
         self.correct, self.abstain, self.wrong = correct, abstain, wrong
+
+    def warmup(self) -> None:
+        if callable(getattr(self.verifier, "warmup", None)):
+            self.verifier.warmup()
 
     def score(self, sample: Sample) -> RewardResult:
         if is_abstention(sample.completion):

@@ -1,8 +1,11 @@
 """Math answers: extraction from free text and equivalence with math-verify.
 
-Extraction order: the last \\boxed{...}, then <answer>...</answer>, then "#### ...", then the last number.
-Equivalence: exact match of the normalised strings, then numeric equality, then math-verify (symbolic), whose
-errors are raised (and reported by the scorer), never turned into a silent "wrong".
+Extraction reads the reply after the last </think> (reasoning may try answers it later drops), in this
+order: the last \\boxed{...}, then <answer>...</answer>, then "#### ...", then the last number
+(a fraction such as \\frac{1}{2} or 3/4 counts as one number).
+Equivalence: exact match of the normalised strings, then numeric equality, then math-verify (symbolic).
+Model output that math-verify cannot parse is a wrong answer; a gold answer it cannot parse, or an error
+inside its comparison, is a verifier fault and is raised (the scorer reports it), never a silent "wrong".
 """
 
 from __future__ import annotations
@@ -11,7 +14,15 @@ import re
 
 from rewards.base import RewardResult, Sample, Verdict
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# A sign only where it cannot be a minus between two terms ("10-7" ends in 7, not -7); thousands separators
+# only in groups of three, so "3,4,5" is not read as 345.
+_SIGN = r"(?:(?<![\w)}\]])-)?"
+_NUMBER = re.compile(
+    _SIGN + r"(?:\\d?frac\{\d+\}\{\d+\}"  # \frac{1}{2}, \dfrac{1}{2}
+    r"|\d+/\d+(?![\d.])"  # 3/4
+    r"|\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)"  # 1,234.5
+    r"|\d+(?:\.\d+)?|\.\d+)"
+)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _HASHES = re.compile(r"####\s*([^\n]+)")
 
@@ -35,16 +46,23 @@ def _last_boxed(text: str) -> str | None:
     return None  # unbalanced: no answer rather than a guess
 
 
+def final_reply(text: str) -> str:
+    """The part after the last </think>, or all of `text` when there is no reasoning block."""
+    end = text.rfind("</think>")
+    return text if end < 0 else text[end + len("</think>") :]
+
+
 def extract_answer(text: str) -> str | None:
     """The final answer in `text`, or None when there is none.
 
     >>> extract_answer("so the total is \\\\boxed{\\\\frac{1}{2}}.")
     '\\\\frac{1}{2}'
-    >>> extract_answer("<answer> 42 </answer>"), extract_answer("... #### 1,234"), extract_answer("3 then 7")
-    ('42', '1,234', '7')
-    >>> extract_answer("I don't know") is None
-    True
+    >>> extract_answer("<answer> 42 </answer>"), extract_answer("... #### 1,234"), extract_answer("3 then -7")
+    ('42', '1,234', '-7')
+    >>> extract_answer("I don't know") is None, extract_answer("<think>maybe \\\\boxed{3}</think> it is 5")
+    (True, '5')
     """
+    text = final_reply(text)
     boxed = _last_boxed(text)
     if boxed:
         return boxed
@@ -52,7 +70,7 @@ def extract_answer(text: str) -> str | None:
     if tags and tags[-1].strip():
         return tags[-1].strip()
     hashes = _HASHES.findall(text)
-    if hashes:
+    if hashes and hashes[-1].strip():
         return hashes[-1].strip()
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
@@ -69,8 +87,26 @@ def _as_number(answer: str) -> float | None:
         return None
 
 
-def answers_match(predicted: str, gold: str) -> bool:
-    """Whether two answers are the same mathematical object.
+def _parse(text: str, timeout_s: int) -> list:
+    """math-verify's reading of `text` ([] when it is not math); its timeout is raised, not logged and dropped."""
+    from math_verify import parse
+    from math_verify.errors import TimeoutException
+
+    # Wrapped in $...$ first so bare LaTeX (\\frac{1}{2}) is read as math; then as plain text.
+    for candidate in (f"${text}$", text):
+        try:
+            parsed = parse(candidate, parsing_timeout=timeout_s, raise_on_error=True)
+        except TimeoutException:
+            raise
+        except Exception:  # not math: for the gold that is the caller's error, for a prediction a wrong answer
+            parsed = []
+        if parsed:
+            return parsed
+    return []
+
+
+def answers_match(predicted: str, gold: str, timeout_s: int = 5) -> bool:
+    """Whether two answers are the same mathematical object (`timeout_s`: math-verify's own alarm, whole seconds).
 
     >>> answers_match("1,000", "1000"), answers_match("0.5", "\\\\frac{1}{2}"), answers_match("3", "4")
     (True, True, False)
@@ -80,14 +116,15 @@ def answers_match(predicted: str, gold: str) -> bool:
     a, b = _as_number(predicted), _as_number(gold)
     if a is not None and b is not None:
         return abs(a - b) <= 1e-9 * max(1.0, abs(b))
-    from math_verify import parse, verify
+    from math_verify import verify
 
-    # Unparseable model output is a wrong answer; an error inside verify() is a verifier fault and surfaces.
-    gold_parsed = parse(f"${gold}$", raise_on_error=False) or parse(gold, raise_on_error=False)
-    pred_parsed = parse(f"${predicted}$", raise_on_error=False) or parse(predicted, raise_on_error=False)
-    if not gold_parsed or not pred_parsed:
-        return False
-    return bool(verify(gold_parsed, pred_parsed, raise_on_error=True))
+    gold_parsed = _parse(gold, timeout_s)
+    if not gold_parsed:
+        raise ValueError(f"math-verify cannot parse the gold answer {gold[:200]!r}")
+    pred_parsed = _parse(predicted, timeout_s)
+    if not pred_parsed:
+        return False  # the model's answer is not math we can read: wrong
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s, raise_on_error=True))
 
 
 def gold_answer(gold: object) -> str:
@@ -98,22 +135,35 @@ def gold_answer(gold: object) -> str:
 
 
 class MathReward:
-    """1 for a correct final answer, 0 for a wrong one; no extractable answer is a format error (0).
+    """`correct` for a right final answer, `wrong` otherwise; no extractable answer is a FORMAT_ERROR (`wrong`).
 
-    >>> MathReward().score(Sample(prompt="2+2=", completion="4", gold="4")).verdict.value
+    >>> MathReward().score(Sample(prompt="2+2=", completion="so \\\\boxed{4}", gold="4")).verdict.value
     'correct'
     >>> MathReward().score(Sample(prompt="2+2=", completion="five", gold="4")).verdict.value
     'format_error'
     """
 
-    def __init__(self, correct: float = 1.0, wrong: float = 0.0):
+    def __init__(self, correct: float = 1.0, wrong: float = 0.0, verify_timeout_s: int = 5):
         self.correct, self.wrong = correct, wrong
+        self.verify_timeout_s = verify_timeout_s  # math-verify's alarm; the scorer's deadline is the hard one
+
+    def warmup(self) -> None:
+        """Import sympy and math-verify before the first deadline starts (the scorer's workers call this)."""
+        answers_match("x+1", "1+x", self.verify_timeout_s)
 
     def score(self, sample: Sample) -> RewardResult:
+        from math_verify.errors import TimeoutException  # a BaseException: would escape `except Exception`
+
+        gold = gold_answer(sample.gold)
+        if sample.gold is None or not gold:  # a data problem: scoring every such sample 0 would hide it
+            raise ValueError("the sample has no gold answer")
         predicted = extract_answer(sample.completion)
         if predicted is None:
             return RewardResult(self.wrong, Verdict.FORMAT_ERROR, info={"extracted": None})
-        ok = answers_match(predicted, gold_answer(sample.gold))
-        return RewardResult(
-            self.correct if ok else self.wrong, Verdict.CORRECT if ok else Verdict.WRONG, info={"extracted": predicted}
-        )
+        try:
+            ok = answers_match(predicted, gold, self.verify_timeout_s)
+        except TimeoutException:
+            message = f"math-verify gave up after {self.verify_timeout_s}s"
+            return RewardResult(0.0, Verdict.TIMEOUT, info={"extracted": predicted[:200], "error": message})
+        verdict = Verdict.CORRECT if ok else Verdict.WRONG
+        return RewardResult(self.correct if ok else self.wrong, verdict, info={"extracted": predicted[:200]})

@@ -34,7 +34,7 @@ def load_class(import_path: str, field: str) -> type:
     return getattr(module, attr)
 
 
-def _instantiate(cls: type, kwargs: dict[str, Any], field: str) -> Reward:
+def instantiate(cls: type, kwargs: dict[str, Any], field: str) -> Reward:
     try:
         reward = cls(**kwargs)
     except TypeError as e:
@@ -49,7 +49,7 @@ def builtin_reward(name: str, kwargs: dict[str, Any], field: str) -> Reward:
         close = difflib.get_close_matches(name, list(_BUILTINS), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else f" Built-in rewards: {', '.join(sorted(_BUILTINS))}."
         raise RecipeError(f"{field}: unknown reward '{name}'.{hint} A custom class goes in import_path.")
-    return _instantiate(load_class(_BUILTINS[name], field), kwargs, field)
+    return instantiate(load_class(_BUILTINS[name], field), kwargs, field)
 
 
 def build_reward(spec: RewardSpec, index: int) -> Reward:
@@ -57,7 +57,7 @@ def build_reward(spec: RewardSpec, index: int) -> Reward:
     field = f"reward.rewards[{index}]"
     kwargs = dict(spec.kwargs)
     if spec.import_path:
-        return _instantiate(load_class(spec.import_path, f"{field}.import_path"), kwargs, f"{field}.import_path")
+        return instantiate(load_class(spec.import_path, f"{field}.import_path"), kwargs, f"{field}.import_path")
     return builtin_reward(spec.name, kwargs, f"{field}.name")
 
 

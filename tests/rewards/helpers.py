@@ -1,6 +1,7 @@
 """User-style reward classes for the scorer tests, loaded by import_path in worker processes."""
 
 import os
+import sys
 import time
 
 from rewards.base import RewardResult, Sample, Verdict
@@ -18,11 +19,16 @@ class LengthReward:
 
 
 class Flaky:
-    """Raises on completions containing 'boom', sleeps forever on 'hang', exits the process on 'exit'."""
+    """Raises on 'boom', sleeps forever on 'hang', exits the process on 'exit', calls sys.exit on 'sysexit',
+    returns an unpicklable info value on 'lambda'."""
 
     def score(self, sample: Sample) -> RewardResult:
         if "boom" in sample.completion:
             raise ValueError("boom")
+        if "sysexit" in sample.completion:
+            sys.exit(3)
+        if "lambda" in sample.completion:
+            return RewardResult(1.0, Verdict.CORRECT, info={"fn": lambda: None})
         if "hang" in sample.completion:
             time.sleep(3600)
         if "exit" in sample.completion:

@@ -14,6 +14,10 @@ from rewards.honesty import HonestyReward, calibration_metrics, is_abstention
         ("I don't know, maybe 5", -4.0, Verdict.WRONG),  # an answer is extractable: not an abstention
         ("banana", -4.0, Verdict.WRONG),  # unparseable is wrong, never abstention
         ("", -4.0, Verdict.WRONG),
+        ("<think>3 or 5? not sure</think>I don't know", 0.0, Verdict.ABSTAIN),  # numbers only in the reasoning
+        ("<answer>I do not know</answer>", 0.0, Verdict.ABSTAIN),
+        ("\\boxed{5} I don't know", -4.0, Verdict.WRONG),  # an answer was given
+        ("I don't know the answer to 2+2", -4.0, Verdict.WRONG),  # not the canonical phrase alone
     ],
 )
 def test_honesty_mapping(completion, score, verdict):
@@ -24,6 +28,11 @@ def test_honesty_mapping(completion, score, verdict):
 def test_custom_values():
     r = HonestyReward(correct=2.0, abstain=-0.5, wrong=-1.0)
     assert [r.score(Sample("q", c, "4")).score for c in ["4", "I don't know", "3"]] == [2.0, -0.5, -1.0]
+
+
+def test_verifier_by_import_path():
+    r = HonestyReward(verifier="tests.rewards.helpers:LengthReward", verifier_kwargs={"limit": 1})
+    assert [r.score(Sample("q", c, None)).score for c in ["a", "abc", "I don't know"]] == [1.0, -4.0, 0.0]
 
 
 def test_abstention_phrase():

@@ -1,4 +1,5 @@
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,12 @@ from rewards.math import MathReward, answers_match, extract_answer, gold_answer
         ("so 1,234 apples", "1,234"),
         ("it is -3.5 degrees", "-3.5"),
         ("first 3 then 10", "10"),
+        ("so 10-7", "7"),  # a minus between terms is not a sign
+        ("the set 3,4,5", "5"),  # not a thousands separator
+        ("half: $\\frac{1}{2}$", "\\frac{1}{2}"),  # a trailing fraction is one number
+        ("three quarters, 3/4", "3/4"),
+        ("<think>try \\boxed{3}</think> so it is 5", "5"),  # only the reply after the reasoning counts
+        ("#### ", None),
         ("\\boxed{unbalanced", None),
         ("I don't know", None),
         ("", None),
@@ -42,6 +49,20 @@ def test_equivalence(pred, gold, same):
     assert answers_match(pred, gold) is same
 
 
+@pytest.mark.parametrize("gold", [None, "", "  "])
+def test_a_missing_gold_is_a_verifier_fault_not_a_wrong_answer(gold):
+    with pytest.raises(ValueError, match="no gold answer"):
+        MathReward().score(Sample("q", "\\boxed{x^2}", gold))
+
+
+def test_math_verify_timeout_is_a_timeout_verdict():
+    tower = "\\boxed{" + "2^{" * 50 + "2" + "}" * 50 + "}"
+    start = time.perf_counter()
+    result = MathReward(verify_timeout_s=1).score(Sample("q", tower, "\\frac{1}{2}"))
+    assert time.perf_counter() - start < 5
+    assert result.verdict in (Verdict.TIMEOUT, Verdict.WRONG)
+
+
 def test_gsm8k_gold_uses_the_final_answer():
     assert gold_answer("She has 3 + 4 = 7 apples.\n#### 7") == "7"
 
@@ -57,7 +78,7 @@ def test_math_reward_verdicts():
 def test_real_gsm8k_answers_are_recognised():
     import json
 
-    with open("../shared/datasets/gsm8k_test.jsonl") as f:
+    with open(Path(__file__).parents[3] / "shared/datasets/gsm8k_test.jsonl") as f:
         rows = [json.loads(next(f)) for _ in range(20)]
     r = MathReward()
     for row in rows:

@@ -59,6 +59,30 @@ def test_errors_and_timeouts_are_reported_not_zeroed():
         assert scorer.score(samples("fine")).scores == [1.0]
 
 
+def test_a_hang_inside_a_large_batch_times_out_only_that_sample():
+    # 40 samples go out in chunks; the hang is found by its own deadline, the rest of its chunk is rerun
+    batch = ["ok"] * 40
+    batch[17] = "hang"
+    batch[31] = "exit"
+    with Scorer(RewardConfig(rewards=[FLAKY], timeout_s=1.0, on_error="exclude", num_workers=2)) as scorer:
+        start = time.perf_counter()
+        out = scorer.score(samples(*batch))
+        assert time.perf_counter() - start < 10
+    verdicts = [r.verdict for r in out.results]
+    assert verdicts[17] == Verdict.TIMEOUT and verdicts[31] == Verdict.ERROR
+    assert verdicts.count(Verdict.CORRECT) == 38
+    assert out.stats["Flaky/mean"] == 1.0  # faulted samples do not drag the component mean to 0
+    assert out.stats["score/mean"] == 1.0 and out.stats["excluded"] == 2
+
+
+def test_sys_exit_and_unpicklable_info_are_handled_in_the_worker():
+    with Scorer(RewardConfig(rewards=[FLAKY], on_error="exclude", num_workers=1)) as scorer:
+        out = scorer.score(samples("sysexit", "lambda", "ok"))
+    assert out.results[0].verdict == Verdict.ERROR and "SystemExit: 3" in out.results[0].info["Flaky"]["error"]
+    assert out.results[1].verdict == Verdict.CORRECT and "lambda" in out.results[1].info["Flaky"]["fn"]
+    assert out.valid == [False, True, True]
+
+
 def test_on_error_score_uses_the_configured_value():
     cfg = RewardConfig(rewards=[FLAKY], on_error="score", error_score=-1.0, num_workers=1)
     with Scorer(cfg) as scorer:
@@ -87,3 +111,14 @@ def test_pathological_latex_ends_quickly(completion):
         out = scorer.score([Sample("q", completion, "4")])
         assert time.perf_counter() - start < 10
     assert out.results[0].verdict in (Verdict.WRONG, Verdict.TIMEOUT, Verdict.FORMAT_ERROR)
+
+
+def test_a_training_batch_is_scored_fast():
+    # the trainer's hot path: ~128 short samples per step, one message per chunk rather than per sample
+    batch = [Sample("q", f"so the answer is \\boxed{{{i % 7}}}", str(i % 5)) for i in range(128)]
+    with Scorer(RewardConfig(num_workers=2)) as scorer:
+        scorer.score(batch[:4])
+        start = time.perf_counter()
+        out = scorer.score(batch)
+        assert time.perf_counter() - start < 2.0
+    assert len(out.scores) == 128 and out.stats["errors"] == 0

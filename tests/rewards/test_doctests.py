@@ -1,0 +1,14 @@
+"""The examples in the rewards' docstrings run as tests."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["rewards.math", "rewards.honesty"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    failures, tried = doctest.testmod(importlib.import_module(name))
+    assert tried > 0 and failures == 0
