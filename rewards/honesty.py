@@ -58,6 +58,10 @@ class HonestyReward:
         if callable(getattr(self.verifier, "warmup", None)):
             self.verifier.warmup()
 
+    @property
+    def budget_s(self) -> float:
+        return float(getattr(self.verifier, "budget_s", 0.0) or 0.0)  # the verifier's own time limit, if any
+
     def score(self, sample: Sample) -> RewardResult:
         if is_abstention(sample.completion):
             return RewardResult(self.abstain, Verdict.ABSTAIN, info={"abstained": True})

@@ -13,6 +13,7 @@ from rewards.base import Reward
 _BUILTINS: dict[str, str] = {
     "math": "rewards.math:MathReward",
     "honesty": "rewards.honesty:HonestyReward",
+    "code": "rewards.code:CodeReward",
 }
 
 

@@ -13,7 +13,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
-from rlkit.config import RewardConfig
+from rlkit.config import RecipeError, RewardConfig
 from rewards.base import RewardResult, Sample, Verdict
 from rewards.pool import Outcome, WorkerPool
 from rewards.registry import build_reward, reward_label
@@ -33,14 +33,26 @@ class ScoreOutput:
     stats: dict[str, float] = field(default_factory=dict)
 
 
+def _check_budget(rewards: list, timeout_s: float) -> None:
+    """A reward with its own time limit (`budget_s`, e.g. the code sandbox) must finish inside the deadline:
+    running out of its own time is the solution's fault (wrong), the scorer's deadline a verifier fault."""
+    budgets = [float(getattr(r, "budget_s", 0.0) or 0.0) for r in rewards]
+    if sum(budgets) >= timeout_s:
+        i = max(range(len(budgets)), key=budgets.__getitem__)
+        raise RecipeError(f"reward.rewards[{i}]: may take up to {budgets[i]:g}s per sample (its own limit; the rewards "
+                          f"together {sum(budgets):g}s) but reward.timeout_s is {timeout_s:g}; raise reward.timeout_s "
+                          "above that or lower the reward's limit (e.g. kwargs: {wall_s: ...})")
+
+
 class Scorer:
     """Scores samples with the recipe's weighted rewards; see the module docstring for deadlines and errors."""
 
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
         self.specs = list(cfg.rewards)
-        for i, spec in enumerate(self.specs):  # fail fast, in this process, on a bad name or import path
-            build_reward(spec, i)
+        # Fail fast, in this process, on a bad name, import path or kwargs, or a deadline too short to be met.
+        rewards = [build_reward(spec, i) for i, spec in enumerate(self.specs)]
+        _check_budget(rewards, cfg.timeout_s)
         self.labels = [reward_label(s) for s in self.specs]
         self._pool = WorkerPool(self.specs, cfg.num_workers, cfg.timeout_s)
 

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["rewards.math", "rewards.honesty"]
+MODULES = ["rewards.math", "rewards.honesty", "rewards.code"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,0 +1,211 @@
+"""Run untrusted Python under bubblewrap: no network, read-only system, private /tmp, resource limits.
+
+Layers, each because the one before it is not enough on its own:
+- bubblewrap namespaces: a new user, pid, network (loopback only, no route out), ipc, uts and cgroup namespace;
+  the filesystem is /usr (read-only, plus the interpreter's prefix when it lives elsewhere), a fresh /proc and
+  /dev, and a size-capped tmpfs /tmp. No /etc, /home, /root or the repository: host files are not there.
+- rlimits, set by the harness inside the sandbox before the solution runs: address space, CPU seconds, file
+  size, open files, no core dumps, and processes. RLIMIT_NPROC is set *inside* the sandbox's own user namespace,
+  where Linux (>= 5.14) counts only that namespace's processes, so 100 concurrent sandboxes do not share one
+  count, and a fork bomb stops at the limit.
+- a wall clock in the parent: past `wall_s` the whole process group is killed (and with the sandbox's pid 1,
+  every process in its pid namespace).
+- when the parent is root, bubblewrap itself runs as `nobody`: root's processes are exempt from RLIMIT_NPROC,
+  and bubblewrap run by root would map the sandbox to root outside.
+
+There is no unsandboxed fallback: if bubblewrap is missing or cannot create namespaces, construction fails
+with the reason (install: `apt-get install -y bubblewrap`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_HARNESS = (Path(__file__).with_name("_harness.py")).read_text()
+NOBODY = 65534
+
+
+class SandboxUnavailable(RuntimeError):
+    """bubblewrap is missing or cannot build a sandbox on this host; code is never run without one."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    wall_s: float = 10.0  # the whole run, all tests; then the process group is killed
+    cpu_s: int = 10  # RLIMIT_CPU per process
+    memory_mb: int = 512  # RLIMIT_AS per process
+    file_size_mb: int = 16  # RLIMIT_FSIZE: largest file a process may write
+    processes: int = 32  # RLIMIT_NPROC inside the sandbox's user namespace
+    open_files: int = 64  # RLIMIT_NOFILE
+    tmp_mb: int = 64  # size of the private /tmp
+    output_kb: int = 4096  # result channel; past it the run is killed and fails
+    stderr_kb: int = 16  # kept for diagnostics only
+
+    def rlimits(self) -> dict[str, int]:
+        mb = 1 << 20
+        return {"RLIMIT_AS": self.memory_mb * mb, "RLIMIT_CPU": self.cpu_s, "RLIMIT_FSIZE": self.file_size_mb * mb,
+                "RLIMIT_NOFILE": self.open_files, "RLIMIT_CORE": 0, "RLIMIT_NPROC": self.processes}
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    records: list[dict[str, Any]]  # the harness's records, in order (only lines carrying this run's nonce)
+    done: bool  # the harness reached its end: without this, nothing the run reported can be trusted as a pass
+    timed_out: bool  # killed at wall_s
+    output_exceeded: bool  # killed for writing more than output_kb
+    returncode: int | None
+    stderr: str = field(default="", repr=False)  # the tail kept for diagnostics
+
+
+def _world_readable(path: Path) -> bool:
+    """Whether `nobody` can reach and read `path` (every parent searchable, the file readable)."""
+    try:
+        if not os.stat(path).st_mode & stat.S_IROTH:
+            return False
+        return all(os.stat(p).st_mode & stat.S_IXOTH for p in path.parents)
+    except OSError:
+        return False
+
+
+def _interpreter(python: str, as_root: bool) -> Path:
+    if python:
+        chosen = Path(shutil.which(python) or python).resolve()
+    else:
+        chosen = Path(sys.executable).resolve()
+        if as_root and not _world_readable(chosen) and Path("/usr/bin/python3").exists():
+            chosen = Path("/usr/bin/python3").resolve()  # e.g. a pyenv build under /root, which nobody cannot read
+    if not chosen.is_file():
+        raise SandboxUnavailable(f"sandbox python '{python or sys.executable}' not found")
+    if as_root and not _world_readable(chosen):
+        raise SandboxUnavailable(f"sandbox python {chosen} is not readable by 'nobody'; pass python=/usr/bin/python3")
+    return chosen
+
+
+class Sandbox:
+    """Runs harness jobs under bubblewrap; `run(job)` -> SandboxResult. Probes the host at construction."""
+
+    def __init__(self, limits: SandboxLimits = SandboxLimits(), python: str = ""):
+        self.limits = limits
+        self.bwrap = shutil.which("bwrap")
+        if self.bwrap is None:
+            raise SandboxUnavailable("bubblewrap (bwrap) is not installed; install it with: apt-get install -y bubblewrap")
+        self.as_root = os.geteuid() == 0
+        self.python = _interpreter(python, self.as_root)
+        self.argv = self._argv()
+        self._probe()
+
+    def _argv(self) -> list[str]:
+        argv = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(NOBODY),
+                "--gid", str(NOBODY), "--hostname", "sandbox", "--die-with-parent", "--new-session",
+                "--cap-drop", "ALL", "--ro-bind", "/usr", "/usr"]
+        for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):  # merged-/usr symlinks, or real dirs
+            host = Path("/") / name
+            if host.is_symlink():
+                argv += ["--symlink", os.readlink(host), str(host)]
+            elif host.is_dir():
+                argv += ["--ro-bind", str(host), str(host)]
+        prefix = self.python.parents[1]
+        if not str(self.python).startswith("/usr/"):
+            argv += ["--ro-bind", str(prefix), str(prefix)]  # e.g. a pyenv interpreter and its stdlib
+        argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(self.limits.tmp_mb << 20), "--tmpfs", "/tmp",
+                 "--chdir", "/tmp", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
+                 "--setenv", "LANG", "C.UTF-8", "--", str(self.python), "-I", "-S", "-c", _HARNESS]
+        return argv
+
+    def _probe(self) -> None:
+        try:
+            result = self.run({"mode": "probe"})
+        except OSError as e:
+            raise SandboxUnavailable(f"cannot start {self.bwrap}: {e}") from e
+        if not result.done:
+            hint = ("the kernel or a security policy refuses unprivileged user namespaces; check "
+                    "sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0 and, on Ubuntu 24.04+, "
+                    "kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor profile for bwrap")
+            raise SandboxUnavailable(f"bubblewrap cannot start a sandbox here (exit {result.returncode}: "
+                                     f"{result.stderr.strip()[-500:]!r}); {hint}")
+
+    def run(self, job: dict[str, Any]) -> SandboxResult:
+        """Run one harness job (see rewards/_harness.py for its fields); never raises for what the code does."""
+        nonce = secrets.token_hex(16)
+        payload = json.dumps(dict(job, nonce=nonce, rlimits=self.limits.rlimits())).encode()
+        stdin = os.memfd_create("rlkit-job")  # read once by the harness, then its stdin is /dev/null
+        try:
+            os.write(stdin, payload)
+            os.lseek(stdin, 0, os.SEEK_SET)
+            drop = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if self.as_root else {}
+            proc = subprocess.Popen(self.argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True, close_fds=True, **drop)
+        finally:
+            os.close(stdin)
+        stdout, stderr, timed_out, exceeded = self._collect(proc)
+        records = _records(stdout, nonce)
+        return SandboxResult(records, any(r.get("done") is True for r in records), timed_out, exceeded,
+                             proc.returncode, stderr.decode("utf-8", "replace"))
+
+    def _collect(self, proc: subprocess.Popen) -> tuple[bytes, bytes, bool, bool]:
+        """Read stdout and stderr until both close, the wall clock runs out or stdout passes its cap."""
+        deadline = time.monotonic() + self.limits.wall_s
+        caps = {proc.stdout: self.limits.output_kb << 10, proc.stderr: self.limits.stderr_kb << 10}
+        bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+        timed_out = exceeded = False
+        with selectors.DefaultSelector() as sel:
+            for pipe in bufs:
+                sel.register(pipe, selectors.EVENT_READ)
+            while sel.get_map() and not exceeded:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    timed_out = True
+                    break
+                for key, _ in sel.select(remaining):
+                    chunk = os.read(key.fd, 1 << 16)
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                        continue
+                    buf = bufs[key.fileobj]
+                    if key.fileobj is proc.stderr:
+                        buf[:] = (buf + chunk)[-caps[proc.stderr]:]  # keep the tail: that is where tracebacks are
+                    elif len(buf) + len(chunk) > caps[proc.stdout]:
+                        exceeded = True
+                    else:
+                        buf += chunk
+        self._kill(proc)
+        for pipe in bufs:
+            pipe.close()
+        return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), timed_out, exceeded
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        # Always, even after a clean exit: a daemonised child may linger. Killing the group takes bwrap and the
+        # sandbox's pid 1, and with pid 1 the kernel kills every process in the sandbox's pid namespace.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+
+
+def _records(stdout: bytes, nonce: str) -> list[dict[str, Any]]:
+    prefix = nonce.encode() + b" "
+    records = []
+    for line in stdout.splitlines():
+        if not line.startswith(prefix):
+            continue  # not from the harness (or forged without the nonce)
+        try:
+            record = json.loads(line[len(prefix):])
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
