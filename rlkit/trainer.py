@@ -45,22 +45,22 @@ class PolicyBatch:
 
     tokens: TokenBatch  # (B, L)
     mask: torch.Tensor  # (B, L-1) response tokens that count (excluded samples are zero)
-    old_logprobs: torch.Tensor  # (B, L-1) sampling policy, recomputed by the trainer
+    old_logprobs: torch.Tensor | None  # (B, L-1) sampling policy per the trainer; None: on-policy, the step's own
     ref_logprobs: torch.Tensor  # (B, L-1) frozen reference
+    rollout_logprobs: torch.Tensor  # (B, L-1) the engine's log-probs of the sampled tokens
     advantages: torch.Tensor  # (B,) per sequence or (B, L-1) per token
     normalizer: float  # loss divisor over the whole step batch (tokens or sequences, by algo.loss_agg)
     kl_coef: float  # KL-in-loss coefficient (0 when the KL is in the reward)
     temperature: float
-    is_weights: torch.Tensor | None = None  # (B, L-1) truncated importance weights trainer/engine, or None
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def select(self, rows: slice) -> "PolicyBatch":
         return PolicyBatch(
-            self.tokens.select(rows), self.mask[rows], self.old_logprobs[rows], self.ref_logprobs[rows],
-            self.advantages[rows], self.normalizer, self.kl_coef, self.temperature,
-            None if self.is_weights is None else self.is_weights[rows],
+            self.tokens.select(rows), self.mask[rows], None if self.old_logprobs is None else self.old_logprobs[rows],
+            self.ref_logprobs[rows], self.rollout_logprobs[rows], self.advantages[rows], self.normalizer,
+            self.kl_coef, self.temperature,
         )
 
 
@@ -265,13 +265,16 @@ class ShardedTrainer(RankWorker):
             logprobs, entropy = sequence_logprobs(
                 self.model, mb.tokens, mb.temperature, self.cfg.logprob_impl, return_entropy=True
             )
-            new, old = logprobs, mb.old_logprobs
+            # On-policy (one pass over fresh samples) the old policy is this very forward, detached: the ratio
+            # is 1 and its gradient the policy gradient, without a separate no-grad forward.
+            old_logprobs = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs
+            new, old = logprobs, old_logprobs
             if algo.ratio_level == "sequence":  # GSPO: one clipped ratio per sequence, shared by its tokens
-                new = sequence_log_ratio(logprobs, mb.old_logprobs, mb.mask)[:, None].expand_as(logprobs)
+                new = sequence_log_ratio(logprobs, old_logprobs, mb.mask)[:, None].expand_as(logprobs)
                 old = torch.zeros_like(new)
             pg, clipped = policy_loss(new, old, mb.advantages, mb.mask, algo.epsilon, algo.epsilon_high)
-            if mb.is_weights is not None:  # correct for sampling from the engine rather than the trainer
-                pg = pg * mb.is_weights
+            if algo.tis_cap > 0:  # truncated importance sampling: the engine, not the trainer, sampled the tokens
+                pg = pg * torch.exp(old_logprobs - mb.rollout_logprobs).clamp(max=algo.tis_cap)
             kl = kl_estimate(logprobs, mb.ref_logprobs, self.ref_cfg.kl_estimator)
             loss = aggregate(pg + mb.kl_coef * kl, mb.mask, algo.loss_agg, mb.normalizer)
             return loss, {
@@ -279,6 +282,8 @@ class ShardedTrainer(RankWorker):
                 "kl_sum": (kl.detach() * mb.mask).sum(),
                 "entropy_sum": (entropy.detach() * mb.mask).sum(),
                 "clipped_sum": clipped.sum(),
+                # KL(engine || trainer) on the engine's samples (k3): how far the two implementations disagree
+                "rollout_kl_sum": (kl_estimate(mb.rollout_logprobs, old_logprobs, "k3") * mb.mask).sum(),
                 "token_count": mb.mask.sum(),
             }
 

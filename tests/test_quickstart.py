@@ -13,6 +13,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run(recipe: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`python -m rlkit.run RECIPE ARGS...` from the repository root, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "rlkit.run", recipe, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
 def test_quickstart_learns_at_every_stage(tmp_path):
     run_dir = tmp_path / "run"
@@ -20,10 +30,7 @@ def test_quickstart_learns_at_every_stage(tmp_path):
         f"logging.output_dir={run_dir}",
         "logging.wandb_mode=offline",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlkit.run", "recipes/quickstart.yaml", *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-    )
+    proc = run("recipes/quickstart.yaml", *overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     stages = summary["stages"]
@@ -34,7 +41,7 @@ def test_quickstart_learns_at_every_stage(tmp_path):
         assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
         assert (ckpt / "recipe.yaml").exists()
     assert "held-out accuracy" in proc.stdout
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run_dir)
     keys = set().union(*metrics)
     for key in ("sft/loss", "dpo/reward_margin", "grpo/reward/mean", "grpo/kl", "grpo/weight_sync/seconds",
                 "grpo/rollout_kl", "eval/accuracy"):
@@ -44,29 +51,20 @@ def test_quickstart_learns_at_every_stage(tmp_path):
 
 def test_refuses_to_overwrite_an_existing_run(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlkit.run", "recipes/quickstart.yaml", f"logging.output_dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    proc = run("recipes/quickstart.yaml", f"logging.output_dir={tmp_path}", timeout=300)
     assert proc.returncode == 2
     assert "logging.output_dir" in proc.stderr and "overwrite" in proc.stderr
     assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
 
 
 def test_typo_fails_fast_with_closest_key():
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlkit.run", "recipes/quickstart.yaml", "rollout.temprature=1"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
+    proc = run("recipes/quickstart.yaml", "rollout.temprature=1", timeout=120)
     assert proc.returncode == 2
     assert "Did you mean 'temperature'?" in proc.stderr
 
 
 def test_print_config_shows_resolved_recipe():
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlkit.run", "recipes/quickstart.yaml", "--print-config", "trainer.lr=0.5"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
+    proc = run("recipes/quickstart.yaml", "--print-config", "trainer.lr=0.5", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "lr: 0.5" in proc.stdout and "kind: grpo" in proc.stdout
 
@@ -80,15 +78,12 @@ def test_ray_run_with_two_engines_and_two_ranks_learns(tmp_path):
         "data.num_eval=300",
         "stages=[{kind: sft, steps: 300, batch_size: 64, lr: 1.0e-3}, {kind: grpo, steps: 60, batch_size: 16, lr: 1.0e-4}]",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlkit.run", "recipes/quickstart_ray.yaml", *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-    )
+    proc = run("recipes/quickstart_ray.yaml", *overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
     sft, grpo = json.loads((run_dir / "summary.json").read_text())["stages"]
     assert sft["after"]["accuracy"] > sft["before"]["accuracy"]
     assert grpo["after"]["accuracy"] > grpo["before"]["accuracy"], grpo
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run_dir)
     syncs = [m["grpo/weight_sync/seconds"] for m in metrics if "grpo/weight_sync/seconds" in m]
     assert syncs and all(s > 0 for s in syncs)
 
@@ -103,22 +98,16 @@ def test_ppo_with_a_critic_learns(tmp_path):
         "ref.kl_in=reward",
         "stages=[{kind: sft, steps: 300, batch_size: 64, lr: 1.0e-3}, {kind: ppo, steps: 60, batch_size: 64, lr: 1.0e-4}]",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlkit.run", "recipes/quickstart.yaml", *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-    )
+    proc = run("recipes/quickstart.yaml", *overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
     _, ppo = json.loads((run_dir / "summary.json").read_text())["stages"]
     assert ppo["after"]["accuracy"] > ppo["before"]["accuracy"], ppo
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run_dir)
     assert any("ppo/value/value_loss" in m for m in metrics)
 
 
 def test_unknown_advantage_estimator_fails_before_heavy_work(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlkit.run", "recipes/quickstart.yaml", f"logging.output_dir={tmp_path}/r",
-         "algo.advantage_estimator=grpoo"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
+    proc = run("recipes/quickstart.yaml", f"logging.output_dir={tmp_path}/r", "algo.advantage_estimator=grpoo",
+               timeout=120)
     assert proc.returncode == 2 and "algo.advantage_estimator: 'grpoo'" in proc.stderr
     assert not (tmp_path / "r").exists()  # nothing was written

@@ -65,6 +65,22 @@ def to_samples(problems: list[Problem], texts: list[str], repeat: int = 1) -> li
     ]
 
 
+def generate_and_score(ctx: "StageContext", problems: list[Problem], n: int, temperature: float, seed: int,
+                       timer: "Timer | None" = None):
+    """n samples per prompt from the current policy (with the engine's log-probs), each scored by the rewards.
+
+    Returns (prompt_ids, completions (B*n,) prompt-major, the scorer's ScoreOutput).
+    """
+    timer = timer or Timer()
+    prompt_ids = [encode_prompt(ctx.tokenizer, p.prompt) for p in problems]
+    with timer("generate"):
+        groups = ctx.pool.generate(prompt_ids, n=n, temperature=temperature, seed=seed)
+    completions = [c for g in groups for c in g]
+    with timer("score"):
+        scored = ctx.scorer.score(to_samples(problems, [c.text for c in completions], n))
+    return prompt_ids, completions, scored
+
+
 class Timer:
     """Wall-clock seconds per phase: `with timer("generate"): ...` then `timer.metrics(prefix)`."""
 

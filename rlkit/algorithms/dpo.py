@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from rlkit.algorithms.common import StageContext, encode_prompt, encode_response, to_samples
+from rlkit.algorithms.common import StageContext, encode_response, generate_and_score
 from rlkit.config import RecipeError
 from rlkit.data import BatchSampler
 from rlkit.trainer import PairBatch, TokenBatch, pack_sequences
@@ -22,10 +22,7 @@ def build_pairs(ctx: StageContext, num_prompts: int) -> list[tuple[list[int], li
     """(prompt_ids, chosen_ids, rejected_ids) triples from the policy's own wrong answers."""
     tok = ctx.tokenizer
     problems = random.Random(ctx.seed()).sample(ctx.train, min(num_prompts, len(ctx.train)))
-    prompt_ids = [encode_prompt(tok, p.prompt) for p in problems]
-    groups = ctx.pool.generate(prompt_ids, n=SAMPLES_PER_PROMPT, temperature=1.0, seed=ctx.seed())
-    completions = [c for g in groups for c in g]
-    scored = ctx.scorer.score(to_samples(problems, [c.text for c in completions], SAMPLES_PER_PROMPT))
+    prompt_ids, completions, scored = generate_and_score(ctx, problems, SAMPLES_PER_PROMPT, 1.0, ctx.seed())
     pairs = []
     for i, problem in enumerate(problems):
         for j in range(SAMPLES_PER_PROMPT):

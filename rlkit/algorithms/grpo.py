@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from rlkit.advantages import get_estimator, overlong_penalty, uniform_groups
-from rlkit.algorithms.common import StageContext, Timer, encode_prompt, to_samples
+from rlkit.algorithms.common import StageContext, Timer, generate_and_score
 from rlkit.data import BatchSampler
 from rlkit.losses import kl_estimate, token_normalizer
 from rlkit.trainer import PolicyBatch, pack_sequences
@@ -42,16 +42,11 @@ def train(ctx: StageContext) -> None:
     for step in range(stage.steps):
         timer = Timer()
         problems = sampler.next()
-        prompt_ids = [encode_prompt(tok, p.prompt) for p in problems]
 
-        # generate: `group` samples per prompt from the current policy, with the engine's log-probs
-        with timer("generate"):
-            groups = ctx.pool.generate(prompt_ids, n=group, temperature=temperature, seed=ctx.seed() + step)
-        completions = [c for g in groups for c in g]  # (B*G,) prompt-major
-
-        # score: one scalar reward per completion; samples the reward policy excludes drop out of the loss
-        with timer("score"):
-            scored = ctx.scorer.score(to_samples(problems, [c.text for c in completions], group))
+        # generate and score: `group` samples per prompt from the current policy, one reward each;
+        # samples the reward policy excludes (reward.on_error) drop out of the loss
+        prompt_ids, completions, scored = generate_and_score(ctx, problems, group, temperature, ctx.seed() + step,
+                                                             timer)  # completions (B*G,) prompt-major
         rewards = torch.tensor(scored.scores, dtype=torch.float32)  # (B*G,)
         valid = torch.tensor(scored.valid, dtype=torch.float32)  # (B*G,)
         lengths = torch.tensor([len(c.token_ids) for c in completions])
@@ -66,9 +61,11 @@ def train(ctx: StageContext) -> None:
         tokens = pack_sequences(repeated_prompts, [list(c.token_ids) for c in completions], tok.pad_token_id)
         mask = tokens.response_mask * valid[:, None]  # (B*G, L-1)
 
-        # reference and old log-probs: the anchor of the KL term and the denominator of the ratio
+        # reference and old log-probs: the anchor of the KL term and the denominator of the ratio. A single
+        # on-policy pass with the KL in the loss needs no separate "old" forward (the trainer uses its own).
+        needs_old = algo.ppo_epochs > 1 or cfg.ref.kl_in == "reward"
         with timer("reference"):
-            old_logprobs = ctx.trainer.logprobs(tokens, temperature)  # (B*G, L-1)
+            old_logprobs = ctx.trainer.logprobs(tokens, temperature) if needs_old else None  # (B*G, L-1)
             ref_logprobs = ref.logprobs(tokens, temperature)
         if cfg.ref.kl_in == "reward":
             kl_old = (kl_estimate(old_logprobs, ref_logprobs, cfg.ref.kl_estimator) * mask).sum(-1)  # (B*G,)
@@ -77,15 +74,11 @@ def train(ctx: StageContext) -> None:
         # advantages: reward relative to the other samples of the same prompt (algo.advantage_estimator)
         advantages = estimator(rewards, group, algo) * valid  # (B*G,)
         rollout_lp = rollout_logprob_tensor(completions, [len(p) for p in repeated_prompts], mask.shape[1])
-        is_weights = None
-        if algo.tis_cap > 0:  # truncated importance sampling: the engine, not the trainer, sampled these tokens
-            is_weights = torch.exp(old_logprobs - rollout_lp).clamp(max=algo.tis_cap) * tokens.response_mask
         batch = PolicyBatch(
-            tokens, mask, old_logprobs, ref_logprobs, advantages,
+            tokens, mask, old_logprobs, ref_logprobs, rollout_lp, advantages,
             normalizer=float(token_normalizer(mask, algo.loss_agg)),
             kl_coef=cfg.ref.kl_coef if cfg.ref.kl_in == "loss" else 0.0,
             temperature=temperature,
-            is_weights=is_weights,
         )
 
         # update: ppo_epochs passes over the rollout batch
@@ -99,7 +92,7 @@ def train(ctx: StageContext) -> None:
 
         # log
         ctx.logger.global_step += 1
-        metrics = summarize(metrics) | rollout_metrics(completions, rollout_lp, tokens, old_logprobs, timer)
+        metrics = summarize(metrics) | rollout_metrics(completions, timer)
         metrics |= {"reward/mean": rewards.mean(), "reward/std": rewards.std(), "uniform_group_rate": uniform.float().mean()}
         metrics |= {f"reward/{k}": v for k, v in scored.stats.items()}
         metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s}
@@ -115,22 +108,19 @@ def summarize(step_metrics: dict[str, float]) -> dict[str, float]:
     """Per-token means from the trainer's summed metrics."""
     out = dict(step_metrics)
     tokens = max(out.pop("token_count"), 1.0)
-    for name in ("kl", "entropy", "clipped"):
-        out[name if name != "clipped" else "clip_fraction"] = out.pop(f"{name}_sum") / tokens
+    for name, key in (("kl", "kl"), ("entropy", "entropy"), ("clipped", "clip_fraction"), ("rollout_kl", "rollout_kl")):
+        out[key] = out.pop(f"{name}_sum") / tokens
     return out
 
 
-def rollout_metrics(completions, rollout_lp, tokens, old_logprobs, timer) -> dict[str, float]:
-    """Lengths, truncation, engine-vs-trainer log-prob KL and throughput of one step."""
+def rollout_metrics(completions, timer) -> dict[str, float]:
+    """Lengths, truncation and throughput of one step."""
     lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
-    n_tok = tokens.response_mask.sum().clamp(min=1.0)
     seconds = sum(timer.seconds.values())
     return {
         "response_length/mean": lengths.mean(),
         "response_length/max": lengths.max(),
         "truncation_rate": sum(not c.finished for c in completions) / len(completions),
-        # KL(engine || trainer) on the engine's samples (k3): how far the two implementations disagree
-        "rollout_kl": (kl_estimate(rollout_lp, old_logprobs, "k3") * tokens.response_mask).sum() / n_tok,
         "samples_per_s": len(completions) / seconds,
         "tokens_per_s": float(lengths.sum()) / seconds,
     }

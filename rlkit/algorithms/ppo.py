@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels import gae
-from rlkit.algorithms.common import StageContext, Timer, encode_prompt, to_samples
+from rlkit.algorithms.common import StageContext, Timer, generate_and_score
 from rlkit.algorithms.grpo import rollout_logprob_tensor, rollout_metrics, summarize
 from rlkit.critic import ValueBatch
 from rlkit.data import BatchSampler
@@ -51,15 +51,9 @@ def train(ctx: StageContext) -> None:
     for step in range(stage.steps):
         timer = Timer()
         problems = sampler.next()
-        prompt_ids = [encode_prompt(tok, p.prompt) for p in problems]
 
-        # generate
-        with timer("generate"):
-            completions = [c for g in ctx.pool.generate(prompt_ids, n=n, temperature=temperature,
-                                                        seed=ctx.seed() + step) for c in g]
-        # score
-        with timer("score"):
-            scored = ctx.scorer.score(to_samples(problems, [c.text for c in completions], n))
+        # generate and score
+        prompt_ids, completions, scored = generate_and_score(ctx, problems, n, temperature, ctx.seed() + step, timer)
         scores = torch.tensor(scored.scores, dtype=torch.float32)  # (B,)
         valid = torch.tensor(scored.valid, dtype=torch.float32)
         tokens = pack_sequences(prompt_ids, [list(c.token_ids) for c in completions], tok.pad_token_id)
@@ -79,8 +73,9 @@ def train(ctx: StageContext) -> None:
         advantages, returns = gae(rewards, old_values * mask, mask, algo.gamma, algo.gae_lambda)
         advantages = whiten(advantages, mask)
         normalizer = float(token_normalizer(mask, "token-mean"))
+        rollout_lp = rollout_logprob_tensor(completions, [len(p) for p in prompt_ids], mask.shape[1])
         batch = PolicyBatch(
-            tokens, mask, old_logprobs, ref_logprobs, advantages, float(token_normalizer(mask, algo.loss_agg)),
+            tokens, mask, old_logprobs, ref_logprobs, rollout_lp, advantages, float(token_normalizer(mask, algo.loss_agg)),
             kl_coef=cfg.ref.kl_coef if cfg.ref.kl_in == "loss" else 0.0, temperature=temperature,
         )
 
@@ -96,8 +91,7 @@ def train(ctx: StageContext) -> None:
 
         # log
         ctx.logger.global_step += 1
-        rollout_lp = rollout_logprob_tensor(completions, [len(p) for p in prompt_ids], old_logprobs.shape[1])
-        metrics = summarize(metrics) | rollout_metrics(completions, rollout_lp, tokens, old_logprobs, timer)
+        metrics = summarize(metrics) | rollout_metrics(completions, timer)
         metrics |= {f"value/{k}": v for k, v in value_metrics.items()}
         metrics |= {"reward/mean": scores.mean(), **{f"reward/{k}": v for k, v in scored.stats.items()}}
         metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s}

@@ -51,9 +51,10 @@ def test_two_ranks_equal_one_rank(groups):
 
     old = one.logprobs(batch)
     g = torch.Generator().manual_seed(0)
+    noise = 0.05 * torch.randn(old.shape, generator=g, dtype=old.dtype) * batch.response_mask
     policy = PolicyBatch(
-        batch, batch.response_mask, old, old + 0.05 * torch.randn(old.shape, generator=g, dtype=old.dtype) * batch.response_mask,
-        torch.randn(8, generator=g, dtype=old.dtype), float(token_normalizer(batch.response_mask, "token-mean")), 0.1, 1.0,
+        batch, batch.response_mask, old, old + noise, old - noise, torch.randn(8, generator=g, dtype=old.dtype),
+        float(token_normalizer(batch.response_mask, "token-mean")), 0.1, 1.0,
     )
     for _ in range(2):
         m1, m2 = one.policy_step(policy), two.policy_step(policy)

@@ -5,10 +5,10 @@ from transformers import AutoModelForCausalLM
 
 from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
 from rlkit.trainer import ShardedTrainer, batched_logprobs
-from tests.rlkit.test_trainer import model_path, random_batch  # noqa: F401 (fixture)
+from tests.rlkit.test_trainer import random_batch
 
 
-def test_lora_trains_adapters_and_merges_for_sync_and_save(model_path, tmp_path):  # noqa: F811
+def test_lora_trains_adapters_and_merges_for_sync_and_save(model_path, tmp_path):
     cfg = TrainerConfig(micro_batch_size=4, logprob_impl="torch", lora_rank=4, lora_alpha=8.0, warmup_steps=1)
     trainer = ShardedTrainer(cfg, AlgoConfig(), RefConfig(), model_path, lr=5e-2, warmup_steps=1)
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}

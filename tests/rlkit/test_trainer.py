@@ -3,16 +3,9 @@
 import pytest
 import torch
 
-from rlkit.config import AlgoConfig, ModelConfig, RefConfig, TrainerConfig
+from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
 from rlkit.losses import token_normalizer
-from rlkit.modeling import init_model, save_checkpoint
 from rlkit.trainer import PairBatch, PolicyBatch, ShardedTrainer, pack_sequences
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    model, tok = init_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2))
-    return str(save_checkpoint(model, tok, tmp_path_factory.mktemp("m") / "ckpt", ""))
 
 
 def make_trainer(model_path, micro_batch_size):
@@ -66,24 +59,44 @@ def test_sft_update_is_invariant_to_micro_batch_size(model_path):
 
 
 @pytest.mark.parametrize(
-    "loss_agg, ratio_level, tis",
-    [("token-mean", "token", False), ("seq-mean-token-mean", "token", False), ("seq-mean-token-mean", "sequence", True)],
+    "loss_agg, ratio_level, tis, on_policy",
+    [
+        ("token-mean", "token", 0.0, False),
+        ("seq-mean-token-mean", "token", 0.0, True),
+        ("seq-mean-token-mean", "sequence", 2.0, False),
+        ("token-mean", "token", 1.5, True),
+    ],
 )
-def test_policy_update_is_invariant_to_micro_batch_size(model_path, loss_agg, ratio_level, tis):
+def test_policy_update_is_invariant_to_micro_batch_size(model_path, loss_agg, ratio_level, tis, on_policy):
     batch = random_batch()
     trainer = make_trainer(model_path, 8)
     old = trainer.logprobs(batch)
     g = torch.Generator().manual_seed(1)
+    noise = 0.1 * torch.randn(old.shape, generator=g, dtype=old.dtype) * batch.response_mask
     policy = PolicyBatch(
-        batch, batch.response_mask, old, old + 0.1 * torch.randn(old.shape, generator=g) * batch.response_mask,
-        torch.randn(8, generator=g), float(token_normalizer(batch.response_mask, loss_agg)), 0.05, 1.0,
-        torch.rand(old.shape, generator=g, dtype=old.dtype) * 2 if tis else None,
+        batch, batch.response_mask, None if on_policy else old, old + noise, old - noise,
+        torch.randn(8, generator=g, dtype=old.dtype), float(token_normalizer(batch.response_mask, loss_agg)), 0.05, 1.0,
     )
     results = []
     for mb in (8, 2):
         trainer = make_trainer(model_path, mb)
-        trainer.algo = AlgoConfig(loss_agg=loss_agg, ratio_level=ratio_level)
+        trainer.algo = AlgoConfig(loss_agg=loss_agg, ratio_level=ratio_level, tis_cap=tis)
         trainer.policy_step(policy)
+        results.append(params(trainer))
+    assert_same(results[0], results[1])
+
+
+def test_on_policy_step_equals_a_step_with_the_recomputed_old_logprobs(model_path):
+    # Skipping the separate "old" forward must not change the update: old = this forward, detached.
+    batch = random_batch()
+    old = make_trainer(model_path, 8).logprobs(batch)
+    g = torch.Generator().manual_seed(2)
+    adv = torch.randn(8, generator=g, dtype=old.dtype)
+    results = []
+    for given in (old, None):
+        trainer = make_trainer(model_path, 4)
+        trainer.policy_step(PolicyBatch(batch, batch.response_mask, given, old, old, adv,
+                                        float(batch.response_mask.sum()), 0.05, 1.0))
         results.append(params(trainer))
     assert_same(results[0], results[1])
 
