@@ -14,6 +14,8 @@ _BUILTINS: dict[str, str] = {
     "math": "rewards.math:MathReward",
     "honesty": "rewards.honesty:HonestyReward",
     "code": "rewards.code:CodeReward",
+    "logic": "rewards.logic:LogicReward",
+    "format": "rewards.format:FormatReward",
 }
 
 
