@@ -42,8 +42,12 @@ class RewardResult:
 class Reward(Protocol):
     """What a user implements. A class with this method (and any constructor kwargs) plugs in by import_path.
 
-    Optionally it has `warmup()`, which the scorer's workers call once after construction, so slow imports
-    (sympy, a tokenizer) happen before the first sample's deadline starts.
+    Optional extras the scorer uses when present:
+    - `warmup()`: called once in each worker after construction, so slow imports (sympy, a tokenizer) happen
+      before the first sample's deadline starts.
+    - `budget_s`: the most seconds the reward itself lets one sample run (e.g. the code sandbox's wall clock);
+      the scorer refuses a `reward.timeout_s` that leaves no room for it.
+    - `summarize(verdicts) -> dict[str, float]`: batch metrics added to the scorer's stats (honesty calibration).
     """
 
     def score(self, sample: Sample) -> RewardResult: ...

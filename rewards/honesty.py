@@ -58,6 +58,10 @@ class HonestyReward:
         if callable(getattr(self.verifier, "warmup", None)):
             self.verifier.warmup()
 
+    def summarize(self, verdicts: list[Verdict]) -> dict[str, float]:
+        """Calibration of a batch, with this reward's values (the scorer adds it to its stats)."""
+        return calibration_metrics(verdicts, self.correct, self.abstain, self.wrong)
+
     @property
     def budget_s(self) -> float:
         return float(getattr(self.verifier, "budget_s", 0.0) or 0.0)  # the verifier's own time limit, if any

@@ -165,7 +165,7 @@ class WorkerPool:
             message = worker.conn.recv()
         except (EOFError, OSError):  # the process died, e.g. a reward called os._exit or was OOM-killed
             if not worker.ready:
-                self._startup_failed(worker, f"exit code {worker.process.exitcode}")
+                self._startup_failed(worker, "the process ended")
             self._settle_culprit(slot, Verdict.ERROR, "reward worker died", record, queue)
             return
         if not worker.ready:
@@ -196,8 +196,10 @@ class WorkerPool:
         self._workers[slot] = _Worker(self._ctx, self.specs)  # becomes usable once it reports ready
 
     def _startup_failed(self, worker: _Worker, detail: str):
+        worker.process.join(1)
         self.close()
-        raise RuntimeError(f"a reward worker failed to start: {detail}")
+        raise RuntimeError(f"a reward worker failed to start: {detail} (exit code {worker.process.exitcode}; "
+                           "its traceback, if any, is on stderr)")
 
     def close(self) -> None:
         for worker in self._workers:

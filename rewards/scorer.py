@@ -51,8 +51,8 @@ class Scorer:
         self.cfg = cfg
         self.specs = list(cfg.rewards)
         # Fail fast, in this process, on a bad name, import path or kwargs, or a deadline too short to be met.
-        rewards = [build_reward(spec, i) for i, spec in enumerate(self.specs)]
-        _check_budget(rewards, cfg.timeout_s)
+        self._rewards = [build_reward(spec, i) for i, spec in enumerate(self.specs)]  # for their summaries
+        _check_budget(self._rewards, cfg.timeout_s)
         self.labels = [reward_label(s) for s in self.specs]
         self._pool = WorkerPool(self.specs, cfg.num_workers, cfg.timeout_s)
 
@@ -84,7 +84,8 @@ class Scorer:
         return ScoreOutput(scores, results, valid, self._stats(per_sample, results, valid))
 
     def _stats(self, per_sample: list[Outcome], results: list[RewardResult], valid: list[bool]) -> dict[str, float]:
-        """Per-component mean/std over the samples where that reward did not fault, verdict and fault counts."""
+        """Per-component mean/std over the samples where that reward did not fault, each reward's own summary
+        (`summarize(verdicts)`, if it has one), verdict and fault counts."""
         stats: dict[str, float] = {}
         kept = [r.score for r, ok in zip(results, valid) if ok]
         stats["score/mean"] = statistics.fmean(kept) if kept else 0.0
@@ -92,6 +93,10 @@ class Scorer:
             values = [outs[k].score for outs in per_sample if outs[k].verdict not in _FAULTS]
             stats[f"{label}/mean"] = statistics.fmean(values) if values else 0.0
             stats[f"{label}/std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+        for k, (label, reward) in enumerate(zip(self.labels, self._rewards)):
+            if callable(getattr(reward, "summarize", None)):  # e.g. the honesty reward's calibration metrics
+                summary = reward.summarize([outs[k].verdict for outs in per_sample])
+                stats.update({f"{label}/{name}": float(value) for name, value in summary.items()})
         verdicts = Counter(r.verdict.value for r in results)
         for verdict, count in sorted(verdicts.items()):
             stats[f"verdict/{verdict}"] = float(count)
