@@ -32,7 +32,8 @@ from rewards.sandbox import Sandbox, SandboxLimits, SandboxResult
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _SAFE_CALLS: dict[str, Any] = {f.__name__: f for f in (abs, round, len, sorted, set, frozenset, tuple, list, dict,
                                                       sum, min, max, int, float, str, bool, all, any)}
-_MATH = types.SimpleNamespace(**{n: getattr(math, n) for n in ("fabs", "isclose", "sqrt", "floor", "ceil", "isnan", "isinf")})
+_MATH = types.SimpleNamespace(**{n: getattr(math, n)
+                                  for n in ("fabs", "isclose", "sqrt", "floor", "ceil", "isnan", "isinf")})
 _PARENT_NODES = (ast.Constant, ast.List, ast.Tuple, ast.Set, ast.Dict, ast.UnaryOp, ast.BoolOp, ast.Compare,
                  ast.IfExp, ast.Subscript, ast.Slice)
 
@@ -155,7 +156,8 @@ def _defines(code: str, name: str) -> bool | None:
         tree = ast.parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
-    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == name for n in tree.body)
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    return any(isinstance(n, defs) and n.name == name for n in tree.body)
 
 
 def normalise_output(text: str) -> list[str]:

@@ -286,4 +286,5 @@ class LogicReward:
         if answer is None or len(answer) > MAX_ANSWER_CHARS:
             return RewardResult(self.wrong, Verdict.FORMAT_ERROR, info={"reason": "no answer"})
         verdict, reason = CHECKERS[gold["kind"]](gold, answer)
-        return RewardResult(self.correct if verdict == Verdict.CORRECT else self.wrong, verdict, info={"reason": reason})
+        score = self.correct if verdict == Verdict.CORRECT else self.wrong
+        return RewardResult(score, verdict, info={"reason": reason})

@@ -143,9 +143,15 @@ class WorkerPool:
 
     def _step(self, record: Callable[[int, Outcome], None], queue: deque, samples: list[Sample] = ()):
         """Hand out chunks, wait for the next result or deadline, and settle whatever is due."""
-        for worker in self._workers:
+        for slot, worker in enumerate(self._workers):
             if worker.ready and worker.task is None and queue:
-                worker.start(queue.popleft(), samples)
+                task = queue.popleft()
+                try:
+                    worker.start(task, samples)
+                except OSError:  # it died while idle (e.g. the OOM killer): replace it, keep the chunk
+                    queue.appendleft(task)
+                    worker.kill()
+                    self._workers[slot] = _Worker(self._ctx, self.specs)
         waiting = [w for w in self._workers if w.task is not None or not w.ready]
         if not waiting:
             return

@@ -100,7 +100,8 @@ class Sandbox:
         self.limits = limits
         self.bwrap = shutil.which("bwrap")
         if self.bwrap is None:
-            raise SandboxUnavailable("bubblewrap (bwrap) is not installed; install it with: apt-get install -y bubblewrap")
+            raise SandboxUnavailable("bubblewrap (bwrap) is not installed; "
+                                     "install it with: apt-get install -y bubblewrap")
         self.as_root = os.geteuid() == 0
         self.python = _interpreter(python, self.as_root)
         self.argv = self._argv()

@@ -61,7 +61,7 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class RewardSpec:
-    name: str = ""  # a built-in reward ("math", "honesty"), or the logged label of an `import_path` class
+    name: str = ""  # built-in: math, honesty, code, logic, format; or the logged label of an `import_path` class
     import_path: str = ""  # "pkg.module:Class" for a user reward class
     weight: float = 1.0
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the reward's constructor

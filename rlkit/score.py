@@ -58,7 +58,8 @@ def read_samples(path: str) -> list:
 def format_summary(out, labels: list[str]) -> str:
     """The stats of a ScoreOutput as an aligned two-column table."""
     n = len(out.scores)
-    rows = [("samples", str(n)), ("valid", str(sum(out.valid))), ("score (mean over valid)", f"{out.stats['score/mean']:.4f}")]
+    rows = [("samples", str(n)), ("valid", str(sum(out.valid))),
+            ("score (mean over valid)", f"{out.stats['score/mean']:.4f}")]
     for label in labels:
         rows.append((f"{label} (mean)", f"{out.stats[f'{label}/mean']:.4f}"))
     for key in sorted(k for k in out.stats if k.startswith("verdict/")):
@@ -74,8 +75,8 @@ def format_summary(out, labels: list[str]) -> str:
 def write_scored(path: str, out) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for score, result, valid in zip(out.scores, out.results, out.valid):
-            record = {"score": score, "valid": valid, "verdict": result.verdict.value, "components": dict(result.components),
-                      "info": result.info}
+            record = {"score": score, "valid": valid, "verdict": result.verdict.value,
+                      "components": dict(result.components), "info": result.info}
             f.write(json.dumps(record, default=repr) + "\n")
 
 

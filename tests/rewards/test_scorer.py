@@ -75,6 +75,13 @@ def test_a_hang_inside_a_large_batch_times_out_only_that_sample():
     assert out.stats["score/mean"] == 1.0 and out.stats["excluded"] == 2
 
 
+def test_a_worker_that_died_while_idle_is_replaced():
+    with Scorer(RewardConfig(rewards=[FLAKY], num_workers=1)) as scorer:
+        scorer._pool._workers[0].process.kill()
+        scorer._pool._workers[0].process.join()
+        assert scorer.score(samples("ok", "ok")).scores == [1.0, 1.0]
+
+
 def test_sys_exit_and_unpicklable_info_are_handled_in_the_worker():
     with Scorer(RewardConfig(rewards=[FLAKY], on_error="exclude", num_workers=1)) as scorer:
         out = scorer.score(samples("sysexit", "lambda", "ok"))
