@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 from typing import Any
@@ -62,6 +63,14 @@ def build_reward(spec: RewardSpec, index: int) -> Reward:
     if spec.import_path:
         return instantiate(load_class(spec.import_path, f"{field}.import_path"), kwargs, f"{field}.import_path")
     return builtin_reward(spec.name, kwargs, f"{field}.name")
+
+
+def resolve_spec(spec: RewardSpec) -> RewardSpec:
+    """The spec with a built-in name turned into its import path, so spawned workers (which do not see
+    `register_reward` calls made in this process) build the same class."""
+    if spec.import_path or spec.name not in _BUILTINS:
+        return spec
+    return dataclasses.replace(spec, import_path=_BUILTINS[spec.name])
 
 
 def reward_label(spec: RewardSpec) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from rlkit.config import RecipeError, RewardConfig
 from rewards.base import RewardResult, Sample, Verdict
 from rewards.pool import Outcome, WorkerPool
-from rewards.registry import build_reward, reward_label
+from rewards.registry import build_reward, resolve_spec, reward_label
 
 _FAULTS = (Verdict.ERROR, Verdict.TIMEOUT)
 
@@ -54,7 +54,7 @@ class Scorer:
         self._rewards = [build_reward(spec, i) for i, spec in enumerate(self.specs)]  # for their summaries
         _check_budget(self._rewards, cfg.timeout_s)
         self.labels = [reward_label(s) for s in self.specs]
-        self._pool = WorkerPool(self.specs, cfg.num_workers, cfg.timeout_s)
+        self._pool = WorkerPool([resolve_spec(s) for s in self.specs], cfg.num_workers, cfg.timeout_s)
 
     def score(self, samples: list[Sample]) -> ScoreOutput:
         """Scores for `samples` (N,), in order; raises RewardError on a fault when on_error is "fail"."""

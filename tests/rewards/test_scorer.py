@@ -26,6 +26,16 @@ def test_weighted_rewards_with_a_user_class():
     assert out.stats["math/mean"] == pytest.approx(2 / 3) and out.stats["verdict/correct"] == 2
 
 
+def test_a_registered_name_reaches_the_workers(monkeypatch):
+    from rewards import registry
+
+    monkeypatch.setattr(registry, "_BUILTINS", dict(registry._BUILTINS))  # undone after the test
+    registry.register_reward("brevity", "tests.rewards.helpers:LengthReward")
+    with Scorer(RewardConfig(rewards=[RewardSpec(name="brevity", kwargs={"limit": 2})], num_workers=1)) as scorer:
+        out = scorer.score(samples("4", "444"))
+    assert out.scores == [1.0, 0.0] and out.results[0].components == {"brevity": 1.0}
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
