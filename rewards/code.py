@@ -217,14 +217,15 @@ class CodeReward:
     'correct'
     """
 
-    def __init__(self, correct: float = 1.0, wrong: float = 0.0, partial: bool = False, wall_s: float = 4.0,
+    def __init__(self, correct: float = 1.0, wrong: float = 0.0, partial: bool = False, wall_s: float = 3.0,
                  test_timeout_s: float = 2.0, memory_mb: int = 512, processes: int = 32, python: str = ""):
         limits = SandboxLimits(wall_s=wall_s, cpu_s=max(1, math.ceil(wall_s)), memory_mb=memory_mb,
                                processes=processes)
         self.sandbox = Sandbox(limits, python)  # fails here, before any sample, if bwrap cannot sandbox
         self.correct, self.wrong, self.partial = correct, wrong, partial
         self.test_timeout_s = test_timeout_s
-        self.budget_s = wall_s + 1.0  # the scorer's per-sample deadline must leave room for this
+        # the scorer's per-sample deadline must leave room for this (3 + 1 fits the default timeout_s of 5)
+        self.budget_s = wall_s + 1.0
 
     def score(self, sample: Sample) -> RewardResult:
         gold = sample.gold if isinstance(sample.gold, dict) else {}

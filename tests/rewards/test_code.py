@@ -103,5 +103,6 @@ def test_the_scorer_runs_code_and_checks_the_deadline_leaves_room():
     with Scorer(RewardConfig(rewards=[spec], timeout_s=5.0, num_workers=1)) as scorer:
         out = scorer.score([Sample("", "def f(x):\n    return 2 * x", gold), Sample("", "def f(x):\n    while 1: pass", gold)])
     assert [r.verdict for r in out.results] == [Verdict.CORRECT, Verdict.WRONG]  # a hang is wrong, not a fault
+    Scorer(RewardConfig(rewards=[RewardSpec(name="code")], num_workers=1)).close()  # the defaults fit together
     with pytest.raises(RecipeError, match=r"reward.rewards\[0\]: may take up to 11s .* reward.timeout_s is 5"):
         Scorer(RewardConfig(rewards=[RewardSpec(name="code", kwargs={"wall_s": 10.0})], timeout_s=5.0))
