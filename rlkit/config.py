@@ -172,6 +172,15 @@ class RecipeConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     stages: List[StageConfig] = field(default_factory=lambda: [StageConfig()])
 
+    def stage_lr(self, index: int) -> float:
+        """A stage's learning rate: its own, else trainer.lr."""
+        lr = self.stages[index].lr
+        return self.trainer.lr if lr is None else lr
+
+    def stage_warmup(self, index: int) -> int:
+        warmup = self.stages[index].warmup_steps
+        return self.trainer.warmup_steps if warmup is None else warmup
+
 
 def _closest(key: str, cls: type) -> str:
     names = [f.name for f in fields(cls)] if is_dataclass(cls) else []

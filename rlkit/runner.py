@@ -64,8 +64,12 @@ def run(cfg: RecipeConfig) -> dict:
         print(f"held-out accuracy before training: {before['accuracy']:.3f}", flush=True)
         for index, stage in enumerate(cfg.stages):
             t0 = time.perf_counter()
-            model_path, after = run_stage(cfg, index, model_path, tokenizer, train_set, held_out, cluster, pool,
-                                          scorer, logger, recipe_yaml)
+            ctx = StageContext(cfg, stage, index, model_path, tokenizer, train_set,
+                               cluster.trainer_group(model_path, cfg.stage_lr(index), cfg.stage_warmup(index)),
+                               pool, scorer, cluster, logger)
+            model_path = run_stage(ctx, recipe_yaml)
+            after = evaluate(pool, tokenizer, scorer, held_out, cfg.logging.eval_temperature)
+            logger.log({f"eval/{k}": v for k, v in after.items()})
             seconds = time.perf_counter() - t0
             print(
                 f"stage {index} ({stage.kind}): held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
@@ -87,29 +91,23 @@ def run(cfg: RecipeConfig) -> dict:
     return summary
 
 
-def run_stage(cfg, index, model_path, tokenizer, train_set, held_out, cluster, pool, scorer, logger, recipe_yaml):
-    """Train one stage from `model_path`; returns (its checkpoint path, held-out metrics after it)."""
-    stage = cfg.stages[index]
-    lr = cfg.trainer.lr if stage.lr is None else stage.lr
-    warmup = cfg.trainer.warmup_steps if stage.warmup_steps is None else stage.warmup_steps
-    trainer = cluster.trainer_group(model_path, lr, warmup)
-    ctx = StageContext(cfg, stage, index, model_path, tokenizer, train_set, trainer, pool, scorer, cluster, logger)
-    if stage.kind == "sft":
+def run_stage(ctx: StageContext, recipe_yaml: str) -> str:
+    """Train one stage from ctx.model_path; returns the path of its checkpoint."""
+    kind, trainer = ctx.stage.kind, ctx.trainer
+    if kind == "sft":
         sft.train(ctx)
-    elif stage.kind == "dpo":
+    elif kind == "dpo":
         dpo.train(ctx)
-    elif stage.kind == "grpo":
+    elif kind == "grpo":
         grpo.train(ctx)
-    elif stage.kind == "ppo":
+    elif kind == "ppo":
         ppo.train(ctx)
     else:  # validate() admits only the kinds above
-        raise RecipeError(f"stages.{index}.kind: '{stage.kind}' is not implemented")
-    if stage.kind in ("sft", "dpo"):  # GRPO and PPO sync after every step already
-        pool.sync_weights(trainer.state_dict())
-    name = stage.name or f"{index + 1:02d}_{stage.kind}"
-    path = trainer.save(str(Path(logger.run_dir) / "checkpoints" / name), model_path, recipe_yaml,
-                        {"stage": index, "kind": stage.kind})
-    cluster.release(trainer)
-    after = evaluate(pool, tokenizer, scorer, held_out, cfg.logging.eval_temperature)
-    logger.log({f"eval/{k}": v for k, v in after.items()})
-    return path, after
+        raise RecipeError(f"stages.{ctx.index}.kind: '{kind}' is not implemented")
+    if kind in ("sft", "dpo"):  # GRPO and PPO sync after every step already
+        ctx.pool.sync_weights(trainer.state_dict())
+    name = ctx.stage.name or f"{ctx.index + 1:02d}_{kind}"
+    path = trainer.save(str(ctx.logger.run_dir / "checkpoints" / name), ctx.model_path, recipe_yaml,
+                        {"stage": ctx.index, "kind": kind})
+    ctx.cluster.release(trainer)
+    return path

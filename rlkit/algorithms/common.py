@@ -31,11 +31,11 @@ class StageContext:
 
     @property
     def lr(self) -> float:
-        return self.cfg.trainer.lr if self.stage.lr is None else self.stage.lr
+        return self.cfg.stage_lr(self.index)
 
     @property
     def warmup_steps(self) -> int:
-        return self.cfg.trainer.warmup_steps if self.stage.warmup_steps is None else self.stage.warmup_steps
+        return self.cfg.stage_warmup(self.index)
 
     @property
     def prefix(self) -> str:
