@@ -41,6 +41,15 @@ class StageContext:
     def prefix(self) -> str:
         return self.stage.name or self.stage.kind
 
+    def log_step(self, step: int, metrics: dict, extra: dict | None = None) -> bool:
+        """Count a global step; log `metrics` under the stage's prefix every logging.log_every steps and at the
+        stage's last step. Returns whether it logged."""
+        self.logger.global_step += 1
+        due = step % self.cfg.logging.log_every == 0 or step == self.stage.steps - 1
+        if due:
+            self.logger.log({f"{self.prefix}/{k}": v for k, v in metrics.items()} | (extra or {}))
+        return due
+
     def seed(self) -> int:
         return self.cfg.trainer.seed * 1000 + self.index
 

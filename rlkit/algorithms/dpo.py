@@ -55,9 +55,7 @@ def train(ctx: StageContext) -> None:
         tokens = pack_pairs(sampler.next(), ctx.tokenizer.pad_token_id)  # (2P, L)
         ref_logps = ref.logprobs(tokens).sum(-1)  # (2P,) summed response log-probs
         metrics = ctx.trainer.dpo_step(PairBatch(tokens, ref_logps, len(tokens) // 2))
-        ctx.logger.global_step += 1
-        if step % cfg.logging.log_every == 0 or step == stage.steps - 1:
-            ctx.logger.log({f"{ctx.prefix}/{k}": v for k, v in metrics.items()})
+        if ctx.log_step(step, metrics):
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['reward_margin']:.2f}")
         bar.update(1)
     bar.close()

@@ -91,13 +91,11 @@ def train(ctx: StageContext) -> None:
             sync = ctx.pool.sync_weights(ctx.trainer.state_dict())
 
         # log
-        ctx.logger.global_step += 1
         metrics = summarize(metrics) | rollout_metrics(completions, timer)
         metrics |= {"reward/mean": rewards.mean(), "reward/std": rewards.std(), "uniform_group_rate": uniform.float().mean()}
         metrics |= {f"reward/{k}": v for k, v in scored.stats.items()}
         metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s}
-        if step % cfg.logging.log_every == 0 or step == stage.steps - 1:
-            ctx.logger.log({f"{ctx.prefix}/{k}": v for k, v in metrics.items()} | timer.metrics(ctx.prefix))
+        ctx.log_step(step, metrics, timer.metrics(ctx.prefix))
         bar.set_postfix(reward=f"{float(rewards.mean()):.3f}", kl=f"{float(metrics['kl']):.4f}")
         bar.update(1)
     bar.close()

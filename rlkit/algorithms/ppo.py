@@ -90,13 +90,11 @@ def train(ctx: StageContext) -> None:
             sync = ctx.pool.sync_weights(ctx.trainer.state_dict())
 
         # log
-        ctx.logger.global_step += 1
         metrics = summarize(metrics) | rollout_metrics(completions, timer)
         metrics |= {f"value/{k}": v for k, v in value_metrics.items()}
         metrics |= {"reward/mean": scores.mean(), **{f"reward/{k}": v for k, v in scored.stats.items()}}
         metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s}
-        if step % cfg.logging.log_every == 0 or step == stage.steps - 1:
-            ctx.logger.log({f"{ctx.prefix}/{k}": v for k, v in metrics.items()} | timer.metrics(ctx.prefix))
+        ctx.log_step(step, metrics, timer.metrics(ctx.prefix))
         bar.set_postfix(reward=f"{float(scores.mean()):.3f}", vloss=f"{value_metrics['value_loss']:.4f}")
         bar.update(1)
     bar.close()

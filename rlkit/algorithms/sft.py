@@ -8,7 +8,7 @@ from rlkit.trainer import pack_sequences
 
 
 def train(ctx: StageContext) -> None:
-    cfg, stage, tok = ctx.cfg, ctx.stage, ctx.tokenizer
+    stage, tok = ctx.stage, ctx.tokenizer
     sampler = BatchSampler(ctx.train, stage.batch_size, ctx.seed())
     bar = ctx.logger.progress(stage.steps, f"{ctx.index}:{ctx.prefix}")
     for step in range(stage.steps):
@@ -20,9 +20,7 @@ def train(ctx: StageContext) -> None:
         )
         # every response token in the step batch weighs the same, whichever rank or micro-batch holds it
         metrics = ctx.trainer.sft_step(batch, float(batch.response_mask.sum()))
-        ctx.logger.global_step += 1
-        if step % cfg.logging.log_every == 0 or step == stage.steps - 1:
-            ctx.logger.log({f"{ctx.prefix}/{k}": v for k, v in metrics.items()})
+        if ctx.log_step(step, metrics):
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         bar.update(1)
     bar.close()
