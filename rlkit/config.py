@@ -133,6 +133,8 @@ class LoggingConfig:
     wandb_project: str = "rlkit"
     log_every: int = 10
     eval_temperature: float = 0.0  # greedy held-out evaluation
+    eval_every: int = 0  # also evaluate every N steps inside a stage (0: only before and after each stage)
+    best_metric: str = "accuracy"  # the held-out metric whose best value keeps checkpoints/best
 
 
 @dataclass(frozen=True)
@@ -296,6 +298,9 @@ def validate(cfg: RecipeConfig) -> None:
     _one_of("algo.dpo_loss", cfg.algo.dpo_loss, ("sigmoid", "ipo"))
     _one_of("trainer.dtype", cfg.trainer.dtype, ("float32", "bfloat16", "float64"))
     _one_of("trainer.logprob_impl", cfg.trainer.logprob_impl, ("auto", "torch", "triton"))
+    _one_of("logging.best_metric", cfg.logging.best_metric, ("accuracy", "mean_reward"))
+    if cfg.logging.eval_every < 0 or cfg.logging.log_every < 1:
+        raise RecipeError("logging.eval_every must be >= 0 and logging.log_every >= 1")
     _one_of("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
     _one_of("reward.on_error", cfg.reward.on_error, ("exclude", "score", "fail"))
     if cfg.algo.group_size < 2 and any(s.kind == "grpo" for s in cfg.stages):

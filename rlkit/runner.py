@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def run(cfg: RecipeConfig) -> dict:
     del model  # from here on the trainer group owns the weights
     pool = cluster.rollout_pool(model_path)
     summary: dict = {"stages": []}
+    best: dict = {}  # the best held-out value so far (logging.best_metric), for checkpoints/best
     started = time.perf_counter()
     try:
         before = evaluate(pool, tokenizer, scorer, held_out, cfg.logging.eval_temperature)
@@ -66,10 +68,12 @@ def run(cfg: RecipeConfig) -> dict:
             t0 = time.perf_counter()
             ctx = StageContext(cfg, stage, index, model_path, tokenizer, train_set,
                                cluster.trainer_group(model_path, cfg.stage_lr(index), cfg.stage_warmup(index)),
-                               pool, scorer, cluster, logger)
+                               pool, scorer, cluster, logger, held_out, best)
             model_path = run_stage(ctx, recipe_yaml)
             after = evaluate(pool, tokenizer, scorer, held_out, cfg.logging.eval_temperature)
             logger.log({f"eval/{k}": v for k, v in after.items()})
+            if ctx.is_best(after):
+                copy_checkpoint(Path(model_path), run_dir / "checkpoints" / "best")
             seconds = time.perf_counter() - t0
             print(
                 f"stage {index} ({stage.kind}): held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
@@ -89,6 +93,16 @@ def run(cfg: RecipeConfig) -> dict:
         logger.close()
         cluster.shutdown()
     return summary
+
+
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """Replace `target` by a copy of `source`, never leaving a half-copied folder under the final name."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
 
 
 def run_stage(ctx: StageContext, recipe_yaml: str) -> str:

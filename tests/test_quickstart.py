@@ -111,3 +111,22 @@ def test_unknown_advantage_estimator_fails_before_heavy_work(tmp_path):
                timeout=120)
     assert proc.returncode == 2 and "algo.advantage_estimator: 'grpoo'" in proc.stderr
     assert not (tmp_path / "r").exists()  # nothing was written
+
+
+@pytest.mark.slow
+def test_evaluation_inside_stages_keeps_the_best_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run("recipes/quickstart.yaml", f"logging.output_dir={run_dir}", "logging.wandb_mode=disabled",
+               "data.num_eval=100", "logging.eval_every=50", "stages=[{kind: sft, steps: 150, batch_size: 64}]")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    evals = [(m["step"], m["eval/accuracy"]) for m in read_metrics(run_dir) if "eval/accuracy" in m]
+    assert [step for step, _ in evals] == [0, 50, 100, 150]  # before, two inside the stage, after
+    best = run_dir / "checkpoints" / "best"
+    assert (best / "model.safetensors").exists() and (best / "recipe.yaml").exists()
+    best_acc = max(acc for step, acc in evals if step > 0)
+    final = json.loads((run_dir / "summary.json").read_text())["stages"][0]["after"]["accuracy"]
+    # the best checkpoint is the stage's own when the end was best, else the in-stage one that was
+    if final == best_acc:
+        assert (best / "rlkit_stage.json").read_text() == (run_dir / "checkpoints" / "01_sft" / "rlkit_stage.json").read_text()
+    else:
+        assert json.loads((best / "rlkit_stage.json").read_text())["metrics"]["accuracy"] == best_acc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from rlkit.config import RecipeConfig, StageConfig
@@ -28,6 +28,8 @@ class StageContext:
     scorer: Any  # rewards.Scorer, in this process or behind a Ray actor
     cluster: Any  # rlkit.cluster.Cluster, to make the stage's reference model
     logger: RunLogger
+    held_out: list[Problem] = field(default_factory=list)
+    best: dict = field(default_factory=dict)  # {"value": best held-out metric so far}, shared across stages
 
     @property
     def lr(self) -> float:
@@ -49,6 +51,30 @@ class StageContext:
         if due:
             self.logger.log({f"{self.prefix}/{k}": v for k, v in metrics.items()} | (extra or {}))
         return due
+
+    def maybe_evaluate(self, step: int) -> None:
+        """Held-out evaluation every logging.eval_every steps inside the stage (its end is the runner's)."""
+        every = self.cfg.logging.eval_every
+        if not every or (step + 1) % every or step == self.stage.steps - 1:
+            return
+        from rlkit.evaluate import evaluate
+
+        if self.stage.kind in ("sft", "dpo"):  # these stages do not sync every step
+            self.pool.sync_weights(self.trainer.state_dict())
+        metrics = evaluate(self.pool, self.tokenizer, self.scorer, self.held_out, self.cfg.logging.eval_temperature)
+        self.logger.log({f"eval/{k}": v for k, v in metrics.items()})
+        if self.is_best(metrics):
+            self.trainer.save(str(self.logger.run_dir / "checkpoints" / "best"), self.model_path,
+                              (self.logger.run_dir / "recipe.yaml").read_text(),
+                              {"stage": self.index, "step": step, "metrics": metrics})
+
+    def is_best(self, metrics: dict) -> bool:
+        """Record `metrics` if its logging.best_metric beats every evaluation so far."""
+        value = metrics.get(self.cfg.logging.best_metric)
+        if value is None or value <= self.best.get("value", float("-inf")):
+            return False
+        self.best["value"] = value
+        return True
 
     def seed(self) -> int:
         return self.cfg.trainer.seed * 1000 + self.index

@@ -57,6 +57,7 @@ def train(ctx: StageContext) -> None:
         metrics = ctx.trainer.dpo_step(PairBatch(tokens, ref_logps, len(tokens) // 2))
         if ctx.log_step(step, metrics):
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['reward_margin']:.2f}")
+        ctx.maybe_evaluate(step)
         bar.update(1)
     bar.close()
     ctx.cluster.release(ref)

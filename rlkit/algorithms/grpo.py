@@ -97,6 +97,7 @@ def train(ctx: StageContext) -> None:
         metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s}
         ctx.log_step(step, metrics, timer.metrics(ctx.prefix))
         bar.set_postfix(reward=f"{float(rewards.mean()):.3f}", kl=f"{float(metrics['kl']):.4f}")
+        ctx.maybe_evaluate(step)
         bar.update(1)
     bar.close()
     ctx.cluster.release(ref)

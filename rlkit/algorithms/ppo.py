@@ -96,6 +96,7 @@ def train(ctx: StageContext) -> None:
         metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s}
         ctx.log_step(step, metrics, timer.metrics(ctx.prefix))
         bar.set_postfix(reward=f"{float(scores.mean()):.3f}", vloss=f"{value_metrics['value_loss']:.4f}")
+        ctx.maybe_evaluate(step)
         bar.update(1)
     bar.close()
     ctx.cluster.release(ref, critic)

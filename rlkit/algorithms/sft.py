@@ -22,5 +22,6 @@ def train(ctx: StageContext) -> None:
         metrics = ctx.trainer.sft_step(batch, float(batch.response_mask.sum()))
         if ctx.log_step(step, metrics):
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        ctx.maybe_evaluate(step)
         bar.update(1)
     bar.close()
