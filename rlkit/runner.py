@@ -48,9 +48,9 @@ def run(cfg: RecipeConfig) -> dict:
     train_set, held_out = load_splits(cfg.data)  # bad data fails here, before any heavy work
     if any(s.kind == "grpo" for s in cfg.stages):
         get_estimator(cfg.algo.advantage_estimator)  # an unknown estimator or import path fails here too
-    run_dir = prepare_run_dir(cfg)
     cluster = Cluster(cfg)
-    scorer = cluster.scorer()  # unknown rewards or import paths fail here, before the model is built
+    scorer = cluster.scorer()  # unknown rewards or import paths fail here, before anything is written
+    run_dir = prepare_run_dir(cfg)
     (run_dir / "recipe.yaml").write_text(recipe_yaml)
     logger = RunLogger(cfg.logging, run_dir, OmegaConf.to_container(OmegaConf.create(recipe_yaml)))
     model, tokenizer = init_model(cfg.model)

@@ -130,3 +130,11 @@ def test_evaluation_inside_stages_keeps_the_best_checkpoint(tmp_path):
         assert (best / "rlkit_stage.json").read_text() == (run_dir / "checkpoints" / "01_sft" / "rlkit_stage.json").read_text()
     else:
         assert json.loads((best / "rlkit_stage.json").read_text())["metrics"]["accuracy"] == best_acc
+
+
+def test_unknown_reward_fails_before_anything_is_written(tmp_path):
+    proc = run("recipes/quickstart.yaml", f"logging.output_dir={tmp_path}/r", "reward.rewards=[{name: mth}]",
+               timeout=120)
+    assert proc.returncode == 2 and "reward.rewards[0].name: unknown reward 'mth'" in proc.stderr
+    assert "Did you mean 'math'?" in proc.stderr
+    assert not (tmp_path / "r").exists()
