@@ -50,24 +50,27 @@ class TrainerGroup:
             raise ValueError(f"{len(batch)} rows do not split evenly over {self.world_size} trainer ranks")
         return [batch.select(slice(r * rows, (r + 1) * rows)) for r in range(self.world_size)]
 
+    def _each(self, batch, call: Callable) -> list:
+        """call(worker, its rows) on every rank at once; the ranks' results in rank order."""
+        return self._resolve([call(w, rows) for w, rows in zip(self.workers, self._split(batch))])
+
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
-        parts = self._resolve([w.logprobs(s, temperature) for w, s in zip(self.workers, self._split(batch))])
-        return torch.cat(parts)
+        return torch.cat(self._each(batch, lambda w, rows: w.logprobs(rows, temperature)))
 
     def sft_step(self, batch: TokenBatch, normalizer: float) -> dict[str, float]:
-        return _merge(self._resolve([w.sft_step(s, normalizer) for w, s in zip(self.workers, self._split(batch))]))
+        return _merge(self._each(batch, lambda w, rows: w.sft_step(rows, normalizer)))
 
     def dpo_step(self, batch: PairBatch) -> dict[str, float]:
-        return _merge(self._resolve([w.dpo_step(s) for w, s in zip(self.workers, self._split(batch))]))
+        return _merge(self._each(batch, lambda w, rows: w.dpo_step(rows)))
 
     def policy_step(self, batch: PolicyBatch) -> dict[str, float]:
-        return _merge(self._resolve([w.policy_step(s) for w, s in zip(self.workers, self._split(batch))]))
+        return _merge(self._each(batch, lambda w, rows: w.policy_step(rows)))
 
     def values(self, batch: TokenBatch) -> torch.Tensor:  # critic groups
-        return torch.cat(self._resolve([w.values(s) for w, s in zip(self.workers, self._split(batch))]))
+        return torch.cat(self._each(batch, lambda w, rows: w.values(rows)))
 
     def value_step(self, batch) -> dict[str, float]:  # critic groups
-        return _merge(self._resolve([w.value_step(s) for w, s in zip(self.workers, self._split(batch))]))
+        return _merge(self._each(batch, lambda w, rows: w.value_step(rows)))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights; every rank takes part in the gather."""

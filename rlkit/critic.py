@@ -8,7 +8,7 @@ import torch
 
 from rlkit.config import AlgoConfig, TrainerConfig
 from rlkit.losses import value_loss
-from rlkit.trainer import RankWorker, TokenBatch
+from rlkit.trainer import RankWorker, TokenBatch, prepare_torch
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,7 @@ class CriticTrainer(RankWorker):
                  rank: int = 0, world_size: int = 1):
         from transformers import AutoModel
 
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
-        torch.manual_seed(cfg.seed)
+        prepare_torch(cfg)
         self.algo = algo
         body = AutoModel.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
         super().__init__(cfg, ValueModel(body), list(body.layers), lr, warmup_steps, rank, world_size)

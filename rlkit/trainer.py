@@ -199,12 +199,17 @@ class RankWorker:
         return totals | {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
 
 
-def load_causal_lm(model_path: str, cfg: TrainerConfig) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
+def prepare_torch(cfg: TrainerConfig) -> None:
+    """Per-process torch settings of a trainer rank: threads and seed."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
+
+
+def load_causal_lm(model_path: str, cfg: TrainerConfig) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    prepare_torch(cfg)
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
 
 
