@@ -17,6 +17,7 @@ _BUILTINS: dict[str, str] = {
     "code": "rewards.code:CodeReward",
     "logic": "rewards.logic:LogicReward",
     "format": "rewards.format:FormatReward",
+    "judge": "rewards.judge:JudgeReward",  # batched: run by the scorer over whole batches (rewards.scorer)
 }
 
 
@@ -38,22 +39,26 @@ def load_class(import_path: str, field: str) -> type:
     return getattr(module, attr)
 
 
-def instantiate(cls: type, kwargs: dict[str, Any], field: str) -> Reward:
+def instantiate(cls: type, kwargs: dict[str, Any], field: str, kwargs_field: str = "") -> Reward:
+    """`cls(**kwargs)`. A ValueError from the constructor is its check of a kwarg's value (its message starts
+    with the kwarg's name) and becomes a RecipeError under `kwargs_field`."""
     try:
         reward = cls(**kwargs)
     except TypeError as e:
         raise RecipeError(f"{field}: bad kwargs for {cls.__name__}: {e}") from e
-    if not callable(getattr(reward, "score", None)):
+    except ValueError as e:
+        raise RecipeError(f"{kwargs_field or field}: {cls.__name__}: {e}") from e
+    if not callable(getattr(reward, "score", None)) and not callable(getattr(reward, "score_batch", None)):
         raise RecipeError(f"{field}: {cls.__name__} has no score(sample) method")
     return reward
 
 
-def builtin_reward(name: str, kwargs: dict[str, Any], field: str) -> Reward:
+def builtin_reward(name: str, kwargs: dict[str, Any], field: str, kwargs_field: str = "") -> Reward:
     if name not in _BUILTINS:
         close = difflib.get_close_matches(name, list(_BUILTINS), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else f" Built-in rewards: {', '.join(sorted(_BUILTINS))}."
         raise RecipeError(f"{field}: unknown reward '{name}'.{hint} A custom class goes in import_path.")
-    return instantiate(load_class(_BUILTINS[name], field), kwargs, field)
+    return instantiate(load_class(_BUILTINS[name], field), kwargs, field, kwargs_field)
 
 
 def build_reward(spec: RewardSpec, index: int) -> Reward:
@@ -61,8 +66,9 @@ def build_reward(spec: RewardSpec, index: int) -> Reward:
     field = f"reward.rewards[{index}]"
     kwargs = dict(spec.kwargs)
     if spec.import_path:
-        return instantiate(load_class(spec.import_path, f"{field}.import_path"), kwargs, f"{field}.import_path")
-    return builtin_reward(spec.name, kwargs, f"{field}.name")
+        return instantiate(load_class(spec.import_path, f"{field}.import_path"), kwargs, f"{field}.import_path",
+                           f"{field}.kwargs")
+    return builtin_reward(spec.name, kwargs, f"{field}.name", f"{field}.kwargs")
 
 
 def resolve_spec(spec: RewardSpec) -> RewardSpec:

@@ -5,6 +5,13 @@ and the sample's verdict is TIMEOUT (math-verify's own alarm cannot stop every p
 integer power computed in C). A reward that raises gives ERROR. Neither is a silent 0: both are counted in the
 stats and handled by `reward.on_error` ("exclude" the sample from the loss, "score" it `error_score`, or
 "fail" the run).
+
+A batched reward (one with `score_batch(samples, engine)`, e.g. the LLM judge in `rewards.judge`) runs here in
+the scorer's process, once per batch, never in the workers (each would load its own model). If it has
+`engine_args()`, the scorer makes its engine at start, `make_engine(*reward.engine_args())`: a VllmRollout in
+this process by default, a Ray actor from rlkit.cluster on a Ray cluster (else `engine` is None). It is not
+under the per-sample deadline; its faults come back as ERROR results all the same, and an exception escaping
+it makes every sample of the batch an ERROR.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 from rlkit.config import RecipeError, RewardConfig
 from rewards.base import RewardResult, Sample, Verdict
@@ -44,21 +52,70 @@ def _check_budget(rewards: list, timeout_s: float) -> None:
                           "above that or lower the reward's limit (e.g. kwargs: {wall_s: ...})")
 
 
+def is_batched(reward) -> bool:
+    """Whether the scorer runs `reward` over whole batches in its own process (see the module docstring)."""
+    return callable(getattr(reward, "score_batch", None))
+
+
+def _local_engine(*args):
+    from rollout.vllm_engine import VllmRollout  # vllm only where a batched reward needs an engine
+
+    return VllmRollout(*args)
+
+
+def _start_engine(make_engine: Callable, reward, k: int):
+    try:
+        return make_engine(*reward.engine_args())
+    except Exception as e:
+        raise RuntimeError(f"reward.rewards[{k}]: its engine failed to start ({type(e).__name__}: {e})") from e
+
+
 class Scorer:
     """Scores samples with the recipe's weighted rewards; see the module docstring for deadlines and errors."""
 
-    def __init__(self, cfg: RewardConfig):
+    def __init__(self, cfg: RewardConfig, make_engine: Callable | None = None):
         self.cfg = cfg
         self.specs = list(cfg.rewards)
         # Fail fast, in this process, on a bad name, import path or kwargs, or a deadline too short to be met.
         self._rewards = [build_reward(spec, i) for i, spec in enumerate(self.specs)]  # for their summaries
+        self._batched = [k for k, r in enumerate(self._rewards) if is_batched(r)]
+        self._pooled = [k for k in range(len(self.specs)) if k not in self._batched]
         _check_budget(self._rewards, cfg.timeout_s)
         self.labels = [reward_label(s) for s in self.specs]
-        self._pool = WorkerPool([resolve_spec(s) for s in self.specs], cfg.num_workers, cfg.timeout_s)
+        self._engines: dict[int, object] = {}
+        self._pool = None
+        if self._pooled:
+            self._pool = WorkerPool([resolve_spec(self.specs[k]) for k in self._pooled], cfg.num_workers, cfg.timeout_s)
+        try:
+            for k in self._batched:
+                if callable(getattr(self._rewards[k], "engine_args", None)):  # else it needs no engine
+                    self._engines[k] = _start_engine(make_engine or _local_engine, self._rewards[k], k)
+        except BaseException:
+            self.close()
+            raise
 
     def score(self, samples: list[Sample]) -> ScoreOutput:
         """Scores for `samples` (N,), in order; raises RewardError on a fault when on_error is "fail"."""
-        return self._combine(samples, self._pool.run(list(samples)))
+        samples = list(samples)
+        pooled = self._pool.run(samples) if self._pool is not None else [[] for _ in samples]
+        batched = {k: self._score_batch(k, samples) for k in self._batched}
+        per_sample = []
+        for i, outs in enumerate(pooled):  # back to the recipe's order of rewards
+            rest = iter(outs)
+            per_sample.append([batched[k][i] if k in batched else next(rest) for k in range(len(self.specs))])
+        return self._combine(samples, per_sample)
+
+    def _score_batch(self, k: int, samples: list[Sample]) -> list[RewardResult]:
+        """Reward k's results on the whole batch; anything escaping it makes every sample an ERROR."""
+        try:
+            results = self._rewards[k].score_batch(samples, self._engines.get(k))
+            if len(results) != len(samples) or not all(isinstance(r, RewardResult) for r in results):
+                raise TypeError(f"score_batch() returned {len(results)} items for {len(samples)} samples, "
+                                "expected one RewardResult each")
+            return list(results)
+        except Exception as e:
+            error = RewardResult(0.0, Verdict.ERROR, info={"error": f"{type(e).__name__}: {e}"[:1000]})
+            return [error] * len(samples)
 
     def _combine(self, samples: list[Sample], per_sample: list[Outcome]) -> ScoreOutput:
         scores, results, valid = [], [], []
@@ -106,7 +163,12 @@ class Scorer:
         return stats
 
     def close(self) -> None:
-        self._pool.close()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        for engine in self._engines.values():
+            engine.close()
+        self._engines = {}
 
     def __enter__(self) -> "Scorer":
         return self

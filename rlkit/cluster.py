@@ -7,6 +7,7 @@ the controller one interface either way, so the stage loops run unchanged in uni
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -188,7 +189,9 @@ class Cluster:
 
         if self.ray is None:
             return Scorer(self.cfg.reward)
-        return _Blocking(self._actor(Scorer, 1, 0).remote(self.cfg.reward), self.ray.get)
+        c = self.cfg.cluster  # a batched reward's engine (the LLM judge) becomes an actor of its own
+        make_engine = functools.partial(judge_engine_actor, c.gpus_per_engine)
+        return _Blocking(self._actor(Scorer, 1, 0).remote(self.cfg.reward, make_engine), self.ray.get)
 
     def release(self, *workers) -> None:
         """Stop actors of a finished stage (local workers are simply dropped)."""
@@ -213,6 +216,17 @@ class _Blocking(_Remote):
     def __getattr__(self, name: str) -> Callable:
         method = getattr(self._handle, name).remote
         return lambda *args, **kwargs: self._get(method(*args, **kwargs))
+
+
+def judge_engine_actor(num_gpus: float, *engine_args):
+    """A judge's VllmRollout as a Ray actor; called inside the scorer actor (rewards.Scorer's `make_engine`).
+    It asks for no CPU of its own: it runs only while the scorer actor, which holds one, waits on it."""
+    import ray
+    from rollout.vllm_engine import VllmRollout
+
+    handle = ray.remote(num_cpus=0, num_gpus=num_gpus)(VllmRollout).remote(*engine_args)
+    ray.get(handle.__ray_ready__.remote())  # an engine that cannot start fails the scorer's construction
+    return _Blocking(handle, ray.get)
 
 
 def _free_port() -> int:

@@ -44,6 +44,8 @@ class DataConfig:
     answer_key: str = "answer"
     solution_key: str = "solution"
     seed: int = 1234
+    verification: bool = False  # synthetic: judge-training examples instead (rewards.judge; recipes/judge.yaml)
+    verification_wrong_rate: float = 0.5  # verification: share of candidate answers that are plausible wrong ones
 
 
 @dataclass(frozen=True)
@@ -333,3 +335,7 @@ def validate(cfg: RecipeConfig) -> None:
             raise RecipeError(f"reward.rewards[{i}]: give a built-in name (e.g. math) or an import_path 'pkg.mod:Class'")
     if cfg.reward.timeout_s <= 0 or cfg.reward.num_workers < 1:
         raise RecipeError("reward.timeout_s must be > 0 and reward.num_workers >= 1")
+    if cfg.data.verification and cfg.data.source != "synthetic":
+        raise RecipeError("data.verification: judge examples are built from the synthetic tasks; set data.source=synthetic")
+    if not 0.0 < cfg.data.verification_wrong_rate < 1.0:
+        raise RecipeError(f"data.verification_wrong_rate: must be in (0, 1), got {cfg.data.verification_wrong_rate}")

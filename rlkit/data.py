@@ -2,6 +2,7 @@
 
 Every problem has a prompt, a gold answer and a solution (the SFT target: here the answer itself, or a worked
 solution when the JSONL has one). The held-out split is disjoint from training by construction.
+`data.verification` turns the synthetic problems into training data for an LLM judge (rewards.judge).
 """
 
 from __future__ import annotations
@@ -68,7 +69,61 @@ def synthetic_splits(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
         p = make_problem(rng, rng.choice(cfg.tasks), cfg.max_digits)
         if p.prompt not in held_out:
             train.append(p)
+    if cfg.verification:  # judge-training examples over the same problems, each split its own stream
+        wrong = cfg.verification_wrong_rate
+        return (verification_problems(train, wrong, cfg.seed + 2),
+                verification_problems(list(held_out.values()), wrong, cfg.seed + 3))
     return train, list(held_out.values())
+
+
+def plausible_wrong(answer: str, rng: random.Random) -> str:
+    """A wrong answer a weak solver might give: off by one or ten, one digit changed, two digits swapped,
+    a digit dropped or repeated.
+
+    >>> rng = random.Random(0)
+    >>> all(plausible_wrong(a, rng) != a for a in ["0", "7", "17", "100", "4321"] * 20)
+    True
+    """
+    value = int(answer)
+    while True:
+        digits = list(answer)
+        i = rng.randrange(len(digits))
+        kind = rng.choice(["one", "ten", "digit", "swap", "drop", "repeat"])
+        if kind in ("one", "ten"):
+            candidate = str(value + rng.choice([-1, 1]) * (1 if kind == "one" else 10))
+        elif kind == "digit":
+            digits[i] = rng.choice([d for d in "0123456789" if d != digits[i]])
+            candidate = "".join(digits)
+        elif kind == "swap" and len(digits) > 1:
+            j = i + 1 if i + 1 < len(digits) else i - 1
+            digits[i], digits[j] = digits[j], digits[i]
+            candidate = "".join(digits)
+        elif kind == "drop" and len(digits) > 1:
+            candidate = "".join(digits[:i] + digits[i + 1 :])
+        else:  # repeat (and swap or drop of a single digit)
+            candidate = "".join(digits[: i + 1] + digits[i:])
+        candidate = str(int(candidate)) if candidate.lstrip("-").isdigit() else candidate  # "07" -> "7"
+        if candidate != answer and not candidate.startswith("-"):
+            return candidate
+
+
+def verification_problems(problems: list[Problem], wrong_rate: float, seed: int) -> list[Problem]:
+    """Judge-training examples: each problem with a candidate answer (its own, or a plausible wrong one with
+    probability `wrong_rate`) in the judge's default prompt; the target is the judge's tag, the gold its label.
+
+    >>> [v] = verification_problems([Problem("2+2=", "4", "4", "add")], 0.0, seed=0)
+    >>> v.prompt, v.answer, v.solution, v.task
+    ('Problem: 2+2=\\nAnswer: 4\\nReference: 4\\nCorrect? ', '1', '<score>1</score>', 'verify_add')
+    """
+    from rewards.judge import DEFAULT_TEMPLATE, judge_prompt, score_tag
+
+    rng, out = random.Random(seed), []
+    for p in problems:
+        correct = rng.random() >= wrong_rate
+        candidate = p.answer if correct else plausible_wrong(p.answer, rng)
+        out.append(Problem(prompt=judge_prompt(DEFAULT_TEMPLATE, p.prompt, candidate, p.answer),
+                           answer=str(int(correct)), solution=score_tag(correct), task=f"verify_{p.task}"))
+    return out
 
 
 def read_jsonl(path: str | Path, cfg: DataConfig) -> list[Problem]:
