@@ -80,6 +80,13 @@ class TrainerGroup:
     def save(self, path: str, tokenizer_path: str, recipe_yaml: str, extra: dict | None = None) -> str:
         return self._resolve([w.save(path, tokenizer_path, recipe_yaml, extra) for w in self.workers])[0]
 
+    def save_state(self, path: str) -> None:
+        """Weights, optimizer, schedule and RNG for a resume point (needs `path` on a filesystem all ranks see)."""
+        self._resolve([w.save_state(path) for w in self.workers])
+
+    def load_state(self, path: str) -> None:
+        self._resolve([w.load_state(path) for w in self.workers])
+
 
 def _merge(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """Sum the ranks' normalised partial sums; grad norm and learning rate are the same on every rank."""

@@ -40,10 +40,12 @@ class DataConfig:
     max_digits: int = 3  # operands have 1..max_digits digits (multiplication: second operand 1 digit)
     num_train: int = 20000  # synthetic training problems
     num_eval: int = 256  # held-out problems (disjoint from training)
+    eval_source: str = ""  # a JSONL file of held-out problems (its first num_eval); "": split from source
     prompt_key: str = "prompt"  # JSONL field names
     answer_key: str = "answer"
     solution_key: str = "solution"
     seed: int = 1234
+    abstain_rate: float = 0.0  # synthetic: share of training targets replaced by "I don't know" (honesty recipes)
     verification: bool = False  # synthetic: judge-training examples instead (rewards.judge; recipes/judge.yaml)
     verification_wrong_rate: float = 0.5  # verification: share of candidate answers that are plausible wrong ones
 
@@ -137,6 +139,17 @@ class LoggingConfig:
     eval_temperature: float = 0.0  # greedy held-out evaluation
     eval_every: int = 0  # also evaluate every N steps inside a stage (0: only before and after each stage)
     best_metric: str = "accuracy"  # the held-out metric whose best value keeps checkpoints/best
+    eval_samples: int = 0  # also sample N answers per held-out problem for pass@k (0: greedy only)
+    eval_sample_temperature: float = 1.0
+    eval_pass_k: List[int] = field(default_factory=lambda: [1, 4])  # k values reported when eval_samples > 0
+    table_rows: int = 8  # completions per table (eval/completions at each evaluation, <stage>/completions)
+    completions_every: int = 10  # a table of training completions every N steps of sampling stages (0: never)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  # write a resume point every N steps inside a stage (0: only between stages)
+    keep: int = 2  # resume points kept; older ones are deleted only after a newer one is complete
 
 
 @dataclass(frozen=True)
@@ -152,15 +165,28 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class StageConfig:
-    kind: str = "sft"  # "sft", "dpo", "grpo" or "ppo"
+    kind: str = "sft"  # one of STAGE_KINDS
     name: str = ""  # checkpoint folder name; defaults to "<index>_<kind>"
     steps: int = 100
-    batch_size: int = 64  # sequences (SFT), pairs (DPO) or prompts (GRPO/PPO) per step
+    batch_size: int = 64  # sequences (SFT, RFT, distill), pairs (DPO) or prompts (GRPO/PPO) per step
     lr: Optional[float] = None  # defaults to trainer.lr
     warmup_steps: Optional[int] = None  # defaults to trainer.warmup_steps
+    save_every: int = 0  # also keep a snapshot checkpoint every N steps (what an `average` stage averages)
+    # rft / distill: sample `samples` completions per prompt, keep those the rewards judge correct
+    samples: int = 8  # also DPO with pairs=online: samples per prompt to pick chosen/rejected from
+    keep: str = "best"  # "best": the best accepted completion per prompt; "all": every distinct accepted one
+    teacher: str = ""  # distill: the teacher's local Hugging Face checkpoint, served by its own engine
+    # dpo
+    pairs: str = "offline"  # "offline": gold vs the starting policy's wrong answer; "online": per round, from the policy
+    rounds: int = 1  # pairs=online: sample, label, train, repeat; steps are split evenly over the rounds
+    # average: the weights of the last `last` snapshots (save_every) of stage `source` (default: the previous one)
+    source: str = ""  # a stage name or its checkpoint folder (e.g. 01_sft)
+    last: int = 3
+    method: str = "uniform"  # "uniform" or "ema" (newest weighs most: weights ema_decay^age, normalised)
+    ema_decay: float = 0.5
 
 
-STAGE_KINDS = ("sft", "dpo", "grpo", "ppo")
+STAGE_KINDS = ("sft", "dpo", "grpo", "ppo", "rft", "distill", "average")
 
 
 @dataclass(frozen=True)
@@ -174,7 +200,9 @@ class RecipeConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stages: List[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    resume: str = "never"  # "auto": continue logging.output_dir from its latest resume point, if it has one
 
     def stage_lr(self, index: int) -> float:
         """A stage's learning rate: its own, else trainer.lr."""
@@ -278,6 +306,26 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise RecipeError(f"{name}: '{value}' is not one of {', '.join(allowed)}")
 
 
+def _check_stage_options(i: int, stage: StageConfig) -> None:
+    _one_of(f"stages.{i}.keep", stage.keep, ("best", "all"))
+    _one_of(f"stages.{i}.pairs", stage.pairs, ("offline", "online"))
+    _one_of(f"stages.{i}.method", stage.method, ("uniform", "ema"))
+    if stage.save_every < 0 or stage.samples < 1 or stage.rounds < 1 or stage.last < 1:
+        raise RecipeError(f"stages.{i}: save_every must be >= 0, and samples, rounds and last >= 1")
+    if not 0.0 < stage.ema_decay < 1.0:
+        raise RecipeError(f"stages.{i}.ema_decay: must be in (0, 1), got {stage.ema_decay}")
+    if stage.kind == "dpo" and stage.pairs == "online" and (stage.samples < 2 or stage.steps < stage.rounds):
+        raise RecipeError(f"stages.{i}: online DPO needs samples >= 2 and at least one step per round "
+                          f"(steps={stage.steps}, rounds={stage.rounds})")
+    if stage.kind == "distill":
+        teacher = Path(stage.teacher)
+        if not stage.teacher or not (teacher / "config.json").is_file():
+            raise RecipeError(f"stages.{i}.teacher: '{stage.teacher}' is not a Hugging Face checkpoint folder "
+                              "(config.json, weights, tokenizer); give the teacher model's local path")
+    if stage.kind == "average" and i == 0 and not stage.source:
+        raise RecipeError(f"stages.{i}: an average stage needs an earlier stage (with save_every) to average")
+
+
 def validate(cfg: RecipeConfig) -> None:
     """Checks that span fields or sections; each names the field and the fix."""
     if not cfg.stages:
@@ -288,6 +336,7 @@ def validate(cfg: RecipeConfig) -> None:
             raise RecipeError(f"stages.{i}.steps: must be >= 0, got {stage.steps}")
         if stage.batch_size <= 0:
             raise RecipeError(f"stages.{i}.batch_size: must be > 0, got {stage.batch_size}")
+        _check_stage_options(i, stage)
     _one_of("rollout.backend", cfg.rollout.backend, ("vllm", "hf"))
     _one_of("ref.kl_estimator", cfg.ref.kl_estimator, ("k1", "k2", "k3"))
     _one_of("ref.kl_in", cfg.ref.kl_in, ("loss", "reward"))
@@ -304,6 +353,15 @@ def validate(cfg: RecipeConfig) -> None:
     if cfg.logging.eval_every < 0 or cfg.logging.log_every < 1:
         raise RecipeError("logging.eval_every must be >= 0 and logging.log_every >= 1")
     _one_of("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
+    lg = cfg.logging
+    if lg.eval_samples and not all(1 <= k <= lg.eval_samples for k in lg.eval_pass_k):
+        raise RecipeError(f"logging.eval_pass_k: each k must be between 1 and logging.eval_samples "
+                          f"({lg.eval_samples}), got {list(lg.eval_pass_k)}")
+    if lg.eval_samples < 0 or lg.table_rows < 0 or lg.completions_every < 0:
+        raise RecipeError("logging.eval_samples, logging.table_rows and logging.completions_every must be >= 0")
+    _one_of("resume", cfg.resume, ("never", "auto"))
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
+        raise RecipeError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
     _one_of("reward.on_error", cfg.reward.on_error, ("exclude", "score", "fail"))
     if cfg.algo.group_size < 2 and any(s.kind == "grpo" for s in cfg.stages):
         raise RecipeError(f"algo.group_size: GRPO needs at least 2 samples per prompt, got {cfg.algo.group_size}")
@@ -313,9 +371,13 @@ def validate(cfg: RecipeConfig) -> None:
         )
     if cfg.data.source != "synthetic" and not Path(cfg.data.source).is_file():
         raise RecipeError(f"data.source: file '{cfg.data.source}' not found; expected 'synthetic' or a JSONL path")
+    if cfg.data.eval_source and not Path(cfg.data.eval_source).is_file():
+        raise RecipeError(f"data.eval_source: file '{cfg.data.eval_source}' not found; expected a JSONL path or ''")
     if cfg.data.source == "synthetic":
         for t in cfg.data.tasks:
-            _one_of("data.tasks", t, ("add", "mul"))
+            _one_of("data.tasks", t, ("add", "mul", "mul_hard"))
+    if not 0.0 <= cfg.data.abstain_rate < 1.0:
+        raise RecipeError(f"data.abstain_rate: must be in [0, 1), got {cfg.data.abstain_rate}")
     _one_of("cluster.backend", cfg.cluster.backend, ("local", "ray"))
     if cfg.cluster.trainer_ranks > 1 and cfg.cluster.backend != "ray":
         raise RecipeError("cluster.trainer_ranks: more than one rank needs cluster.backend=ray")

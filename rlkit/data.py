@@ -1,7 +1,8 @@
 """Datasets: synthetic verifiable arithmetic (the embedded default) or a JSONL file of prompts with gold answers.
 
 Every problem has a prompt, a gold answer and a solution (the SFT target: here the answer itself, or a worked
-solution when the JSONL has one). The held-out split is disjoint from training by construction.
+solution when the JSONL has one; `data.abstain_rate` turns a share of synthetic training targets into "I don't
+know", so a model can learn to say it). The held-out split is disjoint from training by construction.
 `data.verification` turns the synthetic problems into training data for an LLM judge (rewards.judge).
 """
 
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rlkit.config import DataConfig, RecipeError
+from rewards.honesty import ABSTAIN_PHRASE
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ def _operands(rng: random.Random, task: str, max_digits: int) -> tuple[int, int]
 
     if task == "add":
         return number(rng.randint(1, max_digits)), number(rng.randint(1, max_digits))
+    if task == "mul_hard":  # both operands of max_digits (at least 2) digits: beyond the quickstart model
+        digits = max(2, max_digits)
+        return rng.randint(10 ** (digits - 1), 10**digits - 1), rng.randint(10 ** (digits - 1), 10**digits - 1)
     # Multiplication by a single digit keeps the answer learnable by a tiny model in minutes.
     return number(rng.randint(1, max_digits)), rng.randint(0, 9)
 
@@ -41,14 +46,15 @@ def make_problem(rng: random.Random, task: str, max_digits: int) -> Problem:
     True
     """
     a, b = _operands(rng, task, max_digits)
-    op, value = ("+", a + b) if task == "add" else ("*", a * b)
+    op, value = ("+", a + b) if task == "add" else ("*", a * b)  # mul and mul_hard
     answer = str(value)
     return Problem(prompt=f"{a}{op}{b}=", answer=answer, solution=answer, task=task)
 
 
 def _distinct_problems(cfg: DataConfig) -> int:
     """How many different prompts the synthetic tasks can produce (an upper bound: operands may repeat)."""
-    per_task = {"add": (10**cfg.max_digits) ** 2, "mul": 10**cfg.max_digits * 10}
+    hard = 9 * 10 ** (max(2, cfg.max_digits) - 1)
+    per_task = {"add": (10**cfg.max_digits) ** 2, "mul": 10**cfg.max_digits * 10, "mul_hard": hard**2}
     return sum(per_task[t] for t in set(cfg.tasks))
 
 
@@ -69,6 +75,9 @@ def synthetic_splits(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
         p = make_problem(rng, rng.choice(cfg.tasks), cfg.max_digits)
         if p.prompt not in held_out:
             train.append(p)
+    if cfg.abstain_rate:  # its own stream, so the problems do not depend on the rate
+        coin = random.Random(cfg.seed + 1)
+        train = [replace(p, solution=ABSTAIN_PHRASE) if coin.random() < cfg.abstain_rate else p for p in train]
     if cfg.verification:  # judge-training examples over the same problems, each split its own stream
         wrong = cfg.verification_wrong_rate
         return (verification_problems(train, wrong, cfg.seed + 2),
@@ -126,11 +135,11 @@ def verification_problems(problems: list[Problem], wrong_rate: float, seed: int)
     return out
 
 
-def read_jsonl(path: str | Path, cfg: DataConfig) -> list[Problem]:
+def read_jsonl(path: str | Path, cfg: DataConfig, field: str = "data.source") -> list[Problem]:
     """Read problems from JSONL, naming the file and line of any malformed record."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"data.source: file '{path}' not found; expected a JSONL file or 'synthetic'")
+        raise RecipeError(f"{field}: file '{path}' not found; expected a JSONL file or 'synthetic'")
     problems = []
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
@@ -139,11 +148,11 @@ def read_jsonl(path: str | Path, cfg: DataConfig) -> list[Problem]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise RecipeError(f"data.source: {path}:{lineno} is not valid JSON ({e.msg})") from e
+                raise RecipeError(f"{field}: {path}:{lineno} is not valid JSON ({e.msg})") from e
             for key in (cfg.prompt_key, cfg.answer_key):
                 if key not in record:
                     raise RecipeError(
-                        f"data.source: {path}:{lineno} has no '{key}' field; set data.prompt_key/data.answer_key "
+                        f"{field}: {path}:{lineno} has no '{key}' field; set data.prompt_key/data.answer_key "
                         f"to the file's field names (it has: {', '.join(record)})"
                     )
             answer = str(record[cfg.answer_key])
@@ -156,11 +165,15 @@ def read_jsonl(path: str | Path, cfg: DataConfig) -> list[Problem]:
                 )
             )
     if not problems:
-        raise RecipeError(f"data.source: '{path}' holds no records")
+        raise RecipeError(f"{field}: '{path}' holds no records")
     return problems
 
 
 def load_splits(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
+    """(training, held-out) problems; `data.eval_source` replaces the held-out split by a file of its own."""
+    if cfg.eval_source:
+        train = synthetic_splits(cfg)[0] if cfg.source == "synthetic" else read_jsonl(cfg.source, cfg)[: cfg.num_train]
+        return train, read_jsonl(cfg.eval_source, cfg, "data.eval_source")[: cfg.num_eval]
     if cfg.source == "synthetic":
         return synthetic_splits(cfg)
     problems = read_jsonl(cfg.source, cfg)
@@ -180,6 +193,12 @@ class BatchSampler:
             raise RecipeError("data: the training split is empty")
         self.items, self.batch_size, self.seed = items, batch_size, seed
         self.position = 0  # batches drawn so far
+
+    def reset(self, items: list) -> None:
+        """Start over on new items (a new round of online pairs)."""
+        if not items:
+            raise RecipeError("data: the training split is empty")
+        self.items, self.position, self._cached_epoch = items, 0, None
 
     def next(self) -> list:
         n = len(self.items)

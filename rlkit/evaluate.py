@@ -1,23 +1,88 @@
-"""Held-out evaluation: greedy answers from the rollout engine, judged by the recipe's rewards."""
+"""Held-out evaluation: answers from the rollout engine, judged by the recipe's rewards.
+
+Greedy answers (logging.eval_temperature) give accuracy, mean reward, verdict shares, the honesty/calibration
+metrics (coverage, wrong-answer rate, selective risk) overall and per task family. With
+`logging.eval_samples: n`, n sampled answers per problem also give the unbiased pass@k of Chen et al. (2021)
+for each k in `logging.eval_pass_k`.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
-from rlkit.algorithms.common import encode_prompt, to_samples
+import numpy as np
+
+from rlkit.algorithms.common import completion_rows, encode_prompt, to_samples
+from rlkit.config import LoggingConfig
 from rlkit.data import Problem
 from rewards.base import Verdict
+from rewards.honesty import calibration_metrics
 
 
-def evaluate(pool, tokenizer, scorer, problems: list[Problem], temperature: float = 0.0) -> dict[str, float]:
-    """accuracy (share judged correct), mean reward, and the share of each verdict."""
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, float]  # logged as eval/<key>
+    rows: list[dict]  # one per problem: prompt, gold, greedy completion, reward, verdict
+
+
+def evaluate(pool, tokenizer, scorer, problems: list[Problem], cfg: LoggingConfig = LoggingConfig()) -> Evaluation:
     prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in problems]
-    completions = [g[0] for g in pool.generate(prompt_ids, n=1, temperature=temperature, seed=0)]
-    scored = scorer.score(to_samples(problems, [c.text for c in completions]))
-    verdicts = Counter(r.verdict for r in scored.results)
-    n = len(problems)
-    return {
-        "accuracy": verdicts[Verdict.CORRECT] / n,
+    completions = [g[0] for g in pool.generate(prompt_ids, n=1, temperature=cfg.eval_temperature, seed=0)]
+    samples = to_samples(problems, [c.text for c in completions])
+    scored = scorer.score(samples)
+    verdicts = [r.verdict for r in scored.results]
+    counts, n = Counter(verdicts), len(problems)
+    calibration = calibration_metrics(verdicts)
+    metrics = {
+        "accuracy": counts[Verdict.CORRECT] / n,
         "mean_reward": sum(scored.scores) / n,
-        **{f"verdict/{v.value}": verdicts[v] / n for v in Verdict if verdicts[v]},
+        **{f"verdict/{v.value}": counts[v] / n for v in Verdict if counts[v]},
+        **{k: calibration[k] for k in ("coverage", "wrong_rate", "selective_risk")},
+        **per_task_metrics([p.task for p in problems], verdicts),
     }
+    if cfg.eval_samples:
+        metrics |= sampled_pass_at_k(pool, scorer, problems, prompt_ids, cfg)
+    return Evaluation(metrics, completion_rows(samples, scored))
+
+
+def sampled_pass_at_k(pool, scorer, problems: list[Problem], prompt_ids: list[list[int]],
+                      cfg: LoggingConfig) -> dict[str, float]:
+    """pass@k over `cfg.eval_samples` answers per problem sampled at `cfg.eval_sample_temperature`."""
+    n = cfg.eval_samples
+    groups = pool.generate(prompt_ids, n=n, temperature=cfg.eval_sample_temperature, seed=1)
+    scored = scorer.score(to_samples(problems, [c.text for g in groups for c in g], n))
+    correct = np.array([r.verdict == Verdict.CORRECT for r in scored.results]).reshape(len(problems), n).sum(1)
+    return {f"pass@{k}": float(np.mean([pass_at_k(n, int(c), k) for c in correct])) for k in cfg.eval_pass_k}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased probability that at least one of k answers drawn without replacement from n, c of them correct,
+    is correct: 1 - C(n-c, k) / C(n, k), computed as a stable product.
+
+    >>> pass_at_k(4, 1, 1), pass_at_k(4, 1, 2), pass_at_k(4, 0, 4), pass_at_k(4, 3, 2)
+    (0.25, 0.5, 0.0, 1.0)
+    """
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def per_task_metrics(tasks: list[str], verdicts: list[Verdict]) -> dict[str, float]:
+    """Accuracy, coverage and wrong-answer rate of each labelled task family.
+
+    >>> per_task_metrics(["add", "add", "mul", ""], [Verdict.CORRECT, Verdict.ABSTAIN, Verdict.WRONG, Verdict.WRONG])
+    {'task/add/accuracy': 0.5, 'task/add/coverage': 0.5, 'task/add/wrong_rate': 0.0, 'task/mul/accuracy': 0.0, 'task/mul/coverage': 1.0, 'task/mul/wrong_rate': 1.0}
+    """
+    out: dict[str, float] = {}
+    for task in sorted({t for t in tasks if t}):
+        metrics = calibration_metrics([v for t, v in zip(tasks, verdicts) if t == task])
+        out |= {f"task/{task}/{k}": metrics[k] for k in ("accuracy", "coverage", "wrong_rate")}
+    return out
+
+
+def log_evaluation(logger, evaluation: Evaluation, rows: int) -> None:
+    """eval/* metrics, and the first `rows` completions as the eval/completions table."""
+    logger.log({f"eval/{k}": v for k, v in evaluation.metrics.items()})
+    if rows:
+        logger.table("eval/completions", evaluation.rows[:rows])

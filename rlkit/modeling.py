@@ -65,16 +65,16 @@ def build_model(cfg: ModelConfig, vocab_size: int, tokenizer: PreTrainedTokenize
     return LlamaForCausalLM(config)
 
 
-def load_model_and_tokenizer(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a local Hugging Face checkpoint, failing with the folder and the missing file named."""
+def load_model_and_tokenizer(path: str | Path, dtype: torch.dtype = torch.float32, field: str = "model.path"):
+    """Load a local Hugging Face checkpoint, failing with `field`, the folder and the missing file named."""
     path = Path(path)
     if not path.is_dir():
-        raise RecipeError(f"model.path: '{path}' is not a folder; expected a local Hugging Face model folder")
+        raise RecipeError(f"{field}: '{path}' is not a folder; expected a local Hugging Face model folder")
     if not (path / "config.json").exists():
-        raise RecipeError(f"model.path: '{path}' has no config.json; expected a Hugging Face model folder")
+        raise RecipeError(f"{field}: '{path}' has no config.json; expected a Hugging Face model folder")
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise RecipeError(
-            f"model.path: '{path}' has no tokenizer (tokenizer.json or tokenizer_config.json); "
+            f"{field}: '{path}' has no tokenizer (tokenizer.json or tokenizer_config.json); "
             "save one beside the weights with tokenizer.save_pretrained(path)"
         )
     tokenizer = AutoTokenizer.from_pretrained(path)

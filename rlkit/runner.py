@@ -1,7 +1,9 @@
 """Run a recipe: its stages in order, each continuing from the previous stage's weights.
 
 Phases: check every input (cheap) → build the model → start the rollout engine → for each stage: evaluate,
-train, save a Hugging Face checkpoint with the resolved recipe beside it, evaluate again.
+train, save a Hugging Face checkpoint with the resolved recipe beside it, evaluate again. Resume points
+(rlkit.checkpoint) are written after the first evaluation, between stages and every `checkpoint.every` steps;
+`resume: auto` continues from the latest one.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from omegaconf import OmegaConf
+from transformers import AutoTokenizer
 
 from rlkit.advantages import get_estimator
-from rlkit.algorithms import dpo, grpo, ppo, sft
-from rlkit.algorithms.common import StageContext
+from rlkit.algorithms import average, dpo, grpo, ppo, rft, sft
+from rlkit.algorithms.common import SYNCS_EVERY_STEP, StageContext
+from rlkit.checkpoint import Checkpointer, ResumePoint, RunState, split_metrics
 from rlkit.cluster import Cluster
 from rlkit.config import RecipeConfig, RecipeError, to_yaml
 from rlkit.data import load_splits
-from rlkit.evaluate import evaluate
+from rlkit.evaluate import evaluate, log_evaluation
 from rlkit.modeling import init_model, save_checkpoint
 from rlkit.tracking import RunLogger
 
@@ -33,14 +38,51 @@ def prepare_run_dir(cfg: RecipeConfig) -> Path:
     run_dir = Path(cfg.logging.output_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not cfg.logging.overwrite:
         raise RecipeError(
-            f"logging.output_dir: '{run_dir}' already holds a run; choose another folder or set logging.overwrite=true"
+            f"logging.output_dir: '{run_dir}' already holds a run; choose another folder, set resume=auto to "
+            "continue it, or set logging.overwrite=true"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
+def find_resume_point(cfg: RecipeConfig, recipe_yaml: str) -> ResumePoint | None:
+    """With `resume: auto`, the run directory's latest resume point, checked against this recipe."""
+    run_dir = Path(cfg.logging.output_dir)
+    if cfg.resume != "auto" or not run_dir.exists():
+        return None
+    point = Checkpointer(run_dir, cfg.checkpoint.keep).latest()
+    if point is None:
+        if any(run_dir.iterdir()) and not cfg.logging.overwrite:
+            raise RecipeError(
+                f"resume: '{run_dir}' has no resume point to continue from (checkpoints/resume/latest); choose "
+                "another logging.output_dir, or set logging.overwrite=true to start over in it"
+            )
+        return None
+    changed = recipe_changes((run_dir / "recipe.yaml").read_text(), recipe_yaml)
+    if changed:
+        raise RecipeError(
+            f"resume: the recipe differs from the one '{run_dir}' was started with, at {', '.join(changed)}; "
+            "resume with the same recipe, or start a new logging.output_dir"
+        )
+    return point
+
+
+def recipe_changes(old_yaml: str, new_yaml: str) -> list[str]:
+    """Dotted keys whose values differ between two resolved recipes, ignoring those a resume may change and
+    keys the old recipe lacks (fields a newer rlkit added, at their defaults)."""
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            return {k: v for key, sub in node.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    old, new = flat(yaml.safe_load(old_yaml)), flat(yaml.safe_load(new_yaml))
+    free = {"resume", "logging.overwrite"}
+    return sorted(k for k in old if k not in free and old[k] != new.get(k))
+
+
 def run(cfg: RecipeConfig) -> dict:
-    """Run every stage; returns the summary (held-out accuracy before and after each stage)."""
+    """Run every stage, or continue from a resume point (`resume: auto`); returns the summary (held-out
+    metrics before and after each stage)."""
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.trainer.seed)
@@ -48,45 +90,66 @@ def run(cfg: RecipeConfig) -> dict:
     train_set, held_out = load_splits(cfg.data)  # bad data fails here, before any heavy work
     if any(s.kind == "grpo" for s in cfg.stages):
         get_estimator(cfg.algo.advantage_estimator)  # an unknown estimator or import path fails here too
+    resume = find_resume_point(cfg, recipe_yaml)
+    if resume is not None and resume.state.stage >= len(cfg.stages):
+        print(f"{cfg.logging.output_dir}: the run has already finished; nothing to resume", flush=True)
+        summary_file = Path(cfg.logging.output_dir) / "summary.json"
+        if not summary_file.exists():  # killed between the last resume point and the summary
+            summary_file.write_text(json.dumps(resume.state.summary | {"seconds": resume.state.seconds}, indent=2))
+        return json.loads(summary_file.read_text())
     cluster = Cluster(cfg)
     scorer = cluster.scorer()  # unknown rewards or import paths fail here, before anything is written
-    run_dir = prepare_run_dir(cfg)
-    (run_dir / "recipe.yaml").write_text(recipe_yaml)
-    logger = RunLogger(cfg.logging, run_dir, OmegaConf.to_container(OmegaConf.create(recipe_yaml)))
-    model, tokenizer = init_model(cfg.model)
-    model_path = str(save_checkpoint(model, tokenizer, run_dir / "checkpoints" / "00_init", recipe_yaml))
-    del model  # from here on the trainer group owns the weights
-    pool = cluster.rollout_pool(model_path)
-    summary: dict = {"stages": []}
-    best: dict = {}  # the best held-out value so far (logging.best_metric), for checkpoints/best
-    started = time.perf_counter()
+    run_dir = Path(cfg.logging.output_dir) if resume else prepare_run_dir(cfg)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep)
+    if resume is None:
+        (run_dir / "recipe.yaml").write_text(recipe_yaml)
+        model, tokenizer = init_model(cfg.model)
+        state = RunState(model_path=str(save_checkpoint(model, tokenizer, run_dir / "checkpoints" / "00_init",
+                                                        recipe_yaml)))
+        del model  # from here on the trainer group owns the weights
+    else:
+        state = resume.state
+        tokenizer = AutoTokenizer.from_pretrained(state.model_path)
+        moved = split_metrics(run_dir / "metrics.jsonl", state.global_step)
+        print(f"resuming {run_dir} at stage {state.stage}, step {state.step} (global step {state.global_step}); "
+              f"{moved} metric records logged after that point moved to metrics.orphaned.jsonl", flush=True)
+    logger = RunLogger(cfg.logging, run_dir, OmegaConf.to_container(OmegaConf.create(recipe_yaml)), state.wandb_id)
+    state.wandb_id, logger.global_step = logger.run_id, state.global_step
+    pool = cluster.rollout_pool(state.model_path)
+    started = time.perf_counter() - state.seconds
     try:
-        before = evaluate(pool, tokenizer, scorer, held_out, cfg.logging.eval_temperature)
-        logger.log({f"eval/{k}": v for k, v in before.items()})
-        print(f"held-out accuracy before training: {before['accuracy']:.3f}", flush=True)
-        for index, stage in enumerate(cfg.stages):
-            t0 = time.perf_counter()
-            ctx = StageContext(cfg, stage, index, model_path, tokenizer, train_set,
-                               cluster.trainer_group(model_path, cfg.stage_lr(index), cfg.stage_warmup(index)),
-                               pool, scorer, cluster, logger, held_out, best)
+        if resume is None:
+            evaluation = evaluate(pool, tokenizer, scorer, held_out, cfg.logging)
+            log_evaluation(logger, evaluation, cfg.logging.table_rows)
+            state.before = evaluation.metrics
+            checkpointer.save(state)
+        print(f"held-out accuracy before stage {state.stage}: {state.before['accuracy']:.3f}", flush=True)
+        for index in range(state.stage, len(cfg.stages)):
+            stage, t0 = cfg.stages[index], time.perf_counter()
+            trainer = None if stage.kind == "average" else cluster.trainer_group(
+                state.model_path, cfg.stage_lr(index), cfg.stage_warmup(index))
+            ctx = StageContext(cfg, stage, index, state.model_path, tokenizer, train_set, trainer, pool, scorer, cluster, logger, held_out, state, checkpointer,
+                               resume if resume is not None and resume.state.step and index == state.stage else None)
             model_path = run_stage(ctx, recipe_yaml)
-            after = evaluate(pool, tokenizer, scorer, held_out, cfg.logging.eval_temperature)
-            logger.log({f"eval/{k}": v for k, v in after.items()})
+            evaluation = evaluate(pool, tokenizer, scorer, held_out, cfg.logging)
+            log_evaluation(logger, evaluation, cfg.logging.table_rows)
+            after = evaluation.metrics
             if ctx.is_best(after):
                 copy_checkpoint(Path(model_path), run_dir / "checkpoints" / "best")
             seconds = time.perf_counter() - t0
             print(
-                f"stage {index} ({stage.kind}): held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
-                f"({seconds:.0f}s)",
+                f"stage {index} ({stage.kind}): held-out accuracy {state.before['accuracy']:.3f} -> "
+                f"{after['accuracy']:.3f} ({seconds:.0f}s)",
                 flush=True,
             )
-            summary["stages"].append(
-                {"name": Path(model_path).name, "kind": stage.kind, "before": before, "after": after, "seconds": seconds}
-            )
-            before = after
-        summary["seconds"] = time.perf_counter() - started
+            state.summary["stages"].append({"name": Path(model_path).name, "kind": stage.kind,
+                                            "before": state.before, "after": after, "seconds": seconds})
+            state.stage, state.step, state.model_path, state.before = index + 1, 0, model_path, after
+            state.global_step, state.seconds = logger.global_step, time.perf_counter() - started
+            checkpointer.save(state)  # between stages: the next one starts from model_path
+        summary = state.summary | {"seconds": time.perf_counter() - started}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        logger.summary({f"final/{k}": v for k, v in before.items()})
+        logger.summary({f"final/{k}": v for k, v in state.before.items()})
     finally:
         pool.close()
         scorer.close()
@@ -108,8 +171,12 @@ def copy_checkpoint(source: Path, target: Path) -> None:
 def run_stage(ctx: StageContext, recipe_yaml: str) -> str:
     """Train one stage from ctx.model_path; returns the path of its checkpoint."""
     kind, trainer = ctx.stage.kind, ctx.trainer
+    if kind == "average":  # no training: the average of earlier checkpoints
+        return average.run(ctx, recipe_yaml)
     if kind == "sft":
         sft.train(ctx)
+    elif kind in ("rft", "distill"):
+        rft.train(ctx)
     elif kind == "dpo":
         dpo.train(ctx)
     elif kind == "grpo":
@@ -118,10 +185,9 @@ def run_stage(ctx: StageContext, recipe_yaml: str) -> str:
         ppo.train(ctx)
     else:  # validate() admits only the kinds above
         raise RecipeError(f"stages.{ctx.index}.kind: '{kind}' is not implemented")
-    if kind in ("sft", "dpo"):  # GRPO and PPO sync after every step already
+    if kind not in SYNCS_EVERY_STEP:
         ctx.pool.sync_weights(trainer.state_dict())
-    name = ctx.stage.name or f"{ctx.index + 1:02d}_{kind}"
-    path = trainer.save(str(ctx.logger.run_dir / "checkpoints" / name), ctx.model_path, recipe_yaml,
+    path = trainer.save(str(ctx.logger.run_dir / "checkpoints" / ctx.checkpoint_name), ctx.model_path, recipe_yaml,
                         {"stage": ctx.index, "kind": kind})
     ctx.cluster.release(trainer)
     return path

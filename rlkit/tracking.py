@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class RunLogger:
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, recipe: dict[str, Any]):
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, recipe: dict[str, Any], resume_id: str = ""):
+        """`resume_id`: the W&B run id of the run being resumed, so its curves continue in the same run."""
         self.cfg, self.run_dir = cfg, run_dir
         self.global_step = 0
         self._metrics = (run_dir / "metrics.jsonl").open("a")
@@ -37,7 +38,14 @@ class RunLogger:
                 mode=cfg.wandb_mode,
                 config=recipe,
                 reinit="finish_previous",
+                id=resume_id or None,
+                resume="allow" if resume_id else None,
             )
+
+    @property
+    def run_id(self) -> str:
+        """The W&B run id ("" with W&B disabled)."""
+        return self._wandb.id if self._wandb is not None else ""
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Record `metrics` at `step` (default: the current global step)."""
@@ -48,9 +56,24 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
 
-    def progress(self, total: int, desc: str) -> tqdm:
+    def table(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """A table of rows (same keys) at the current global step: appended to completions.jsonl as
+        {"step", "table", **row} records, and logged to W&B as a wandb.Table under `name`."""
+        if not rows:
+            return
+        with open(self.run_dir / "completions.jsonl", "a") as f:
+            for row in rows:
+                f.write(json.dumps({"step": self.global_step, "table": name, **row}) + "\n")
+        if self._wandb is not None:
+            import wandb
+
+            columns = list(rows[0])
+            self._wandb.log({name: wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])},
+                            step=self.global_step)
+
+    def progress(self, total: int, desc: str, initial: int = 0) -> tqdm:
         """A progress bar with rate and ETA; `set_postfix` shows the latest metrics."""
-        return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+        return tqdm(total=total, desc=desc, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self._wandb is not None:

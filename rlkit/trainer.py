@@ -198,6 +198,39 @@ class RankWorker:
         self.step_count += 1
         return totals | {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
 
+    # -- resume points -----------------------------------------------------------------------------------
+    def save_state(self, path: str) -> None:
+        """Weights, optimizer, schedule and RNG of this rank under `path` (every rank must call it).
+
+        Rank 0 writes the full, unsharded tensors keyed by parameter name, so a resume may use another number
+        of ranks; each rank writes its own RNG state.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_state, optim_state = get_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            torch.save({"model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                        "step_count": self.step_count}, folder / "trainer.pt")
+        torch.save(torch.get_rng_state(), folder / f"rng_rank{self.rank}.pt")
+
+    def load_state(self, path: str) -> None:
+        """Continue from `save_state`'s files (every rank must call it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        folder = Path(path)
+        saved = torch.load(folder / "trainer.pt", weights_only=False)
+        set_state_dict(self.model, self.optimizer, model_state_dict=saved["model"],
+                       optim_state_dict=saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.step_count = saved["step_count"]
+        rng = folder / f"rng_rank{self.rank}.pt"
+        if rng.exists():  # a resume with more ranks than the save keeps the new ranks' fresh seeds
+            torch.set_rng_state(torch.load(rng))
+
 
 def prepare_torch(cfg: TrainerConfig) -> None:
     """Per-process torch settings of a trainer rank: threads and seed."""

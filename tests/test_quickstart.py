@@ -96,7 +96,7 @@ def test_ppo_with_a_critic_learns(tmp_path):
         "logging.wandb_mode=disabled",
         "data.num_eval=300",
         "ref.kl_in=reward",
-        "stages=[{kind: sft, steps: 300, batch_size: 64, lr: 1.0e-3}, {kind: ppo, steps: 60, batch_size: 64, lr: 1.0e-4}]",
+        "stages=[{kind: sft, steps: 600, batch_size: 64, lr: 1.0e-3}, {kind: ppo, steps: 60, batch_size: 64, lr: 1.0e-4}]",
     ]
     proc = run("recipes/quickstart.yaml", *overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]

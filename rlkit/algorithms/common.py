@@ -7,10 +7,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from rlkit.checkpoint import Checkpointer, ResumePoint, RunState
 from rlkit.config import RecipeConfig, StageConfig
-from rlkit.data import Problem
+from rlkit.data import BatchSampler, Problem
 from rlkit.tracking import RunLogger
 from rewards.base import Sample
+
+
+SYNCS_EVERY_STEP = ("grpo", "ppo")  # stages whose engines follow the trainer after every step
+
+
+def checkpoint_name(stage: StageConfig, index: int) -> str:
+    return stage.name or f"{index + 1:02d}_{stage.kind}"
 
 
 @dataclass
@@ -29,7 +37,11 @@ class StageContext:
     cluster: Any  # rlkit.cluster.Cluster, to make the stage's reference model
     logger: RunLogger
     held_out: list[Problem] = field(default_factory=list)
-    best: dict = field(default_factory=dict)  # {"value": best held-out metric so far}, shared across stages
+    state: RunState = field(default_factory=RunState)  # the run's controller state, shared across stages
+    checkpointer: Checkpointer | None = None  # writes resume points (None: never)
+    resume: ResumePoint | None = None  # a resume point inside this stage to continue from
+    _bar: Any = None
+    _table: list = field(default_factory=list)  # completions waiting for log_step
 
     @property
     def lr(self) -> float:
@@ -43,37 +55,100 @@ class StageContext:
     def prefix(self) -> str:
         return self.stage.name or self.stage.kind
 
+    @property
+    def checkpoint_name(self) -> str:
+        """The stage's checkpoint folder under RUN_DIR/checkpoints (snapshots go in `<name>.snapshots/`)."""
+        return checkpoint_name(self.stage, self.index)
+
+    def restored(self, key: str) -> Any:
+        """The stage's own extra state saved with the resume point it continues from (None on a fresh start)."""
+        return self.resume.extra().get(key) if self.resume is not None else None
+
+    def steps(self, sampler: BatchSampler | None = None, groups: dict | None = None,
+              extra: dict | None = None) -> Iterator[int]:
+        """The stage's step loop. Continues after the resume point when there is one; after each step it
+        evaluates (logging.eval_every), writes a resume point (checkpoint.every) and advances the progress bar.
+
+        `groups` are trainer groups besides the policy whose state a resume point keeps (PPO's critic);
+        `extra` is stage state that is not derived from the recipe (DPO's pairs), read back with `restored`.
+        """
+        groups = {"policy": self.trainer} | (groups or {})
+        start = 0
+        if self.resume is not None:
+            start = self.resume.state.step
+            for name, group in groups.items():
+                group.load_state(str(self.resume.path / name))
+            if sampler is not None:
+                sampler.position = self.resume.extra()["sampler_position"]
+            self.resume.restore_rng()
+            self.pool.sync_weights(self.trainer.state_dict())  # the engines restarted from the stage's start
+        self._bar = self.logger.progress(self.stage.steps, f"{self.index}:{self.prefix}", initial=start)
+        every = self.cfg.checkpoint.every
+        for step in range(start, self.stage.steps):
+            yield step
+            self.maybe_evaluate(step)
+            self.maybe_snapshot(step)
+            if self.checkpointer is not None and every and (step + 1) % every == 0 and step + 1 < self.stage.steps:
+                self.state.step, self.state.global_step = step + 1, self.logger.global_step
+                position = {"sampler_position": sampler.position} if sampler is not None else {}
+                self.checkpointer.save(self.state, groups, (extra or {}) | position)
+            self._bar.update(1)
+        self._bar.close()
+
+    def show(self, **values: str) -> None:
+        """Latest values beside the progress bar."""
+        self._bar.set_postfix(**values)
+
     def log_step(self, step: int, metrics: dict, extra: dict | None = None) -> bool:
         """Count a global step; log `metrics` under the stage's prefix every logging.log_every steps and at the
         stage's last step. Returns whether it logged."""
         self.logger.global_step += 1
+        if self._table:
+            self.logger.table(f"{self.prefix}/completions", self._table)
+            self._table = []
         due = step % self.cfg.logging.log_every == 0 or step == self.stage.steps - 1
         if due:
             self.logger.log({f"{self.prefix}/{k}": v for k, v in metrics.items()} | (extra or {}))
         return due
+
+    def maybe_snapshot(self, step: int) -> None:
+        """Every stage.save_every steps, a checkpoint in `<name>.snapshots/step_<N>` (the stage's last step is
+        its checkpoint proper)."""
+        every = self.stage.save_every
+        if every and (step + 1) % every == 0 and step + 1 < self.stage.steps:
+            folder = self.logger.run_dir / "checkpoints" / f"{self.checkpoint_name}.snapshots" / f"step_{step + 1:06d}"
+            self.trainer.save(str(folder), self.model_path, (self.logger.run_dir / "recipe.yaml").read_text(),
+                              {"stage": self.index, "step": step + 1})
 
     def maybe_evaluate(self, step: int) -> None:
         """Held-out evaluation every logging.eval_every steps inside the stage (its end is the runner's)."""
         every = self.cfg.logging.eval_every
         if not every or (step + 1) % every or step == self.stage.steps - 1:
             return
-        from rlkit.evaluate import evaluate
+        from rlkit.evaluate import evaluate, log_evaluation
 
-        if self.stage.kind in ("sft", "dpo"):  # these stages do not sync every step
+        if self.stage.kind not in SYNCS_EVERY_STEP:
             self.pool.sync_weights(self.trainer.state_dict())
-        metrics = evaluate(self.pool, self.tokenizer, self.scorer, self.held_out, self.cfg.logging.eval_temperature)
-        self.logger.log({f"eval/{k}": v for k, v in metrics.items()})
+        evaluation = evaluate(self.pool, self.tokenizer, self.scorer, self.held_out, self.cfg.logging)
+        log_evaluation(self.logger, evaluation, self.cfg.logging.table_rows)
+        metrics = evaluation.metrics
         if self.is_best(metrics):
             self.trainer.save(str(self.logger.run_dir / "checkpoints" / "best"), self.model_path,
                               (self.logger.run_dir / "recipe.yaml").read_text(),
                               {"stage": self.index, "step": step, "metrics": metrics})
 
+    def log_completions(self, step: int, samples: list[Sample], scored) -> None:
+        """Every logging.completions_every steps, the first logging.table_rows samples as `<stage>/completions`."""
+        every, rows = self.cfg.logging.completions_every, self.cfg.logging.table_rows
+        if every and rows and step % every == 0:  # logged with the step's metrics, by log_step
+            self._table = completion_rows(samples[:rows], scored)
+
     def is_best(self, metrics: dict) -> bool:
         """Record `metrics` if its logging.best_metric beats every evaluation so far."""
-        value = metrics.get(self.cfg.logging.best_metric)
-        if value is None or value <= self.best.get("value", float("-inf")):
+        value, best = metrics.get(self.cfg.logging.best_metric), self.state.best
+        if value is None or value <= best.get("value", float("-inf")):
             return False
-        self.best["value"] = value
+        best["value"] = value
         return True
 
     def seed(self) -> int:
@@ -100,9 +175,19 @@ def to_samples(problems: list[Problem], texts: list[str], repeat: int = 1) -> li
     ]
 
 
+def completion_rows(samples: list[Sample], scored) -> list[dict]:
+    """Table rows for samples and their ScoreOutput (matched by position; `samples` may be a prefix)."""
+    return [
+        {"prompt": s.prompt, "gold": s.gold, "completion": s.completion, "reward": score,
+         "verdict": result.verdict.value}
+        for s, score, result in zip(samples, scored.scores, scored.results)
+    ]
+
+
 def generate_and_score(ctx: "StageContext", problems: list[Problem], n: int, temperature: float, seed: int,
-                       timer: "Timer | None" = None):
+                       timer: "Timer | None" = None, step: int | None = None):
     """n samples per prompt from the current policy (with the engine's log-probs), each scored by the rewards.
+    With `step`, a training step, they may also be logged as a completions table (StageContext.log_completions).
 
     Returns (prompt_ids, completions (B*n,) prompt-major, the scorer's ScoreOutput).
     """
@@ -111,8 +196,11 @@ def generate_and_score(ctx: "StageContext", problems: list[Problem], n: int, tem
     with timer("generate"):
         groups = ctx.pool.generate(prompt_ids, n=n, temperature=temperature, seed=seed)
     completions = [c for g in groups for c in g]
+    samples = to_samples(problems, [c.text for c in completions], n)
     with timer("score"):
-        scored = ctx.scorer.score(to_samples(problems, [c.text for c in completions], n))
+        scored = ctx.scorer.score(samples)
+    if step is not None:
+        ctx.log_completions(step, samples, scored)
     return prompt_ids, completions, scored
 
 

@@ -2,7 +2,8 @@
 
 Pairs are built from the current policy before training (offline DPO): for each prompt, K samples are
 scored by the recipe's rewards; the gold solution is `chosen`, a sample the rewards judge wrong is `rejected`.
-Prompts whose samples are all correct give no pair.
+Prompts whose samples are all correct give no pair. `pairs: online` (rlkit.algorithms.online_dpo) samples
+them from the policy round after round instead.
 """
 
 from __future__ import annotations
@@ -44,20 +45,26 @@ def train(ctx: StageContext) -> None:
     cfg, stage = ctx.cfg, ctx.stage
     if cfg.trainer.micro_batch_size % 2:
         raise RecipeError("trainer.micro_batch_size: DPO keeps each pair in one micro-batch, so it must be even")
-    pairs = build_pairs(ctx, stage.steps * stage.batch_size)
-    if not pairs:
-        raise RecipeError(f"stages.{ctx.index}: the policy answered every sampled prompt correctly; no DPO pairs")
-    ctx.logger.log({f"{ctx.prefix}/num_pairs": len(pairs)})
+    if stage.pairs == "online":
+        from rlkit.algorithms import online_dpo
+
+        return online_dpo.train(ctx)
+    pairs = ctx.restored("pairs")  # a resumed stage keeps the pairs sampled from its starting policy
+    if pairs is None:
+        pairs = build_pairs(ctx, stage.steps * stage.batch_size)
+        if not pairs:
+            raise RecipeError(f"stages.{ctx.index}: the policy answered every sampled prompt correctly; no DPO pairs")
+        ctx.logger.log({f"{ctx.prefix}/num_pairs": len(pairs)})
     ref = ctx.cluster.reference(ctx.model_path)
     sampler = BatchSampler(pairs, stage.batch_size, ctx.seed())
-    bar = ctx.logger.progress(stage.steps, f"{ctx.index}:{ctx.prefix}")
-    for step in range(stage.steps):
-        tokens = pack_pairs(sampler.next(), ctx.tokenizer.pad_token_id)  # (2P, L)
-        ref_logps = ref.logprobs(tokens).sum(-1)  # (2P,) summed response log-probs
-        metrics = ctx.trainer.dpo_step(PairBatch(tokens, ref_logps, len(tokens) // 2))
-        if ctx.log_step(step, metrics):
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['reward_margin']:.2f}")
-        ctx.maybe_evaluate(step)
-        bar.update(1)
-    bar.close()
+    for step in ctx.steps(sampler, extra={"pairs": pairs}):
+        train_step(ctx, ref, step, sampler.next())
     ctx.cluster.release(ref)
+
+
+def train_step(ctx: StageContext, ref, step: int, pairs: list[tuple[list[int], list[int], list[int]]]) -> None:
+    tokens = pack_pairs(pairs, ctx.tokenizer.pad_token_id)  # (2P, L)
+    ref_logps = ref.logprobs(tokens).sum(-1)  # (2P,) summed response log-probs
+    metrics = ctx.trainer.dpo_step(PairBatch(tokens, ref_logps, len(tokens) // 2))
+    if ctx.log_step(step, metrics):
+        ctx.show(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['reward_margin']:.2f}")

@@ -38,15 +38,14 @@ def train(ctx: StageContext) -> None:
     estimator = get_estimator(algo.advantage_estimator)
     ref = ctx.cluster.reference(ctx.model_path)
     sampler = BatchSampler(ctx.train, stage.batch_size, ctx.seed())
-    bar = ctx.logger.progress(stage.steps, f"{ctx.index}:{ctx.prefix}")
-    for step in range(stage.steps):
+    for step in ctx.steps(sampler):
         timer = Timer()
         problems = sampler.next()
 
         # generate and score: `group` samples per prompt from the current policy, one reward each;
         # samples the reward policy excludes (reward.on_error) drop out of the loss
         prompt_ids, completions, scored = generate_and_score(ctx, problems, group, temperature, ctx.seed() + step,
-                                                             timer)  # completions (B*G,) prompt-major
+                                                             timer, step)  # completions (B*G,) prompt-major
         rewards = torch.tensor(scored.scores, dtype=torch.float32)  # (B*G,)
         valid = torch.tensor(scored.valid, dtype=torch.float32)  # (B*G,)
         lengths = torch.tensor([len(c.token_ids) for c in completions])
@@ -96,10 +95,7 @@ def train(ctx: StageContext) -> None:
         metrics |= {f"reward/{k}": v for k, v in scored.stats.items()}
         metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s}
         ctx.log_step(step, metrics, timer.metrics(ctx.prefix))
-        bar.set_postfix(reward=f"{float(rewards.mean()):.3f}", kl=f"{float(metrics['kl']):.4f}")
-        ctx.maybe_evaluate(step)
-        bar.update(1)
-    bar.close()
+        ctx.show(reward=f"{float(rewards.mean()):.3f}", kl=f"{float(metrics['kl']):.4f}")
     ctx.cluster.release(ref)
 
 

@@ -47,13 +47,13 @@ def train(ctx: StageContext) -> None:
     ref = ctx.cluster.reference(ctx.model_path)
     critic = ctx.cluster.critic_group(ctx.model_path, ctx.lr, ctx.warmup_steps)
     sampler = BatchSampler(ctx.train, stage.batch_size, ctx.seed())
-    bar = ctx.logger.progress(stage.steps, f"{ctx.index}:{ctx.prefix}")
-    for step in range(stage.steps):
+    for step in ctx.steps(sampler, {"critic": critic}):
         timer = Timer()
         problems = sampler.next()
 
         # generate and score
-        prompt_ids, completions, scored = generate_and_score(ctx, problems, n, temperature, ctx.seed() + step, timer)
+        prompt_ids, completions, scored = generate_and_score(ctx, problems, n, temperature, ctx.seed() + step, timer,
+                                                             step)
         scores = torch.tensor(scored.scores, dtype=torch.float32)  # (B,)
         valid = torch.tensor(scored.valid, dtype=torch.float32)
         tokens = pack_sequences(prompt_ids, [list(c.token_ids) for c in completions], tok.pad_token_id)
@@ -92,11 +92,8 @@ def train(ctx: StageContext) -> None:
         # log
         metrics = summarize(metrics) | rollout_metrics(completions, timer)
         metrics |= {f"value/{k}": v for k, v in value_metrics.items()}
-        metrics |= {"reward/mean": scores.mean(), **{f"reward/{k}": v for k, v in scored.stats.items()}}
+        metrics |= {"reward/mean": scores.mean(), "reward/std": scores.std(), **{f"reward/{k}": v for k, v in scored.stats.items()}}
         metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s}
         ctx.log_step(step, metrics, timer.metrics(ctx.prefix))
-        bar.set_postfix(reward=f"{float(scores.mean()):.3f}", vloss=f"{value_metrics['value_loss']:.4f}")
-        ctx.maybe_evaluate(step)
-        bar.update(1)
-    bar.close()
+        ctx.show(reward=f"{float(scores.mean()):.3f}", vloss=f"{value_metrics['value_loss']:.4f}")
     ctx.cluster.release(ref, critic)

@@ -1,0 +1,90 @@
+"""Rejection-sampling fine-tuning (`rft`) and distillation (`distill`): sample, keep what the rewards accept, SFT.
+
+- rft: `stage.samples` completions per prompt from the current policy through the run's rollout pool; the
+  recipe's rewards judge them and the accepted ones (`stage.keep`: the best per prompt, or all distinct) become
+  the SFT set (Llama 3's rejection sampling).
+- distill: the same from a teacher (`stage.teacher`, a local checkpoint) served by an engine pool of its own;
+  completions whose answer disagrees with the gold answer (verdict other than correct) are dropped.
+
+Prompts: stage.steps × stage.batch_size of the training split (all of it when smaller), drawn once at the
+start of the stage. The kept examples are written to RUN_DIR/<checkpoint name>.examples.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from rlkit.algorithms import sft
+from rlkit.algorithms.common import StageContext, encode_prompt, encode_response, to_samples
+from rlkit.config import RecipeError
+from rewards.base import Verdict
+
+
+def accept(texts: list[str], scores: list[float], verdicts: list[Verdict], valid: list[bool], keep: str) -> list[int]:
+    """Indices of one prompt's completions to keep: valid and judged correct; "best" keeps the highest score
+    (the shortest on ties, then the first), "all" every distinct text.
+
+    >>> C, W = Verdict.CORRECT, Verdict.WRONG
+    >>> accept(["12", "13", "012", "12"], [1.0, 0.0, 1.0, 1.0], [C, W, C, C], [True] * 4, "best")
+    [0]
+    >>> accept(["12", "13", "012", "12"], [1.0, 0.0, 1.0, 1.0], [C, W, C, C], [True, True, True, False], "all")
+    [0, 2]
+    >>> accept(["1", "2"], [0.0, 0.0], [W, W], [True, True], "best")
+    []
+    """
+    ok = [i for i, (v, good) in enumerate(zip(verdicts, valid)) if good and v == Verdict.CORRECT]
+    if keep == "best":
+        return [min(ok, key=lambda i: (-scores[i], len(texts[i]), i))] if ok else []
+    seen: set[str] = set()
+    return [i for i in ok if not (texts[i] in seen or seen.add(texts[i]))]
+
+
+def collect(ctx: StageContext, pool) -> tuple[list[sft.Example], dict[str, float]]:
+    """Sample from `pool`, score with the recipe's rewards and keep the accepted completions."""
+    stage, tok = ctx.stage, ctx.tokenizer
+    problems = random.Random(ctx.seed()).sample(ctx.train, min(stage.steps * stage.batch_size, len(ctx.train)))
+    prompt_ids = [encode_prompt(tok, p.prompt) for p in problems]
+    n = stage.samples
+    groups = pool.generate(prompt_ids, n=n, temperature=ctx.cfg.rollout.temperature, seed=ctx.seed())
+    texts = [c.text for g in groups for c in g]  # (P*n,) prompt-major
+    scored = ctx.scorer.score(to_samples(problems, texts, n))
+    verdicts = [r.verdict for r in scored.results]
+    examples, rows, covered = [], [], 0
+    for i, problem in enumerate(problems):
+        span = slice(i * n, (i + 1) * n)
+        kept = accept(texts[span], scored.scores[span], verdicts[span], scored.valid[span], stage.keep)
+        covered += bool(kept)
+        for j in kept:
+            examples.append((prompt_ids[i], encode_response(tok, texts[i * n + j])))
+            rows.append({"prompt": problem.prompt, "gold": problem.answer, "completion": texts[i * n + j]})
+    with open(ctx.logger.run_dir / f"{ctx.checkpoint_name}.examples.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    metrics = {
+        "sample_accuracy": sum(v == Verdict.CORRECT for v in verdicts) / len(verdicts),
+        "acceptance_rate": len(examples) / len(verdicts),  # kept samples / sampled
+        "prompt_coverage": covered / len(problems),  # prompts with at least one kept sample
+        "num_examples": float(len(examples)),
+    }
+    return examples, metrics
+
+
+def train(ctx: StageContext) -> None:
+    examples = ctx.restored("examples")  # a resumed stage keeps the set it collected
+    if examples is None:
+        if ctx.stage.kind == "distill":
+            teacher = ctx.cluster.rollout_pool(ctx.stage.teacher)
+            try:
+                examples, metrics = collect(ctx, teacher)
+            finally:
+                teacher.close()
+        else:
+            examples, metrics = collect(ctx, ctx.pool)
+        ctx.logger.log({f"{ctx.prefix}/{k}": v for k, v in metrics.items()})
+        print(f"stage {ctx.index} ({ctx.stage.kind}): kept {len(examples)} samples "
+              f"(acceptance {metrics['acceptance_rate']:.3f}, prompts covered {metrics['prompt_coverage']:.3f})",
+              flush=True)
+        if not examples:
+            raise RecipeError(f"stages.{ctx.index}: no sampled completion was judged correct; nothing to train on "
+                              f"(raise stages.{ctx.index}.samples, or start from a stronger model)")
+    sft.fit(ctx, examples, extra={"examples": examples})
