@@ -58,3 +58,27 @@ def test_sampler_resumes_from_position():
     assert b.next() == batches[3]
     # every epoch is a permutation of the items
     assert sorted(sum(batches, [])[:10]) == items
+
+
+def test_abstain_rate_replaces_only_training_targets():
+    base = DataConfig(num_train=2000, num_eval=100, max_digits=2, tasks=["mul", "mul_hard"])
+    train, held = load_splits(base)
+    honest_train, honest_held = load_splits(DataConfig(**{**base.__dict__, "abstain_rate": 0.1}))
+    assert [p.prompt for p in honest_train] == [p.prompt for p in train] and honest_held == held
+    abstained = [p for p in honest_train if p.solution == "I don't know"]
+    assert 0.07 < len(abstained) / len(train) < 0.13
+    assert all(p.answer == str(eval(p.prompt.rstrip("="))) for p in abstained)  # the gold answer stays
+
+
+def test_mul_hard_has_two_two_digit_operands():
+    rng = random.Random(0)
+    for _ in range(100):
+        a, b = make_problem(rng, "mul_hard", 2).prompt.rstrip("=").split("*")
+        assert len(a) == 2 and len(b) == 2
+
+
+def test_eval_source_replaces_the_held_out_split(tmp_path):
+    path = tmp_path / "held.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(50)))
+    train, held = load_splits(DataConfig(num_train=300, num_eval=20, max_digits=2, eval_source=str(path)))
+    assert [p.prompt for p in held] == [f"{i}+1=" for i in range(20)] and len(train) == 300
