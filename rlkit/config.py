@@ -116,6 +116,7 @@ class AlgoConfig:
     ratio_level: str = "token"  # "token" (PPO/GRPO) or "sequence" (GSPO: length-normalised sequence ratio)
     tis_cap: float = 0.0  # truncated importance sampling: weight tokens by min(p_trainer / p_engine, cap); 0 = off
     drop_uniform_groups: bool = False  # DAPO dynamic sampling: groups whose rewards are all equal leave the loss
+    resample_rounds: int = 1  # with drop_uniform_groups: draw up to N prompt batches to fill the batch with signal
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens before max_new_tokens; 0 = off
     overlong_penalty: float = 1.0  # penalty at rollout.max_new_tokens, ramping linearly over the buffer
     scale_rewards: bool = True  # divide group-centred rewards by their std (Dr.GRPO sets False)
@@ -346,6 +347,8 @@ def validate(cfg: RecipeConfig) -> None:
         raise RecipeError(
             f"algo.overlong_buffer: {cfg.algo.overlong_buffer} must be below rollout.max_new_tokens={cfg.rollout.max_new_tokens}"
         )
+    if cfg.algo.resample_rounds < 1:
+        raise RecipeError(f"algo.resample_rounds: must be >= 1, got {cfg.algo.resample_rounds}")
     _one_of("algo.dpo_loss", cfg.algo.dpo_loss, ("sigmoid", "ipo"))
     _one_of("trainer.dtype", cfg.trainer.dtype, ("float32", "bfloat16", "float64"))
     _one_of("trainer.logprob_impl", cfg.trainer.logprob_impl, ("auto", "torch", "triton"))

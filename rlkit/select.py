@@ -67,14 +67,15 @@ def choose(scored: list[Scored], options: SelectOptions, total: int) -> tuple[li
 
 @torch.no_grad()
 def answer_losses(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int) -> list[float]:
-    """Per-token NLL of each answer (EOS included) after its prompt ("" for the unconditioned loss)."""
-    from rlkit.algorithms.common import encode_prompt, encode_response
+    """Per-token NLL of each answer's text after its prompt ("" for the unconditioned loss). EOS is left out,
+    as in the IFD paper: after a bare answer the model expects more prompt, and the stop token would dominate."""
+    from rlkit.algorithms.common import encode_prompt
     from rlkit.trainer import batched_logprobs, pack_sequences
 
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
         p = [encode_prompt(tokenizer, x) for x in prompts[start:start + batch_size]]
-        a = [encode_response(tokenizer, x) for x in answers[start:start + batch_size]]
+        a = [tokenizer.encode(x, add_special_tokens=False) for x in answers[start:start + batch_size]]
         batch = pack_sequences(p, a, tokenizer.pad_token_id)
         logprobs = batched_logprobs(model, batch, batch_size, impl="torch")  # (b, L-1), zero off the answer
         out += (-logprobs.sum(-1) / batch.response_mask.sum(-1)).tolist()

@@ -92,8 +92,8 @@ def write_problems(path, problems):
 
 
 def direct_loss(model, tokenizer, prompt: str, answer: str) -> float:
-    """Per-token NLL of answer + EOS after BOS + prompt, straight from the model's logits."""
-    ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt + answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    """Per-token NLL of the answer's text after BOS + prompt, straight from the model's logits."""
+    ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt + answer, add_special_tokens=False)
     start = 1 + len(tokenizer.encode(prompt, add_special_tokens=False))  # first answer token
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, :-1].double()

@@ -24,7 +24,7 @@ CORE = [  # the schema issue #6 asks for, per stage kind
         "response_length/max", "truncation_rate", "kl", "entropy", "clip_fraction", "loss", "grad_norm", "lr",
         "rollout_kl", "time/generate", "time/score", "time/reference", "time/train", "time/weight_sync",
         "tokens_per_s", "samples_per_s", "weight_sync/seconds")),
-    "ppo/value/value_loss", "eval/accuracy", "eval/mean_reward", "eval/pass@1", "eval/pass@4", "eval/coverage",
+    "grpo/sampling_rounds", "ppo/value/value_loss", "eval/accuracy", "eval/mean_reward", "eval/pass@1", "eval/pass@4", "eval/coverage",
 ]
 
 
@@ -40,7 +40,8 @@ def run_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tracking") / "run"
     proc = run("recipes/quickstart.yaml", f"logging.output_dir={run_dir}", "logging.wandb_mode=offline",
                "logging.log_every=1", "logging.eval_samples=4", "logging.completions_every=2",
-               "logging.table_rows=3", "logging.eval_every=2", "data.num_eval=40", STAGES)
+               "logging.table_rows=3", "logging.eval_every=2", "data.num_eval=40", "algo.drop_uniform_groups=true",
+               "algo.resample_rounds=3", STAGES)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
 
@@ -76,7 +77,7 @@ def test_completion_tables_reach_wandb_and_jsonl(run_dir):
     tables = {r["table"] for r in rows}
     assert {"eval/completions", "grpo/completions", "ppo/completions"} <= tables, tables
     assert all(set(r) == {"step", "table", "prompt", "gold", "completion", "reward", "verdict"} for r in rows)
-    grpo_steps = sorted({r["step"] for r in rows if r["table"] == "grpo/completions"})
+    grpo_steps = sorted({r["step"] for r in rows if r["table"] == "grpo/completions"})  # first draw of a step only
     assert len(grpo_steps) == 2  # steps 0 and 2 of 4, with completions_every=2
     assert all(sum(r["step"] == s and r["table"] == "grpo/completions" for r in rows) == 3 for s in grpo_steps)
     logged = {k.removesuffix("._type") for row in history(run_dir) for k, v in row.items() if v == "table-file"}

@@ -3,8 +3,8 @@ KL term to a frozen reference.
 
 Departures from the paper, each a recipe switch:
 - `algo.advantage_estimator` swaps group normalisation for RLOO or REINFORCE++-baseline, `algo.ratio_level:
-  sequence` is GSPO, `algo.drop_uniform_groups` and `algo.overlong_buffer` are DAPO's dynamic-sampling filter and
-  soft overlong penalty, and `algo.tis_cap` weights tokens by truncated importance ratios trainer/engine;
+  sequence` is GSPO, `algo.drop_uniform_groups` (with `algo.resample_rounds`) and `algo.overlong_buffer` are DAPO's dynamic
+  sampling and soft overlong penalty, and `algo.tis_cap` weights tokens by truncated importance ratios trainer/engine;
 - the KL term uses the configured estimator (k3 by default, as the paper) and can move into the reward
   (`ref.kl_in: reward`, PPO-style) instead of the loss;
 - `algo.scale_rewards: false` drops the std division (Dr.GRPO), `algo.loss_agg` picks token-level (DAPO) or
@@ -22,6 +22,7 @@ from rlkit.algorithms.common import StageContext, Timer, generate_and_score
 from rlkit.data import BatchSampler
 from rlkit.losses import kl_estimate, token_normalizer
 from rlkit.trainer import PolicyBatch, pack_sequences
+from rewards.scorer import ScoreOutput
 
 
 def rollout_logprob_tensor(completions, prompt_lengths: list[int], width: int) -> torch.Tensor:
@@ -40,12 +41,10 @@ def train(ctx: StageContext) -> None:
     sampler = BatchSampler(ctx.train, stage.batch_size, ctx.seed())
     for step in ctx.steps(sampler):
         timer = Timer()
-        problems = sampler.next()
 
         # generate and score: `group` samples per prompt from the current policy, one reward each;
         # samples the reward policy excludes (reward.on_error) drop out of the loss
-        prompt_ids, completions, scored = generate_and_score(ctx, problems, group, temperature, ctx.seed() + step,
-                                                             timer, step)  # completions (B*G,) prompt-major
+        prompt_ids, completions, scored, rounds = sample_groups(ctx, sampler, step, timer)  # completions (B*G,)
         rewards = torch.tensor(scored.scores, dtype=torch.float32)  # (B*G,)
         valid = torch.tensor(scored.valid, dtype=torch.float32)  # (B*G,)
         lengths = torch.tensor([len(c.token_ids) for c in completions])
@@ -94,9 +93,52 @@ def train(ctx: StageContext) -> None:
         metrics |= {"reward/mean": rewards.mean(), "reward/std": rewards.std(), "uniform_group_rate": uniform.float().mean()}
         metrics |= {f"reward/{k}": v for k, v in scored.stats.items()}
         metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s}
+        metrics |= {"sampling_rounds": rounds} if algo.resample_rounds > 1 else {}
         ctx.log_step(step, metrics, timer.metrics(ctx.prefix))
         ctx.show(reward=f"{float(rewards.mean()):.3f}", kl=f"{float(metrics['kl']):.4f}")
     ctx.cluster.release(ref)
+
+
+def sample_groups(ctx: StageContext, sampler: BatchSampler, step: int, timer: Timer):
+    """A batch of prompt groups. With `algo.drop_uniform_groups` and `algo.resample_rounds: N > 1` (DAPO's
+    dynamic sampling), up to N batches of prompts are drawn until batch_size groups whose rewards differ are
+    found; short of that, the first batch's uniform groups fill the rest (and leave the loss as before).
+
+    Returns (prompt_ids (B,), completions (B*G,) prompt-major, ScoreOutput of those, batches drawn).
+    """
+    algo, group = ctx.cfg.algo, ctx.cfg.algo.group_size
+    rounds = []
+    for r in range(algo.resample_rounds if algo.drop_uniform_groups else 1):
+        problems = sampler.next()
+        prompt_ids, completions, scored = generate_and_score(
+            ctx, problems, group, ctx.cfg.rollout.temperature, ctx.seed() + step + 100_003 * r, timer,
+            step if r == 0 else None)
+        uniform = uniform_groups(torch.tensor(scored.scores), group)[::group].tolist()  # (B,)
+        rounds.append((prompt_ids, completions, scored, uniform))
+        if sum(not u for *_, flags in rounds for u in flags) >= len(problems):
+            break
+    if len(rounds) == 1:
+        return *rounds[0][:3], 1
+    picked = pick_groups([flags for *_, flags in rounds], len(rounds[0][0]))
+    rows = [(r, g * group + j) for r, g in picked for j in range(group)]  # (round, sample) of each kept sample
+    scored = ScoreOutput(scores=[rounds[r][2].scores[i] for r, i in rows],
+                         results=[rounds[r][2].results[i] for r, i in rows],
+                         valid=[rounds[r][2].valid[i] for r, i in rows], stats=rounds[0][2].stats)
+    return [rounds[r][0][g] for r, g in picked], [rounds[r][1][i] for r, i in rows], scored, len(rounds)
+
+
+def pick_groups(uniform: list[list[bool]], batch: int) -> list[tuple[int, int]]:
+    """(round, group) pairs forming a batch: groups with a signal in the order sampled, topped up with the first
+    round's uniform groups when fewer than `batch` were found.
+
+    >>> pick_groups([[True, False, True], [False, False, True]], 3)
+    [(0, 1), (1, 0), (1, 1)]
+    >>> pick_groups([[True, False], [True, True]], 2)
+    [(0, 1), (0, 0)]
+    """
+    informative = [(r, g) for r, flags in enumerate(uniform) for g, same in enumerate(flags) if not same]
+    filler = [(0, g) for g, same in enumerate(uniform[0]) if same]
+    return (informative + filler)[:batch]
 
 
 def summarize(step_metrics: dict[str, float]) -> dict[str, float]:

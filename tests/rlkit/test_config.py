@@ -82,3 +82,19 @@ def test_resolved_yaml_round_trips(tmp_path):
 def test_quickstart_recipe_is_valid():
     cfg = load_recipe("recipes/quickstart.yaml")
     assert [s.kind for s in cfg.stages] == ["sft", "dpo", "grpo"]
+
+
+def test_stage_options_are_checked():
+    from rlkit.config import RecipeConfig, StageConfig, validate
+
+    bad = [
+        ({"kind": "rft", "keep": "most"}, "stages.0.keep"),
+        ({"kind": "dpo", "pairs": "live"}, "stages.0.pairs"),
+        ({"kind": "dpo", "pairs": "online", "rounds": 5, "steps": 3}, "at least one step per round"),
+        ({"kind": "distill", "teacher": "/no/such/teacher"}, "stages.0.teacher"),
+        ({"kind": "average"}, "needs an earlier stage"),
+        ({"kind": "average", "method": "median", "source": "x"}, "stages.0.method"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(RecipeError, match=message):
+            validate(RecipeConfig(stages=[StageConfig(**fields)]))
