@@ -9,7 +9,7 @@ from rewards.base import Sample, Verdict
 from rewards.code import CodeReward, assert_passes, decode, extract_code, normalise_output, prepare_tests
 from rewards.scorer import Scorer
 
-HUMANEVAL = Path(__file__).parents[3] / "shared/datasets/humaneval.jsonl.gz"
+HUMANEVAL = Path(__file__).parents[2] / "data" / "humaneval.jsonl.gz"
 # straight-line asserts, float tolerances, a loop over random inputs with a helper, and one with `is True`
 PROBLEMS = ["HumanEval/0", "HumanEval/2", "HumanEval/32", "HumanEval/38", "HumanEval/53"]
 

@@ -83,7 +83,7 @@ def test_math_reward_verdicts():
 def test_real_gsm8k_answers_are_recognised():
     import json
 
-    with open(Path(__file__).parents[3] / "shared/datasets/gsm8k_test.jsonl") as f:
+    with open(Path(__file__).parents[2] / "data" / "gsm8k_test.jsonl") as f:
         rows = [json.loads(next(f)) for _ in range(20)]
     r = MathReward()
     for row in rows:

@@ -1,5 +1,6 @@
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -43,7 +44,8 @@ def test_jsonl_missing_field_is_named(tmp_path):
 
 
 def test_gsm8k_loads_with_field_names(tmp_path):
-    cfg = DataConfig(source="../shared/datasets/gsm8k_test.jsonl", prompt_key="question", num_eval=50, num_train=100)
+    gsm8k = Path(__file__).parents[2] / "data" / "gsm8k_test.jsonl"
+    cfg = DataConfig(source=str(gsm8k), prompt_key="question", num_eval=50, num_train=100)
     train, held = load_splits(cfg)
     assert len(held) == 50 and len(train) == 100
     assert "####" in held[0].answer
