@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -87,7 +87,7 @@ def score_file(model_path: str, path: str, data: DataConfig, batch_size: int):
     from rlkit.data import read_jsonl
     from rlkit.modeling import load_model_and_tokenizer
 
-    problems = read_jsonl(path, replace(data, source=path))
+    problems = read_jsonl(path, data, "--input")
     model, tokenizer = load_model_and_tokenizer(model_path, field="--model")
     model.eval()
     answers = [p.solution for p in problems]

@@ -68,7 +68,11 @@ def run(ctx: StageContext, recipe_yaml: str) -> str:
     weights = mixing_weights(len(paths), ctx.stage.method, ctx.stage.ema_decay)
     averaged = average_state_dicts([load_file(str(p / "model.safetensors")) for p in paths], weights)
     model = AutoModelForCausalLM.from_pretrained(last)
-    model.load_state_dict(averaged)
+    loaded = model.load_state_dict(averaged, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()  # saved once, with the embedding
+    if set(loaded.missing_keys) - tied or loaded.unexpected_keys:
+        raise RecipeError(f"stages.{ctx.index}: the averaged tensors do not fit the model (missing "
+                          f"{loaded.missing_keys[:3]}, unexpected {loaded.unexpected_keys[:3]})")
     path = save_checkpoint(model, AutoTokenizer.from_pretrained(last), ctx.logger.run_dir / "checkpoints" /
                            ctx.checkpoint_name, recipe_yaml,
                            {"stage": ctx.index, "kind": "average", "averaged": [p.name for p in paths],

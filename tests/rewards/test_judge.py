@@ -226,3 +226,30 @@ def test_a_trained_judge_agrees_with_the_gold_verdict(tmp_path):
     # strong judge. More steps should raise it (not measured here: the budget of this test is the recipe's run).
     assert agree >= 0.58, agree
     assert sum(v == Verdict.ERROR for v in verdicts[:-1]) <= 5  # the trained judge keeps to its tag
+
+
+@pytest.mark.slow
+def test_the_judge_engine_runs_as_its_own_ray_actor(tmp_path):
+    """On the Ray backend the scorer is an actor and the judge's vLLM engine another one it creates. An untrained
+    judge writes no tag: every sample comes back an error carrying the judge's own outputs, never a 0."""
+    import dataclasses
+
+    from rlkit.cluster import Cluster
+    from rlkit.config import ClusterConfig, RecipeConfig
+
+    model, tok = init_model(ModelConfig(num_layers=2, max_seq_len=96))  # vLLM's CPU attention wants head_dim >= 32
+    path = str(save_checkpoint(model, tok, tmp_path / "judge", ""))
+    spec = RewardSpec(name="judge", kwargs={"model_path": path, "votes": 2, "max_new_tokens": 8})
+    cfg = dataclasses.replace(RecipeConfig(), reward=RewardConfig(rewards=[spec], on_error="exclude"),
+                              cluster=ClusterConfig(backend="ray"))
+    cluster = Cluster(cfg)
+    try:
+        scorer = cluster.scorer()
+        out = scorer.score([Sample("2+2=", "4", "4"), Sample("3*3=", "8", "9")])
+        scorer.close()
+    finally:
+        cluster.shutdown()
+    assert [r.verdict for r in out.results] == [Verdict.ERROR, Verdict.ERROR] and out.valid == [False, False]
+    for result in out.results:
+        info = result.info["judge"]  # the scorer keeps each reward's info under its label
+        assert "no parseable" in info["error"] and len(info["outputs"]) == 2
