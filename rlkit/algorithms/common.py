@@ -185,16 +185,17 @@ def completion_rows(samples: list[Sample], scored) -> list[dict]:
 
 
 def generate_and_score(ctx: "StageContext", problems: list[Problem], n: int, temperature: float, seed: int,
-                       timer: "Timer | None" = None, step: int | None = None):
+                       timer: "Timer | None" = None, step: int | None = None, pool=None):
     """n samples per prompt from the current policy (with the engine's log-probs), each scored by the rewards.
     With `step`, a training step, they may also be logged as a completions table (StageContext.log_completions).
+    `pool` samples from another model's engines instead (distillation's teacher).
 
     Returns (prompt_ids, completions (B*n,) prompt-major, the scorer's ScoreOutput).
     """
     timer = timer or Timer()
     prompt_ids = [encode_prompt(ctx.tokenizer, p.prompt) for p in problems]
     with timer("generate"):
-        groups = ctx.pool.generate(prompt_ids, n=n, temperature=temperature, seed=seed)
+        groups = (pool or ctx.pool).generate(prompt_ids, n=n, temperature=temperature, seed=seed)
     completions = [c for g in groups for c in g]
     samples = to_samples(problems, [c.text for c in completions], n)
     with timer("score"):

@@ -16,7 +16,7 @@ import json
 import random
 
 from rlkit.algorithms import sft
-from rlkit.algorithms.common import StageContext, encode_prompt, encode_response, to_samples
+from rlkit.algorithms.common import StageContext, encode_response, generate_and_score
 from rlkit.config import RecipeError
 from rewards.base import Verdict
 
@@ -44,11 +44,10 @@ def collect(ctx: StageContext, pool) -> tuple[list[sft.Example], dict[str, float
     """Sample from `pool`, score with the recipe's rewards and keep the accepted completions."""
     stage, tok = ctx.stage, ctx.tokenizer
     problems = random.Random(ctx.seed()).sample(ctx.train, min(stage.steps * stage.batch_size, len(ctx.train)))
-    prompt_ids = [encode_prompt(tok, p.prompt) for p in problems]
     n = stage.samples
-    groups = pool.generate(prompt_ids, n=n, temperature=ctx.cfg.rollout.temperature, seed=ctx.seed())
-    texts = [c.text for g in groups for c in g]  # (P*n,) prompt-major
-    scored = ctx.scorer.score(to_samples(problems, texts, n))
+    prompt_ids, completions, scored = generate_and_score(ctx, problems, n, ctx.cfg.rollout.temperature, ctx.seed(),
+                                                         pool=pool)
+    texts = [c.text for c in completions]  # (P*n,) prompt-major
     verdicts = [r.verdict for r in scored.results]
     examples, rows, covered = [], [], 0
     for i, problem in enumerate(problems):
