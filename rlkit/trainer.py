@@ -18,7 +18,7 @@ import torch
 
 from kernels import fused_logprobs
 from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
-from rlkit.lora import apply_lora, merge_lora_state_dict
+from rlkit.lora import apply_lora, merge_lora_state_dict, peft_adapter_tensors
 from rlkit.losses import aggregate, dpo_loss, kl_estimate, policy_loss, sequence_log_ratio, sft_loss
 
 log = logging.getLogger(__name__)
@@ -328,8 +328,9 @@ class ShardedTrainer(RankWorker):
         return self._step(micro_loss, batch)
 
     # -- weights ---------------------------------------------------------------------------------------
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The unsharded weights on CPU under the model's own names, LoRA merged (every rank must call it)."""
+    def full_state_dict(self, merged: bool = True) -> dict[str, torch.Tensor]:
+        """The unsharded weights on CPU under the model's own names, LoRA merged, or with `merged=False` the
+        frozen base alone (every rank must call it)."""
         if self.world_size == 1:
             state = {k: v.detach() for k, v in self.model.lm.state_dict().items()}
         else:
@@ -338,8 +339,20 @@ class ShardedTrainer(RankWorker):
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             state = {k.removeprefix("lm."): v for k, v in full.items()}
         if self.cfg.lora_rank:
-            state = merge_lora_state_dict(state, self.cfg.lora_alpha / self.cfg.lora_rank)
+            state = merge_lora_state_dict(state, self.cfg.lora_alpha / self.cfg.lora_rank if merged else 0.0)
         return state
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA adapter's unsharded tensors on CPU in PEFT's file layout (every rank must call it): what
+        trainer.lora_sync=adapter sends to the engines instead of the whole model."""
+        from torch.distributed.tensor import DTensor
+
+        state = {}
+        for name, param in self.model.lm.named_parameters():  # the same order on every rank
+            if ".lora_" in name:
+                value = param.detach()
+                state[name] = (value.full_tensor() if isinstance(value, DTensor) else value).cpu()
+        return peft_adapter_tensors(state)
 
     def save(self, path: str, tokenizer_path: str, recipe_yaml: str, extra: dict | None = None) -> str | None:
         """Hugging Face checkpoint of the full weights (written by rank 0); returns the path on rank 0."""

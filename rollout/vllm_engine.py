@@ -9,6 +9,7 @@ deadline so a hung engine fails the run with a clear error instead of hanging it
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import os
 import shutil
@@ -21,6 +22,9 @@ import torch
 from rlkit.config import RolloutConfig
 
 log = logging.getLogger(__name__)
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
 class WeightSyncError(RuntimeError):
@@ -48,7 +52,8 @@ class SyncStats:
 class VllmRollout:
     """One vLLM engine. `generate` takes token ids, so trainer and engine never re-tokenize differently."""
 
-    def __init__(self, cfg: RolloutConfig, model_path: str, max_model_len: int, seed: int = 0):
+    def __init__(self, cfg: RolloutConfig, model_path: str, max_model_len: int, seed: int = 0, lora_rank: int = 0):
+        """`lora_rank` > 0 lets the engine serve LoRA adapters up to that rank (see `sync_adapter`)."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gib))))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM  # heavy; imported only where an engine is made
@@ -66,6 +71,11 @@ class VllmRollout:
             use_tqdm_on_load=False,  # a bar per weight sync would flood the console
             logprobs_mode="processed_logprobs",  # after temperature, as the trainer computes them
         )
+        if lora_rank:  # vLLM takes a rank bound from a fixed list; one adapter at a time
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= lora_rank))
+        self.lora_rank = lora_rank
+        self._lora = None  # the LoRARequest that every generation uses, after the first sync_adapter
+        self._lora_count = 0
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         t0 = time.perf_counter()
@@ -93,7 +103,8 @@ class VllmRollout:
             logprobs=0,  # the sampled token's log-prob only
             seed=seed,
         )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora)
         result = []
         for out in outputs:
             group = []
@@ -104,20 +115,51 @@ class VllmRollout:
         return result
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> SyncStats:
-        """Load the trainer's weights into the engine; raises WeightSyncError past `cfg.sync_timeout_s`."""
-        from safetensors.torch import save_file
-
+        """Load the trainer's weights into the engine, dropping any adapter; raises WeightSyncError past
+        `cfg.sync_timeout_s`."""
         t0 = time.perf_counter()
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        megabytes = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
-        self._sync_dir.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(self._sync_dir / "model.safetensors"))
+        folder = self._sync_dir / "model"
+        megabytes = _write_tensors(state_dict, folder / "model.safetensors")
 
         def reload() -> None:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self._sync_dir)})
+            self._drop_adapter()
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
             self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
-        future = self._pool.submit(reload)
+        self._within_deadline(reload)
+        return SyncStats(time.perf_counter() - t0, megabytes)
+
+    def sync_adapter(self, tensors: dict[str, torch.Tensor], config: dict) -> SyncStats:
+        """Serve a new LoRA adapter (PEFT layout: tensors and adapter_config.json) over the engine's weights,
+        which must be the adapter's frozen base; raises WeightSyncError past `cfg.sync_timeout_s`."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.lora_rank:
+            raise WeightSyncError("sync_adapter: this engine was made without LoRA support (lora_rank=0)")
+        t0 = time.perf_counter()
+        self._lora_count += 1  # vLLM caches adapters by id: every update is a new one
+        folder = self._sync_dir / f"adapter_{self._lora_count}"
+        megabytes = _write_tensors(tensors, folder / "adapter_model.safetensors")
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        request = LoRARequest(f"rlkit-{self._lora_count}", self._lora_count, str(folder))
+
+        def load() -> None:
+            self._drop_adapter()
+            if not self.llm.llm_engine.add_lora(request):  # loads now, so errors and time land here
+                raise RuntimeError(f"vLLM refused the adapter in {folder}")
+            self._lora = request
+
+        self._within_deadline(load)
+        return SyncStats(time.perf_counter() - t0, megabytes)
+
+    def _drop_adapter(self) -> None:
+        if self._lora is not None:
+            self.llm.llm_engine.remove_lora(self._lora.lora_int_id)
+            shutil.rmtree(self._lora.lora_path, ignore_errors=True)
+            self._lora = None
+
+    def _within_deadline(self, work) -> None:
+        future = self._pool.submit(work)
         try:
             future.result(timeout=self.cfg.sync_timeout_s)
         except concurrent.futures.TimeoutError as e:
@@ -127,7 +169,6 @@ class VllmRollout:
             ) from e
         except Exception as e:
             raise WeightSyncError(f"weight sync failed in the engine: {e}") from e
-        return SyncStats(time.perf_counter() - t0, megabytes)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -139,3 +180,13 @@ class VllmRollout:
             if shutdown is not None:
                 shutdown()
             self.llm = None
+
+
+def _write_tensors(state_dict: dict[str, torch.Tensor], path: Path) -> float:
+    """Write tensors as safetensors; returns their size in MB."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20

@@ -10,8 +10,10 @@ from typing import Any, Iterator
 from rlkit.checkpoint import Checkpointer, ResumePoint, RunState
 from rlkit.config import RecipeConfig, StageConfig
 from rlkit.data import BatchSampler, Problem
+from rlkit.lora import adapter_config
 from rlkit.tracking import RunLogger
 from rewards.base import Sample
+from rollout.vllm_engine import SyncStats
 
 
 SYNCS_EVERY_STEP = ("grpo", "ppo")  # stages whose engines follow the trainer after every step
@@ -42,6 +44,7 @@ class StageContext:
     resume: ResumePoint | None = None  # a resume point inside this stage to continue from
     _bar: Any = None
     _table: list = field(default_factory=list)  # completions waiting for log_step
+    _base_synced: bool = False  # trainer.lora_sync=adapter: the engines hold this stage's frozen base
 
     @property
     def lr(self) -> float:
@@ -59,6 +62,19 @@ class StageContext:
     def checkpoint_name(self) -> str:
         """The stage's checkpoint folder under RUN_DIR/checkpoints (snapshots go in `<name>.snapshots/`)."""
         return checkpoint_name(self.stage, self.index)
+
+    def sync_policy(self) -> SyncStats:
+        """The engines take the policy's current weights: all of them (LoRA merged), or under
+        trainer.lora_sync=adapter the adapter alone, after the stage's frozen base once. Returns the time and
+        size of what was sent."""
+        if self.cfg.trainer.lora_sync != "adapter":
+            return self.pool.sync_weights(self.trainer.state_dict())
+        base = SyncStats(0.0, 0.0)
+        if not self._base_synced:  # the engines may hold another stage's weights or an adapter over them
+            base = self.pool.sync_weights(self.trainer.base_state_dict())
+            self._base_synced = True
+        adapter = self.pool.sync_adapter(self.trainer.adapter_state_dict(), adapter_config(self.cfg.trainer))
+        return SyncStats(base.seconds + adapter.seconds, base.megabytes + adapter.megabytes)
 
     def restored(self, key: str) -> Any:
         """The stage's own extra state saved with the resume point it continues from (None on a fresh start)."""
@@ -81,7 +97,7 @@ class StageContext:
             if sampler is not None:
                 sampler.position = self.resume.extra()["sampler_position"]
             self.resume.restore_rng()
-            self.pool.sync_weights(self.trainer.state_dict())  # the engines restarted from the stage's start
+            self.sync_policy()  # the engines restarted from the stage's start
         self._bar = self.logger.progress(self.stage.steps, f"{self.index}:{self.prefix}", initial=start)
         every = self.cfg.checkpoint.every
         for step in range(start, self.stage.steps):
@@ -128,7 +144,7 @@ class StageContext:
         from rlkit.evaluate import evaluate, log_evaluation
 
         if self.stage.kind not in SYNCS_EVERY_STEP:
-            self.pool.sync_weights(self.trainer.state_dict())
+            self.sync_policy()
         evaluation = evaluate(self.pool, self.tokenizer, self.scorer, self.held_out, self.cfg.logging)
         log_evaluation(self.logger, evaluation, self.cfg.logging.table_rows)
         metrics = evaluation.metrics

@@ -86,13 +86,14 @@ def train(ctx: StageContext) -> None:
 
         # sync: the engines sample the next batch from the updated weights
         with timer("weight_sync"):
-            sync = ctx.pool.sync_weights(ctx.trainer.state_dict())
+            sync = ctx.sync_policy()
 
         # log
         metrics = summarize(metrics) | rollout_metrics(completions, timer)
         metrics |= {"reward/mean": rewards.mean(), "reward/std": rewards.std(), "uniform_group_rate": uniform.float().mean()}
         metrics |= {f"reward/{k}": v for k, v in scored.stats.items()}
-        metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s}
+        metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s,
+                    "weight_sync/megabytes": sync.megabytes}
         metrics |= {"sampling_rounds": rounds} if algo.resample_rounds > 1 else {}
         ctx.log_step(step, metrics, timer.metrics(ctx.prefix))
         ctx.show(reward=f"{float(rewards.mean()):.3f}", kl=f"{float(metrics['kl']):.4f}")

@@ -87,13 +87,14 @@ def train(ctx: StageContext) -> None:
 
         # sync
         with timer("weight_sync"):
-            sync = ctx.pool.sync_weights(ctx.trainer.state_dict())
+            sync = ctx.sync_policy()
 
         # log
         metrics = summarize(metrics) | rollout_metrics(completions, timer)
         metrics |= {f"value/{k}": v for k, v in value_metrics.items()}
         metrics |= {"reward/mean": scores.mean(), "reward/std": scores.std(), **{f"reward/{k}": v for k, v in scored.stats.items()}}
-        metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s}
+        metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s,
+                    "weight_sync/megabytes": sync.megabytes}
         ctx.log_step(step, metrics, timer.metrics(ctx.prefix))
         ctx.show(reward=f"{float(scores.mean()):.3f}", vloss=f"{value_metrics['value_loss']:.4f}")
     ctx.cluster.release(ref, critic)

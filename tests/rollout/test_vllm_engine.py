@@ -1,9 +1,13 @@
-"""The vLLM engine against the trainer's model: same greedy tokens, same log-probs, before and after a sync."""
+"""The vLLM engine against the trainer's model: same greedy tokens, same log-probs, before and after a sync
+(of all weights, or of a LoRA adapter over the base)."""
+
+import copy
 
 import pytest
 import torch
 
-from rlkit.config import ModelConfig, RolloutConfig
+from rlkit.config import ModelConfig, RolloutConfig, TrainerConfig
+from rlkit.lora import adapter_config, apply_lora, peft_adapter_tensors
 from rlkit.modeling import init_model, save_checkpoint
 from rlkit.trainer import pack_sequences, sequence_logprobs
 from rollout.vllm_engine import VllmRollout, WeightSyncError
@@ -15,7 +19,8 @@ PROMPTS = ["12+34=", "7*8=", "99+1=", "5="]
 def setup(tmp_path_factory):
     model, tok = init_model(ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2))
     path = save_checkpoint(model, tok, tmp_path_factory.mktemp("m") / "ckpt", "")
-    engine = VllmRollout(RolloutConfig(max_new_tokens=8, sync_timeout_s=30), str(path), max_model_len=64)
+    # LoRA-enabled (rank <= 8): without an adapter it serves the plain weights, which the first tests check
+    engine = VllmRollout(RolloutConfig(max_new_tokens=8, sync_timeout_s=30), str(path), max_model_len=64, lora_rank=8)
     yield model, tok, engine
     engine.close()
 
@@ -59,6 +64,33 @@ def test_engine_matches_trainer_before_and_after_sync(setup):
     after = [g[0].token_ids for g in engine.generate(prompt_ids(tok), n=1, temperature=0.0)]
     assert after != before
     check_parity(model, tok, engine)
+
+
+def test_engine_serves_the_trainers_adapter_over_its_base(setup):
+    model, tok, engine = setup
+    engine.sync_weights(model.state_dict())  # the base
+    cfg = TrainerConfig(lora_rank=4, lora_alpha=8.0)
+    tuned = apply_lora(copy.deepcopy(model), cfg)
+    for round_ in range(2):  # a second adapter replaces the first
+        with torch.no_grad():
+            for name, p in tuned.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(round_))
+        stats = engine.sync_adapter(peft_adapter_tensors(tuned.state_dict()), adapter_config(cfg))
+        assert 0 < stats.megabytes < 0.2 * sum(p.numel() * 4 for p in model.parameters()) / 2**20
+        check_parity(tuned, tok, engine)
+    base_greedy = [hf_greedy(model.eval(), p, 8) for p in prompt_ids(tok)]
+    assert [g[0].token_ids for g in engine.generate(prompt_ids(tok), n=1, temperature=0.0)] != base_greedy
+    engine.sync_weights(model.state_dict())  # a full sync drops the adapter
+    check_parity(model, tok, engine)
+
+
+def test_a_bad_adapter_fails_the_sync(setup):
+    model, _, engine = setup
+    cfg = TrainerConfig(lora_rank=16)  # above the rank the engine was made for
+    tensors = peft_adapter_tensors(apply_lora(copy.deepcopy(model), cfg).state_dict())
+    with pytest.raises(WeightSyncError, match="weight sync failed"):
+        engine.sync_adapter(tensors, adapter_config(cfg))
 
 
 def test_sync_with_a_wrong_shape_fails_clearly(setup):
