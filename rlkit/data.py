@@ -135,11 +135,13 @@ def verification_problems(problems: list[Problem], wrong_rate: float, seed: int)
     return out
 
 
-def read_jsonl(path: str | Path, cfg: DataConfig, field: str = "data.source") -> list[Problem]:
-    """Read problems from JSONL, naming the file and line of any malformed record."""
+def read_jsonl(path: str | Path, cfg: DataConfig, field: str = "data.source",
+               key_options: str = "data.prompt_key/data.answer_key") -> list[Problem]:
+    """Read problems from JSONL, naming the file and line of any malformed record; `field` and `key_options`
+    name what the user sets to fix it (recipe keys, or a command's flags)."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"{field}: file '{path}' not found; expected a JSONL file or 'synthetic'")
+        raise RecipeError(f"{field}: file '{path}' not found; expected a JSONL file")
     problems = []
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
@@ -152,7 +154,7 @@ def read_jsonl(path: str | Path, cfg: DataConfig, field: str = "data.source") ->
             for key in (cfg.prompt_key, cfg.answer_key):
                 if key not in record:
                     raise RecipeError(
-                        f"{field}: {path}:{lineno} has no '{key}' field; set data.prompt_key/data.answer_key "
+                        f"{field}: {path}:{lineno} has no '{key}' field; set {key_options} "
                         f"to the file's field names (it has: {', '.join(record)})"
                     )
             answer = str(record[cfg.answer_key])

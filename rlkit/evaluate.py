@@ -81,8 +81,9 @@ def per_task_metrics(tasks: list[str], verdicts: list[Verdict]) -> dict[str, flo
     return out
 
 
-def log_evaluation(logger, evaluation: Evaluation, rows: int) -> None:
-    """eval/* metrics, and the first `rows` completions as the eval/completions table."""
+def log_evaluation(logger, evaluation: Evaluation, rows: int) -> dict[str, float]:
+    """eval/* metrics, and the first `rows` completions as the eval/completions table; returns the metrics."""
     logger.log({f"eval/{k}": v for k, v in evaluation.metrics.items()})
     if rows:
         logger.table("eval/completions", evaluation.rows[:rows])
+    return evaluation.metrics

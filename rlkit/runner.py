@@ -120,8 +120,7 @@ def run(cfg: RecipeConfig) -> dict:
     try:
         if resume is None:
             evaluation = evaluate(pool, tokenizer, scorer, held_out, cfg.logging)
-            log_evaluation(logger, evaluation, cfg.logging.table_rows)
-            state.before = evaluation.metrics
+            state.before = log_evaluation(logger, evaluation, cfg.logging.table_rows)
             checkpointer.save(state)
         print(f"held-out accuracy before stage {state.stage}: {state.before['accuracy']:.3f}", flush=True)
         for index in range(state.stage, len(cfg.stages)):
@@ -131,9 +130,7 @@ def run(cfg: RecipeConfig) -> dict:
             ctx = StageContext(cfg, stage, index, state.model_path, tokenizer, train_set, trainer, pool, scorer, cluster, logger, held_out, state, checkpointer,
                                resume if resume is not None and resume.state.step and index == state.stage else None)
             model_path = run_stage(ctx, recipe_yaml)
-            evaluation = evaluate(pool, tokenizer, scorer, held_out, cfg.logging)
-            log_evaluation(logger, evaluation, cfg.logging.table_rows)
-            after = evaluation.metrics
+            after = ctx.evaluate()
             if ctx.is_best(after):
                 copy_checkpoint(Path(model_path), run_dir / "checkpoints" / "best")
             seconds = time.perf_counter() - t0

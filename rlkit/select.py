@@ -87,7 +87,7 @@ def score_file(model_path: str, path: str, data: DataConfig, batch_size: int):
     from rlkit.data import read_jsonl
     from rlkit.modeling import load_model_and_tokenizer
 
-    problems = read_jsonl(path, data, "--input")
+    problems = read_jsonl(path, data, "--input", "--prompt-key/--answer-key")
     model, tokenizer = load_model_and_tokenizer(model_path, field="--model")
     model.eval()
     answers = [p.solution for p in problems]

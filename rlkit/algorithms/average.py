@@ -55,7 +55,6 @@ def run(ctx: StageContext, recipe_yaml: str) -> str:
     """Average, save as the stage's checkpoint, point the engines at it; returns its path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlkit.evaluate import evaluate
     from rlkit.modeling import save_checkpoint
 
     paths = source_checkpoints(ctx)[-ctx.stage.last:]
@@ -64,7 +63,7 @@ def run(ctx: StageContext, recipe_yaml: str) -> str:
               "it to keep snapshots", flush=True)
     last = paths[-1]
     ctx.pool.sync_weights(load_file(str(last / "model.safetensors")))
-    last_metrics = evaluate(ctx.pool, ctx.tokenizer, ctx.scorer, ctx.held_out, ctx.cfg.logging).metrics
+    last_metrics = ctx.evaluate(log=False)
     weights = mixing_weights(len(paths), ctx.stage.method, ctx.stage.ema_decay)
     averaged = average_state_dicts([load_file(str(p / "model.safetensors")) for p in paths], weights)
     model = AutoModelForCausalLM.from_pretrained(last)

@@ -136,18 +136,22 @@ class StageContext:
             self.trainer.save(str(folder), self.model_path, (self.logger.run_dir / "recipe.yaml").read_text(),
                               {"stage": self.index, "step": step + 1})
 
+    def evaluate(self, log: bool = True) -> dict[str, float]:
+        """Held-out metrics of the engines' current weights, logged as eval/* with the completions table unless
+        `log` is False."""
+        from rlkit.evaluate import evaluate, log_evaluation  # rlkit.evaluate imports this module
+
+        evaluation = evaluate(self.pool, self.tokenizer, self.scorer, self.held_out, self.cfg.logging)
+        return log_evaluation(self.logger, evaluation, self.cfg.logging.table_rows) if log else evaluation.metrics
+
     def maybe_evaluate(self, step: int) -> None:
         """Held-out evaluation every logging.eval_every steps inside the stage (its end is the runner's)."""
         every = self.cfg.logging.eval_every
         if not every or (step + 1) % every or step == self.stage.steps - 1:
             return
-        from rlkit.evaluate import evaluate, log_evaluation
-
         if self.stage.kind not in SYNCS_EVERY_STEP:
             self.sync_policy()
-        evaluation = evaluate(self.pool, self.tokenizer, self.scorer, self.held_out, self.cfg.logging)
-        log_evaluation(self.logger, evaluation, self.cfg.logging.table_rows)
-        metrics = evaluation.metrics
+        metrics = self.evaluate()
         if self.is_best(metrics):
             self.trainer.save(str(self.logger.run_dir / "checkpoints" / "best"), self.model_path,
                               (self.logger.run_dir / "recipe.yaml").read_text(),

@@ -99,9 +99,7 @@ def train(ctx: StageContext) -> None:
 
 def end_round(ctx: StageContext, round_index: int) -> None:
     """Engines take the round's weights (the next round samples from them); held-out accuracy is logged."""
-    from rlkit.evaluate import evaluate
-
     ctx.sync_policy()
-    metrics = evaluate(ctx.pool, ctx.tokenizer, ctx.scorer, ctx.held_out, ctx.cfg.logging).metrics
+    metrics = ctx.evaluate(log=False)
     ctx.logger.log({f"{ctx.prefix}/round/accuracy": metrics["accuracy"], f"{ctx.prefix}/round/index": round_index})
     print(f"stage {ctx.index} (online dpo): round {round_index} held-out accuracy {metrics['accuracy']:.3f}", flush=True)

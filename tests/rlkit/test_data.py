@@ -84,3 +84,15 @@ def test_eval_source_replaces_the_held_out_split(tmp_path):
     path.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(50)))
     train, held = load_splits(DataConfig(num_train=300, num_eval=20, max_digits=2, eval_source=str(path)))
     assert [p.prompt for p in held] == [f"{i}+1=" for i in range(20)] and len(train) == 300
+
+
+def test_select_names_its_own_flags_for_a_bad_input_file(tmp_path, capsys):
+    from rlkit.select import main
+
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text(json.dumps({"question": "1+1=", "answer": "2"}) + "\n")
+    assert main(["--model", str(tmp_path), "--input", str(bad), "--output", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--input:" in err and "no 'prompt' field" in err and "set --prompt-key/--answer-key" in err
+    assert main(["--model", str(tmp_path), "--input", str(tmp_path / "nope.jsonl"), "--output", "x"]) == 2
+    assert "--input: file" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
