@@ -8,6 +8,9 @@ Both sides train the same randomly initialised 512-wide, 8-layer Llama (characte
 the math reward. Each runs in its own process; a step is timed end to end (generation, scoring, reference,
 update, and for rlkit the weight sync to vLLM), the first `--warmup` steps are dropped, and the table shows
 medians with rlkit / TRL ratios. Samples are counted as completions; tokens as generated completion tokens.
+Below the table: rlkit's median seconds per phase, and the ratio it could reach if generation, scoring and
+weight sync cost nothing (the reference forward and the policy update are the same arithmetic on both sides).
+`--rollout-dtype bfloat16` runs rlkit's engine in bfloat16 (TRL still generates in float32).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PROMPTS, GROUP, NEW_TOKENS = 8, 8, 64
+PHASES = ("generate", "score", "reference", "train", "weight_sync")
 MODEL = dict(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, max_seq_len=96)
 
 
@@ -36,13 +40,14 @@ def build_model(folder: Path) -> Path:
     return save_checkpoint(model, tokenizer, folder / "model", "")
 
 
-def run_rlkit(model_path: Path, steps: int, warmup: int, work: Path) -> dict[str, float]:
+def run_rlkit(model_path: Path, steps: int, warmup: int, work: Path, rollout_dtype: str) -> dict[str, float]:
     run_dir = work / "rlkit_run"
     overrides = [
         f"model.path={model_path}", f"model.max_seq_len={MODEL['max_seq_len']}",
         f"logging.output_dir={run_dir}", "logging.wandb_mode=disabled", "logging.log_every=1",
         "data.num_eval=8", f"algo.group_size={GROUP}", f"rollout.max_new_tokens={NEW_TOKENS}",
-        "ref.kl_coef=0.02", f"stages=[{{kind: grpo, steps: {steps}, batch_size: {PROMPTS}, lr: 1.0e-5}}]",
+        "ref.kl_coef=0.02", f"rollout.dtype={rollout_dtype}",
+        f"stages=[{{kind: grpo, steps: {steps}, batch_size: {PROMPTS}, lr: 1.0e-5}}]",
     ]
     proc = subprocess.run([sys.executable, "-m", "rlkit.run", "recipes/quickstart.yaml", *overrides],
                           cwd=REPO, capture_output=True, text=True)
@@ -54,6 +59,7 @@ def run_rlkit(model_path: Path, steps: int, warmup: int, work: Path) -> dict[str
         "samples_per_s": statistics.median(r["grpo/samples_per_s"] for r in steps_rows),
         "tokens_per_s": statistics.median(r["grpo/tokens_per_s"] for r in steps_rows),
         "steps": len(steps_rows),
+        "phases": {phase: statistics.median(r.get(f"grpo/time/{phase}", 0.0) for r in steps_rows) for phase in PHASES},
     }
 
 
@@ -111,6 +117,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rollout-dtype", default="auto",
+                        help="rlkit's engine dtype (auto: float32 on CPU, the precision TRL generates in here)")
     args = parser.parse_args()
     try:
         import trl  # noqa: F401
@@ -120,17 +128,27 @@ def main() -> None:
         work = Path(tmp)
         model_path = build_model(work)
         t0 = time.perf_counter()
-        ours = run_rlkit(model_path, args.steps, args.warmup, work)
+        ours = run_rlkit(model_path, args.steps, args.warmup, work, args.rollout_dtype)
         t1 = time.perf_counter()
         theirs = run_trl(model_path, args.steps, args.warmup, work)
         t2 = time.perf_counter()
-    print(f"GRPO, {PROMPTS} prompts x {GROUP} samples, <= {NEW_TOKENS} new tokens, model {MODEL}")
+    print(f"GRPO, {PROMPTS} prompts x {GROUP} samples, <= {NEW_TOKENS} new tokens, model {MODEL}, "
+          f"rlkit rollout.dtype={args.rollout_dtype}")
     print(f"median of {ours['steps']} (rlkit) and {theirs['steps']} (TRL) steps after {args.warmup} warm-up steps")
     print(f"{'':10s} {'samples/s':>10s} {'tokens/s':>10s} {'wall s':>8s}")
     print(f"{'TRL':10s} {theirs['samples_per_s']:10.2f} {theirs['tokens_per_s']:10.1f} {t2 - t1:8.0f}")
     print(f"{'rlkit':10s} {ours['samples_per_s']:10.2f} {ours['tokens_per_s']:10.1f} {t1 - t0:8.0f}")
     print(f"{'ratio':10s} {ours['samples_per_s'] / theirs['samples_per_s']:9.2f}x "
           f"{ours['tokens_per_s'] / theirs['tokens_per_s']:9.2f}x")
+    # Where rlkit's step goes, and the ratio it would reach if generation cost nothing: the reference forward
+    # and the policy's forward/backward are the same arithmetic in any GRPO implementation of this setup.
+    phases, trl_step = ours["phases"], PROMPTS * GROUP / theirs["samples_per_s"]
+    print("\nrlkit step, median seconds per phase")
+    for phase, seconds in phases.items():
+        print(f"  {phase:12s} {seconds:6.2f}")
+    floor = phases["reference"] + phases["train"]
+    print(f"TRL step {trl_step:.2f} s; reference + train alone {floor:.2f} s: with free generation, "
+          f"scoring and sync the ratio would be at most {trl_step / floor:.2f}x")
 
 
 if __name__ == "__main__":

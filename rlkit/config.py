@@ -55,6 +55,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 12
+    dtype: str = "auto"  # engine weights: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"
     kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True
@@ -342,6 +343,7 @@ def validate(cfg: RecipeConfig) -> None:
         if stage.batch_size <= 0:
             raise RecipeError(f"stages.{i}.batch_size: must be > 0, got {stage.batch_size}")
         _check_stage_options(i, stage)
+    _one_of("rollout.dtype", cfg.rollout.dtype, ("auto", "float32", "bfloat16", "float16"))
     _one_of("ref.kl_estimator", cfg.ref.kl_estimator, ("k1", "k2", "k3"))
     _one_of("ref.kl_in", cfg.ref.kl_in, ("loss", "reward"))
     _one_of("algo.loss_agg", cfg.algo.loss_agg, ("token-mean", "seq-mean-token-mean"))

@@ -55,6 +55,10 @@ class VllmRollout:
     def __init__(self, cfg: RolloutConfig, model_path: str, max_model_len: int, seed: int = 0, lora_rank: int = 0):
         """`lora_rank` > 0 lets the engine serve LoRA adapters up to that rank (see `sync_adapter`)."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gib))))
+        if not torch.cuda.is_available():
+            # vLLM's "auto" CPU binding keeps one core for its scheduler process; on a small machine that halves
+            # decoding speed (2 cores: 5.8 s -> 3.4-4.0 s for 64 x 64 tokens here). Decode on every core we may use.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM  # heavy; imported only where an engine is made
 
@@ -63,7 +67,7 @@ class VllmRollout:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
         kwargs = dict(
             model=str(model_path),
-            dtype="float32" if not torch.cuda.is_available() else "bfloat16",
+            dtype=engine_dtype(cfg.dtype, torch.cuda.is_available()),
             enforce_eager=cfg.enforce_eager,
             max_model_len=max_model_len,
             seed=seed,
@@ -190,3 +194,14 @@ def _write_tensors(state_dict: dict[str, torch.Tensor], path: Path) -> float:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+
+
+def engine_dtype(requested: str, on_gpu: bool) -> str:
+    """rollout.dtype for vLLM: "auto" is bfloat16 on a GPU and float32 on a CPU (exact parity with the trainer).
+
+    >>> engine_dtype("auto", True), engine_dtype("auto", False), engine_dtype("bfloat16", False)
+    ('bfloat16', 'float32', 'bfloat16')
+    """
+    if requested != "auto":
+        return requested
+    return "bfloat16" if on_gpu else "float32"

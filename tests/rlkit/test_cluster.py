@@ -66,3 +66,31 @@ def test_uneven_split_is_refused(groups):
     _, two = groups
     with pytest.raises(ValueError, match="do not split evenly over 2 trainer ranks"):
         two.logprobs(random_batch(n=3))
+
+
+def test_lora_adapter_gathers_from_two_ranks_like_one(tmp_path):
+    """trainer.lora_sync=adapter gathers only the adapter from the shards: equal to the 1-rank trainer's."""
+    model, tok = init_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2))
+    path = str(save_checkpoint(model, tok, tmp_path / "ckpt", ""))
+    trainer = TrainerConfig(micro_batch_size=2, logprob_impl="torch", dtype="float64", num_threads=1,
+                            lora_rank=4, lora_sync="adapter")
+    local_cfg = RecipeConfig(trainer=trainer)
+    ray_cfg = dataclasses.replace(local_cfg, cluster=ClusterConfig(backend="ray", trainer_ranks=2, cpus_per_trainer=0.5))
+    one = Cluster(local_cfg).trainer_group(path, lr=1e-2, warmup_steps=1)
+    cluster = Cluster(ray_cfg)
+    two = cluster.trainer_group(path, lr=1e-2, warmup_steps=1)
+    try:
+        batch = random_batch(n=8, seed=5)
+        for group in (one, two):
+            for _ in range(2):
+                group.sft_step(batch, float(batch.response_mask.sum()))
+        a1, a2 = one.adapter_state_dict(), two.adapter_state_dict()
+        assert a1.keys() == a2.keys() and a1
+        for k in a1:
+            assert torch.allclose(a1[k], a2[k], atol=1e-9, rtol=0), k
+        assert any(k.endswith("lora_B.weight") and a1[k].abs().max() > 0 for k in a1)  # it trained
+        b1, b2 = one.base_state_dict(), two.base_state_dict()
+        assert b1.keys() == b2.keys() == set(model.state_dict())
+        assert all(torch.equal(b1[k], b2[k]) for k in b1)
+    finally:
+        cluster.release(two)
