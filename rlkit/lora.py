@@ -26,6 +26,7 @@ def apply_lora(model: torch.nn.Module, cfg: TrainerConfig) -> torch.nn.Module:
 
 
 def lora_config(cfg: TrainerConfig):
+    """peft's LoraConfig for the trainer's adapters (no dropout, no bias: merged and served weights are exact)."""
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),

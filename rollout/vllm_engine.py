@@ -179,10 +179,11 @@ class VllmRollout:
         shutil.rmtree(self._sync_dir, ignore_errors=True)
         llm = getattr(self, "llm", None)
         if llm is not None:
-            engine = getattr(llm, "llm_engine", None)
-            shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if hasattr(core, "shutdown"):
+                # vLLM's default grace is 5 s, which its engine process, idle by now, always uses up before being
+                # killed; 1 s lets its workers exit and saves 4 s at the end of every run
+                core.shutdown(timeout=1.0)
             self.llm = None
 
 

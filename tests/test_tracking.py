@@ -13,10 +13,12 @@ import pytest
 from tests.test_quickstart import REPO, read_metrics, run
 from tests.wandb_files import history
 
+STEPS = {"sft": 40, "dpo": 3, "grpo": 4, "ppo": 3}
 STAGES = (
     "stages=[{kind: sft, steps: 40, batch_size: 32, lr: 1.0e-3}, {kind: dpo, steps: 3, batch_size: 8, lr: 1.0e-4},"
     " {kind: grpo, steps: 4, batch_size: 4, lr: 1.0e-4}, {kind: ppo, steps: 3, batch_size: 8, lr: 1.0e-4}]"
 )
+EVAL_EVERY = 2
 CORE = [  # the schema issue #6 asks for, per stage kind
     "sft/loss", "sft/grad_norm", "sft/lr", "dpo/loss", "dpo/reward_margin",
     *(f"{kind}/{key}" for kind in ("grpo", "ppo") for key in (
@@ -40,7 +42,7 @@ def run_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tracking") / "run"
     proc = run("recipes/quickstart.yaml", f"logging.output_dir={run_dir}", "logging.wandb_mode=offline",
                "logging.log_every=1", "logging.eval_samples=4", "logging.completions_every=2",
-               "logging.table_rows=3", "logging.eval_every=2", "data.num_eval=40", "algo.drop_uniform_groups=true",
+               "logging.table_rows=3", f"logging.eval_every={EVAL_EVERY}", "data.num_eval=40", "algo.drop_uniform_groups=true",
                "algo.resample_rounds=3", STAGES)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
@@ -91,3 +93,23 @@ def test_pass_at_k_is_consistent(run_dir):
     for r in evals:
         assert 0.0 <= r["eval/pass@1"] <= r["eval/pass@4"] <= 1.0
     assert evals[-1]["eval/pass@4"] > evals[0]["eval/pass@4"]  # training helps the sampled answers too
+
+
+@pytest.mark.slow
+def test_evaluation_inside_stages_keeps_the_best_checkpoint(run_dir):
+    evals = [(m["step"], m["eval/accuracy"]) for m in read_metrics(run_dir) if "eval/accuracy" in m]
+    expected, start, ends = [0], 0, {}  # before the run; every EVAL_EVERY steps inside a stage; at its end
+    for i, (kind, steps) in enumerate(STEPS.items()):
+        expected += [start + k for k in range(EVAL_EVERY, steps, EVAL_EVERY)] + [start + steps]
+        start += steps
+        ends[start] = f"{i + 1:02d}_{kind}"
+    assert [step for step, _ in evals] == expected
+    # checkpoints/best is the first evaluation (after the run's start) that reached the best accuracy: a stage's
+    # own checkpoint when that was a stage's end, else the in-stage save
+    best_step, best_acc = max(evals[1:], key=lambda e: (e[1], -e[0]))
+    info = (run_dir / "checkpoints" / "best" / "rlkit_stage.json").read_text()
+    assert (run_dir / "checkpoints" / "best" / "model.safetensors").exists()
+    if best_step in ends:
+        assert info == (run_dir / "checkpoints" / ends[best_step] / "rlkit_stage.json").read_text()
+    else:
+        assert json.loads(info)["metrics"]["accuracy"] == best_acc
