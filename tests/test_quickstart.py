@@ -87,7 +87,7 @@ def test_ray_run_with_two_engines_and_two_ranks_learns(quickstart, tmp_path):
         f"logging.output_dir={run_dir}",
         "logging.wandb_mode=disabled",
         "data.num_eval=300",
-        "stages=[{kind: grpo, steps: 60, batch_size: 16, lr: 1.0e-4}]",
+        "stages=[{kind: grpo, steps: 40, batch_size: 16, lr: 1.0e-4}]",
     ]
     proc = run("recipes/quickstart_ray.yaml", *overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -107,7 +107,7 @@ def test_ppo_with_a_critic_learns(quickstart, tmp_path):
         "logging.wandb_mode=disabled",
         "data.num_eval=300",
         "ref.kl_in=reward",
-        "stages=[{kind: ppo, steps: 60, batch_size: 64, lr: 1.0e-4}]",
+        "stages=[{kind: ppo, steps: 40, batch_size: 64, lr: 1.0e-4}]",
     ]
     proc = run("recipes/quickstart.yaml", *overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]

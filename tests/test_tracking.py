@@ -109,6 +109,7 @@ def test_evaluation_inside_stages_keeps_the_best_checkpoint(run_dir):
     best_step, best_acc = max(evals[1:], key=lambda e: (e[1], -e[0]))
     info = (run_dir / "checkpoints" / "best" / "rlkit_stage.json").read_text()
     assert (run_dir / "checkpoints" / "best" / "model.safetensors").exists()
+    assert (run_dir / "checkpoints" / "best" / "recipe.yaml").exists()
     if best_step in ends:
         assert info == (run_dir / "checkpoints" / ends[best_step] / "rlkit_stage.json").read_text()
     else:
