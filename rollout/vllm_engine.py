@@ -56,8 +56,8 @@ class VllmRollout:
         """`lora_rank` > 0 lets the engine serve LoRA adapters up to that rank (see `sync_adapter`)."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gib))))
         if not torch.cuda.is_available():
-            # vLLM's "auto" CPU binding keeps one core for its scheduler process; on a small machine that halves
-            # decoding speed (2 cores: 5.8 s -> 3.4-4.0 s for 64 x 64 tokens here). Decode on every core we may use.
+            # vLLM's "auto" CPU binding keeps one core for its scheduler process, which on a small machine slows
+            # decoding (bench/engine.py measures both). Decode on every core this process may use.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM  # heavy; imported only where an engine is made
@@ -182,7 +182,7 @@ class VllmRollout:
             core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
             if hasattr(core, "shutdown"):
                 # vLLM's default grace is 5 s, which its engine process, idle by now, always uses up before being
-                # killed; 1 s lets its workers exit and saves 4 s at the end of every run
+                # killed; 1 s lets its workers exit (bench/engine.py measures both)
                 core.shutdown(timeout=1.0)
             self.llm = None
 

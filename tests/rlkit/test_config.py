@@ -47,6 +47,7 @@ def test_yaml_then_overrides_in_order(tmp_path):
         (["stages.0.kind=rl"], "stages.0.kind: 'rl' is not one of sft, dpo, grpo"),
         (["ref.kl_estimator=k4"], "ref.kl_estimator: 'k4' is not one of k1, k2, k3"),
         (["model.num_heads=3"], "model.hidden_size: 128 is not divisible by model.num_heads=3"),
+        (["rollout.dtype=fp8"], "rollout.dtype: 'fp8' is not one of auto, float32, bfloat16, float16"),
         (["trainer.lora_sync=adapters"], "trainer.lora_sync: 'adapters' is not one of merged, adapter"),
         (["trainer.lora_sync=adapter"], "trainer.lora_sync: 'adapter' needs trainer.lora_rank between 1 and 512"),
     ],

@@ -2,6 +2,7 @@
 (of all weights, or of a LoRA adapter over the base)."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from rlkit.trainer import pack_sequences, sequence_logprobs
 from rollout.vllm_engine import VllmRollout, WeightSyncError
 
 PROMPTS = ["12+34=", "7*8=", "99+1=", "5="]
+BOUND_OUTSIDE = "VLLM_CPU_OMP_THREADS_BIND" in os.environ  # before any engine of this test session was made
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,12 @@ def test_engine_matches_trainer_before_and_after_sync(setup):
     after = [g[0].token_ids for g in engine.generate(prompt_ids(tok), n=1, temperature=0.0)]
     assert after != before
     check_parity(model, tok, engine)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or BOUND_OUTSIDE, reason="CPU binding left to the user or the GPU")
+def test_engine_decodes_on_every_allowed_core(setup):
+    # vLLM's own "auto" binding would keep one core for its scheduler process (half of a 2-core machine)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, sorted(os.sched_getaffinity(0))))
 
 
 def test_engine_serves_the_trainers_adapter_over_its_base(setup):
