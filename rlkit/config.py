@@ -7,6 +7,7 @@ wrong type names the key and the expected type. Cross-section checks live in `va
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -35,19 +36,39 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"  # "synthetic" (arithmetic tasks) or a path to a JSONL file
+    """Where a stage's examples come from and how they become token ids (rlkit.sources, rlkit.chat).
+
+    A stage may override any of these with its own `data:` section (StageConfig.data)."""
+
+    # "synthetic" (arithmetic tasks); a local .jsonl/.json/.parquet/.csv file or folder; or a hub dataset name
+    source: str = "synthetic"
+    subset: str = ""  # a hub dataset's configuration, e.g. "main" for openai/gsm8k
+    split: str = "train"  # the split read from `source` (a local file has one split: "train")
+    # TRL's dataset formats: "auto" (detected from the columns, as TRL does), "prompt_only", "prompt_completion",
+    # "messages" (conversational language modelling), "preference" (prompt/chosen/rejected)
+    format: str = "auto"
     tasks: List[str] = field(default_factory=lambda: ["add", "mul"])  # synthetic task families
     max_digits: int = 3  # operands have 1..max_digits digits (multiplication: second operand 1 digit)
-    num_train: int = 20000  # synthetic training problems
+    num_train: int = 20000  # training examples (synthetic: generated; a dataset: its first, after shuffling)
     num_eval: int = 256  # held-out problems (disjoint from training)
-    eval_source: str = ""  # a JSONL file of held-out problems (its first num_eval); "": split from source
-    prompt_key: str = "prompt"  # JSONL field names
+    eval_source: str = ""  # a dataset of held-out problems (its first num_eval); "": split from source
+    eval_split: str = "train"  # the split read from eval_source (e.g. "test" for a hub dataset)
+    prompt_key: str = "prompt"  # column names: the prompt, its gold answer, a worked solution (SFT target)
     answer_key: str = "answer"
     solution_key: str = "solution"
+    chat_template: str = "auto"  # "auto": the tokenizer's chat template when it has one; "none": BOS + plain text
+    system_prompt: str = ""  # a system turn before every prompt (plain text: a line before it)
+    prompt_template: str = "{prompt}"  # how a text prompt becomes the user turn, e.g. "{prompt}\nAnswer after ####."
+    max_prompt_tokens: int = 0  # longer rendered prompts are dropped and counted (0: model.max_seq_len bounds them)
+    # SFT/DPO sequences longer than model.max_seq_len: "drop", "truncate_left" (keep the end) or "truncate_right"
+    truncation: str = "drop"
     seed: int = 1234
     abstain_rate: float = 0.0  # synthetic: share of training targets replaced by "I don't know" (honesty recipes)
     verification: bool = False  # synthetic: judge-training examples instead (rewards.judge; recipes/judge.yaml)
     verification_wrong_rate: float = 0.5  # verification: share of candidate answers that are plausible wrong ones
+
+
+DATA_FORMATS = ("auto", "prompt_only", "prompt_completion", "messages", "preference")
 
 
 @dataclass(frozen=True)
@@ -181,13 +202,17 @@ class StageConfig:
     keep: str = "best"  # "best": the best accepted completion per prompt; "all": every distinct accepted one
     teacher: str = ""  # distill: the teacher's local Hugging Face checkpoint, served by its own engine
     # dpo
-    pairs: str = "offline"  # "offline": gold vs the starting policy's wrong answer; "online": per round, from the policy
+    # "policy": gold vs the starting policy's wrong answer; "online": per round, from the policy; "dataset": the
+    # chosen/rejected pairs of a preference dataset (the stage's data)
+    pairs: str = "policy"
     rounds: int = 1  # pairs=online: sample, label, train, repeat; steps are split evenly over the rounds
     # average: the weights of the last `last` snapshots (save_every) of stage `source` (default: the previous one)
     source: str = ""  # a stage name or its checkpoint folder (e.g. 01_sft)
     last: int = 3
     method: str = "uniform"  # "uniform" or "ema" (newest weighs most: weights ema_decay^age, normalised)
     ema_decay: float = 0.5
+    # this stage's own data: any DataConfig keys, overriding the recipe's `data` section (e.g. {source: sft.jsonl})
+    data: Dict[str, Any] = field(default_factory=dict)
 
 
 MAX_ENGINE_LORA_RANK = 512  # the largest adapter rank vLLM serves
@@ -215,9 +240,25 @@ class RecipeConfig:
         lr = self.stages[index].lr
         return self.trainer.lr if lr is None else lr
 
+    def stage_data(self, index: int) -> DataConfig:
+        """A stage's data section: the recipe's, with the stage's own `data` keys over it."""
+        return _merge_data(self.data, self.stages[index].data, f"stages.{index}.data")
+
     def stage_warmup(self, index: int) -> int:
         warmup = self.stages[index].warmup_steps
         return self.trainer.warmup_steps if warmup is None else warmup
+
+
+def _merge_data(base: DataConfig, overrides: Dict[str, Any], where: str) -> DataConfig:
+    if not overrides:
+        return base
+    for key in overrides:
+        if key not in {f.name for f in fields(DataConfig)}:
+            raise RecipeError(f"{where}: unknown key '{key}' in DataConfig.{_closest(key, DataConfig)}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), overrides))
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"{where}: bad value for '{getattr(e, 'full_key', '')}': {str(e).splitlines()[0]}") from e
 
 
 def _closest(key: str, cls: type) -> str:
@@ -314,7 +355,7 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def _check_stage_options(i: int, stage: StageConfig) -> None:
     _one_of(f"stages.{i}.keep", stage.keep, ("best", "all"))
-    _one_of(f"stages.{i}.pairs", stage.pairs, ("offline", "online"))
+    _one_of(f"stages.{i}.pairs", stage.pairs, ("policy", "online", "dataset"))
     _one_of(f"stages.{i}.method", stage.method, ("uniform", "ema"))
     if stage.save_every < 0 or stage.samples < 1 or stage.rounds < 1 or stage.last < 1:
         raise RecipeError(f"stages.{i}: save_every must be >= 0, and samples, rounds and last >= 1")
@@ -381,15 +422,10 @@ def validate(cfg: RecipeConfig) -> None:
         raise RecipeError(
             f"model.hidden_size: {cfg.model.hidden_size} is not divisible by model.num_heads={cfg.model.num_heads}"
         )
-    if cfg.data.source != "synthetic" and not Path(cfg.data.source).is_file():
-        raise RecipeError(f"data.source: file '{cfg.data.source}' not found; expected 'synthetic' or a JSONL path")
-    if cfg.data.eval_source and not Path(cfg.data.eval_source).is_file():
-        raise RecipeError(f"data.eval_source: file '{cfg.data.eval_source}' not found; expected a JSONL path or ''")
-    if cfg.data.source == "synthetic":
-        for t in cfg.data.tasks:
-            _one_of("data.tasks", t, ("add", "mul", "mul_hard"))
-    if not 0.0 <= cfg.data.abstain_rate < 1.0:
-        raise RecipeError(f"data.abstain_rate: must be in [0, 1), got {cfg.data.abstain_rate}")
+    check_data("data", cfg.data)
+    for i, stage in enumerate(cfg.stages):
+        if stage.data:
+            check_data(f"stages.{i}.data", cfg.stage_data(i))
     _one_of("cluster.backend", cfg.cluster.backend, ("local", "ray"))
     if cfg.cluster.trainer_ranks > 1 and cfg.cluster.backend != "ray":
         raise RecipeError("cluster.trainer_ranks: more than one rank needs cluster.backend=ray")
@@ -409,7 +445,49 @@ def validate(cfg: RecipeConfig) -> None:
             raise RecipeError(f"reward.rewards[{i}]: give a built-in name (e.g. math) or an import_path 'pkg.mod:Class'")
     if cfg.reward.timeout_s <= 0 or cfg.reward.num_workers < 1:
         raise RecipeError("reward.timeout_s must be > 0 and reward.num_workers >= 1")
-    if cfg.data.verification and cfg.data.source != "synthetic":
-        raise RecipeError("data.verification: judge examples are built from the synthetic tasks; set data.source=synthetic")
-    if not 0.0 < cfg.data.verification_wrong_rate < 1.0:
-        raise RecipeError(f"data.verification_wrong_rate: must be in (0, 1), got {cfg.data.verification_wrong_rate}")
+
+
+# What a hub id looks like ("org/name"); anything else that does not exist is a missing local path.
+HUB_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz")
+
+
+def looks_local(source: str) -> bool:
+    """Whether `source` names a local path (it exists, or has a path's shape) rather than a hub name.
+
+    >>> looks_local("openai/gsm8k"), looks_local("data/sft.jsonl"), looks_local("./gsm8k"), looks_local("/x/y")
+    (False, True, True, True)
+    """
+    return (Path(source).exists() or source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES)
+            or not re.fullmatch(HUB_ID, source))
+
+
+def check_data(where: str, data: DataConfig) -> None:
+    """The checks of one data section that need no file read (columns and lengths are checked when loading)."""
+    for key in ("source", "eval_source"):
+        value = getattr(data, key)
+        if value and value != "synthetic" and looks_local(value) and not Path(value).expanduser().exists():
+            raise RecipeError(f"{where}.{key}: file '{value}' not found; expected 'synthetic', a local .jsonl/.json/.parquet/"
+                              ".csv file or folder, or a hub dataset name such as openai/gsm8k")
+    if data.source == "synthetic":
+        for t in data.tasks:
+            _one_of(f"{where}.tasks", t, ("add", "mul", "mul_hard"))
+    elif data.verification:
+        raise RecipeError(f"{where}.verification: judge examples are built from the synthetic tasks; "
+                          f"set {where}.source=synthetic")
+    _one_of(f"{where}.format", data.format, DATA_FORMATS)
+    _one_of(f"{where}.chat_template", data.chat_template, ("auto", "none"))
+    _one_of(f"{where}.truncation", data.truncation, ("drop", "truncate_left", "truncate_right"))
+    try:
+        data.prompt_template.format(prompt="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise RecipeError(f"{where}.prompt_template: {data.prompt_template!r} may hold only the field {{prompt}} "
+                          f"(double other braces: {{{{ }}}}); {type(e).__name__}: {e}") from e
+    if "{prompt}" not in data.prompt_template:
+        raise RecipeError(f"{where}.prompt_template: {data.prompt_template!r} has no {{prompt}}; the question would be lost")
+    if data.max_prompt_tokens < 0 or data.num_train < 1 or data.num_eval < 1:
+        raise RecipeError(f"{where}: max_prompt_tokens must be >= 0, num_train and num_eval >= 1")
+    if not 0.0 <= data.abstain_rate < 1.0:
+        raise RecipeError(f"{where}.abstain_rate: must be in [0, 1), got {data.abstain_rate}")
+    if not 0.0 < data.verification_wrong_rate < 1.0:
+        raise RecipeError(f"{where}.verification_wrong_rate: must be in (0, 1), got {data.verification_wrong_rate}")

@@ -1,28 +1,52 @@
-"""Datasets: synthetic verifiable arithmetic (the embedded default) or a JSONL file of prompts with gold answers.
+"""What a stage trains on: problems (a prompt with a gold answer), conversations and preference pairs; the
+synthetic verifiable arithmetic of the embedded default; and the batch sampler.
 
-Every problem has a prompt, a gold answer and a solution (the SFT target: here the answer itself, or a worked
-solution when the JSONL has one; `data.abstain_rate` turns a share of synthetic training targets into "I don't
-know", so a model can learn to say it). The held-out split is disjoint from training by construction.
+A problem has a prompt, a gold answer and a solution (the SFT target: the answer itself, or a worked solution
+when the data has one; `data.abstain_rate` turns a share of synthetic training targets into "I don't know", so a
+model can learn to say it). The synthetic held-out split is disjoint from training by construction.
 `data.verification` turns the synthetic problems into training data for an LLM judge (rewards.judge).
+Files and hub datasets are read by rlkit.sources; rlkit.chat renders all of these into token ids.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, replace
-from pathlib import Path
+from typing import Dict, Tuple, Union
 
 from rlkit.config import DataConfig, RecipeError
 from rewards.honesty import ABSTAIN_PHRASE
 
 
+Message = Dict[str, str]  # {"role": "system" | "user" | "assistant" | "tool", "content": text}
+
+
 @dataclass(frozen=True)
 class Problem:
-    prompt: str  # e.g. "12+345="
-    answer: str  # gold answer, e.g. "357"
+    prompt: str  # e.g. "12+345=": the question's text, what rewards and tables see
+    answer: str  # gold answer, e.g. "357" ("" when the data has none: SFT only)
     solution: str  # SFT target text that follows the prompt
     task: str = ""
+    messages: Tuple[Message, ...] = ()  # a conversational prompt (TRL), rendered instead of `prompt` when given
+    prompt_ids: Tuple[int, ...] = ()  # the rendered prompt, filled in when the data is prepared (rlkit.prepare)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Conversational SFT data: every assistant turn from `first_trained` on is trained, nothing else."""
+
+    messages: Tuple[Message, ...]
+    first_trained: int = 0  # prompt-completion data: the completion's first message
+
+
+@dataclass(frozen=True)
+class Preference:
+    """A preference pair (TRL's format): one prompt, a chosen and a rejected reply, each text or messages."""
+
+    prompt: str
+    chosen: Union[str, Tuple[Message, ...]]
+    rejected: Union[str, Tuple[Message, ...]]
+    messages: Tuple[Message, ...] = ()  # a conversational prompt, rendered instead of `prompt` when given
 
 
 def _operands(rng: random.Random, task: str, max_digits: int) -> tuple[int, int]:
@@ -133,58 +157,6 @@ def verification_problems(problems: list[Problem], wrong_rate: float, seed: int)
         out.append(Problem(prompt=judge_prompt(DEFAULT_TEMPLATE, p.prompt, candidate, p.answer),
                            answer=str(int(correct)), solution=score_tag(correct), task=f"verify_{p.task}"))
     return out
-
-
-def read_jsonl(path: str | Path, cfg: DataConfig, field: str = "data.source",
-               key_options: str = "data.prompt_key/data.answer_key") -> list[Problem]:
-    """Read problems from JSONL, naming the file and line of any malformed record; `field` and `key_options`
-    name what the user sets to fix it (recipe keys, or a command's flags)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{field}: file '{path}' not found; expected a JSONL file")
-    problems = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecipeError(f"{field}: {path}:{lineno} is not valid JSON ({e.msg})") from e
-            for key in (cfg.prompt_key, cfg.answer_key):
-                if key not in record:
-                    raise RecipeError(
-                        f"{field}: {path}:{lineno} has no '{key}' field; set {key_options} "
-                        f"to the file's field names (it has: {', '.join(record)})"
-                    )
-            answer = str(record[cfg.answer_key])
-            problems.append(
-                Problem(
-                    prompt=str(record[cfg.prompt_key]),
-                    answer=answer,
-                    solution=str(record.get(cfg.solution_key, answer)),
-                    task=str(record.get("task", "")),
-                )
-            )
-    if not problems:
-        raise RecipeError(f"{field}: '{path}' holds no records")
-    return problems
-
-
-def load_splits(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
-    """(training, held-out) problems; `data.eval_source` replaces the held-out split by a file of its own."""
-    if cfg.eval_source:
-        train = synthetic_splits(cfg)[0] if cfg.source == "synthetic" else read_jsonl(cfg.source, cfg)[: cfg.num_train]
-        return train, read_jsonl(cfg.eval_source, cfg, "data.eval_source")[: cfg.num_eval]
-    if cfg.source == "synthetic":
-        return synthetic_splits(cfg)
-    problems = read_jsonl(cfg.source, cfg)
-    random.Random(cfg.seed).shuffle(problems)
-    if len(problems) <= cfg.num_eval:
-        raise RecipeError(
-            f"data.num_eval: {cfg.num_eval} held-out problems requested but '{cfg.source}' has only {len(problems)}"
-        )
-    return problems[cfg.num_eval :][: cfg.num_train], problems[: cfg.num_eval]
 
 
 class BatchSampler:

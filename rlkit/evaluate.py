@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rlkit.algorithms.common import completion_rows, encode_prompt, to_samples
+from rlkit.algorithms.common import completion_rows, to_samples
 from rlkit.config import LoggingConfig
 from rlkit.data import Problem
 from rewards.base import Verdict
@@ -26,8 +26,9 @@ class Evaluation:
     rows: list[dict]  # one per problem: prompt, gold, greedy completion, reward, verdict
 
 
-def evaluate(pool, tokenizer, scorer, problems: list[Problem], cfg: LoggingConfig = LoggingConfig()) -> Evaluation:
-    prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in problems]
+def evaluate(pool, scorer, problems: list[Problem], cfg: LoggingConfig = LoggingConfig()) -> Evaluation:
+    """`problems` carry their rendered prompt ids (rlkit.prepare)."""
+    prompt_ids = [list(p.prompt_ids) for p in problems]
     completions = [g[0] for g in pool.generate(prompt_ids, n=1, temperature=cfg.eval_temperature, seed=0)]
     samples = to_samples(problems, [c.text for c in completions])
     scored = scorer.score(samples)

@@ -1,20 +1,22 @@
-"""Build the embedded default model (a small Llama with a character-level tokenizer) or load one from disk.
+"""Build the embedded default model (a small Llama with a character-level tokenizer) or load a Hugging Face one.
 
-No weights are ever downloaded: `model.path` must be a local Hugging Face folder, or empty to build from
-`ModelConfig`'s architecture fields.
+`model.path` is a local Hugging Face folder, a hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct: downloaded through
+`huggingface_hub` when online, taken from its cache with HF_HUB_OFFLINE=1), or empty to build from `ModelConfig`'s
+architecture fields. Everything here runs before a run folder is made, so a bad model path leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rlkit.config import ModelConfig, RecipeError
+from rlkit.config import HUB_ID, ModelConfig, RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +67,34 @@ def build_model(cfg: ModelConfig, vocab_size: int, tokenizer: PreTrainedTokenize
     return LlamaForCausalLM(config)
 
 
-def load_model_and_tokenizer(path: str | Path, dtype: torch.dtype = torch.float32, field: str = "model.path"):
-    """Load a local Hugging Face checkpoint, failing with `field`, the folder and the missing file named."""
-    path = Path(path)
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # no .bin, .pt, .gguf
+
+
+def resolve_model_path(path: str, field: str = "model.path") -> Path:
+    """A local model folder for `path`: the folder itself, or a hub id's snapshot (downloaded when online)."""
+    local = Path(path).expanduser()
+    if local.exists() or not re.fullmatch(HUB_ID, path) or path.startswith((".", "/", "~")):
+        check_model_folder(local, field)
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(path, allow_patterns=MODEL_FILES))
+    except Exception as e:  # offline, unknown repo, gated, ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise RecipeError(
+            f"{field}: '{path}' is not a local folder and could not be fetched from the Hugging Face Hub ({reason}); "
+            f"give a local model folder, or download it while online (hf download {path}) and set "
+            "HF_HUB_OFFLINE=1") from e
+    check_model_folder(folder, field)
+    return folder
+
+
+def check_model_folder(path: Path, field: str = "model.path") -> None:
+    """A local Hugging Face model folder with a config and a tokenizer, or a RecipeError naming what is missing."""
     if not path.is_dir():
-        raise RecipeError(f"{field}: '{path}' is not a folder; expected a local Hugging Face model folder")
+        raise RecipeError(f"{field}: '{path}' is not a folder; expected a local Hugging Face model folder or a hub id "
+                          "such as Qwen/Qwen2.5-0.5B-Instruct")
     if not (path / "config.json").exists():
         raise RecipeError(f"{field}: '{path}' has no config.json; expected a Hugging Face model folder")
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -77,18 +102,43 @@ def load_model_and_tokenizer(path: str | Path, dtype: torch.dtype = torch.float3
             f"{field}: '{path}' has no tokenizer (tokenizer.json or tokenizer_config.json); "
             "save one beside the weights with tokenizer.save_pretrained(path)"
         )
+
+
+def load_tokenizer(path: str | Path):
+    """A model folder's tokenizer; one without a pad token pads with EOS (as TRL does; padding is never trained)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_context(cfg: ModelConfig, folder: str | Path | None) -> None:
+    """model.max_seq_len must fit the loaded model's positions."""
+    if not folder:
+        return
+    config = json.loads((Path(folder) / "config.json").read_text())
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    if positions and cfg.max_seq_len > positions:
+        raise RecipeError(f"model.max_seq_len: {cfg.max_seq_len} exceeds the model's context "
+                          f"(max_position_embeddings={positions}); lower it")
+
+
+def load_model_and_tokenizer(path: str | Path, dtype: torch.dtype = torch.float32, field: str = "model.path"):
+    """Load a local Hugging Face checkpoint, failing with `field`, the folder and the missing file named."""
+    check_model_folder(Path(path), field)
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, tokenizer
 
 
-def init_model(cfg: ModelConfig):
-    """The stage-0 model: loaded from `cfg.path`, or built from the architecture fields."""
-    if cfg.path:
-        model, tokenizer = load_model_and_tokenizer(cfg.path)
-        log.info("loaded model from %s", cfg.path)
-        return model, tokenizer
-    tokenizer = build_char_tokenizer()
+def init_model(cfg: ModelConfig, folder: str | Path | None = None, tokenizer=None):
+    """The stage-0 model and tokenizer: loaded from `folder` (model.path resolved), or built from the
+    architecture fields."""
+    if folder:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        log.info("loaded model from %s", folder)
+        return model, tokenizer or load_tokenizer(folder)
+    tokenizer = tokenizer or build_char_tokenizer()
     model = build_model(cfg, len(tokenizer), tokenizer)
     n = sum(p.numel() for p in model.parameters())
     log.info("built a %.2fM-parameter Llama from config (vocab %d)", n / 1e6, len(tokenizer))

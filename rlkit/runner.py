@@ -1,9 +1,10 @@
 """Run a recipe: its stages in order, each continuing from the previous stage's weights.
 
-Phases: check every input (cheap) → build the model → start the rollout engine → for each stage: evaluate,
-train, save a Hugging Face checkpoint with the resolved recipe beside it, evaluate again. Resume points
-(rlkit.checkpoint) are written after the first evaluation, between stages and every `checkpoint.every` steps;
-`resume: auto` continues from the latest one.
+Phases: check every input (the model path, every stage's data, rendered and length-checked) → load or build the
+model → make the run folder → start the rollout engine → for each stage: evaluate, train, save a Hugging Face
+checkpoint with the resolved recipe beside it, evaluate again. Resume points (rlkit.checkpoint) are written after
+the first evaluation, between stages and every `checkpoint.every` steps; `resume: auto` continues from the latest
+one. A run that fails before its first resume point removes the run folder it made.
 """
 
 from __future__ import annotations
@@ -17,32 +18,37 @@ from pathlib import Path
 import torch
 import yaml
 from omegaconf import OmegaConf
-from transformers import AutoTokenizer
-
 from rlkit.advantages import get_estimator
 from rlkit.algorithms import average, dpo, grpo, ppo, rft, sft
 from rlkit.algorithms.common import SYNCS_EVERY_STEP, StageContext
 from rlkit.checkpoint import Checkpointer, ResumePoint, RunState, split_metrics
 from rlkit.cluster import Cluster
 from rlkit.config import RecipeConfig, RecipeError, to_yaml
-from rlkit.data import load_splits
+from rlkit.chat import stop_token_ids
 from rlkit.evaluate import evaluate, log_evaluation
-from rlkit.modeling import init_model, save_checkpoint
+from rlkit.modeling import build_char_tokenizer, check_context, init_model, load_tokenizer, resolve_model_path, \
+    save_checkpoint
+from rlkit.prepare import describe, prepare_run_data
 from rlkit.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
 
-def prepare_run_dir(cfg: RecipeConfig) -> Path:
-    """Create the run directory; refuse to write into an existing one unless `logging.overwrite`."""
+def check_run_dir(cfg: RecipeConfig) -> Path:
+    """The run directory; refuse an existing, non-empty one unless `logging.overwrite`."""
     run_dir = Path(cfg.logging.output_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not cfg.logging.overwrite:
         raise RecipeError(
             f"logging.output_dir: '{run_dir}' already holds a run; choose another folder, set resume=auto to "
             "continue it, or set logging.overwrite=true"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def remove_new_run_dir(run_dir: Path, existed: bool) -> None:
+    """After a failed start: remove the run folder if this run made it (a folder the user had is kept)."""
+    if not existed:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def find_resume_point(cfg: RecipeConfig, recipe_yaml: str) -> ResumePoint | None:
@@ -87,7 +93,6 @@ def run(cfg: RecipeConfig) -> dict:
         torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.trainer.seed)
     recipe_yaml = to_yaml(cfg)
-    train_set, held_out = load_splits(cfg.data)  # bad data fails here, before any heavy work
     if any(s.kind == "grpo" for s in cfg.stages):
         get_estimator(cfg.algo.advantage_estimator)  # an unknown estimator or import path fails here too
     resume = find_resume_point(cfg, recipe_yaml)
@@ -97,38 +102,59 @@ def run(cfg: RecipeConfig) -> dict:
         if not summary_file.exists():  # killed between the last resume point and the summary
             summary_file.write_text(json.dumps(resume.state.summary | {"seconds": resume.state.seconds}, indent=2))
         return json.loads(summary_file.read_text())
+    # the model and every stage's data, checked before anything is written or started
+    folder = resume.state.model_path if resume else ""
+    if not resume and cfg.model.path:
+        folder = str(resolve_model_path(cfg.model.path))  # a hub id is downloaded (or fails in one line) here
+    check_context(cfg.model, folder)
+    tokenizer = load_tokenizer(folder) if folder else build_char_tokenizer()
+    data = prepare_run_data(cfg, tokenizer, stop_token_ids(folder))
+    run_dir = Path(cfg.logging.output_dir) if resume else check_run_dir(cfg)
+    existed = run_dir.exists()
+    model = None if resume else init_model(cfg.model, folder, tokenizer)[0]
     cluster = Cluster(cfg)
-    scorer = cluster.scorer()  # unknown rewards or import paths fail here, before anything is written
-    run_dir = Path(cfg.logging.output_dir) if resume else prepare_run_dir(cfg)
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep)
-    if resume is None:
-        (run_dir / "recipe.yaml").write_text(recipe_yaml)
-        model, tokenizer = init_model(cfg.model)
-        state = RunState(model_path=str(save_checkpoint(model, tokenizer, run_dir / "checkpoints" / "00_init",
-                                                        recipe_yaml)))
-        del model  # from here on the trainer group owns the weights
-    else:
-        state = resume.state
-        tokenizer = AutoTokenizer.from_pretrained(state.model_path)
-        moved = split_metrics(run_dir / "metrics.jsonl", state.global_step)
-        print(f"resuming {run_dir} at stage {state.stage}, step {state.step} (global step {state.global_step}); "
-              f"{moved} metric records logged after that point moved to metrics.orphaned.jsonl", flush=True)
-    logger = RunLogger(cfg.logging, run_dir, OmegaConf.to_container(OmegaConf.create(recipe_yaml)), state.wandb_id)
-    state.wandb_id, logger.global_step = logger.run_id, state.global_step
-    pool = cluster.rollout_pool(state.model_path)
-    started = time.perf_counter() - state.seconds
+    scorer = pool = logger = None
+    started = time.perf_counter() - (resume.state.seconds if resume else 0.0)
     try:
+        scorer = cluster.scorer()  # unknown rewards or import paths fail here, before anything is written
+        checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep)
         if resume is None:
-            evaluation = evaluate(pool, tokenizer, scorer, held_out, cfg.logging)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "recipe.yaml").write_text(recipe_yaml)
+            (run_dir / "data.json").write_text(json.dumps(describe(data), indent=2))
+            state = RunState(model_path=str(save_checkpoint(model, tokenizer, run_dir / "checkpoints" / "00_init",
+                                                            recipe_yaml)))
+            del model  # from here on the trainer group owns the weights
+        else:
+            state = resume.state
+            moved = split_metrics(run_dir / "metrics.jsonl", state.global_step)
+            print(f"resuming {run_dir} at stage {state.stage}, step {state.step} (global step {state.global_step}); "
+                  f"{moved} metric records logged after that point moved to metrics.orphaned.jsonl", flush=True)
+        logger = RunLogger(cfg.logging, run_dir, OmegaConf.to_container(OmegaConf.create(recipe_yaml)),
+                           state.wandb_id)
+        state.wandb_id, logger.global_step = logger.run_id, state.global_step
+        pool = cluster.rollout_pool(state.model_path)
+        if resume is None:
+            evaluation = evaluate(pool, scorer, data.held_out, cfg.logging)
             state.before = log_evaluation(logger, evaluation, cfg.logging.table_rows)
             checkpointer.save(state)
+    except BaseException:
+        _close(pool, scorer, logger, cluster)
+        if resume is None:
+            remove_new_run_dir(run_dir, existed)
+        raise
+    try:
         print(f"held-out accuracy before stage {state.stage}: {state.before['accuracy']:.3f}", flush=True)
         for index in range(state.stage, len(cfg.stages)):
             stage, t0 = cfg.stages[index], time.perf_counter()
             trainer = None if stage.kind == "average" else cluster.trainer_group(
                 state.model_path, cfg.stage_lr(index), cfg.stage_warmup(index))
-            ctx = StageContext(cfg, stage, index, state.model_path, tokenizer, train_set, trainer, pool, scorer, cluster, logger, held_out, state, checkpointer,
+            stage_data = data.stages[index]
+            ctx = StageContext(cfg, stage, index, state.model_path, stage_data, trainer, pool, scorer, cluster,
+                               logger, data.held_out, state, checkpointer,
                                resume if resume is not None and resume.state.step and index == state.stage else None)
+            if stage_data is not None and not ctx.resume:
+                logger.log({f"{ctx.prefix}/data/{k}": v for k, v in stage_data.stats.items()})
             model_path = run_stage(ctx, recipe_yaml)
             after = ctx.evaluate()
             if ctx.is_best(after):
@@ -148,11 +174,15 @@ def run(cfg: RecipeConfig) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         logger.summary({f"final/{k}": v for k, v in state.before.items()})
     finally:
-        pool.close()
-        scorer.close()
-        logger.close()
-        cluster.shutdown()
+        _close(pool, scorer, logger, cluster)
     return summary
+
+
+def _close(pool, scorer, logger, cluster) -> None:
+    for worker in (pool, scorer, logger):
+        if worker is not None:
+            worker.close()
+    cluster.shutdown()
 
 
 def copy_checkpoint(source: Path, target: Path) -> None:

@@ -1,7 +1,9 @@
 """`python -m rlkit.score RECIPE.yaml --input samples.jsonl [key=value ...]`: score completions with a recipe's rewards.
 
 Each input line is a JSON object with `prompt`, `completion` and the reference as `gold` (or `answer`);
-`task` and `meta` are optional. Prints a summary: count, mean score, each reward's mean, verdict counts,
+`task` and `meta` are optional. Conversational rows (TRL's format: `prompt` and `completion` as lists of
+{role, content} messages) are scored on the text a reward sees in training: the last user turn as the prompt,
+the assistant turns' text as the completion. Prints a summary: count, mean score, each reward's mean, verdict counts,
 errors and timeouts, and the honesty reward's calibration when the recipe uses it. `--output` writes one
 scored line per sample. Bad input (a missing file, a malformed line) is one line on stderr and exit code 2.
 """
@@ -45,14 +47,33 @@ def read_samples(path: str) -> list:
                 row = json.loads(line)
             except ValueError as e:
                 raise InputError(f"{path}:{number}: not valid JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
-                raise InputError(f"{path}:{number}: expected an object with a string 'completion'")
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object with 'prompt', 'completion' and 'gold'")
+            try:
+                prompt = message_text(row.get("prompt", ""), "prompt")
+                completion = message_text(row.get("completion"), "completion")
+            except ValueError as e:
+                raise InputError(f"{path}:{number}: {e}") from None
             gold = row.get("gold", row.get("answer"))
-            samples.append(Sample(str(row.get("prompt", "")), row["completion"], gold, str(row.get("task", "")),
-                                  row.get("meta") or {}))
+            samples.append(Sample(prompt, completion, gold, str(row.get("task", "")), row.get("meta") or {}))
     if not samples:
         raise InputError(f"{path}: no samples")
     return samples
+
+
+def message_text(value, field: str) -> str:
+    """A field's text: itself, or for conversational data the last user turn (prompt) or the assistant turns."""
+    from rlkit.sources import RowError, _messages, last_user_text
+
+    if isinstance(value, str):
+        return value
+    try:
+        messages = _messages(value, field, "row")
+    except RowError as e:
+        raise ValueError(f"'{field}' must be text or a list of {{role, content}} messages ({e})") from None
+    if field == "prompt":
+        return last_user_text(messages)
+    return "\n".join(m["content"] for m in messages if m["role"] == "assistant")
 
 
 def format_summary(out, labels: list[str]) -> str:

@@ -71,10 +71,11 @@ def test_overrides_apply(files):
     [
         (None, "--input: file '{path}' not found"),
         ('{"completion": "4", "gold": "4"}\n{"completion": "5", "gold": \n', "{path}:2: not valid JSON"),
-        ('{"completion": "4"}\n\n["a list"]\n', "{path}:3: expected an object with a string 'completion'"),
+        ('{"completion": "4"}\n\n["a list"]\n', "{path}:3: expected a JSON object with 'prompt', 'completion'"),
+        ('{"completion": {"text": "4"}, "gold": "4"}\n', "{path}:1: 'completion' must be text or a list of {{role"),
         ("\n", "{path}: no samples"),
     ],
-    ids=["missing", "malformed", "not-an-object", "empty"],
+    ids=["missing", "malformed", "not-an-object", "completion-not-text", "empty"],
 )
 def test_bad_input_is_one_line_and_exit_2(files, tmp_path, content, message):
     recipe, _ = files
@@ -93,3 +94,18 @@ def test_bad_recipe_is_one_line_and_exit_2(files, tmp_path):
     assert done.returncode == 2 and "Did you mean 'honesty'?" in done.stderr
     done = run(tmp_path / "nope.yaml", "--input", samples)
     assert done.returncode == 2 and "not found" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_conversational_rows_score_like_their_text(files, tmp_path):
+    """TRL's conversational prompt/completion rows score as the same text rows do."""
+    recipe, _ = files
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": row["prompt"]}],
+        "completion": [{"role": "assistant", "content": row["completion"]}],
+        "answer": row.get("answer", row.get("gold"))}) + "\n"
+        for row in ROWS))
+    done = run(recipe, "--input", chat)
+    assert done.returncode == 0, done.stderr
+    rows = {k.strip(): v.strip() for k, v in table(done.stdout).items()}
+    assert rows["honesty (mean)"] == "-0.5000" and rows["verdict/correct"] == "2 (50.0%)"

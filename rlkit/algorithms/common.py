@@ -11,6 +11,7 @@ from rlkit.checkpoint import Checkpointer, ResumePoint, RunState
 from rlkit.config import RecipeConfig, StageConfig
 from rlkit.data import BatchSampler, Problem
 from rlkit.lora import adapter_config
+from rlkit.prepare import StageData
 from rlkit.tracking import RunLogger
 from rewards.base import Sample
 from rollout.vllm_engine import SyncStats
@@ -31,14 +32,13 @@ class StageContext:
     stage: StageConfig
     index: int  # position of the stage in the recipe
     model_path: str  # the checkpoint this stage starts from (the previous stage's)
-    tokenizer: Any
-    train: list[Problem]
+    data: StageData | None  # what the stage trains on, rendered (None: an average stage)
     trainer: Any  # rlkit.cluster.TrainerGroup
     pool: Any  # rlkit.cluster.RolloutPool
     scorer: Any  # rewards.Scorer, in this process or behind a Ray actor
     cluster: Any  # rlkit.cluster.Cluster, to make the stage's reference model
     logger: RunLogger
-    held_out: list[Problem] = field(default_factory=list)
+    held_out: list[Problem] = field(default_factory=list)  # rendered with the recipe's data section
     state: RunState = field(default_factory=RunState)  # the run's controller state, shared across stages
     checkpointer: Checkpointer | None = None  # writes resume points (None: never)
     resume: ResumePoint | None = None  # a resume point inside this stage to continue from
@@ -141,7 +141,7 @@ class StageContext:
         `log` is False."""
         from rlkit.evaluate import evaluate, log_evaluation  # rlkit.evaluate imports this module
 
-        evaluation = evaluate(self.pool, self.tokenizer, self.scorer, self.held_out, self.cfg.logging)
+        evaluation = evaluate(self.pool, self.scorer, self.held_out, self.cfg.logging)
         return log_evaluation(self.logger, evaluation, self.cfg.logging.table_rows) if log else evaluation.metrics
 
     def maybe_evaluate(self, step: int) -> None:
@@ -175,15 +175,11 @@ class StageContext:
         return self.cfg.trainer.seed * 1000 + self.index
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt token ids: BOS (when the tokenizer has one) + the text, no EOS."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
-
-
-def encode_response(tokenizer, text: str) -> list[int]:
-    """Response token ids ending in EOS, so the model learns to stop."""
-    return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+def sampled_reply(completion, eos_id: int) -> list[int]:
+    """A sampled completion's ids as an SFT or DPO reply: exactly what the engine sampled, with EOS appended when
+    it was cut at max_new_tokens (so a kept answer teaches the model to stop)."""
+    ids = list(completion.token_ids)
+    return ids if completion.finished else ids + [eos_id]
 
 
 def to_samples(problems: list[Problem], texts: list[str], repeat: int = 1) -> list[Sample]:
@@ -213,7 +209,7 @@ def generate_and_score(ctx: "StageContext", problems: list[Problem], n: int, tem
     Returns (prompt_ids, completions (B*n,) prompt-major, the scorer's ScoreOutput).
     """
     timer = timer or Timer()
-    prompt_ids = [encode_prompt(ctx.tokenizer, p.prompt) for p in problems]
+    prompt_ids = [list(p.prompt_ids) for p in problems]  # rendered once, when the data was prepared
     with timer("generate"):
         groups = (pool or ctx.pool).generate(prompt_ids, n=n, temperature=temperature, seed=seed)
     completions = [c for g in groups for c in g]

@@ -1,16 +1,18 @@
-"""Direct preference optimisation against a frozen reference.
+"""Direct preference optimisation against a frozen reference (the stage's starting model).
 
-Pairs are built from the current policy before training (offline DPO): for each prompt, K samples are
-scored by the recipe's rewards; the gold solution is `chosen`, a sample the rewards judge wrong is `rejected`.
-Prompts whose samples are all correct give no pair. `pairs: online` (rlkit.algorithms.online_dpo) samples
-them from the policy round after round instead.
+Where the pairs come from (`stage.pairs`):
+- `dataset`: the chosen/rejected pairs of a preference dataset (TRL's format), rendered with the chat template;
+- `policy`: built from the starting policy before training: for each prompt, K samples are scored by the
+  recipe's rewards; the gold solution is `chosen`, a sample the rewards judge wrong is `rejected`. Prompts whose
+  samples are all correct give no pair;
+- `online` (rlkit.algorithms.online_dpo): sampled from the policy round after round.
 """
 
 from __future__ import annotations
 
 import random
 
-from rlkit.algorithms.common import StageContext, encode_response, generate_and_score
+from rlkit.algorithms.common import StageContext, generate_and_score
 from rlkit.config import RecipeError
 from rlkit.data import BatchSampler
 from rlkit.trainer import PairBatch, TokenBatch, pack_sequences
@@ -21,15 +23,16 @@ SAMPLES_PER_PROMPT = 4
 
 def build_pairs(ctx: StageContext, num_prompts: int) -> list[tuple[list[int], list[int], list[int]]]:
     """(prompt_ids, chosen_ids, rejected_ids) triples from the policy's own wrong answers."""
-    tok = ctx.tokenizer
-    problems = random.Random(ctx.seed()).sample(ctx.train, min(num_prompts, len(ctx.train)))
+    train, renderer = ctx.data.problems, ctx.data.renderer
+    problems = random.Random(ctx.seed()).sample(train, min(num_prompts, len(train)))
     prompt_ids, completions, scored = generate_and_score(ctx, problems, SAMPLES_PER_PROMPT, 1.0, ctx.seed())
     pairs = []
     for i, problem in enumerate(problems):
         for j in range(SAMPLES_PER_PROMPT):
             k = i * SAMPLES_PER_PROMPT + j
             if scored.valid[k] and scored.results[k].verdict != Verdict.CORRECT:
-                pairs.append((prompt_ids[i], encode_response(tok, problem.solution), list(completions[k].token_ids)))
+                pairs.append((prompt_ids[i], renderer.reply_ids(problem, problem.solution),
+                              list(completions[k].token_ids)))
                 break
     return pairs
 
@@ -50,20 +53,22 @@ def train(ctx: StageContext) -> None:
 
         return online_dpo.train(ctx)
     pairs = ctx.restored("pairs")  # a resumed stage keeps the pairs sampled from its starting policy
-    if pairs is None:
+    if stage.pairs == "dataset":
+        pairs = ctx.data.pairs  # rendered and length-checked when the data was prepared
+    elif pairs is None:
         pairs = build_pairs(ctx, stage.steps * stage.batch_size)
         if not pairs:
             raise RecipeError(f"stages.{ctx.index}: the policy answered every sampled prompt correctly; no DPO pairs")
         ctx.logger.log({f"{ctx.prefix}/num_pairs": len(pairs)})
     ref = ctx.cluster.reference(ctx.model_path)
     sampler = BatchSampler(pairs, stage.batch_size, ctx.seed())
-    for step in ctx.steps(sampler, extra={"pairs": pairs}):
+    for step in ctx.steps(sampler, extra={"pairs": pairs} if stage.pairs == "policy" else None):
         train_step(ctx, ref, step, sampler.next())
     ctx.cluster.release(ref)
 
 
 def train_step(ctx: StageContext, ref, step: int, pairs: list[tuple[list[int], list[int], list[int]]]) -> None:
-    tokens = pack_pairs(pairs, ctx.tokenizer.pad_token_id)  # (2P, L)
+    tokens = pack_pairs(pairs, ctx.data.renderer.pad_id)  # (2P, L)
     ref_logps = ref.logprobs(tokens).sum(-1)  # (2P,) summed response log-probs
     metrics = ctx.trainer.dpo_step(PairBatch(tokens, ref_logps, len(tokens) // 2))
     if ctx.log_step(step, metrics):

@@ -34,11 +34,11 @@ def rollout_logprob_tensor(completions, prompt_lengths: list[int], width: int) -
 
 
 def train(ctx: StageContext) -> None:
-    cfg, stage, algo, tok = ctx.cfg, ctx.stage, ctx.cfg.algo, ctx.tokenizer
+    cfg, stage, algo, pad_id = ctx.cfg, ctx.stage, ctx.cfg.algo, ctx.data.renderer.pad_id
     group, temperature = algo.group_size, cfg.rollout.temperature
     estimator = get_estimator(algo.advantage_estimator)
     ref = ctx.cluster.reference(ctx.model_path)
-    sampler = BatchSampler(ctx.train, stage.batch_size, ctx.seed())
+    sampler = BatchSampler(ctx.data.problems, stage.batch_size, ctx.seed())
     for step in ctx.steps(sampler):
         timer = Timer()
 
@@ -56,7 +56,7 @@ def train(ctx: StageContext) -> None:
             valid = valid * (~uniform).float()
 
         repeated_prompts = [p for p in prompt_ids for _ in range(group)]
-        tokens = pack_sequences(repeated_prompts, [list(c.token_ids) for c in completions], tok.pad_token_id)
+        tokens = pack_sequences(repeated_prompts, [list(c.token_ids) for c in completions], pad_id)
         mask = tokens.response_mask * valid[:, None]  # (B*G, L-1)
 
         # reference and old log-probs: the anchor of the KL term and the denominator of the ratio. A single

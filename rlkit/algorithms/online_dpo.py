@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from rlkit.algorithms.common import StageContext, encode_response, generate_and_score
+from rlkit.algorithms.common import StageContext, generate_and_score, sampled_reply
 from rlkit.algorithms.dpo import train_step
 from rlkit.data import BatchSampler
 from rewards.base import Verdict
@@ -52,8 +52,8 @@ def _round_end(r: int, steps: int, rounds: int) -> int:
 
 def sample_pairs(ctx: StageContext, round_index: int, num_prompts: int) -> tuple[list, dict[str, float]]:
     """One round's pairs from the current policy, and what sampling them found."""
-    n, tok = ctx.stage.samples, ctx.tokenizer
-    problems = random.Random(ctx.seed() * 7919 + round_index).sample(ctx.train, min(num_prompts, len(ctx.train)))
+    n, train, renderer = ctx.stage.samples, ctx.data.problems, ctx.data.renderer
+    problems = random.Random(ctx.seed() * 7919 + round_index).sample(train, min(num_prompts, len(train)))
     prompt_ids, completions, scored = generate_and_score(ctx, problems, n, ctx.cfg.rollout.temperature,
                                                          ctx.seed() * 7919 + round_index)
     texts, verdicts = [c.text for c in completions], [r.verdict for r in scored.results]
@@ -65,7 +65,8 @@ def sample_pairs(ctx: StageContext, round_index: int, num_prompts: int) -> tuple
             continue
         chosen, rejected = picked
         gold_chosen += chosen is None
-        chosen_ids = encode_response(tok, problem.solution if chosen is None else texts[i * n + chosen])
+        chosen_ids = (renderer.reply_ids(problem, problem.solution) if chosen is None
+                      else sampled_reply(completions[i * n + chosen], renderer.eos_id))
         pairs.append((prompt_ids[i], chosen_ids, list(completions[i * n + rejected].token_ids)))
     return pairs, {
         "round/sample_accuracy": sum(v == Verdict.CORRECT for v in verdicts) / len(verdicts),

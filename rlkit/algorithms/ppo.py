@@ -42,11 +42,11 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
 
 
 def train(ctx: StageContext) -> None:
-    cfg, stage, algo, tok = ctx.cfg, ctx.stage, ctx.cfg.algo, ctx.tokenizer
+    cfg, stage, algo, pad_id = ctx.cfg, ctx.stage, ctx.cfg.algo, ctx.data.renderer.pad_id
     n, temperature = 1, cfg.rollout.temperature  # PPO: one sample per prompt
     ref = ctx.cluster.reference(ctx.model_path)
     critic = ctx.cluster.critic_group(ctx.model_path, ctx.lr, ctx.warmup_steps)
-    sampler = BatchSampler(ctx.train, stage.batch_size, ctx.seed())
+    sampler = BatchSampler(ctx.data.problems, stage.batch_size, ctx.seed())
     for step in ctx.steps(sampler, {"critic": critic}):
         timer = Timer()
         problems = sampler.next()
@@ -56,7 +56,7 @@ def train(ctx: StageContext) -> None:
                                                              step)
         scores = torch.tensor(scored.scores, dtype=torch.float32)  # (B,)
         valid = torch.tensor(scored.valid, dtype=torch.float32)
-        tokens = pack_sequences(prompt_ids, [list(c.token_ids) for c in completions], tok.pad_token_id)
+        tokens = pack_sequences(prompt_ids, [list(c.token_ids) for c in completions], pad_id)
         mask = tokens.response_mask * valid[:, None]  # (B, L-1)
 
         # reference, old log-probs and values

@@ -16,7 +16,7 @@ import json
 import random
 
 from rlkit.algorithms import sft
-from rlkit.algorithms.common import StageContext, encode_response, generate_and_score
+from rlkit.algorithms.common import StageContext, generate_and_score, sampled_reply
 from rlkit.config import RecipeError
 from rewards.base import Verdict
 
@@ -42,9 +42,9 @@ def accept(texts: list[str], scores: list[float], verdicts: list[Verdict], valid
 
 def collect(ctx: StageContext, pool) -> tuple[list[sft.Example], dict[str, float]]:
     """Sample from `pool`, score with the recipe's rewards and keep the accepted completions."""
-    stage, tok = ctx.stage, ctx.tokenizer
-    problems = random.Random(ctx.seed()).sample(ctx.train, min(stage.steps * stage.batch_size, len(ctx.train)))
-    n = stage.samples
+    stage, train = ctx.stage, ctx.data.problems
+    problems = random.Random(ctx.seed()).sample(train, min(stage.steps * stage.batch_size, len(train)))
+    n, eos = stage.samples, ctx.data.renderer.eos_id
     prompt_ids, completions, scored = generate_and_score(ctx, problems, n, ctx.cfg.rollout.temperature, ctx.seed(),
                                                          pool=pool)
     texts = [c.text for c in completions]  # (P*n,) prompt-major
@@ -55,7 +55,7 @@ def collect(ctx: StageContext, pool) -> tuple[list[sft.Example], dict[str, float
         kept = accept(texts[span], scored.scores[span], verdicts[span], scored.valid[span], stage.keep)
         covered += bool(kept)
         for j in kept:
-            examples.append((prompt_ids[i], encode_response(tok, texts[i * n + j])))
+            examples.append(sft.prompt_reply(prompt_ids[i], sampled_reply(completions[i * n + j], eos)))
             rows.append({"prompt": problem.prompt, "gold": problem.answer, "completion": texts[i * n + j]})
     with open(ctx.logger.run_dir / f"{ctx.checkpoint_name}.examples.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)

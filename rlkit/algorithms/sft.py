@@ -1,18 +1,42 @@
-"""Supervised fine-tuning on (prompt, response) token pairs; prompt tokens are masked out of the loss."""
+"""Supervised fine-tuning: next-token NLL on the trained tokens only (a solution or completion after its prompt, or
+every assistant turn of a conversation; rlkit.chat builds the masks)."""
 
 from __future__ import annotations
 
-from rlkit.algorithms.common import StageContext, encode_prompt, encode_response
-from rlkit.data import BatchSampler
-from rlkit.trainer import pack_sequences
+import torch
 
-Example = tuple[list[int], list[int]]  # (prompt ids, response ids ending in EOS)
+from rlkit.algorithms.common import StageContext
+from rlkit.chat import Example
+from rlkit.data import BatchSampler
+from rlkit.trainer import TokenBatch
 
 
 def train(ctx: StageContext) -> None:
-    """SFT on the training split's gold solutions."""
-    tok = ctx.tokenizer
-    fit(ctx, [(encode_prompt(tok, p.prompt), encode_response(tok, p.solution)) for p in ctx.train])
+    """SFT on the stage's examples, rendered when the data was prepared."""
+    fit(ctx, ctx.data.examples)
+
+
+def pack_examples(examples: list[Example], pad_id: int) -> TokenBatch:
+    """Right-padded (ids, loss mask) examples; target t (token t + 1) counts where the mask marks token t + 1.
+
+    >>> batch = pack_examples([([1, 5, 6, 7, 2], [0, 0, 0, 1, 1]), ([1, 9], [0, 1])], pad_id=0)
+    >>> batch.input_ids.tolist(), batch.response_mask.tolist()
+    ([[1, 5, 6, 7, 2], [1, 9, 0, 0, 0]], [[0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    """
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, L)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    response_mask = torch.zeros((len(examples), width - 1))  # (B, L-1)
+    for i, (ids, mask) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention[i, : len(ids)] = 1
+        response_mask[i, : len(ids) - 1] = torch.tensor(mask[1:], dtype=torch.float32)
+    return TokenBatch(input_ids, attention, response_mask)
+
+
+def prompt_reply(prompt: list[int], reply: list[int]) -> Example:
+    """A prompt and its reply as one example, the reply trained."""
+    return list(prompt) + list(reply), [0] * len(prompt) + [1] * len(reply)
 
 
 def fit(ctx: StageContext, examples: list[Example], extra: dict | None = None) -> None:
@@ -20,8 +44,7 @@ def fit(ctx: StageContext, examples: list[Example], extra: dict | None = None) -
     points (stages that built `examples` themselves store them there, so a resumed stage reuses them)."""
     sampler = BatchSampler(examples, ctx.stage.batch_size, ctx.seed())
     for step in ctx.steps(sampler, extra=extra):
-        prompts, responses = zip(*sampler.next())
-        batch = pack_sequences(list(prompts), list(responses), ctx.tokenizer.pad_token_id)
+        batch = pack_examples(sampler.next(), ctx.data.renderer.pad_id)
         # every response token in the step batch weighs the same, whichever rank or micro-batch holds it
         metrics = ctx.trainer.sft_step(batch, float(batch.response_mask.sum()))
         if ctx.log_step(step, metrics):

@@ -101,3 +101,24 @@ def test_stage_options_are_checked():
     for fields, message in bad:
         with pytest.raises(RecipeError, match=message):
             validate(RecipeConfig(stages=[StageConfig(**fields)]))
+
+
+def test_stage_data_overrides_the_recipes_and_is_checked_at_load():
+    cfg = load_recipe(None, ["data.system_prompt=Be brief.", "data.num_eval=7",
+                             "stages=[{kind: sft, data: {prompt_template: 'Q: {prompt}'}}, {kind: grpo}]"])
+    assert cfg.stage_data(0).prompt_template == "Q: {prompt}" and cfg.stage_data(0).system_prompt == "Be brief."
+    assert cfg.stage_data(0).num_eval == 7 and cfg.stage_data(1) == cfg.data
+    bad = [
+        ("stages=[{kind: sft, data: {sorce: x.jsonl}}]", "stages.0.data: unknown key 'sorce'.*Did you mean 'source'"),
+        ("stages=[{kind: sft, data: {num_train: many}}]", "stages.0.data: bad value for 'num_train'"),
+        ("stages=[{kind: sft, data: {source: /no/such.jsonl}}]", "stages.0.data.source: file '/no/such.jsonl' not"),
+        ("stages=[{kind: sft, data: {format: chat}}]", "stages.0.data.format: 'chat' is not one of auto"),
+        ("data.prompt_template='Solve {problem}'", "data.prompt_template: .*may hold only the field"),
+        ("data.prompt_template=Solve it", "data.prompt_template: .*has no {prompt}"),
+        ("data.truncation=middle", "data.truncation: 'middle' is not one of drop"),
+        ("data.chat_template=chatml", "data.chat_template: 'chatml' is not one of auto, none"),
+    ]
+    for override, message in bad:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(None, [override])
+    load_recipe(None, ["data.source=openai/gsm8k"])  # a hub name is checked when it is read, not here

@@ -5,7 +5,13 @@ from pathlib import Path
 import pytest
 
 from rlkit.config import DataConfig, RecipeError
-from rlkit.data import BatchSampler, load_splits, make_problem, read_jsonl
+from rlkit.data import BatchSampler, make_problem, synthetic_splits
+from rlkit.prepare import _Rows, recipe_splits
+
+
+def load_splits(cfg: DataConfig):
+    """(training records, held-out problems) of a recipe's data section."""
+    return recipe_splits(cfg, _Rows())[1:3]
 
 
 def test_synthetic_answers_are_right():
@@ -32,15 +38,15 @@ def test_held_out_larger_than_half_the_problem_space_is_refused():
 def test_jsonl_malformed_line_is_named(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "1+1=", "answer": "2"}\n{oops\n')
-    with pytest.raises(RecipeError, match=r"d.jsonl:2 is not valid JSON"):
-        read_jsonl(path, DataConfig())
+    with pytest.raises(RecipeError, match=r"data.source: cannot read .*d.jsonl"):
+        load_splits(DataConfig(source=str(path), num_eval=1))
 
 
-def test_jsonl_missing_field_is_named(tmp_path):
+def test_missing_prompt_column_is_named(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"question": "1+1=", "answer": "2"}) + "\n")
-    with pytest.raises(RecipeError, match="has no 'prompt' field.*question"):
-        read_jsonl(path, DataConfig())
+    path.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": "2"}) + "\n" for i in range(3)))
+    with pytest.raises(RecipeError, match="columns question, answer.*set data.prompt_key"):
+        load_splits(DataConfig(source=str(path), num_eval=1))
 
 
 def test_gsm8k_loads_with_field_names(tmp_path):
@@ -64,8 +70,8 @@ def test_sampler_resumes_from_position():
 
 def test_abstain_rate_replaces_only_training_targets():
     base = DataConfig(num_train=2000, num_eval=100, max_digits=2, tasks=["mul", "mul_hard"])
-    train, held = load_splits(base)
-    honest_train, honest_held = load_splits(DataConfig(**{**base.__dict__, "abstain_rate": 0.1}))
+    train, held = synthetic_splits(base)
+    honest_train, honest_held = synthetic_splits(DataConfig(**{**base.__dict__, "abstain_rate": 0.1}))
     assert [p.prompt for p in honest_train] == [p.prompt for p in train] and honest_held == held
     abstained = [p for p in honest_train if p.solution == "I don't know"]
     assert 0.07 < len(abstained) / len(train) < 0.13
@@ -93,6 +99,6 @@ def test_select_names_its_own_flags_for_a_bad_input_file(tmp_path, capsys):
     bad.write_text(json.dumps({"question": "1+1=", "answer": "2"}) + "\n")
     assert main(["--model", str(tmp_path), "--input", str(bad), "--output", str(tmp_path / "out.jsonl")]) == 2
     err = capsys.readouterr().err
-    assert "--input:" in err and "no 'prompt' field" in err and "set --prompt-key/--answer-key" in err
+    assert "--input:" in err and "columns question, answer" in err and "set --prompt-key" in err
     assert main(["--model", str(tmp_path), "--input", str(tmp_path / "nope.jsonl"), "--output", "x"]) == 2
     assert "--input: file" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
