@@ -17,24 +17,23 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rlkit.algorithms.common import encode_prompt, encode_response
-from rlkit.config import AlgoConfig, ModelConfig, RefConfig, TrainerConfig
+from rlkit.algorithms.sft import pack_examples
+from rlkit.chat import Renderer
+from rlkit.config import AlgoConfig, DataConfig, ModelConfig, RefConfig, TrainerConfig
 from rlkit.data import BatchSampler, Problem, make_problem
 from rlkit.modeling import init_model, save_checkpoint
-from rlkit.trainer import ShardedTrainer, pack_sequences
+from rlkit.trainer import ShardedTrainer
 from tests.test_quickstart import REPO
 
 
 def train_sft(model_path: str, problems: list[Problem], steps: int, lr: float, batch: int, out) -> str:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path)
+    renderer = Renderer(AutoTokenizer.from_pretrained(model_path), DataConfig())
     trainer = ShardedTrainer(TrainerConfig(), AlgoConfig(), RefConfig(), model_path, lr, 0)
-    sampler = BatchSampler([(encode_prompt(tok, p.prompt), encode_response(tok, p.solution)) for p in problems],
-                           batch, seed=0)
+    sampler = BatchSampler([renderer.example(p) for p in problems], batch, seed=0)
     for _ in range(steps):
-        prompts, responses = zip(*sampler.next())
-        tokens = pack_sequences(list(prompts), list(responses), tok.pad_token_id)
+        tokens = pack_examples(sampler.next(), renderer.pad_id)
         trainer.sft_step(tokens, float(tokens.response_mask.sum()))
     return trainer.save(str(out), model_path, "")
 
@@ -44,12 +43,13 @@ def greedy_accuracy(model_path: str, problems: list[Problem]) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tok = AutoModelForCausalLM.from_pretrained(model_path).eval(), AutoTokenizer.from_pretrained(model_path)
+    renderer = Renderer(tok, DataConfig())
     by_length: dict[int, list[Problem]] = {}
     for p in problems:  # equal-length prompts batch without padding
         by_length.setdefault(len(p.prompt), []).append(p)
     right = 0
     for group in by_length.values():
-        ids = torch.tensor([encode_prompt(tok, p.prompt) for p in group])
+        ids = torch.tensor([renderer.prompt_ids(p) for p in group])
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
