@@ -103,13 +103,13 @@ def run(cfg: RecipeConfig) -> dict:
             summary_file.write_text(json.dumps(resume.state.summary | {"seconds": resume.state.seconds}, indent=2))
         return json.loads(summary_file.read_text())
     # the model and every stage's data, checked before anything is written or started
+    run_dir = Path(cfg.logging.output_dir) if resume else check_run_dir(cfg)
     folder = resume.state.model_path if resume else ""
     if not resume and cfg.model.path:
         folder = str(resolve_model_path(cfg.model.path))  # a hub id is downloaded (or fails in one line) here
     check_context(cfg.model, folder)
     tokenizer = load_tokenizer(folder) if folder else build_char_tokenizer()
     data = prepare_run_data(cfg, tokenizer, stop_token_ids(folder))
-    run_dir = Path(cfg.logging.output_dir) if resume else check_run_dir(cfg)
     existed = run_dir.exists()
     model = None if resume else init_model(cfg.model, folder, tokenizer)[0]
     cluster = Cluster(cfg)

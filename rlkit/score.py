@@ -63,12 +63,12 @@ def read_samples(path: str) -> list:
 
 def message_text(value, field: str) -> str:
     """A field's text: itself, or for conversational data the last user turn (prompt) or the assistant turns."""
-    from rlkit.sources import RowError, _messages, last_user_text
+    from rlkit.sources import RowError, last_user_text, parse_messages
 
     if isinstance(value, str):
         return value
     try:
-        messages = _messages(value, field, "row")
+        messages = parse_messages(value, field, "row")
     except RowError as e:
         raise ValueError(f"'{field}' must be text or a list of {{role, content}} messages ({e})") from None
     if field == "prompt":

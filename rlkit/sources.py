@@ -104,7 +104,7 @@ class RowError(RecipeError):
     pass
 
 
-def _messages(value: Any, field: str, at: str) -> tuple[dict[str, str], ...]:
+def parse_messages(value: Any, field: str, at: str) -> tuple[dict[str, str], ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise RowError(f"{at}: field '{field}' must be text or a non-empty list of {{'role', 'content'}} messages, "
                        f"got {type(value).__name__}")
@@ -122,7 +122,7 @@ def _text_or_messages(value: Any, field: str, at: str) -> str | tuple[dict[str, 
         return value
     if value is None:
         raise RowError(f"{at}: field '{field}' is missing")
-    return _messages(value, field, at)
+    return parse_messages(value, field, at)
 
 
 def _scalar(value: Any, field: str, at: str) -> str:
@@ -142,7 +142,7 @@ def last_user_text(messages: tuple[dict[str, str], ...]) -> str:
 def to_record(row: dict[str, Any], fmt: str, data: DataConfig, at: str):
     """One row of a dataset of format `fmt` as a Problem, Conversation or Preference."""
     if fmt == "messages":
-        messages = _messages(row.get("messages"), "messages", at)
+        messages = parse_messages(row.get("messages"), "messages", at)
         if not any(m["role"] == "assistant" for m in messages):
             raise RowError(f"{at}: field 'messages' has no assistant turn to train on")
         return Conversation(messages)

@@ -85,6 +85,8 @@ class VllmRollout:
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         log.info("vLLM engine ready in %.1fs (%s)", time.perf_counter() - t0, model_path)
+        text_config = self.llm.llm_engine.model_config.hf_text_config
+        self.tied_embeddings = bool(getattr(text_config, "tie_word_embeddings", False))  # see sync_weights
 
     def generate(
         self,
@@ -123,7 +125,16 @@ class VllmRollout:
         `cfg.sync_timeout_s`."""
         t0 = time.perf_counter()
         folder = self._sync_dir / "model"
-        megabytes = _write_tensors(state_dict, folder / "model.safetensors")
+        tensors = dict(state_dict)
+        if self.tied_embeddings and "model.embed_tokens.weight" in tensors:
+            # Tied, lm_head.weight and model.embed_tokens.weight are one tensor: safetensors refuses to write it
+            # twice, and a clone would double the bytes sent, so it goes once, under the LM head's name. Not under
+            # the embedding's: vLLM's in-place reload then restores its LM head unprocessed, and on CPU the
+            # prepacked copy its logits GEMM reads stays stale (greedy tokens diverge from the trainer's). Loaded
+            # as lm_head.weight, it is repacked and copied into the Parameter the embedding shares; vLLM still
+            # warns that model.embed_tokens.weight was not loaded.
+            tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+        megabytes = _write_tensors(tensors, folder / "model.safetensors")
 
         def reload() -> None:
             self._drop_adapter()

@@ -130,3 +130,13 @@ def test_unknown_reward_fails_before_anything_is_written(tmp_path):
     assert proc.returncode == 2 and "reward.rewards[0].name: unknown reward 'mth'" in proc.stderr
     assert "Did you mean 'math'?" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_that_fails_while_starting_leaves_no_run_folder(tmp_path):
+    """The run folder exists from the model's checkpoint on; a failure before the first resume point (here the
+    first evaluation's reward) removes it, so the same command can be run again once fixed."""
+    proc = run("recipes/quickstart.yaml", f"logging.output_dir={tmp_path}/r", "data.num_eval=4",
+               "reward.rewards=[{import_path: 'tests.rewards.helpers:AlwaysRaises'}]", "reward.on_error=fail",
+               "logging.wandb_mode=offline", timeout=300)
+    assert proc.returncode != 0 and "this reward always fails" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "r").exists()

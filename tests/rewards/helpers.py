@@ -38,3 +38,10 @@ class Flaky:
 
 class NotAReward:
     pass
+
+
+class AlwaysRaises:
+    """A reward whose every call fails: with reward.on_error=fail the run stops at its first evaluation."""
+
+    def score(self, sample: Sample) -> RewardResult:
+        raise ValueError("this reward always fails")

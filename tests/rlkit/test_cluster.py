@@ -10,24 +10,31 @@ from rlkit.config import ClusterConfig, ModelConfig, RecipeConfig, TrainerConfig
 from rlkit.losses import token_normalizer
 from rlkit.modeling import init_model, save_checkpoint
 from rlkit.trainer import PolicyBatch
-from tests.rlkit.test_trainer import random_batch
+from tests.rlkit.test_trainer import EMBED, HEAD, assert_saved_tied, random_batch
 
 ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def groups(tmp_path_factory):
-    model, tok = init_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2))
-    path = str(save_checkpoint(model, tok, tmp_path_factory.mktemp("m") / "ckpt", ""))
+def clusters():
+    """The same trainer settings in this process (1 rank) and on Ray (2 ranks)."""
     trainer = TrainerConfig(micro_batch_size=2, logprob_impl="torch", dtype="float64", num_threads=1)
     local_cfg = RecipeConfig(trainer=trainer)
     ray_cfg = dataclasses.replace(local_cfg, cluster=ClusterConfig(backend="ray", trainer_ranks=2, cpus_per_trainer=0.5))
-    one = Cluster(local_cfg).trainer_group(path, lr=1e-2, warmup_steps=1)
     cluster = Cluster(ray_cfg)
+    yield Cluster(local_cfg), cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def groups(clusters, tmp_path_factory):
+    model, tok = init_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2))
+    path = str(save_checkpoint(model, tok, tmp_path_factory.mktemp("m") / "ckpt", ""))
+    local, cluster = clusters
+    one = local.trainer_group(path, lr=1e-2, warmup_steps=1)
     two = cluster.trainer_group(path, lr=1e-2, warmup_steps=1)
     yield one, two
     cluster.release(two)
-    cluster.shutdown()
 
 
 def assert_same_weights(a: TrainerGroup, b: TrainerGroup, tol=1e-9):
@@ -60,6 +67,24 @@ def test_two_ranks_equal_one_rank(groups):
         m1, m2 = one.policy_step(policy), two.policy_step(policy)
         assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-8, abs=1e-12)
     assert_same_weights(one, two)
+
+
+def test_tied_embeddings_on_two_ranks_equal_one_rank_and_save_tied(clusters, chat_model_path, tmp_path):
+    """FSDP2 shards the tied embedding once (it is one Parameter of the root unit): its gradient sums both uses on
+    every rank, and the gathered weights and the checkpoint keep embed_tokens and lm_head one tensor."""
+    local, cluster = clusters
+    one = local.trainer_group(chat_model_path, lr=1e-2, warmup_steps=1)
+    two = cluster.trainer_group(chat_model_path, lr=1e-2, warmup_steps=1)
+    try:
+        batch = random_batch(n=8, seed=3)
+        for group in (one, two):
+            group.sft_step(batch, float(batch.response_mask.sum()))
+        assert_same_weights(one, two)
+        state = two.state_dict()
+        assert torch.equal(state[HEAD], state[EMBED])
+        assert_saved_tied(two.save(str(tmp_path / "ckpt"), chat_model_path, ""), state[EMBED])
+    finally:
+        cluster.release(two)
 
 
 def test_uneven_split_is_refused(groups):

@@ -1,17 +1,24 @@
-"""The trainer rank: response masking, and updates that do not depend on how the batch is cut."""
+"""The trainer rank: response masking, updates that do not depend on how the batch is cut, and tied embeddings
+that stay one tensor through a step, a checkpoint and a resume."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
 from rlkit.losses import token_normalizer
 from rlkit.trainer import PairBatch, PolicyBatch, ShardedTrainer, pack_sequences
 
 
-def make_trainer(model_path, micro_batch_size):
+def make_trainer(model_path, micro_batch_size, lora_rank=0):
     # float64: Adam's first step is about lr * sign(grad), so float32 noise on near-zero gradients would
     # flip signs and hide a real difference; in float64 any mismatch beyond 1e-9 is a bug.
-    cfg = TrainerConfig(micro_batch_size=micro_batch_size, logprob_impl="torch", warmup_steps=1, dtype="float64")
+    cfg = TrainerConfig(micro_batch_size=micro_batch_size, logprob_impl="torch", warmup_steps=1, dtype="float64",
+                        lora_rank=lora_rank)
     return ShardedTrainer(cfg, AlgoConfig(), RefConfig(), model_path, lr=1e-2, warmup_steps=1)
 
 
@@ -108,3 +115,55 @@ def test_dpo_step_raises_the_chosen_margin(model_path):
     for _ in range(5):
         metrics = trainer.dpo_step(PairBatch(chosen_rejected, ref, 2))
     assert metrics["reward_margin"] > 0 and metrics["pair_accuracy"] == 1.0
+
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def assert_tied(lm):
+    assert lm.config.tie_word_embeddings and lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+
+
+def assert_saved_tied(path, expected_embedding):
+    """A Hugging Face checkpoint whose output embedding is its input embedding, holding `expected_embedding`."""
+    assert json.loads((Path(path) / "config.json").read_text())["tie_word_embeddings"] is True
+    assert HEAD not in load_file(Path(path) / "model.safetensors")  # stored once, beside the tie in the config
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    assert_tied(model)
+    assert torch.equal(model.get_input_embeddings().weight.detach(), expected_embedding)
+
+
+def sft(trainer, batch):
+    return trainer.sft_step(batch, float(batch.response_mask.sum()))
+
+
+def test_tied_embeddings_stay_one_tensor_through_a_step_a_save_and_a_resume(chat_model_path, tmp_path):
+    trainer = make_trainer(chat_model_path, 4)
+    assert_tied(trainer.model.lm)
+    initial = trainer.full_state_dict()[EMBED].clone()
+    sft(trainer, random_batch())
+    state = trainer.full_state_dict()
+    assert not torch.equal(state[EMBED], initial)  # the step moved the shared tensor
+    assert torch.equal(state[HEAD], state[EMBED])
+    assert_saved_tied(trainer.save(str(tmp_path / "ckpt"), chat_model_path, ""), state[EMBED])
+
+    trainer.save_state(str(tmp_path / "state"))
+    resumed = make_trainer(chat_model_path, 4)
+    resumed.load_state(str(tmp_path / "state"))
+    assert_tied(resumed.model.lm)  # loading the state did not give the LM head a tensor of its own
+    assert_same(params(trainer), params(resumed), tol=0)
+    # the next step, Adam moments and schedule included, is the one the uninterrupted trainer takes
+    batch = random_batch(seed=1)
+    assert sft(resumed, batch)["loss"] == sft(trainer, batch)["loss"]
+    assert_same(params(trainer), params(resumed), tol=0)
+    assert_tied(resumed.model.lm)
+
+
+def test_a_lora_trainer_saves_a_tied_model_tied(chat_model_path, tmp_path):
+    """Merged LoRA weights are saved through a fresh model (from_config + load_state_dict), as with FSDP2 ranks."""
+    trainer = make_trainer(chat_model_path, 4, lora_rank=4)
+    for seed in range(2):
+        sft(trainer, random_batch(seed=seed))
+    state = trainer.full_state_dict()
+    assert torch.equal(state[HEAD], state[EMBED])
+    assert_saved_tied(trainer.save(str(tmp_path / "ckpt"), chat_model_path, ""), state[EMBED])

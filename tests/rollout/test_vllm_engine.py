@@ -1,52 +1,90 @@
 """The vLLM engine against the trainer's model: same greedy tokens, same log-probs, before and after a sync
-(of all weights, or of a LoRA adapter over the base)."""
+(of all weights, or of a LoRA adapter over the base). Every test runs on two models: the embedded character-level
+Llama, and a Qwen2-style chat model with tied embeddings, no BOS and <|im_end|> as its stop token, prompted
+with GSM8K questions through its chat template (tests/chat_model.py). Prompts are rendered by rlkit.chat, as the
+stages render them, so the parity below is between the ids the engine samples from and those the trainer trains on."""
 
 import copy
+import json
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlkit.config import ModelConfig, RolloutConfig, TrainerConfig
+from rlkit.chat import Renderer
+from rlkit.config import DataConfig, ModelConfig, RolloutConfig, TrainerConfig
+from rlkit.data import Problem
 from rlkit.lora import adapter_config, apply_lora, peft_adapter_tensors
 from rlkit.modeling import init_model, save_checkpoint
 from rlkit.trainer import pack_sequences, sequence_logprobs
 from rollout.vllm_engine import VllmRollout, WeightSyncError
+from tests.chat_model import GSM8K
 
 PROMPTS = ["12+34=", "7*8=", "99+1=", "5="]
 BOUND_OUTSIDE = "VLLM_CPU_OMP_THREADS_BIND" in os.environ  # before any engine of this test session was made
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@dataclass
+class Served:
+    model: torch.nn.Module  # the trainer's copy of the engine's weights
+    tok: object
+    engine: VllmRollout
+    prompt_ids: list[list[int]]
+
+
+def char_model(tmp_path_factory):
     model, tok = init_model(ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2))
     path = save_checkpoint(model, tok, tmp_path_factory.mktemp("m") / "ckpt", "")
+    renderer = Renderer(tok, DataConfig())
+    ids = [renderer.prompt_ids(Problem(p, "", "")) for p in PROMPTS]
+    assert ids[0] == [tok.bos_token_id] + tok.encode(PROMPTS[0], add_special_tokens=False)  # BOS + text
+    return path, model, tok, ids, 64
+
+
+def chat_model(path):
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    questions = [json.loads(line)["question"] for line in GSM8K.read_text().splitlines()[-3:]]  # not in its BPE data
+    renderer = Renderer(tok, DataConfig(system_prompt="Solve it."))
+    ids = [renderer.prompt_ids(Problem(q, "", "")) for q in questions]
+    turns = [{"role": "system", "content": "Solve it."}, {"role": "user", "content": questions[0]}]
+    text = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    assert ids[0] == tok(text, add_special_tokens=False).input_ids  # what transformers' template renders
+    return path, model, tok, ids, 256
+
+
+@pytest.fixture(scope="module", params=["char", "chat"])
+def setup(request, tmp_path_factory):
+    """One engine per model; pytest runs every test on the first before starting the second."""
+    if request.param == "char":
+        path, model, tok, ids, max_len = char_model(tmp_path_factory)
+    else:
+        path, model, tok, ids, max_len = chat_model(request.getfixturevalue("chat_model_path"))
     # LoRA-enabled (rank <= 8): without an adapter it serves the plain weights, which the first tests check
-    engine = VllmRollout(RolloutConfig(max_new_tokens=8, sync_timeout_s=30), str(path), max_model_len=64, lora_rank=8)
-    yield model, tok, engine
+    engine = VllmRollout(RolloutConfig(max_new_tokens=8, sync_timeout_s=30), str(path), max_model_len=max_len,
+                         lora_rank=8)
+    yield Served(model, tok, engine, ids)
     engine.close()
 
 
-def prompt_ids(tok):
-    return [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in PROMPTS]
-
-
-def hf_greedy(model, ids, n):
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=2, pad_token_id=0)
+def hf_greedy(model, tok, ids, n):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
     return out[0, len(ids):].tolist()
 
 
-def check_parity(model, tok, engine):
-    ids = prompt_ids(tok)
-    completions = [g[0] for g in engine.generate(ids, n=1, temperature=0.0)]
+def check_parity(model, s: Served):
+    completions = [g[0] for g in s.engine.generate(s.prompt_ids, n=1, temperature=0.0)]
     model.eval()
-    for p, c in zip(ids, completions):
-        expected = hf_greedy(model, p, 8)
-        assert list(c.token_ids) == expected[: len(c.token_ids)]
+    for p, c in zip(s.prompt_ids, completions):
+        expected = hf_greedy(model, s.tok, p, 8)  # ends at the stop token if the model emits it
+        assert list(c.token_ids) == expected
+        assert c.finished == (expected[-1] == s.tok.eos_token_id)
     # log-probs of the sampled tokens (temperature 1 sampling) match the trainer's within float tolerance
-    sampled = [c for g in engine.generate(ids, n=2, temperature=1.0, seed=0) for c in g]
-    repeated = [p for p in ids for _ in range(2)]
-    batch = pack_sequences(repeated, [list(c.token_ids) for c in sampled], tok.pad_token_id)
+    sampled = [c for g in s.engine.generate(s.prompt_ids, n=2, temperature=1.0, seed=0) for c in g]
+    repeated = [p for p in s.prompt_ids for _ in range(2)]
+    batch = pack_sequences(repeated, [list(c.token_ids) for c in sampled], s.tok.pad_token_id)
     with torch.no_grad():
         trainer_lp, _ = sequence_logprobs(model, batch)
     for i, (p, c) in enumerate(zip(repeated, sampled)):
@@ -54,18 +92,23 @@ def check_parity(model, tok, engine):
         assert torch.allclose(got, torch.tensor(c.logprobs), atol=2e-3), (got, c.logprobs)
 
 
+def greedy(s: Served):
+    return [g[0].token_ids for g in s.engine.generate(s.prompt_ids, n=1, temperature=0.0)]
+
+
 def test_engine_matches_trainer_before_and_after_sync(setup):
-    model, tok, engine = setup
-    check_parity(model, tok, engine)
-    before = [g[0].token_ids for g in engine.generate(prompt_ids(tok), n=1, temperature=0.0)]
+    model, engine = setup.model, setup.engine
+    check_parity(model, setup)
+    before = greedy(setup)
     with torch.no_grad():  # a different model: the engine must follow it after the sync
-        for p in model.parameters():
+        for p in model.parameters():  # a tied embedding is one Parameter: perturbed once, for input and output
             p.add_(torch.randn_like(p) * 0.5)
-    stats = engine.sync_weights(model.state_dict())
-    assert stats.seconds > 0 and stats.megabytes > 0
-    after = [g[0].token_ids for g in engine.generate(prompt_ids(tok), n=1, temperature=0.0)]
-    assert after != before
-    check_parity(model, tok, engine)
+    stats = engine.sync_weights(model.state_dict())  # a tied state dict names that tensor twice
+    # each distinct tensor is sent once: a tied output embedding neither fails the write nor goes twice
+    assert stats.seconds > 0
+    assert stats.megabytes == pytest.approx(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
+    assert greedy(setup) != before
+    check_parity(model, setup)
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or BOUND_OUTSIDE, reason="CPU binding left to the user or the GPU")
@@ -75,7 +118,7 @@ def test_engine_decodes_on_every_allowed_core(setup):
 
 
 def test_engine_serves_the_trainers_adapter_over_its_base(setup):
-    model, tok, engine = setup
+    model, engine = setup.model, setup.engine
     engine.sync_weights(model.state_dict())  # the base
     cfg = TrainerConfig(lora_rank=4, lora_alpha=8.0)
     tuned = apply_lora(copy.deepcopy(model), cfg)
@@ -86,15 +129,15 @@ def test_engine_serves_the_trainers_adapter_over_its_base(setup):
                     p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(round_))
         stats = engine.sync_adapter(peft_adapter_tensors(tuned.state_dict()), adapter_config(cfg))
         assert 0 < stats.megabytes < 0.2 * sum(p.numel() * 4 for p in model.parameters()) / 2**20
-        check_parity(tuned, tok, engine)
-    base_greedy = [hf_greedy(model.eval(), p, 8) for p in prompt_ids(tok)]
-    assert [g[0].token_ids for g in engine.generate(prompt_ids(tok), n=1, temperature=0.0)] != base_greedy
+        check_parity(tuned, setup)
+    base_greedy = [tuple(hf_greedy(model.eval(), setup.tok, p, 8)) for p in setup.prompt_ids]
+    assert greedy(setup) != base_greedy
     engine.sync_weights(model.state_dict())  # a full sync drops the adapter
-    check_parity(model, tok, engine)
+    check_parity(model, setup)
 
 
 def test_a_bad_adapter_fails_the_sync(setup):
-    model, _, engine = setup
+    model, engine = setup.model, setup.engine
     cfg = TrainerConfig(lora_rank=16)  # above the rank the engine was made for
     tensors = peft_adapter_tensors(apply_lora(copy.deepcopy(model), cfg).state_dict())
     with pytest.raises(WeightSyncError, match="weight sync failed"):
@@ -102,7 +145,7 @@ def test_a_bad_adapter_fails_the_sync(setup):
 
 
 def test_sync_with_a_wrong_shape_fails_clearly(setup):
-    model, _, engine = setup
+    model, engine = setup.model, setup.engine
     bad = {k: v for k, v in model.state_dict().items()}
     key = next(k for k in bad if k.endswith("q_proj.weight"))
     bad[key] = torch.zeros(3, 3)
@@ -114,7 +157,7 @@ def test_sync_past_its_deadline_raises_instead_of_hanging(setup):
     import dataclasses
     import time
 
-    model, _, engine = setup
+    model, engine = setup.model, setup.engine
     saved = engine.cfg
     engine.cfg = dataclasses.replace(saved, sync_timeout_s=1e-4)  # far below a real reload's ~20 ms
     try:
