@@ -29,10 +29,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def _build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE (GPT-2/Qwen style) trained on GSM8K questions and answers.
 
-    >>> tok = _build_tokenizer()
+    >>> tok = build_tokenizer()
     >>> text = tok.apply_chat_template([{"role": "user", "content": "2+2?"}], add_generation_prompt=True,
     ...                                tokenize=False)
     >>> text
@@ -82,7 +82,7 @@ def _build_model(tokenizer: PreTrainedTokenizerFast, tie_embeddings: bool, seed:
 def build_chat_model(path: str | Path, *, tie_embeddings: bool = True, seed: int = 0) -> Path:
     """Write the tokenizer and a randomly initialised model to `path` (a loadable Hugging Face folder)."""
     path = Path(path)
-    tokenizer = _build_tokenizer()
+    tokenizer = build_tokenizer()
     _build_model(tokenizer, tie_embeddings, seed).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -6,13 +6,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from tests.chat_model import GSM8K, VOCAB_SIZE, _build_tokenizer, build_chat_model
+from tests.chat_model import GSM8K, VOCAB_SIZE, build_tokenizer, build_chat_model
 
 
 def test_the_saved_tokenizer_encodes_as_the_built_one(chat_model_path):
     # transformers rebuilds a qwen2 folder's tokenizer as Qwen2Tokenizer, with Qwen's own pre-tokenizer: had the
     # BPE been trained with another one, every GSM8K text would encode differently after loading
-    built, loaded = _build_tokenizer(), AutoTokenizer.from_pretrained(chat_model_path)
+    built, loaded = build_tokenizer(), AutoTokenizer.from_pretrained(chat_model_path)
     texts = [r["question"] + "\n" + r["answer"] for r in map(json.loads, GSM8K.read_text().splitlines())]
     assert [built(t).input_ids for t in texts] == [loaded(t).input_ids for t in texts]
     # Qwen's layout: the specials last, no BOS, <|im_end|> ends a turn
