@@ -5,6 +5,10 @@ The two time recurrences are one reverse linear scan y_t = x_t + c_t * y_{t+1}, 
 `SCAN_CHUNK` positions: inside a chunk the scan is a (C x C) matrix of decay products applied at once, and only
 the boundary value is carried from chunk to chunk, so there is no Python loop over individual time steps.
 On CUDA, `impl="auto"` runs the scan as a Triton kernel instead (`kernels._triton_scan`).
+
+The group estimators take an optional `valid` mask: samples it leaves out (a reward that could not be computed)
+take no part in their group's statistics, as TRL leaves unscorable (NaN) rewards out with nanmean/nanstd. The
+token recurrences need none: their `mask` already zeroes whole sequences.
 """
 
 from __future__ import annotations
@@ -17,36 +21,61 @@ SCAN_CHUNK = 64
 _LOG_ZERO = -1e4  # log of a zero decay: exp() of it is exactly 0 in float64, and sums stay finite
 
 
-def group_normalize(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+def group_normalize(
+    rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-6, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """GRPO advantages: each reward minus its group's mean, divided by the group's std when `scale`.
 
     rewards (B,) with groups of `group_size` consecutive samples -> (B,). The std is the population std
-    (unbiased=False); `scale=False` is Dr.GRPO.
+    (unbiased=False); `scale=False` is Dr.GRPO. `valid` (B,) bool leaves samples out of their group: the mean and
+    std are over the group's valid samples, a left-out sample gets 0, and so does every sample of a group with
+    fewer than two valid ones (nothing to compare).
 
     >>> [round(a, 4) for a in group_normalize(torch.tensor([1.0, 0.0, 0.0, 0.0]), 2).tolist()]
     [1.0, -1.0, 0.0, 0.0]
+    >>> # the third sample left out: [1, 1, 1] is a uniform group, not [1, 1, 0, 1]
+    >>> group_normalize(torch.tensor([1.0, 1.0, 0.0, 1.0]), 4, valid=torch.tensor([True, True, False, True])).tolist()
+    [0.0, 0.0, 0.0, 0.0]
     """
     grouped = _groups(rewards, group_size)  # (B/G, G)
-    centred = grouped - grouped.mean(-1, keepdim=True)
+    if valid is None or bool(valid.all()):
+        # Nothing left out: the plain reductions, bit for bit what unmasked callers always got (torch.std's
+        # rounding differs from the masked sum below in the last bit).
+        centred = grouped - grouped.mean(-1, keepdim=True)
+        std = grouped.std(-1, unbiased=False, keepdim=True)
+    else:
+        kept = _groups(valid, group_size).bool()  # (B/G, G)
+        count = kept.sum(-1, keepdim=True).to(rewards.dtype)  # (B/G, 1) valid samples per group
+        mean = torch.where(kept, grouped, 0.0).sum(-1, keepdim=True) / count.clamp(min=1.0)
+        centred = torch.where(kept, grouped - mean, 0.0)  # a lone valid sample is its own mean: 0
+        std = (centred.square().sum(-1, keepdim=True) / count.clamp(min=1.0)).sqrt()
     if scale:
-        centred = centred / (grouped.std(-1, unbiased=False, keepdim=True) + eps)
+        centred = centred / (std + eps)
     return centred.reshape(-1)
 
 
-def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """RLOO (Ahmadian et al. 2024): each reward minus the mean of the other G - 1 rewards of its group.
+def rloo_advantages(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): each reward minus the mean of the other rewards of its group.
+
+    `valid` (B,) bool leaves samples out: the baseline is the mean of the other *valid* samples (n - 1 of them,
+    as TRL's RLOOTrainer divides), left-out samples and groups with fewer than two valid samples get 0.
 
     >>> rloo_advantages(torch.tensor([3.0, 0.0, 0.0]), 3).tolist()
     [3.0, -1.5, -1.5]
+    >>> rloo_advantages(torch.tensor([3.0, 0.0, 0.0]), 3, valid=torch.tensor([True, False, True])).tolist()
+    [3.0, 0.0, -3.0]
     """
     if group_size < 2:
         raise ValueError("RLOO needs group_size >= 2")
-    grouped = _groups(rewards, group_size)
-    others = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - others).reshape(-1)
+    grouped = _groups(rewards, group_size)  # (B/G, G)
+    kept = torch.ones_like(grouped, dtype=torch.bool) if valid is None else _groups(valid, group_size).bool()
+    count = kept.sum(-1, keepdim=True).to(rewards.dtype)  # (B/G, 1) valid samples per group
+    others = (torch.where(kept, grouped, 0.0).sum(-1, keepdim=True) - grouped) / (count - 1).clamp(min=1.0)
+    return torch.where(kept & (count >= 2), grouped - others, 0.0).reshape(-1)
 
 
 def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) -> (B/G, G), one row per group."""
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D (B,), got shape {tuple(rewards.shape)}")
     if group_size < 1 or rewards.numel() % group_size:

@@ -136,8 +136,14 @@ class AlgoConfig:
     advantage_estimator: str = "grpo"  # "grpo", "rloo", "reinforce_pp", or "pkg.module:function" (rlkit.advantages)
     epsilon: float = 0.2  # clip range below 1
     epsilon_high: float = 0.2  # clip range above 1 (DAPO clip-higher when > epsilon)
-    loss_agg: str = "token-mean"  # "token-mean" or "seq-mean-token-mean"
-    ratio_level: str = "token"  # "token" (PPO/GRPO) or "sequence" (GSPO: length-normalised sequence ratio)
+    # "token-mean" (DAPO), "seq-mean-token-mean" (GRPO; GSPO) or "seq-mean-token-sum-norm" (Dr.GRPO: summed tokens
+    # divided by sequences x rollout.max_new_tokens)
+    loss_agg: str = "token-mean"
+    # "token" (PPO/GRPO) or "sequence" (GSPO: length-normalised sequence ratio; needs loss_agg seq-mean-token-mean)
+    ratio_level: str = "token"
+    # "clip" (PPO/GRPO clipped surrogate) or "cispo" (MiniMax-M1: -sg(min(ratio, 1 + epsilon_high)) * A * log-prob)
+    pg_loss: str = "clip"
+    entropy_coef: float = 0.0  # entropy bonus: loss - coef * per-token entropy, aggregated like the loss; 0 = off
     tis_cap: float = 0.0  # truncated importance sampling: weight tokens by min(p_trainer / p_engine, cap); 0 = off
     drop_uniform_groups: bool = False  # DAPO dynamic sampling: groups whose rewards are all equal leave the loss
     resample_rounds: int = 1  # with drop_uniform_groups: draw up to N prompt batches to fill the batch with signal
@@ -148,10 +154,18 @@ class AlgoConfig:
     dpo_beta: float = 0.1
     dpo_loss: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
     dpo_nll_coef: float = 0.0  # weight of the chosen response's NLL (RPO, Pang et al. 2024; Llama 3 uses 0.2)
+    # divide each log-ratio by its response's length; unset: each loss's convention (ipo: yes, as the IPO authors'
+    # code and TRL; sigmoid: no, as the DPO paper). See dpo_length_normalized.
+    dpo_length_normalize: Optional[bool] = None
     gamma: float = 1.0  # PPO discount
     gae_lambda: float = 0.95  # PPO GAE lambda
     value_coef: float = 0.5
     value_clip: float = 0.2
+
+    @property
+    def dpo_length_normalized(self) -> bool:
+        """Whether DPO/IPO log-ratios are averaged over response tokens (dpo_length_normalize, else the loss's own)."""
+        return self.dpo_loss == "ipo" if self.dpo_length_normalize is None else self.dpo_length_normalize
 
 
 @dataclass(frozen=True)
@@ -387,8 +401,15 @@ def validate(cfg: RecipeConfig) -> None:
     _one_of("rollout.dtype", cfg.rollout.dtype, ("auto", "float32", "bfloat16", "float16"))
     _one_of("ref.kl_estimator", cfg.ref.kl_estimator, ("k1", "k2", "k3"))
     _one_of("ref.kl_in", cfg.ref.kl_in, ("loss", "reward"))
-    _one_of("algo.loss_agg", cfg.algo.loss_agg, ("token-mean", "seq-mean-token-mean"))
+    _one_of("algo.loss_agg", cfg.algo.loss_agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
     _one_of("algo.ratio_level", cfg.algo.ratio_level, ("token", "sequence"))
+    _one_of("algo.pg_loss", cfg.algo.pg_loss, ("clip", "cispo"))
+    if cfg.algo.ratio_level == "sequence" and (cfg.algo.loss_agg, cfg.algo.pg_loss) != ("seq-mean-token-mean", "clip"):
+        raise RecipeError(
+            f"algo.ratio_level: 'sequence' is GSPO, whose clipped objective averages each sequence, then the "
+            f"sequences; set algo.loss_agg=seq-mean-token-mean and algo.pg_loss=clip (got {cfg.algo.loss_agg}, "
+            f"{cfg.algo.pg_loss}: a sequence ratio under another aggregation is not the paper's objective)"
+        )
     if cfg.algo.overlong_buffer >= cfg.rollout.max_new_tokens:
         raise RecipeError(
             f"algo.overlong_buffer: {cfg.algo.overlong_buffer} must be below rollout.max_new_tokens={cfg.rollout.max_new_tokens}"

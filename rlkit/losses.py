@@ -29,19 +29,30 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     raise ValueError(f"kl estimator '{kind}' is not one of k1, k2, k3")
 
 
-def token_normalizer(mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """The divisor for `masked_sum`: tokens (token-mean) or sequences (seq-mean-token-mean) in the batch."""
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def token_normalizer(mask: torch.Tensor, mode: str, max_tokens: int = 0) -> torch.Tensor:
+    """The divisor for `aggregate` over the whole step batch (B, T) `mask`: its tokens (token-mean, DAPO), its
+    sequences (seq-mean-token-mean, GRPO), or sequences x `max_tokens`, the generation budget
+    (seq-mean-token-sum-norm: Dr.GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training", whose constant
+    divisor removes the per-sequence length normalisation; TRL's `dr_grpo` divides by B x max_completion_length)."""
     if mode == "token-mean":
         return mask.sum().clamp(min=1.0)
     if mode == "seq-mean-token-mean":
         return torch.tensor(float(mask.shape[0]), device=mask.device)
-    raise ValueError(f"loss aggregation '{mode}' is not one of token-mean, seq-mean-token-mean")
+    if mode == "seq-mean-token-sum-norm":
+        if max_tokens < 1:
+            raise ValueError(f"loss aggregation '{mode}' needs the generation budget max_tokens >= 1, got {max_tokens}")
+        return torch.tensor(float(mask.shape[0] * max_tokens), device=mask.device)
+    raise ValueError(f"loss aggregation '{mode}' is not one of {', '.join(LOSS_AGGREGATIONS)}")
 
 
 def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: torch.Tensor | float) -> torch.Tensor:
-    """Sum a (B, T) per-token loss under `mask` and divide by the global `normalizer`.
+    """Sum a (B, T) per-token loss under `mask` and divide by the global `normalizer` (`token_normalizer`).
 
-    seq-mean-token-mean first averages each sequence over its own tokens, so long and short answers weigh the same.
+    seq-mean-token-mean first averages each sequence over its own tokens, so long and short answers weigh the same;
+    token-mean and seq-mean-token-sum-norm sum every token, and differ only in the normaliser.
     """
     if mode == "seq-mean-token-mean":
         per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
@@ -76,6 +87,26 @@ def policy_loss(
     return loss, was_clipped
 
 
+def cispo_loss(
+    logprobs: torch.Tensor,  # (B, T) current policy
+    old_logprobs: torch.Tensor,  # (B, T)
+    advantages: torch.Tensor,  # (B,) per sequence or (B, T) per token
+    mask: torch.Tensor,  # (B, T)
+    cap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CISPO (MiniMax-M1, 2025): -sg(min(ratio, cap)) * A * log pi per token. The importance weight is clipped and
+    detached instead of the update, so a token past the cap still passes its gradient A * grad log pi, scaled by
+    the capped weight (PPO's clip would drop it), and there is no lower bound.
+
+    Returns (per-token loss (B, T), per-token indicator (B, T) of weights capped while A > 0, TRL's clip metric).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    ratio = torch.exp(logprobs - old_logprobs).detach()
+    loss = -ratio.clamp(max=cap) * advantages * logprobs
+    return loss, ((ratio > cap) & (advantages > 0)).float() * mask
+
+
 def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """GSPO's length-normalised sequence log-ratio (Zheng et al. 2025): mean over response tokens of
     log pi - log pi_old. (B, T) -> (B,)."""
@@ -89,12 +120,18 @@ def dpo_loss(
     ref_rejected_logps: torch.Tensor,
     beta: float,
     kind: str = "sigmoid",
+    lengths: tuple[torch.Tensor, torch.Tensor] | None = None,  # (B,) chosen and rejected response tokens
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair DPO (Rafailov et al. 2023) or IPO (Azar et al. 2023) loss, and the implicit reward margin.
 
     h = (chosen - ref_chosen) - (rejected - ref_rejected); sigmoid: -log sigmoid(beta h); ipo: (h - 1/(2 beta))^2.
+    With `lengths` each log-ratio is first divided by its response's token count: IPO as its authors' code and
+    TRL compute it (so beta keeps one meaning across lengths), or length-normalised DPO (TRL's sigmoid_norm).
     """
-    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)  # (B,)
+    chosen, rejected = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps  # (B,)
+    if lengths is not None:
+        chosen, rejected = chosen / lengths[0].clamp(min=1.0), rejected / lengths[1].clamp(min=1.0)
+    h = chosen - rejected  # (B,)
     if kind == "sigmoid":
         loss = -F.logsigmoid(beta * h)
     elif kind == "ipo":

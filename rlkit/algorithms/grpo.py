@@ -7,8 +7,13 @@ Departures from the paper, each a recipe switch:
   sampling and soft overlong penalty, and `algo.tis_cap` weights tokens by truncated importance ratios trainer/engine;
 - the KL term uses the configured estimator (k3 by default, as the paper) and can move into the reward
   (`ref.kl_in: reward`, PPO-style) instead of the loss;
-- `algo.scale_rewards: false` drops the std division (Dr.GRPO), `algo.loss_agg` picks token-level (DAPO) or
-  per-sequence averaging, and `algo.epsilon_high > algo.epsilon` is DAPO's clip-higher;
+- `algo.scale_rewards: false` drops the std division and `algo.loss_agg: seq-mean-token-sum-norm` the per-sequence
+  length normalisation: both together are Dr.GRPO (Liu et al. 2025); `algo.loss_agg: token-mean` is DAPO's
+  token-level average, and `algo.epsilon_high > algo.epsilon` is DAPO's clip-higher;
+- `algo.pg_loss: cispo` replaces the clipped surrogate with MiniMax-M1's clipped importance weight, and
+  `algo.entropy_coef` adds an entropy bonus;
+- samples `reward.on_error: exclude` drops take no part in their group's advantages (as TRL's NaN rewards):
+  every estimator sees only the valid samples, and a group with fewer than two has no signal;
 - the "old" log-probs are the trainer's recompute of the sampling policy, not the engine's, so the ratio is
   exactly 1 on the first epoch; the engine/trainer mismatch is logged as `rollout_kl`.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from rlkit.advantages import get_estimator, overlong_penalty, uniform_groups
+from rlkit.advantages import compute_advantages, get_estimator, overlong_penalty, uniform_groups
 from rlkit.algorithms.common import StageContext, Timer, generate_and_score
 from rlkit.data import BatchSampler
 from rlkit.losses import kl_estimate, token_normalizer
@@ -43,21 +48,20 @@ def train(ctx: StageContext) -> None:
         timer = Timer()
 
         # generate and score: `group` samples per prompt from the current policy, one reward each;
-        # samples the reward policy excludes (reward.on_error) drop out of the loss
+        # samples the reward policy excludes (reward.on_error) drop out of the loss and of their group's statistics
         prompt_ids, completions, scored, rounds = sample_groups(ctx, sampler, step, timer)  # completions (B*G,)
         rewards = torch.tensor(scored.scores, dtype=torch.float32)  # (B*G,)
-        valid = torch.tensor(scored.valid, dtype=torch.float32)  # (B*G,)
+        scorable = torch.tensor(scored.valid, dtype=torch.bool)  # (B*G,) the scorer's verdict
         lengths = torch.tensor([len(c.token_ids) for c in completions])
         if algo.overlong_buffer:  # DAPO: discourage running into the length limit before it truncates
             rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer,
                                                  algo.overlong_penalty)
-        uniform = uniform_groups(rewards, group)  # (B*G,) groups with nothing to compare
-        if algo.drop_uniform_groups:  # DAPO dynamic sampling (filtering only: no re-sampling)
-            valid = valid * (~uniform).float()
+        uniform = uniform_groups(rewards, group, scorable)  # (B*G,) groups with nothing to compare
+        valid = scorable & ~uniform if algo.drop_uniform_groups else scorable  # DAPO dynamic sampling: filter
 
         repeated_prompts = [p for p in prompt_ids for _ in range(group)]
         tokens = pack_sequences(repeated_prompts, [list(c.token_ids) for c in completions], pad_id)
-        mask = tokens.response_mask * valid[:, None]  # (B*G, L-1)
+        mask = tokens.response_mask * valid[:, None].float()  # (B*G, L-1)
 
         # reference and old log-probs: the anchor of the KL term and the denominator of the ratio. A single
         # on-policy pass with the KL in the loss needs no separate "old" forward (the trainer uses its own).
@@ -69,12 +73,12 @@ def train(ctx: StageContext) -> None:
             kl_old = (kl_estimate(old_logprobs, ref_logprobs, cfg.ref.kl_estimator) * mask).sum(-1)  # (B*G,)
             rewards = rewards - cfg.ref.kl_coef * kl_old
 
-        # advantages: reward relative to the other samples of the same prompt (algo.advantage_estimator)
-        advantages = estimator(rewards, group, algo) * valid  # (B*G,)
+        # advantages: reward relative to the other valid samples of the same prompt (algo.advantage_estimator)
+        advantages = compute_advantages(estimator, rewards, valid, group, algo)  # (B*G,)
         rollout_lp = rollout_logprob_tensor(completions, [len(p) for p in repeated_prompts], mask.shape[1])
         batch = PolicyBatch(
             tokens, mask, old_logprobs, ref_logprobs, rollout_lp, advantages,
-            normalizer=float(token_normalizer(mask, algo.loss_agg)),
+            normalizer=float(token_normalizer(mask, algo.loss_agg, cfg.rollout.max_new_tokens)),
             kl_coef=cfg.ref.kl_coef if cfg.ref.kl_in == "loss" else 0.0,
             temperature=temperature,
         )
@@ -90,7 +94,7 @@ def train(ctx: StageContext) -> None:
 
         # log
         metrics = summarize(metrics) | rollout_metrics(completions, timer)
-        metrics |= {"reward/mean": rewards.mean(), "reward/std": rewards.std(), "uniform_group_rate": uniform.float().mean()}
+        metrics |= reward_metrics(rewards, scorable) | {"uniform_group_rate": uniform.float().mean()}
         metrics |= {f"reward/{k}": v for k, v in scored.stats.items()}
         metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s,
                     "weight_sync/megabytes": sync.megabytes}
@@ -114,7 +118,8 @@ def sample_groups(ctx: StageContext, sampler: BatchSampler, step: int, timer: Ti
         prompt_ids, completions, scored = generate_and_score(
             ctx, problems, group, ctx.cfg.rollout.temperature, ctx.seed() + step + 100_003 * r, timer,
             step if r == 0 else None)
-        uniform = uniform_groups(torch.tensor(scored.scores), group)[::group].tolist()  # (B,)
+        scores, scorable = torch.tensor(scored.scores), torch.tensor(scored.valid)  # (B*G,)
+        uniform = uniform_groups(scores, group, scorable)[::group].tolist()  # (B,)
         rounds.append((prompt_ids, completions, scored, uniform))
         if sum(not u for *_, flags in rounds for u in flags) >= len(problems):
             break
@@ -149,6 +154,14 @@ def summarize(step_metrics: dict[str, float]) -> dict[str, float]:
     for name, key in (("kl", "kl"), ("entropy", "entropy"), ("clipped", "clip_fraction"), ("rollout_kl", "rollout_kl")):
         out[key] = out.pop(f"{name}_sum") / tokens
     return out
+
+
+def reward_metrics(rewards: torch.Tensor, scorable: torch.Tensor) -> dict[str, float]:
+    """Mean and std of the rewards (B,) of the samples the rewards could score: an excluded sample's placeholder
+    0 is no reward."""
+    kept = rewards[scorable.bool()]
+    return {"reward/mean": float(kept.mean()) if len(kept) else 0.0,
+            "reward/std": float(kept.std()) if len(kept) > 1 else 0.0}
 
 
 def rollout_metrics(completions, timer) -> dict[str, float]:

@@ -12,7 +12,7 @@ import torch
 
 from kernels import gae
 from rlkit.algorithms.common import StageContext, Timer, generate_and_score
-from rlkit.algorithms.grpo import rollout_logprob_tensor, rollout_metrics, summarize
+from rlkit.algorithms.grpo import reward_metrics, rollout_logprob_tensor, rollout_metrics, summarize
 from rlkit.critic import ValueBatch
 from rlkit.data import BatchSampler
 from rlkit.losses import kl_estimate, token_normalizer
@@ -34,7 +34,12 @@ def terminal_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean, unit variance over the counted tokens (the rest stay zero)."""
+    """Zero mean, unit variance over the counted tokens (the rest stay zero). The variance is the population one,
+    as rlkit's group std (TRL's old PPO `masked_whiten` corrected it by n / (n - 1); docs/algorithms.md).
+
+    >>> whiten(torch.tensor([[1.0, 3.0, 9.0]]), torch.tensor([[1.0, 1.0, 0.0]])).tolist()  # mean 2, variance 1
+    [[-1.0, 1.0, 0.0]]
+    """
     n = mask.sum().clamp(min=1.0)
     mean = (x * mask).sum() / n
     var = (((x - mean) * mask) ** 2).sum() / n
@@ -75,7 +80,8 @@ def train(ctx: StageContext) -> None:
         normalizer = float(token_normalizer(mask, "token-mean"))
         rollout_lp = rollout_logprob_tensor(completions, [len(p) for p in prompt_ids], mask.shape[1])
         batch = PolicyBatch(
-            tokens, mask, old_logprobs, ref_logprobs, rollout_lp, advantages, float(token_normalizer(mask, algo.loss_agg)),
+            tokens, mask, old_logprobs, ref_logprobs, rollout_lp, advantages,
+            float(token_normalizer(mask, algo.loss_agg, cfg.rollout.max_new_tokens)),
             kl_coef=cfg.ref.kl_coef if cfg.ref.kl_in == "loss" else 0.0, temperature=temperature,
         )
 
@@ -92,7 +98,7 @@ def train(ctx: StageContext) -> None:
         # log
         metrics = summarize(metrics) | rollout_metrics(completions, timer)
         metrics |= {f"value/{k}": v for k, v in value_metrics.items()}
-        metrics |= {"reward/mean": scores.mean(), "reward/std": scores.std(), **{f"reward/{k}": v for k, v in scored.stats.items()}}
+        metrics |= reward_metrics(scores, valid) | {f"reward/{k}": v for k, v in scored.stats.items()}
         metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s,
                     "weight_sync/megabytes": sync.megabytes}
         ctx.log_step(step, metrics, timer.metrics(ctx.prefix))

@@ -21,6 +21,31 @@ def test_rloo_by_hand():
     assert adv.tolist() == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
 
 
+def test_left_out_samples_leave_their_group_by_hand():
+    valid = torch.tensor([True, True, False, True, True, False, True, True, False, False, True, False])
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 4.0, 1.0, 0.0, 0.0, 3.0, 0.0])
+    # group 0 [1, 1, -, 1]: uniform once the placeholder 0 is out -> zeros (counted in: 0.577, 0.577, -1.732, 0.577)
+    # group 1 [1, -, 4, 1]: mean 2, population std sqrt(2) -> [-0.707107, 0, 1.414214, -0.707107]
+    # group 2 [-, -, 3, -]: one valid sample, nothing to compare -> zeros
+    adv = group_normalize(rewards, 4, valid=valid)
+    assert adv.tolist() == pytest.approx([0, 0, 0, 0, -0.707107, 0, 1.414214, -0.707107, 0, 0, 0, 0], abs=1e-5)
+    assert group_normalize(rewards, 4, scale=False, valid=valid)[4:8].tolist() == [-1.0, 0.0, 2.0, -1.0]
+    # RLOO: group 1's baselines are the means of the other two valid rewards: [2.5, -, 1, 2.5] -> [-1.5, 0, 3, -1.5]
+    assert rloo_advantages(rewards, 4, valid).tolist() == [0, 0, 0, 0, -1.5, 0, 3.0, -1.5, 0, 0, 0, 0]
+
+
+def test_an_all_valid_mask_changes_nothing():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(24, generator=g)
+    ones = torch.ones(24, dtype=torch.bool)
+    assert torch.equal(group_normalize(rewards, 4, valid=ones), group_normalize(rewards, 4))
+    assert torch.equal(rloo_advantages(rewards, 4, ones), rloo_advantages(rewards, 4))
+    # the masked reductions agree with the plain ones on groups with nothing left out
+    some = ones.clone()
+    some[1] = False
+    assert torch.allclose(group_normalize(rewards, 4, valid=some)[4:], group_normalize(rewards, 4)[4:], atol=1e-6)
+
+
 def test_group_size_must_divide():
     with pytest.raises(ValueError, match="groups of 4"):
         group_normalize(torch.zeros(6), 4)

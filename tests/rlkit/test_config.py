@@ -122,3 +122,31 @@ def test_stage_data_overrides_the_recipes_and_is_checked_at_load():
         with pytest.raises(RecipeError, match=message):
             load_recipe(None, [override])
     load_recipe(None, ["data.source=openai/gsm8k"])  # a hub name is checked when it is read, not here
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["algo.ratio_level=sequence"], "algo.ratio_level: 'sequence' is GSPO"),
+        (["algo.ratio_level=sequence", "algo.loss_agg=seq-mean-token-sum-norm"],
+         "set algo.loss_agg=seq-mean-token-mean"),
+        (["algo.ratio_level=sequence", "algo.loss_agg=seq-mean-token-mean", "algo.pg_loss=cispo"], "algo.pg_loss=clip"),
+        (["algo.pg_loss=ppo"], "algo.pg_loss: 'ppo' is not one of clip, cispo"),
+        (["algo.loss_agg=seq-sum"], "is not one of token-mean, seq-mean-token-mean, seq-mean-token-sum-norm"),
+    ],
+)
+def test_algorithm_mixes_that_are_not_their_paper_are_refused(overrides, expected):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, overrides)
+    assert expected in str(err.value)
+
+
+def test_gspo_dr_grpo_and_dpo_length_normalisation_load():
+    gspo = load_recipe(None, ["algo.ratio_level=sequence", "algo.loss_agg=seq-mean-token-mean"]).algo
+    assert (gspo.ratio_level, gspo.loss_agg) == ("sequence", "seq-mean-token-mean")
+    assert load_recipe(None, ["algo.scale_rewards=false", "algo.loss_agg=seq-mean-token-sum-norm"]).algo.loss_agg
+    # IPO averages log-ratios per token unless told not to; sigmoid DPO sums them unless told to average
+    assert load_recipe(None, ["algo.dpo_loss=ipo"]).algo.dpo_length_normalized
+    assert not load_recipe(None, ["algo.dpo_loss=ipo", "algo.dpo_length_normalize=false"]).algo.dpo_length_normalized
+    assert not load_recipe().algo.dpo_length_normalized
+    assert load_recipe(None, ["algo.dpo_length_normalize=true"]).algo.dpo_length_normalized

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlkit.losses import aggregate, dpo_loss, kl_estimate, policy_loss, sft_loss, token_normalizer
+from rlkit.losses import aggregate, cispo_loss, dpo_loss, kl_estimate, policy_loss, sft_loss, token_normalizer
 
 
 def test_kl_estimators_by_hand():
@@ -60,6 +60,19 @@ def test_clip_higher_widens_only_the_upper_bound():
     assert clipped.tolist() == [[0.0, 1.0]]
 
 
+def test_cispo_by_hand():
+    # token 0: ratio 1.5, A = +2, cap 1.28: weight 1.28 (detached) -> loss -1.28 * 2 * log 1.5, gradient -2.56;
+    #          capped with A > 0, so it counts as clipped
+    # token 1: ratio 0.5, A = -1: no lower bound, weight 0.5 -> loss 0.5 * log 0.5, gradient +0.5 (PPO's clip
+    #          would have stopped this gradient: 0.5 < 1 - 0.2 with A < 0)
+    logp = torch.tensor([[math.log(1.5), math.log(0.5)]], requires_grad=True)
+    loss, capped = cispo_loss(logp, torch.zeros(1, 2), torch.tensor([[2.0, -1.0]]), torch.ones(1, 2), cap=1.28)
+    assert loss.tolist()[0] == pytest.approx([-2.56 * math.log(1.5), 0.5 * math.log(0.5)])
+    loss.sum().backward()
+    assert logp.grad.tolist()[0] == pytest.approx([-2.56, 0.5])
+    assert capped.tolist() == [[1.0, 0.0]]
+
+
 def test_sequence_advantage_broadcasts_over_tokens():
     loss, _ = policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([1.0, -2.0]), torch.ones(2, 3), 0.2, 0.2)
     assert loss.tolist() == [[-1.0] * 3, [2.0] * 3]
@@ -73,14 +86,25 @@ def test_aggregation_by_hand():
     # seq-mean-token-mean: mean(1.5, 4.0) = 2.75
     norm = token_normalizer(mask, "seq-mean-token-mean")
     assert aggregate(loss, mask, "seq-mean-token-mean", norm).item() == pytest.approx(2.75)
+    # Dr.GRPO's constant: (1 + 2 + 4) / (2 sequences x a budget of 4 tokens) = 7/8, whatever the lengths
+    norm = token_normalizer(mask, "seq-mean-token-sum-norm", max_tokens=4)
+    assert norm.item() == 8.0
+    assert aggregate(loss, mask, "seq-mean-token-sum-norm", norm).item() == pytest.approx(7 / 8)
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_dr_grpo_normalizer_needs_the_generation_budget():
+    with pytest.raises(ValueError, match="max_tokens >= 1"):
+        token_normalizer(torch.ones(2, 3), "seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="seq-mean-token-sum-norm"):
+        token_normalizer(torch.ones(2, 3), "seq-sum")
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_split_batches_sum_to_the_full_batch(mode):
     # With a global normaliser, the parts of any row split add up to the whole (micro-batches, ranks).
     g = torch.Generator().manual_seed(0)
     loss, mask = torch.randn(6, 5, generator=g), (torch.rand(6, 5, generator=g) > 0.3).float()
-    norm = token_normalizer(mask, mode)
+    norm = token_normalizer(mask, mode, max_tokens=5)
     whole = aggregate(loss, mask, mode, norm)
     parts = sum(aggregate(loss[i : i + 2], mask[i : i + 2], mode, norm) for i in range(0, 6, 2))
     assert parts.item() == pytest.approx(whole.item())
@@ -100,6 +124,10 @@ def test_dpo_losses_by_hand():
     assert margin.item() == pytest.approx(1.0)
     loss, _ = dpo_loss(*args, beta=0.5, kind="ipo")
     assert loss.item() == pytest.approx(1.0)  # (2 - 1 / (2 * 0.5))^2
+    # length-normalised (the IPO authors' and TRL's IPO): chosen log-ratio 1 over 2 tokens, rejected -1 over 4:
+    # h = 0.5 + 0.25 = 0.75 -> (0.75 - 1)^2 = 0.0625, margin 0.5 * 0.75
+    loss, margin = dpo_loss(*args, beta=0.5, kind="ipo", lengths=(torch.tensor([2.0]), torch.tensor([4.0])))
+    assert loss.item() == pytest.approx(0.0625) and margin.item() == pytest.approx(0.375)
 
 
 def test_dpo_gradient_pushes_chosen_up_and_rejected_down():
