@@ -7,6 +7,7 @@ wrong type names the key and the expected type. Cross-section checks live in `va
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -99,6 +100,9 @@ class RewardConfig:
     timeout_s: float = 5.0  # hard deadline per sample; the worker is killed and replaced past it
     on_error: str = "fail"  # what an error/timeout does: "exclude" the sample, "score" it error_score, "fail"
     error_score: float = 0.0
+    # a step (or evaluation) whose share of verifier errors passes this stops the run: a broken reward never trains
+    # on silently excluded or error_score'd samples
+    max_error_rate: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -387,8 +391,47 @@ def _check_stage_options(i: int, stage: StageConfig) -> None:
         raise RecipeError(f"stages.{i}: an average stage needs an earlier stage (with save_every) to average")
 
 
+# The range of every numeric field a user sets (the data section's are in check_data, a stage's in validate).
+NUMERIC_RANGES = {
+    "> 0": ["model.hidden_size", "model.intermediate_size", "model.num_layers", "model.num_heads", "model.max_seq_len",
+            "rollout.max_new_tokens", "rollout.kv_cache_gib", "rollout.sync_timeout_s", "trainer.lr",
+            "trainer.grad_clip", "trainer.micro_batch_size", "trainer.lora_alpha", "algo.group_size",
+            "algo.epsilon_high", "algo.ppo_epochs", "algo.dpo_beta", "algo.value_clip", "cluster.rollout_engines",
+            "cluster.trainer_ranks", "reward.num_workers", "reward.timeout_s", "logging.log_every"],
+    ">= 0": ["rollout.temperature", "ref.kl_coef", "trainer.weight_decay", "trainer.warmup_steps",
+             "trainer.num_threads", "trainer.lora_rank", "algo.tis_cap", "algo.overlong_buffer",
+             "algo.overlong_penalty", "algo.dpo_nll_coef", "algo.value_coef", "algo.entropy_coef",
+             "logging.eval_temperature", "logging.eval_sample_temperature", "cluster.cpus_per_trainer",
+             "cluster.gpus_per_trainer", "cluster.cpus_per_engine", "cluster.gpus_per_engine", "checkpoint.every"],
+    "in (0, 1]": ["rollout.top_p", "rollout.gpu_memory_utilization"],
+    "in (0, 1)": ["algo.epsilon"],
+    "in [0, 1]": ["algo.gamma", "algo.gae_lambda", "reward.max_error_rate"],
+}
+_IN_RANGE = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in (0, 1]": lambda v: 0 < v <= 1,
+             "in (0, 1)": lambda v: 0 < v < 1, "in [0, 1]": lambda v: 0 <= v <= 1}
+
+
+def check_ranges(cfg: RecipeConfig) -> None:
+    """Every numeric field within its range and finite (NUMERIC_RANGES), checked before any cross-field rule."""
+    for rule, keys in NUMERIC_RANGES.items():
+        for key in keys:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            if not (math.isfinite(value) and _IN_RANGE[rule](value)):
+                raise RecipeError(f"{key}: must be {rule}, got {value}")
+    for i, beta in enumerate(cfg.trainer.betas):
+        if not 0 <= beta < 1:
+            raise RecipeError(f"trainer.betas[{i}]: Adam's betas must be in [0, 1), got {beta}")
+    for i, stage in enumerate(cfg.stages):
+        if stage.lr is not None and not (math.isfinite(stage.lr) and stage.lr > 0):
+            raise RecipeError(f"stages.{i}.lr: must be > 0, got {stage.lr}")
+        if stage.warmup_steps is not None and stage.warmup_steps < 0:
+            raise RecipeError(f"stages.{i}.warmup_steps: must be >= 0, got {stage.warmup_steps}")
+
+
 def validate(cfg: RecipeConfig) -> None:
     """Checks that span fields or sections; each names the field and the fix."""
+    check_ranges(cfg)
     if not cfg.stages:
         raise RecipeError("stages: the recipe has no stages; add at least one, e.g. [{kind: sft}]")
     for i, stage in enumerate(cfg.stages):

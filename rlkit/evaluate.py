@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rlkit.algorithms.common import completion_rows, to_samples
+from rlkit.algorithms.common import check_error_rate, completion_rows, to_samples
 from rlkit.config import LoggingConfig
 from rlkit.data import Problem
 from rewards.base import Verdict
@@ -26,12 +26,14 @@ class Evaluation:
     rows: list[dict]  # one per problem: prompt, gold, greedy completion, reward, verdict
 
 
-def evaluate(pool, scorer, problems: list[Problem], cfg: LoggingConfig = LoggingConfig()) -> Evaluation:
-    """`problems` carry their rendered prompt ids (rlkit.prepare)."""
+def evaluate(pool, scorer, problems: list[Problem], cfg: LoggingConfig = LoggingConfig(),
+             max_error_rate: float = 1.0) -> Evaluation:
+    """`problems` carry their rendered prompt ids (rlkit.prepare); past `max_error_rate` verifier errors it stops."""
     prompt_ids = [list(p.prompt_ids) for p in problems]
     completions = [g[0] for g in pool.generate(prompt_ids, n=1, temperature=cfg.eval_temperature, seed=0)]
     samples = to_samples(problems, [c.text for c in completions])
     scored = scorer.score(samples)
+    check_error_rate(scored, max_error_rate, "held-out evaluation")
     verdicts = [r.verdict for r in scored.results]
     counts, n = Counter(verdicts), len(problems)
     calibration = calibration_metrics(verdicts)

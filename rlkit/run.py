@@ -1,4 +1,8 @@
-"""`python -m rlkit.run RECIPE.yaml [key=value ...] [--print-config]`: run a recipe's stages."""
+"""`python -m rlkit.run RECIPE.yaml [key=value ...] [--print-config] [--debug]`: run a recipe's stages.
+
+Bad input (the recipe, an override, a file it names) ends in one `error:` line naming the key and the fix, exit
+code 2; any other failure in one `error:` line too, exit code 1, with the full traceback under `--debug`.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.steps=10 trainer.lr=3e-4")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
     return parser.parse_intermixed_args(argv)  # flags may come before, between or after overrides
 
 
@@ -29,8 +34,16 @@ def main(argv: list[str] | None = None) -> int:
 
         run(cfg)
     except RecipeError as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a failure the checks could not foresee: one line, the traceback under --debug
+        if args.debug:
+            raise
+        message = (str(e).strip().splitlines() or [""])[0][:500]
+        print(f"error: {type(e).__name__}: {message} (run again with --debug for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -42,6 +43,10 @@ def check_run_dir(cfg: RecipeConfig) -> Path:
             f"logging.output_dir: '{run_dir}' already holds a run; choose another folder, set resume=auto to "
             "continue it, or set logging.overwrite=true"
         )
+    existing = next(p for p in (run_dir.absolute(), *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise RecipeError(f"logging.output_dir: cannot create '{run_dir}' ('{existing}' is not a folder you can write "
+                          "to); choose a writable folder")
     return run_dir
 
 
@@ -119,7 +124,11 @@ def run(cfg: RecipeConfig) -> dict:
         scorer = cluster.scorer()  # unknown rewards or import paths fail here, before anything is written
         checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep)
         if resume is None:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RecipeError(f"logging.output_dir: cannot create '{run_dir}' ({e.strerror}); choose a folder "
+                                  "you can write to") from e
             (run_dir / "recipe.yaml").write_text(recipe_yaml)
             (run_dir / "data.json").write_text(json.dumps(describe(data), indent=2))
             state = RunState(model_path=str(save_checkpoint(model, tokenizer, run_dir / "checkpoints" / "00_init",
@@ -135,7 +144,7 @@ def run(cfg: RecipeConfig) -> dict:
         state.wandb_id, logger.global_step = logger.run_id, state.global_step
         pool = cluster.rollout_pool(state.model_path)
         if resume is None:
-            evaluation = evaluate(pool, scorer, data.held_out, cfg.logging)
+            evaluation = evaluate(pool, scorer, data.held_out, cfg.logging, cfg.reward.max_error_rate)
             state.before = log_evaluation(logger, evaluation, cfg.logging.table_rows)
             checkpointer.save(state)
     except BaseException:

@@ -15,6 +15,7 @@ turned into text with `str()` behind the user's back.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ def read_rows(source: str, subset: str, split: str, where: str) -> list[dict[str
             builder = BUILDERS.get(path.suffix)
             if builder is None:
                 raise RecipeError(f"{where}: '{source}' is not a .jsonl, .json, .parquet or .csv file")
+            if path.suffix in (".jsonl", ".json"):
+                check_json_file(path, where)
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
             ds = datasets.load_from_disk(str(path))  # written by Dataset.save_to_disk
@@ -62,6 +65,38 @@ def read_rows(source: str, subset: str, split: str, where: str) -> list[dict[str
     if not rows:
         raise RecipeError(f"{where}: '{source}' holds no rows")
     return rows
+
+
+def check_json_file(path: Path, where: str) -> None:
+    """A JSON Lines file (or a JSON array) checked record by record, so a bad one is named by its line: `datasets`
+    reports only the file, and turns an array of non-objects into a `text` column."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{where}: {path} line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                          "save the file as UTF-8") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"{where}: {path} line {e.lineno} is not valid JSON ({e.msg})") from None
+        lines = None
+    else:
+        records, lines = [], []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise RecipeError(f"{where}: {path} line {number} is not valid JSON ({e.msg})") from None
+                lines.append(number)
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            at = f"line {lines[i]}" if lines else f"item {i + 1} of the array"
+            raise RecipeError(f"{where}: {path} {at} is a JSON {type(record).__name__}, not an object; each record "
+                              "must be an object such as {\"prompt\": ..., \"answer\": ...}")
 
 
 def _first_line(e: BaseException) -> str:

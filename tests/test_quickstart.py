@@ -132,11 +132,15 @@ def test_unknown_reward_fails_before_anything_is_written(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_a_run_that_fails_while_starting_leaves_no_run_folder(tmp_path):
-    """The run folder exists from the model's checkpoint on; a failure before the first resume point (here the
-    first evaluation's reward) removes it, so the same command can be run again once fixed."""
+def test_a_broken_reward_stops_the_run_in_one_line_and_leaves_no_run_folder(tmp_path):
+    """A reward that fails on every sample: with reward.on_error=exclude each failure alone would be dropped, so the
+    run would go on learning nothing; reward.max_error_rate stops it at the first evaluation, in one line. The run
+    folder exists from the model's checkpoint on; a failure before the first resume point removes it, so the same
+    command can be run again once fixed."""
     proc = run("recipes/quickstart.yaml", f"logging.output_dir={tmp_path}/r", "data.num_eval=4",
-               "reward.rewards=[{import_path: 'tests.rewards.helpers:AlwaysRaises'}]", "reward.on_error=fail",
+               "reward.rewards=[{import_path: 'tests.rewards.helpers:AlwaysRaises'}]", "reward.on_error=exclude",
                "logging.wandb_mode=offline", timeout=300)
-    assert proc.returncode != 0 and "this reward always fails" in proc.stderr, proc.stderr[-3000:]
-    assert not (tmp_path / "r").exists()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+    assert "held-out evaluation: the rewards failed on 4 of 4 samples, above reward.max_error_rate=0.5" in errors[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()

@@ -141,7 +141,8 @@ class StageContext:
         `log` is False."""
         from rlkit.evaluate import evaluate, log_evaluation  # rlkit.evaluate imports this module
 
-        evaluation = evaluate(self.pool, self.scorer, self.held_out, self.cfg.logging)
+        evaluation = evaluate(self.pool, self.scorer, self.held_out, self.cfg.logging,
+                              self.cfg.reward.max_error_rate)
         return log_evaluation(self.logger, evaluation, self.cfg.logging.table_rows) if log else evaluation.metrics
 
     def maybe_evaluate(self, step: int) -> None:
@@ -216,9 +217,24 @@ def generate_and_score(ctx: "StageContext", problems: list[Problem], n: int, tem
     samples = to_samples(problems, [c.text for c in completions], n)
     with timer("score"):
         scored = ctx.scorer.score(samples)
+    check_error_rate(scored, ctx.cfg.reward.max_error_rate, f"stage {ctx.index} ({ctx.stage.kind})")
     if step is not None:
         ctx.log_completions(step, samples, scored)
     return prompt_ids, completions, scored
+
+
+class RewardFailure(RuntimeError):
+    """The rewards failed on too many samples of a batch (reward.max_error_rate): the reward is broken."""
+
+
+def check_error_rate(scored, max_rate: float, where: str) -> None:
+    """Stop when the share of samples the rewards failed on (verifier errors, not wrong answers or a model's
+    timeouts) passes `max_rate`, whatever reward.on_error does with each of them."""
+    errors, n = scored.stats.get("errors", 0.0), len(scored.scores)
+    if n and errors / n > max_rate:
+        raise RewardFailure(
+            f"{where}: the rewards failed on {int(errors)} of {n} samples, above reward.max_error_rate={max_rate}; "
+            "check the reward on a file of samples with python -m rlkit.score (its --output shows each error)")
 
 
 class Timer:

@@ -38,7 +38,7 @@ def test_held_out_larger_than_half_the_problem_space_is_refused():
 def test_jsonl_malformed_line_is_named(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "1+1=", "answer": "2"}\n{oops\n')
-    with pytest.raises(RecipeError, match=r"data.source: cannot read .*d.jsonl"):
+    with pytest.raises(RecipeError, match=r"data.source: .*d.jsonl line 2 is not valid JSON"):
         load_splits(DataConfig(source=str(path), num_eval=1))
 
 
