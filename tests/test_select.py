@@ -92,7 +92,8 @@ def test_ifd_selection_beats_a_random_subset(tmp_path):
                           "--fraction", "0.3"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in (tmp_path / "selected.jsonl").read_text().splitlines()]
-    selected = [Problem(r["prompt"], r["answer"], r["solution"], r["task"]) for r in rows]
+    assert all({"prompt", "answer", "task", "ifd"} <= set(r) for r in rows)  # each input row as it was, scored
+    selected = [Problem(r["prompt"], r["answer"], r["answer"], r["task"]) for r in rows]
     randomly = random.Random(1).sample(pool, len(selected))
     assert len(selected) == 600
     noise = {name: sum(p.task == "noisy" for p in subset) / len(subset)
