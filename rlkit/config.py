@@ -334,7 +334,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             tree = OmegaConf.to_container(merged)
             for item in overrides:
                 key, _, raw = item.partition("=")
-                _set_path(tree, key.strip(), yaml.safe_load(raw) if raw else raw, item)
+                _set_path(tree, key.strip(), _parse_value(raw), item)
             merged = OmegaConf.merge(schema, tree)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
@@ -343,6 +343,21 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise _friendly(e, " + ".join(where) or "defaults") from e
     validate(cfg)
     return cfg
+
+
+def _parse_value(raw: str) -> Any:
+    """An override's value as YAML (numbers, lists, {a: 1}); text that is not valid YAML stays text, so a prompt
+    template such as `{prompt}\nAnswer:` needs no quoting (the schema still checks its type).
+
+    >>> _parse_value("0.5"), _parse_value("[1, 2]"), _parse_value("{prompt} Answer after ####.")
+    (0.5, [1, 2], '{prompt} Answer after ####.')
+    """
+    if not raw:
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def _set_path(tree: dict, key: str, value: Any, item: str) -> None:
