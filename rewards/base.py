@@ -15,8 +15,8 @@ class Verdict(str, Enum):
     WRONG = "wrong"
     ABSTAIN = "abstain"  # a canonical "I don't know" with no extractable answer
     FORMAT_ERROR = "format_error"
-    TIMEOUT = "timeout"  # the verifier passed its deadline (reported by the scorer, never a silent 0)
-    ERROR = "error"  # the verifier raised (reported by the scorer, never a silent 0)
+    TIMEOUT = "timeout"  # the answer kept the verifier past its deadline: scored wrong, counted apart
+    ERROR = "error"  # the verifier raised (reported by the scorer, never a silent 0; reward.on_error applies)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class Reward(Protocol):
     - `budget_s`: the most seconds the reward itself lets one sample run (e.g. the code sandbox's wall clock);
       the scorer refuses a `reward.timeout_s` that leaves no room for it.
     - `summarize(verdicts) -> dict[str, float]`: batch metrics added to the scorer's stats (honesty calibration).
+    - `wrong`: the score of a wrong answer; a sample that runs past the scorer's deadline (TIMEOUT, the model's
+      fault) gets it (default 0.0).
     """
 
     def score(self, sample: Sample) -> RewardResult: ...

@@ -11,7 +11,8 @@ Two test forms (the sample's `gold`):
 
 A pass needs a positive record for every assert (or test) and the harness's final record: exiting early
 (os._exit(0) before the asserts), crashing or being killed fails. Running out of time or memory is the
-solution's fault and scores as wrong, not as a verifier timeout.
+solution's fault and scores as wrong, not as a verifier timeout; so does a program over `max_code_kb` (never
+parsed), and a malformed record on the result channel (the solution forged one).
 Limitation: expected values the tests compute at run time (a variable, a helper from the prompt) are evaluated
 inside the sandbox, where the solution could tamper with them; the comparison itself still happens here.
 """
@@ -180,7 +181,8 @@ def judge_function(result: SandboxResult, skeletons: tuple[types.CodeType, ...])
         if type(index) is not int or not 0 <= index < len(skeletons):
             continue
         reached.add(index)
-        values = [decode(v) for v in record.get("values", [])] if "values" in record else None
+        values = record.get("values")
+        values = [decode(v) for v in values] if type(values) is list else None  # forged records are data too
         if values is None or not assert_passes(skeletons[index], values):
             failed.add(index)
             reason = reason or f"assert {index} failed"
@@ -218,12 +220,14 @@ class CodeReward:
     """
 
     def __init__(self, correct: float = 1.0, wrong: float = 0.0, partial: bool = False, wall_s: float = 3.0,
-                 test_timeout_s: float = 2.0, memory_mb: int = 512, processes: int = 32, python: str = ""):
+                 test_timeout_s: float = 2.0, memory_mb: int = 512, processes: int = 32, python: str = "",
+                 max_code_kb: int = 256):
         limits = SandboxLimits(wall_s=wall_s, cpu_s=max(1, math.ceil(wall_s)), memory_mb=memory_mb,
                                processes=processes)
         self.sandbox = Sandbox(limits, python)  # fails here, before any sample, if bwrap cannot sandbox
         self.correct, self.wrong, self.partial = correct, wrong, partial
         self.test_timeout_s = test_timeout_s
+        self.max_code_chars = max_code_kb << 10  # longer is wrong before parsing: it could outlast the deadline
         # the scorer's per-sample deadline must leave room for this (3 + 1 fits the default timeout_s of 5)
         self.budget_s = wall_s + 1.0
 
@@ -232,6 +236,8 @@ class CodeReward:
         code = extract_code(sample.completion)
         if not code.strip():
             return RewardResult(self.wrong, Verdict.FORMAT_ERROR, info={"reason": "no code"})
+        if len(sample.completion) > self.max_code_chars:
+            return self._result(0, 1, f"program over {self.max_code_chars >> 10} KiB", None)
         if "test" in gold and "entry_point" in gold:
             return self._function(code, sample, gold)
         if "inputs" in gold and "outputs" in gold:
@@ -262,6 +268,7 @@ class CodeReward:
     def _result(self, passed: int, total: int, reason: str, run: SandboxResult | None) -> RewardResult:
         if run is not None and not run.done:  # no final record: nothing it reported counts as a full pass
             reason = ("time limit" if run.timed_out else "output limit" if run.output_exceeded
+                      else "malformed result record" if run.malformed
                       else f"the program ended before its tests finished (exit {run.returncode})")
         ok = run is not None and run.done and not reason and passed == total
         info = {"passed": passed, "total": total, "reason": reason}

@@ -4,6 +4,9 @@ Extraction reads the reply after the last </think> (reasoning may try answers it
 order: the last \\boxed{...}, then <answer>...</answer>, then "#### ...", then the last number
 (a fraction such as \\frac{1}{2} or 3/4 counts as one number).
 Equivalence: exact match of the normalised strings, then numeric equality, then math-verify (symbolic).
+Hedging is wrong: a reply whose final answers (every \\boxed, <answer> and "####" in it) differ is correct only
+when each of them matches the gold, and an answer that joins alternatives ("1 \\lor 2", "1 or 2") is wrong.
+An answer too long or too deeply nested to be a plausible one is wrong without reaching math-verify.
 Model output that math-verify cannot parse is a wrong answer; a gold answer it cannot parse, or an error
 inside its comparison, is a verifier fault and is raised (the scorer reports it), never a silent "wrong".
 """
@@ -44,6 +47,61 @@ def _last_boxed(text: str) -> str | None:
             if depth == 0:
                 return text[brace + 1 : i].strip()
     return None  # unbalanced: no answer rather than a guess
+
+
+MAX_ANSWERS = 4  # distinct final answers a reply may restate (each must match); more is wrong
+MAX_ANSWER_CHARS = 1000  # (or twice the gold's length) longer is wrong, unread
+MAX_ANSWER_DEPTH = 30  # nesting of {}, () and []; deeper is wrong, unread (the LaTeX parser recurses)
+_HEDGE = re.compile(r"\\(?:lor|vee)(?![a-zA-Z])|\\(?:text|textrm|mathrm)\s*\{\s*or\s*\}|(?<![\\a-zA-Z])or(?![a-zA-Z])")
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def _balanced(text: str, brace: int) -> str | None:
+    """The content of the {...} opening at `brace`, or None when it never closes."""
+    depth = 0
+    for i in range(brace, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[brace + 1 : i].strip()
+    return None
+
+
+def final_answers(text: str) -> list[str]:
+    """Every final answer the reply (after any </think>) offers: each non-empty \\boxed{...} (at most the last
+    16), <answer>...</answer> and "#### ..."; [] when it has none of these.
+
+    >>> final_answers("\\\\boxed{1} or \\\\boxed{2}"), final_answers("so \\\\boxed{4}\\n#### 4")
+    (['1', '2'], ['4', '4'])
+    >>> final_answers("it is 5")
+    []
+    """
+    text = final_reply(text)
+    boxes = list(_BOX.finditer(text))[-16:]
+    answers = [_balanced(text, m.end() - 1) for m in boxes]
+    answers += [t.strip() for t in _ANSWER_TAG.findall(text)] + [h.strip() for h in _HASHES.findall(text)]
+    return [a for a in answers if a]
+
+
+def implausible(answer: str, gold: str) -> str:
+    """Why `answer` is wrong without being read (too long, too deep, alternatives joined), or "".
+
+    >>> implausible("1 \\\\lor 2", "2"), implausible("{" * 40 + "1" + "}" * 40, "1"), implausible("3", "3")
+    ('it joins alternatives', 'nested 40 deep', '')
+    """
+    if len(answer) > max(MAX_ANSWER_CHARS, 2 * len(gold)):
+        return f"{len(answer)} characters long"
+    depth = deepest = 0
+    for ch in answer:
+        depth += (ch in "{([") - (ch in "})]")
+        deepest = max(deepest, depth)
+    if deepest > MAX_ANSWER_DEPTH:
+        return f"nested {deepest} deep"
+    if _HEDGE.search(answer) and not _HEDGE.search(gold):
+        return "it joins alternatives"
+    return ""
 
 
 def final_reply(text: str) -> str:
@@ -157,13 +215,20 @@ class MathReward:
         gold = gold_answer(sample.gold)
         if sample.gold is None or not gold:  # a data problem: scoring every such sample 0 would hide it
             raise ValueError("the sample has no gold answer")
-        predicted = extract_answer(sample.completion)
-        if predicted is None:
+        answers = final_answers(sample.completion) or [a for a in [extract_answer(sample.completion)] if a]
+        if not answers:
             return RewardResult(self.wrong, Verdict.FORMAT_ERROR, info={"extracted": None})
+        distinct = list(dict.fromkeys(answers, None))  # in order; restating one answer is no hedge
+        info = {"extracted": answers[-1][:200], "answers": len(distinct)}
+        if len(distinct) > MAX_ANSWERS:
+            return RewardResult(self.wrong, Verdict.WRONG, info=info | {"reason": "too many final answers"})
         try:
-            ok = answers_match(predicted, gold, self.verify_timeout_s)
+            for answer in distinct:  # a hedge holds a wrong answer: every one must match
+                reason = implausible(answer, gold) or ("" if answers_match(answer, gold, self.verify_timeout_s)
+                                                       else "does not match")
+                if reason:
+                    return RewardResult(self.wrong, Verdict.WRONG, info=info | {"reason": f"{answer[:50]!r}: {reason}"})
         except TimeoutException:
             message = f"math-verify gave up after {self.verify_timeout_s}s"
-            return RewardResult(0.0, Verdict.TIMEOUT, info={"extracted": predicted[:200], "error": message})
-        verdict = Verdict.CORRECT if ok else Verdict.WRONG
-        return RewardResult(self.correct if ok else self.wrong, verdict, info={"extracted": predicted[:200]})
+            return RewardResult(self.wrong, Verdict.TIMEOUT, info=info | {"error": message})
+        return RewardResult(self.correct, Verdict.CORRECT, info=info)

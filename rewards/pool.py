@@ -47,8 +47,10 @@ def score_one(rewards: list, sample: Sample) -> Outcome:
 def _serve(conn, specs: list[RewardSpec], progress) -> None:
     """Worker main: build the rewards once, then score chunks until told to stop or the parent goes away."""
     from rewards.registry import build_reward
+    from rewards.sandbox import become_subreaper
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then closes us
+    become_subreaper()  # the sandboxes' orphaned pid 1s come back to us to reap (see Sandbox._kill)
     try:
         rewards = [build_reward(spec, i) for i, spec in enumerate(specs)]
         for reward in rewards:  # slow imports happen now, not inside the first sample's deadline

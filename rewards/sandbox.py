@@ -12,15 +12,21 @@ Layers, each because the one before it is not enough on its own:
   every process in its pid namespace).
 - when the parent is root, bubblewrap itself runs as `nobody`: root's processes are exempt from RLIMIT_NPROC,
   and bubblewrap run by root would map the sandbox to root outside.
+- an empty environment for bubblewrap itself: its copy that is the sandbox's pid 1 keeps the environment it
+  was started with, which the solution can read from /proc/1/environ (the trainer's tokens, say).
+- a seccomp filter (rewards/seccomp.py): no AF_VSOCK sockets, which the network namespace does not cover.
 
-There is no unsandboxed fallback: if bubblewrap is missing or cannot create namespaces, construction fails
-with the reason (install: `apt-get install -y bubblewrap`).
+The result channel is untrusted too: a record is parsed only when it is shallow enough (its size is bounded
+by `output_kb`), and a malformed one (the solution found the nonce and forged it) fails the run rather than
+the parser.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import secrets
 import selectors
 import shutil
@@ -33,8 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rewards.seccomp import build_filter
+
 _HARNESS = (Path(__file__).with_name("_harness.py")).read_text()
 NOBODY = 65534
+_SECCOMP = build_filter()
+MAX_RECORD_DEPTH = 200  # the harness nests at most ~130 levels (encode's MAX_DEPTH, two JSON levels each)
 
 
 class SandboxUnavailable(RuntimeError):
@@ -67,6 +77,7 @@ class SandboxResult:
     output_exceeded: bool  # killed for writing more than output_kb
     returncode: int | None
     stderr: str = field(default="", repr=False)  # the tail kept for diagnostics
+    malformed: bool = False  # a line carrying the nonce was not a record (forged): the run counts as failed
 
 
 def _world_readable(path: Path) -> bool:
@@ -122,7 +133,8 @@ class Sandbox:
             argv += ["--ro-bind", str(prefix), str(prefix)]  # e.g. a pyenv interpreter and its stdlib
         argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(self.limits.tmp_mb << 20), "--tmpfs", "/tmp",
                  "--chdir", "/tmp", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
-                 "--setenv", "LANG", "C.UTF-8", "--", str(self.python), "-I", "-S", "-c", _HARNESS]
+                 "--setenv", "LANG", "C.UTF-8", "--seccomp", "{seccomp}", "--info-fd", "{info}",  # fds, per run
+                 "--", str(self.python), "-I", "-S", "-c", _HARNESS]
         return argv
 
     def _probe(self) -> None:
@@ -141,21 +153,29 @@ class Sandbox:
         """Run one harness job (see rewards/_harness.py for its fields); never raises for what the code does."""
         nonce = secrets.token_hex(16)
         payload = json.dumps(dict(job, nonce=nonce, rlimits=self.limits.rlimits())).encode()
-        stdin = os.memfd_create("rlkit-job")  # read once by the harness, then its stdin is /dev/null
+        stdin = _memfd("rlkit-job", payload)  # read once by the harness, then its stdin is /dev/null
+        seccomp = _memfd("rlkit-seccomp", _SECCOMP)  # read once by bwrap
+        info, info_w = os.pipe()  # bwrap writes {"child-pid": N}: the sandbox's pid 1, seen from here
         try:
-            os.write(stdin, payload)
-            os.lseek(stdin, 0, os.SEEK_SET)
+            fds = {"{seccomp}": str(seccomp), "{info}": str(info_w)}
+            argv = [fds.get(a, a) for a in self.argv]
             drop = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if self.as_root else {}
-            proc = subprocess.Popen(self.argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True, close_fds=True, **drop)
+            # env={}: bwrap's own environment is what the sandbox's pid 1 shows in /proc/1/environ
+            proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={},
+                                    start_new_session=True, close_fds=True, pass_fds=(seccomp, info_w), **drop)
+        except BaseException:
+            os.close(info)
+            raise
         finally:
-            os.close(stdin)
-        stdout, stderr, timed_out, exceeded = self._collect(proc)
-        records = _records(stdout, nonce)
-        return SandboxResult(records, any(r.get("done") is True for r in records), timed_out, exceeded,
-                             proc.returncode, stderr.decode("utf-8", "replace"))
+            for fd in (stdin, seccomp, info_w):
+                os.close(fd)
+        stdout, stderr, timed_out, exceeded = self._collect(proc, info)
+        records, malformed = _records(stdout, nonce)
+        done = not malformed and any(r.get("done") is True for r in records)
+        return SandboxResult(records, done, timed_out, exceeded, proc.returncode,
+                             stderr.decode("utf-8", "replace"), malformed)
 
-    def _collect(self, proc: subprocess.Popen) -> tuple[bytes, bytes, bool, bool]:
+    def _collect(self, proc: subprocess.Popen, info: int) -> tuple[bytes, bytes, bool, bool]:
         """Read stdout and stderr until both close, the wall clock runs out or stdout passes its cap."""
         deadline = time.monotonic() + self.limits.wall_s
         caps = {proc.stdout: self.limits.output_kb << 10, proc.stderr: self.limits.stderr_kb << 10}
@@ -181,32 +201,123 @@ class Sandbox:
                         exceeded = True
                     else:
                         buf += chunk
-        self._kill(proc)
+        self._kill(proc, _child_pid(info))
         for pipe in bufs:
             pipe.close()
         return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), timed_out, exceeded
 
     @staticmethod
-    def _kill(proc: subprocess.Popen) -> None:
-        # Always, even after a clean exit: a daemonised child may linger. Killing the group takes bwrap and the
-        # sandbox's pid 1, and with pid 1 the kernel kills every process in the sandbox's pid namespace.
+    def _kill(proc: subprocess.Popen, child: int | None) -> None:
+        # Always, even after a clean exit: a daemonised child may linger. The sandbox's pid 1 (`child`, bwrap's
+        # child, in a session of its own) goes first: with it the kernel kills every process in its pid
+        # namespace. Then bwrap's group. bwrap does not reap pid 1 (it exits on pid 1's report), so pid 1 is an
+        # orphan; where this process is a subreaper (the scorer's workers are) it is ours, and reaped here,
+        # rather than a zombie of a host init that may never reap it.
+        if child is not None:
+            _signal_child(child, (proc.pid, os.getpid()))
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         proc.wait()
+        if child is not None:
+            _reap(child)
 
 
-def _records(stdout: bytes, nonce: str) -> list[dict[str, Any]]:
+def become_subreaper() -> None:
+    """Orphans below this process (the sandboxes' pid 1s) become its children, for `Sandbox` to reap.
+    For a process that owns what it starts, e.g. a scorer worker: not for a trainer running other libraries."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _child_pid(info: int) -> int | None:
+    """The pid bwrap reported on --info-fd (it has written and closed it by the time the run ends)."""
+    os.set_blocking(info, False)
+    try:
+        data = os.read(info, 4096)
+    except OSError:
+        data = b""
+    finally:
+        os.close(info)
+    match = re.search(rb'"child-pid"\s*:\s*(\d+)', data)
+    return int(match.group(1)) if match else None
+
+
+def _signal_child(pid: int, parents: tuple[int, ...]) -> None:
+    """SIGKILL `pid` if it is still the child of one of `parents` (so not a recycled pid)."""
+    try:
+        fd = os.pidfd_open(pid)  # from here on, this very process, whatever happens to the number
+    except OSError:
+        return
+    try:
+        if _parent(pid) in parents:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(fd)
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[1])  # fields after "(comm)": state, ppid, ...
+
+
+def _reap(pid: int, within_s: float = 2.0) -> None:
+    """Reap `pid` if it is our child (orphaned to this subreaper); it was killed, so it ends promptly."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:  # not ours (this process is no subreaper): the host init's to reap
+            return
+        time.sleep(0.002)
+
+
+def _records(stdout: bytes, nonce: str) -> tuple[list[dict[str, Any]], bool]:
+    """(the records carrying `nonce`, whether any line carrying it was malformed: too deep, not JSON, not an
+    object). Never raises for what the sandbox wrote; the size is bounded by `output_kb`."""
     prefix = nonce.encode() + b" "
-    records = []
+    records, malformed = [], False
     for line in stdout.splitlines():
         if not line.startswith(prefix):
             continue  # not from the harness (or forged without the nonce)
-        try:
-            record = json.loads(line[len(prefix):])
-        except ValueError:
-            continue
-        if isinstance(record, dict):
+        body = line[len(prefix):]
+        record = _parse_record(body) if _depth(body) <= MAX_RECORD_DEPTH else None
+        if record is None:
+            malformed = True
+        else:
             records.append(record)
-    return records
+    return records, malformed
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _depth(body: bytes) -> int:
+    """The deepest nesting of brackets in JSON text, strings skipped (an upper bound on json's recursion)."""
+    if body.count(b"[") + body.count(b"{") <= MAX_RECORD_DEPTH:
+        return 0  # the usual record: too few brackets to nest too deep
+    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    return max(itertools.accumulate(1 if b in b"[{" else -1 for b in brackets), default=0)
+
+
+def _parse_record(body: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(body)
+    except (ValueError, RecursionError, MemoryError):
+        return None
+    return record if isinstance(record, dict) else None

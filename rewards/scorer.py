@@ -2,9 +2,14 @@
 
 Each sample gets a hard deadline (`reward.timeout_s`): past it, the worker running it is killed and replaced,
 and the sample's verdict is TIMEOUT (math-verify's own alarm cannot stop every pathological input, e.g. a huge
-integer power computed in C). A reward that raises gives ERROR. Neither is a silent 0: both are counted in the
-stats and handled by `reward.on_error` ("exclude" the sample from the loss, "score" it `error_score`, or
-"fail" the run).
+integer power computed in C). A reward that raises gives ERROR. Neither is a silent 0; they differ in whose
+fault they are:
+- TIMEOUT is the model's: an answer that keeps a verifier past its deadline (a power tower, a huge factorial,
+  thousands of nested braces) is a wrong answer. It scores the reward's `wrong` value (0.0 if it has none),
+  stays in the loss, and is counted in `stats["timeouts"]`; `reward.on_error` does not apply to it.
+- ERROR is the verifier's (it raised, or its worker died): counted in `stats["errors"]` and handled by
+  `reward.on_error`: "exclude" the sample from the loss, "score" it `error_score`, or "fail" the run. So
+  "fail" stops on verifier errors only, never on a model's timeout.
 
 A batched reward (one with `score_batch(samples, engine)`, e.g. the LLM judge in `rewards.judge`) runs here in
 the scorer's process, once per batch, never in the workers (each would load its own model). If it has
@@ -26,7 +31,6 @@ from rewards.base import RewardResult, Sample, Verdict
 from rewards.pool import Outcome, WorkerPool
 from rewards.registry import build_reward, resolve_spec, reward_label
 
-_FAULTS = (Verdict.ERROR, Verdict.TIMEOUT)
 
 
 class RewardError(RuntimeError):
@@ -102,8 +106,16 @@ class Scorer:
         per_sample = []
         for i, outs in enumerate(pooled):  # back to the recipe's order of rewards
             rest = iter(outs)
-            per_sample.append([batched[k][i] if k in batched else next(rest) for k in range(len(self.specs))])
+            outs = [batched[k][i] if k in batched else next(rest) for k in range(len(self.specs))]
+            per_sample.append([self._timeout_as_wrong(k, r) for k, r in enumerate(outs)])
         return self._combine(samples, per_sample)
+
+    def _timeout_as_wrong(self, k: int, result: RewardResult) -> RewardResult:
+        """A TIMEOUT keeps its verdict (counted, logged) but scores as reward k's wrong answer."""
+        if result.verdict != Verdict.TIMEOUT:
+            return result
+        wrong = float(getattr(self._rewards[k], "wrong", 0.0))
+        return RewardResult(wrong, Verdict.TIMEOUT, result.components, result.info)
 
     def _score_batch(self, k: int, samples: list[Sample]) -> list[RewardResult]:
         """Reward k's results on the whole batch; anything escaping it makes every sample an ERROR."""
@@ -123,7 +135,9 @@ class Scorer:
             components = {label: r.score for label, r in zip(self.labels, outs)}
             total = sum(spec.weight * r.score for spec, r in zip(self.specs, outs))
             verdict, ok = outs[0].verdict, True  # the first reward is the primary one
-            fault = next(((label, r) for label, r in zip(self.labels, outs) if r.verdict in _FAULTS), None)
+            if any(r.verdict == Verdict.TIMEOUT for r in outs):
+                verdict = Verdict.TIMEOUT  # a wrong answer for the loss, a timeout for the counts
+            fault = next(((label, r) for label, r in zip(self.labels, outs) if r.verdict == Verdict.ERROR), None)
             if fault is not None:
                 label, bad = fault
                 verdict = bad.verdict  # a fault in any reward makes the whole sample a fault
@@ -141,13 +155,13 @@ class Scorer:
         return ScoreOutput(scores, results, valid, self._stats(per_sample, results, valid))
 
     def _stats(self, per_sample: list[Outcome], results: list[RewardResult], valid: list[bool]) -> dict[str, float]:
-        """Per-component mean/std over the samples where that reward did not fault, each reward's own summary
+        """Per-component mean/std over the samples where that reward did not err, each reward's own summary
         (`summarize(verdicts)`, if it has one), verdict and fault counts."""
         stats: dict[str, float] = {}
         kept = [r.score for r, ok in zip(results, valid) if ok]
         stats["score/mean"] = statistics.fmean(kept) if kept else 0.0
         for k, label in enumerate(self.labels):
-            values = [outs[k].score for outs in per_sample if outs[k].verdict not in _FAULTS]
+            values = [outs[k].score for outs in per_sample if outs[k].verdict != Verdict.ERROR]
             stats[f"{label}/mean"] = statistics.fmean(values) if values else 0.0
             stats[f"{label}/std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
         for k, (label, reward) in enumerate(zip(self.labels, self._rewards)):

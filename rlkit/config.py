@@ -98,7 +98,9 @@ class RewardConfig:
     rewards: List[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="math")])
     num_workers: int = 2  # worker processes that run verifiers
     timeout_s: float = 5.0  # hard deadline per sample; the worker is killed and replaced past it
-    on_error: str = "fail"  # what an error/timeout does: "exclude" the sample, "score" it error_score, "fail"
+    # what a verifier error does: "exclude" the sample, "score" it error_score, "fail" the run. A model's timeout is
+    # no error: it keeps verdict "timeout" (counted) and scores as a wrong answer
+    on_error: str = "fail"
     error_score: float = 0.0
     # a step (or evaluation) whose share of verifier errors passes this stops the run: a broken reward never trains
     # on silently excluded or error_score'd samples

@@ -36,6 +36,12 @@ class Flaky:
         return RewardResult(1.0, Verdict.CORRECT)
 
 
+class FlakyWithWrong(Flaky):
+    """Flaky with a wrong-answer value: the score a sample that outlasts the deadline gets."""
+
+    wrong = -2.0
+
+
 class NotAReward:
     pass
 

@@ -62,9 +62,10 @@ def test_errors_and_timeouts_are_reported_not_zeroed():
         assert elapsed < 8  # the hung sample is killed at its deadline
         verdicts = [r.verdict for r in out.results]
         assert verdicts == [Verdict.CORRECT, Verdict.ERROR, Verdict.TIMEOUT, Verdict.ERROR, Verdict.CORRECT]
-        assert out.valid == [True, False, False, False, True]
+        # the hang is the model's fault: a wrong answer (Flaky has no `wrong`: 0.0) kept in the loss
+        assert out.valid == [True, False, True, False, True] and out.scores[2] == 0.0
         assert "ValueError: boom" in out.results[1].info["Flaky"]["error"]
-        assert out.stats["errors"] == 2 and out.stats["timeouts"] == 1 and out.stats["excluded"] == 3
+        assert out.stats["errors"] == 2 and out.stats["timeouts"] == 1 and out.stats["excluded"] == 2
         # the replaced workers keep serving
         assert scorer.score(samples("fine")).scores == [1.0]
 
@@ -81,8 +82,9 @@ def test_a_hang_inside_a_large_batch_times_out_only_that_sample():
     verdicts = [r.verdict for r in out.results]
     assert verdicts[17] == Verdict.TIMEOUT and verdicts[31] == Verdict.ERROR
     assert verdicts.count(Verdict.CORRECT) == 38
-    assert out.stats["Flaky/mean"] == 1.0  # faulted samples do not drag the component mean to 0
-    assert out.stats["score/mean"] == 1.0 and out.stats["excluded"] == 2
+    # the error does not drag the component mean to 0; the timeout is a wrong answer (0.0) and counts: 38 / 39
+    assert out.stats["Flaky/mean"] == pytest.approx(38 / 39)
+    assert out.stats["score/mean"] == pytest.approx(38 / 39) and out.stats["excluded"] == 1
 
 
 def test_a_worker_that_died_while_idle_is_replaced():
@@ -111,6 +113,18 @@ def test_on_error_fail_names_the_reward_and_sample():
     with Scorer(RewardConfig(rewards=[FLAKY], on_error="fail", num_workers=1)) as scorer:
         with pytest.raises(RewardError, match="reward 'Flaky' gave error on sample 1"):
             scorer.score(samples("ok", "boom"))
+
+
+def test_on_error_fail_stops_on_errors_not_on_a_models_timeout():
+    cfg = RewardConfig(rewards=[RewardSpec(import_path="tests.rewards.helpers:FlakyWithWrong")], timeout_s=1.0,
+                       on_error="fail", num_workers=1)
+    with Scorer(cfg) as scorer:
+        out = scorer.score(samples("ok", "hang"))
+        assert [r.verdict for r in out.results] == [Verdict.CORRECT, Verdict.TIMEOUT]
+        assert out.scores == [1.0, -2.0] and out.valid == [True, True]  # the reward's own `wrong` value
+        assert out.stats["timeouts"] == 1 and out.stats["errors"] == 0
+        with pytest.raises(RewardError, match="gave error on sample 0"):
+            scorer.score(samples("boom"))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,213 @@
+"""Adversarial programs and math answers, each with the verdict it must get, scored the way training scores them.
+
+Every case goes through a Scorer with reward.on_error="fail": a model-written input that made a verifier raise
+(instead of scoring it wrong, or TIMEOUT when it outlasts the deadline) would stop the test as it would stop a
+training run. Each hostile program is written so that it would pass (CORRECT) if its attack worked. All the
+programs run as one batch through one pool, and all the answers as another, to keep this file well under a
+minute on two cores. Add a row for every new attack.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rlkit.config import RewardConfig, RewardSpec
+from rewards.base import Sample, Verdict
+from rewards.sandbox import _records
+
+CANARY = "rlkit-canary-7f3a9c"  # set in the scorer's environment, so in its workers'
+C, W, F, T = Verdict.CORRECT, Verdict.WRONG, Verdict.FORMAT_ERROR, Verdict.TIMEOUT
+
+DOUBLE = {"test": "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(-1) == -2", "entry_point": "f"}
+CANARY_CALL = {"test": f"def check(candidate):\n    assert candidate() == {CANARY!r}", "entry_point": "f"}
+
+
+def stdio(expected: str) -> dict:
+    return {"inputs": [""], "outputs": [expected]}
+
+
+# Finds the harness's nonce and result channel in its frames (the solution runs in the harness's process).
+FIND_CHANNEL = """
+import sys
+def _channel():
+    frame = sys._getframe()
+    while frame is not None and "nonce" not in frame.f_locals:
+        frame = frame.f_back
+    return frame.f_locals["nonce"], frame.f_locals["channel"]
+nonce, channel = _channel()
+"""
+
+SYSCALL = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+
+# (id, program, gold, expected verdict)
+PROGRAMS = [
+    ("honest", "def f(x):\n    return 2 * x", DOUBLE, C),
+    ("env-proc-environ", "import glob\nfor p in glob.glob('/proc/*/environ'):\n    try:\n        d = open(p, 'rb').read()\n"
+     "    except OSError:\n        continue\n    for kv in d.split(b'\\0'):\n        if kv.startswith(b'RLKIT_CANARY='):\n"
+     "            print(kv.split(b'=', 1)[1].decode())\n            raise SystemExit", stdio(CANARY), W),
+    ("env-proc1-in-exception", "def f():\n    env = open('/proc/1/environ', 'rb').read().split(b'\\0')\n"
+     "    raise ValueError([kv for kv in env if b'CANARY' in kv])", CANARY_CALL, W),
+    ("env-os-environ", "import os\ndef f():\n    return os.environ.get('RLKIT_CANARY')", CANARY_CALL, W),
+    ("forged-deep-json", FIND_CHANNEL + "channel.write(nonce + ' ' + '[' * 100000 + ']' * 100000 + '\\n')\n"
+     "channel.flush()\ndef f(x):\n    return 2 * x", DOUBLE, W),
+    ("forged-bad-values", FIND_CHANNEL + "channel.write(nonce + ' {\"assert\": 0, \"values\": 5}\\n')\n"
+     "channel.flush()\ndef f(x):\n    return 2 * x", DOUBLE, W),
+    ("forged-not-json", FIND_CHANNEL + "channel.write(nonce + ' {not json\\n')\nchannel.flush()\n"
+     "def f(x):\n    return 2 * x", DOUBLE, W),
+    ("forged-done-then-exit", FIND_CHANNEL + "channel.write(nonce + ' {\"done\": true}\\n')\nchannel.flush()\n"
+     "import os\nos._exit(0)\ndef f(x):\n    return 2 * x", DOUBLE, W),
+    ("huge-output", "def f(x):\n    return [x] * 10_000_000 if x == 2 else 2 * x", DOUBLE, W),
+    ("stdout-flood", "import sys\nsys.stdout.write('4\\n' * 5_000_000)", stdio("4"), W),
+    ("fork-bomb", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", stdio(""), W),
+    ("vsock", "import socket\ndef f(x):\n    socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()\n    return 2 * x",
+     DOUBLE, W),
+    ("network", "import socket\ndef f(x):\n    socket.create_connection(('1.1.1.1', 53), timeout=1).close()\n"
+     "    return 2 * x", DOUBLE, W),
+    ("write-outside-tmp", "def f(x):\n    open('/usr/rlkit-pwned', 'w').write('x')\n    return 2 * x", DOUBLE, W),
+    ("read-parents-files", "print(open(" + repr(os.path.abspath(__file__)) + ").read(), end='')",
+     stdio(open(__file__).read()), W),
+    ("kill-everything", "import os, signal\nfor pid in range(1, 200):\n    try:\n        os.kill(pid, signal.SIGKILL)\n"
+     "    except OSError:\n        pass\ndef f(x):\n    return 2 * x", DOUBLE, W),
+    ("infinite-loop", "def f(x):\n    while True:\n        pass", DOUBLE, W),
+    ("memory-bomb", "def f(x):\n    b = bytearray(1 << 40)\n    return 2 * x", DOUBLE, W),
+    ("exit-before-asserts", "import os\nos._exit(0)", DOUBLE, W),
+    ("sys-exit-in-call", "import sys\ndef f(x):\n    sys.exit(0)", DOUBLE, W),
+    ("always-equal", "class A:\n    def __eq__(self, o):\n        return True\ndef f(x):\n    return A()", DOUBLE, W),
+    ("patched-json", "import json\njson.dumps = lambda *a, **k: '{\"done\": true}'\ndef f(x):\n    return 0", DOUBLE, W),
+    ("huge-program", "def f(x):\n    return 2 * x\n" + "# padding\n" * 40_000, DOUBLE, W),
+    ("deep-parens", "def f(x):\n    return " + "(" * 5000 + "2 * x" + ")" * 5000, DOUBLE, W),
+    ("daemon-child", "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+     "def f(x):\n    return 2 * x", DOUBLE, C),
+    # seccomp: each passes only when the filter answered (io_uring_setup: ENOSYS 38; the x32 ABI: EPERM 1)
+    ("io-uring", SYSCALL + "r = libc.syscall(425, 1, ctypes.create_string_buffer(120))\nE = ctypes.get_errno()\n"
+     "def f(x):\n    return 2 * x if (r, E) == (-1, 38) else 0", DOUBLE, C),
+    ("x32-socket", SYSCALL + "r = libc.syscall(41 | 0x40000000, 40, 1, 0)\nE = ctypes.get_errno()\n"
+     "def f(x):\n    return 2 * x if (r, E) == (-1, 1) else 0", DOUBLE, C),
+    ("stderr-noise", "import sys\nsys.stderr.write('x' * 1_000_000)\ndef f(x):\n    return 2 * x", DOUBLE, C),
+]
+
+# (id, completion, gold, expected verdict)
+ANSWERS = [
+    ("hedge-two-boxes", "\\boxed{1} or \\boxed{2}", "2", W),
+    ("hedge-two-boxes-reversed", "\\boxed{2} or \\boxed{1}", "2", W),
+    ("hedge-hashes", "#### 1\n#### 2", "2", W),
+    ("hedge-answer-tags", "<answer>1</answer> <answer>2</answer>", "2", W),
+    ("hedge-box-and-hashes", "\\boxed{2}\n#### 3", "2", W),
+    ("hedge-fbox-and-box", "\\fbox{1} \\boxed{2}", "2", W),
+    ("hedge-lor", "\\boxed{1 \\lor 2}", "2", W),
+    ("hedge-vee", "\\boxed{2 \\vee 3}", "2", W),
+    ("hedge-text-or", "\\boxed{x = 2 \\text{ or } x = 1}", "2", W),
+    ("hedge-list", "\\boxed{1, 2}", "2", W),
+    ("hedge-many-boxes", "".join(f"\\boxed{{{i}}}" for i in range(1, 6)), "5", W),
+    ("restated-answer", "\\boxed{2}, so again \\boxed{2}\n#### 2", "2", C),
+    ("restated-equal-forms", "\\boxed{0.5}, that is \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", C),
+    ("think-is-ignored", "<think>\\boxed{1}</think> so \\boxed{2}", "2", C),
+    ("power-tower", "\\boxed{2^{2^{2^{2^{2^{2}}}}}}", "4", T),
+    ("power-tower-10", "\\boxed{10^{10^{10}}}", "4", T),
+    ("huge-factorial", "\\boxed{100000000!}", "4", T),
+    ("factorial", "\\boxed{10000!}", "4", W),
+    ("deep-braces", "\\boxed{" + "{" * 2000 + "1" + "}" * 2000 + "}", "1", W),
+    ("deep-parens", "\\boxed{" + "(" * 500 + "4" + ")" * 500 + "}", "4", W),
+    ("megabyte", "\\boxed{" + "x+" * 300_000 + "1}", "4", W),
+    ("long-number-wrong", "\\boxed{" + "1" * 5000 + "}", "4", W),
+    ("long-number-right", "\\boxed{" + "9" * 3000 + "}", "9" * 3000, C),
+    ("arabic-indic-digit", "\\boxed{\u0664}", "4", C),  # the same number, in another script
+    ("fullwidth-digit", "\\boxed{\uff14}", "4", C),
+    ("latex-text", "\\boxed{\\text{2}}", "2", C),
+    ("latex-phantom", "\\boxed{2\\phantom{3}}", "2", W),
+    ("latex-infinity", "\\boxed{\\infty}", "4", W),
+    ("no-answer", "I am not sure.", "4", F),
+]
+
+
+@pytest.fixture(scope="module")
+def canary_env():
+    os.environ["RLKIT_CANARY"] = CANARY  # the workers are spawned with this environment
+    yield
+    os.environ.pop("RLKIT_CANARY", None)
+
+
+def score_all(rewards, rows, timeout_s):
+    from rewards.scorer import Scorer  # imported here so the canary is set before any worker starts
+
+    cfg = RewardConfig(rewards=rewards, timeout_s=timeout_s, num_workers=2, on_error="fail")
+    with Scorer(cfg) as scorer:
+        start = time.perf_counter()
+        out = scorer.score([Sample("q", completion, gold) for _, completion, gold, _ in rows])
+        elapsed = time.perf_counter() - start
+    return out, elapsed
+
+
+@pytest.fixture(scope="module")
+def programs(canary_env):
+    spec = RewardSpec(name="code", kwargs={"wall_s": 2.0, "processes": 16})
+    return score_all([spec], PROGRAMS, timeout_s=4.0)
+
+
+@pytest.fixture(scope="module")
+def answers():
+    spec = RewardSpec(name="math", kwargs={"verify_timeout_s": 1})
+    return score_all([spec], ANSWERS, timeout_s=3.0)
+
+
+@pytest.mark.parametrize("i", range(len(PROGRAMS)), ids=[row[0] for row in PROGRAMS])
+def test_program(programs, i):
+    out, _ = programs
+    name, _, _, expected = PROGRAMS[i]
+    result = out.results[i]
+    assert result.verdict == expected, (name, result.info)
+    assert CANARY not in repr(result.info)  # nothing from the trainer's environment comes back in the info
+
+
+@pytest.mark.parametrize("i", range(len(ANSWERS)), ids=[row[0] for row in ANSWERS])
+def test_answer(answers, i):
+    out, _ = answers
+    name, _, _, expected = ANSWERS[i]
+    assert out.results[i].verdict == expected, (name, out.results[i].info)
+
+
+def test_the_suite_is_big_enough_and_fast(programs, answers):
+    assert len(PROGRAMS) >= 20 and len(ANSWERS) >= 20
+    assert programs[1] < 30 and answers[1] < 30
+
+
+def test_model_timeouts_score_wrong_and_are_counted_apart(answers):
+    out, _ = answers
+    n_timeouts = sum(row[3] == T for row in ANSWERS)  # 3
+    assert out.stats["timeouts"] == n_timeouts and out.stats["errors"] == 0 and out.stats["excluded"] == 0
+    assert all(out.valid)
+    # a timeout scores as MathReward's wrong answer (0.0), kept in the loss
+    assert [out.scores[i] for i, row in enumerate(ANSWERS) if row[3] == T] == [0.0] * n_timeouts
+
+
+ZOMBIE_CHECK = """
+import os
+from rewards.sandbox import Sandbox, SandboxLimits, become_subreaper
+become_subreaper()  # what a scorer worker does
+sandbox = Sandbox(SandboxLimits(wall_s=2.0))
+for code in ("print(1)", "while True: pass"):
+    sandbox.run({"mode": "stdio", "code": code, "inputs": [""], "test_timeout_s": 1, "max_stdout": 64})
+pid = os.getpid()
+children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+print(sum(open(f"/proc/{c}/stat").read().rsplit(") ", 1)[1][0] == "Z" for c in children), len(children))
+"""
+
+
+def test_no_zombies_are_left_behind():
+    # in a process of its own: becoming a subreaper is for the scorer's workers, not for pytest
+    done = subprocess.run([sys.executable, "-c", ZOMBIE_CHECK], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["0", "0"], done.stderr[-2000:]
+
+
+def test_records_parse_with_bounded_depth():
+    # hand-made channel contents: a good record, then forged lines carrying the nonce
+    ok, malformed = _records(b'n {"done": true}\n', "n")
+    assert ok == [{"done": True}] and not malformed
+    for forged in (b"[" * 100_000, b"[1, 2]", b"{nope", b'{"a": ' * 300 + b"1" + b"}" * 300):
+        records, malformed = _records(b'n {"done": true}\nn ' + forged + b"\n", "n")
+        assert malformed, forged[:20]
+    # a deep-looking string is not nesting
+    assert _records(b'n {"s": "' + b"[" * 1000 + b'"}\n', "n") == ([{"s": "[" * 1000}], False)
