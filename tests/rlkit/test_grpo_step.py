@@ -56,7 +56,7 @@ def run_step(rewards, **algo):
     problems = [Problem(f"{i}+1=", str(i + 1), "", prompt_ids=(1, 10 + i)) for i in range(2)]
     ctx = SimpleNamespace(
         cfg=cfg, stage=cfg.stages[0], data=SimpleNamespace(problems=problems, renderer=SimpleNamespace(pad_id=0)),
-        pool=workers, scorer=workers, trainer=workers, cluster=workers, model_path="", prefix="grpo",
+        pool=workers, scorer=workers, trainer=workers, cluster=workers, model_path="", prefix="grpo", index=0,
         steps=lambda sampler: range(1), seed=lambda: 0, sync_policy=lambda: SyncStats(0.0, 0.0),
         log_completions=lambda *a: None, log_step=lambda step, metrics, extra: workers.__setattr__("metrics", metrics),
         show=lambda **kw: None)
