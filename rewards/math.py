@@ -52,6 +52,10 @@ def _last_boxed(text: str) -> str | None:
 MAX_ANSWERS = 4  # distinct final answers a reply may restate (each must match); more is wrong
 MAX_ANSWER_CHARS = 1000  # (or twice the gold's length) longer is wrong, unread
 MAX_ANSWER_DEPTH = 30  # nesting of {}, () and []; deeper is wrong, unread (the LaTeX parser recurses)
+# A plain number, and arithmetic left undone ("2+63", "7 \times 8"): against a numeric gold the latter is the
+# question copied back, which math-verify would evaluate and call correct. Fractions ("1/2", \frac) are answers.
+_PLAIN_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+_ARITHMETIC = re.compile(r"\d\s*(?:[-+*×÷]|\\times|\\cdot|\\div)\s*[({]?\s*-?\d")
 _HEDGE = re.compile(r"\\(?:lor|vee)(?![a-zA-Z])|\\(?:text|textrm|mathrm)\s*\{\s*or\s*\}|(?<![\\a-zA-Z])or(?![a-zA-Z])")
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
@@ -86,10 +90,13 @@ def final_answers(text: str) -> list[str]:
 
 
 def implausible(answer: str, gold: str) -> str:
-    """Why `answer` is wrong without being read (too long, too deep, alternatives joined), or "".
+    """Why `answer` is wrong without being read (too long, too deep, alternatives joined, arithmetic left undone
+    against a numeric gold), or "".
 
     >>> implausible("1 \\\\lor 2", "2"), implausible("{" * 40 + "1" + "}" * 40, "1"), implausible("3", "3")
     ('it joins alternatives', 'nested 40 deep', '')
+    >>> implausible("2+63", "65"), implausible("7 \\\\times 8", "56"), implausible("1/2", "0.5"), implausible("-3", "-3")
+    ('arithmetic left undone', 'arithmetic left undone', '', '')
     """
     if len(answer) > max(MAX_ANSWER_CHARS, 2 * len(gold)):
         return f"{len(answer)} characters long"
@@ -101,6 +108,8 @@ def implausible(answer: str, gold: str) -> str:
         return f"nested {deepest} deep"
     if _HEDGE.search(answer) and not _HEDGE.search(gold):
         return "it joins alternatives"
+    if _PLAIN_NUMBER.fullmatch(gold.strip()) and "=" not in answer and _ARITHMETIC.search(answer):
+        return "arithmetic left undone"
     return ""
 
 

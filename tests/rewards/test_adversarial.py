@@ -120,6 +120,9 @@ ANSWERS = [
     ("latex-phantom", "\\boxed{2\\phantom{3}}", "2", W),
     ("latex-infinity", "\\boxed{\\infty}", "4", W),
     ("no-answer", "I am not sure.", "4", F),
+    ("question-copied-back", "#### 2+63", "65", W),  # math-verify would evaluate it to the gold
+    ("product-left-undone", "\\boxed{7 \\times 8}", "56", W),
+    ("fraction-is-an-answer", "\\boxed{1/2}", "0.5", C),
 ]
 
 
