@@ -36,17 +36,7 @@ def _last_boxed(text: str) -> str | None:
     if start < 0:
         return None
     brace = text.find("{", start)
-    if brace < 0:
-        return None
-    depth = 0
-    for i in range(brace, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[brace + 1 : i].strip()
-    return None  # unbalanced: no answer rather than a guess
+    return None if brace < 0 else _balanced(text, brace)  # unbalanced: no answer rather than a guess
 
 
 MAX_ANSWERS = 4  # distinct final answers a reply may restate (each must match); more is wrong
