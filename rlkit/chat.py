@@ -71,9 +71,9 @@ class Renderer:
             if not isinstance(reply, str):
                 raise RecipeError("data.chat_template: conversational replies need a chat template")
             return self._encode(reply) + [self.tokenizer.eos_token_id]
+        context = self.conversation(item)
         turns = [{"role": "assistant", "content": reply}] if isinstance(reply, str) else list(reply)
-        ids, mask = self.conversation_example(Conversation(tuple(self.conversation(item) + turns),
-                                                           first_trained=len(self.conversation(item))))
+        ids, mask = self.conversation_example(Conversation(tuple(context + turns), first_trained=len(context)))
         start = mask.index(1)
         return ids[start:]
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rlkit.config import HUB_ID, ModelConfig, RecipeError
+from rlkit.config import ModelConfig, RecipeError, looks_local
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tikt
 def resolve_model_path(path: str, field: str = "model.path") -> Path:
     """A local model folder for `path`: the folder itself, or a hub id's snapshot (downloaded when online)."""
     local = Path(path).expanduser()
-    if local.exists() or not re.fullmatch(HUB_ID, path) or path.startswith((".", "/", "~")):
+    if looks_local(path):
         check_model_folder(local, field)
         return local
     from huggingface_hub import snapshot_download

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from rlkit.chat import Example, Pair, Renderer
 from rlkit.config import DataConfig, RecipeConfig, RecipeError, looks_local
 from rlkit.data import Preference, Problem, synthetic_splits
-from rlkit.sources import detect_format, read_rows, to_record
+from rlkit.sources import read_rows, to_records
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,6 @@ def describe(data: RunData) -> dict:
     }
 
 
-def _records(rows: list[dict], indices: list[int], data: DataConfig, where: str, source: str) -> tuple[str, list]:
-    fmt = detect_format(list(rows[0]), data, where)
-    return fmt, [to_record(rows[i], fmt, data, f"{where}: {source} row {i + 1}") for i in indices]
-
-
 def _order(n: int, seed: int) -> list[int]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
@@ -121,17 +116,17 @@ def recipe_splits(data: DataConfig, rows: _Rows) -> tuple[str, list, list[Proble
         if len(source_rows) <= data.num_eval:
             raise RecipeError(f"data.num_eval: {data.num_eval} held-out problems requested but '{data.source}' has "
                               f"only {len(source_rows)} rows; lower it or set data.eval_source")
-        _, held = _records(source_rows, order[: data.num_eval], data, "data.source", data.source)
+        _, held = to_records(source_rows, order[: data.num_eval], data, "data.source", data.source)
         _check_held_out(held, "data.source", data)
         train_idx = order[data.num_eval:]
-    fmt, train = _records(source_rows, train_idx[: data.num_train], data, "data.source", data.source)
+    fmt, train = to_records(source_rows, train_idx[: data.num_train], data, "data.source", data.source)
     return fmt, train, held, train_idx
 
 
 def _held_out_file(data: DataConfig, rows: _Rows) -> list[Problem]:
     eval_rows = rows.get(data.eval_source, "" if looks_local(data.eval_source) else data.subset, data.eval_split,
                          "data.eval_source")
-    _, held = _records(eval_rows, list(range(min(data.num_eval, len(eval_rows)))), data, "data.eval_source",
+    _, held = to_records(eval_rows, list(range(min(data.num_eval, len(eval_rows)))), data, "data.eval_source",
                        data.eval_source)
     _check_held_out(held, "data.eval_source", data)
     return held
@@ -165,7 +160,7 @@ def stage_records(cfg: RecipeConfig, index: int, rows: _Rows, recipe: tuple[str,
     same_source = (data.source, data.subset, data.split) == (cfg.data.source, cfg.data.subset, cfg.data.split)
     # never train on the recipe's held-out rows, whatever the stage's other settings
     indices = recipe_idx if same_source and not cfg.data.eval_source else _order(len(source_rows), data.seed)
-    return _records(source_rows, indices[: data.num_train], data, f"{where}.source", data.source)
+    return to_records(source_rows, indices[: data.num_train], data, f"{where}.source", data.source)
 
 
 def prepare_stage(cfg: RecipeConfig, index: int, fmt: str, records: list, renderer: Renderer) -> StageData:

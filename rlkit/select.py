@@ -87,11 +87,10 @@ def answer_losses(model, prompts: list[list[int]], answers: list[list[int]], pad
 
 def read_problems(path: str, data: DataConfig) -> tuple[list[dict], list[Problem]]:
     """The input's rows and their problems (prompt with an answer or solution, or a text prompt-completion)."""
-    from rlkit.sources import detect_format, read_rows, to_record
+    from rlkit.sources import read_rows, to_records
 
     rows = read_rows(path, "", "train", "--input")
-    fmt = detect_format(list(rows[0]), data, "--input")
-    problems = [to_record(row, fmt, data, f"--input: {path} row {i + 1}") for i, row in enumerate(rows)]
+    _, problems = to_records(rows, range(len(rows)), data, "--input", path)
     for i, p in enumerate(problems):
         if not isinstance(p, Problem) or not p.solution:
             raise RecipeError(f"--input: {path} row {i + 1} is not a prompt with an answer (--answer-key), a solution "

@@ -212,6 +212,12 @@ def to_record(row: dict[str, Any], fmt: str, data: DataConfig, at: str):
     return Problem(last_user_text(prompt), answer, solution, task, messages=prompt)
 
 
+def to_records(rows: list[dict[str, Any]], indices, data: DataConfig, where: str, source: str) -> tuple[str, list]:
+    """(format, records) of the rows at `indices`, each error naming `where`, the source and the row (1-based)."""
+    fmt = detect_format(list(rows[0]), data, where)
+    return fmt, [to_record(rows[i], fmt, data, f"{where}: {source} row {i + 1}") for i in indices]
+
+
 def _shared_prefix(a: tuple, b: tuple) -> tuple:
     n = 0
     while n < min(len(a), len(b)) - 1 and a[n] == b[n]:
