@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 import yaml
 from omegaconf import OmegaConf
+
 from rlkit.advantages import get_estimator
 from rlkit.algorithms import average, dpo, grpo, ppo, rft, sft
 from rlkit.algorithms.common import SYNCS_EVERY_STEP, StageContext
+from rlkit.chat import stop_token_ids
 from rlkit.checkpoint import Checkpointer, ResumePoint, RunState, split_metrics
 from rlkit.cluster import Cluster
 from rlkit.config import RecipeConfig, RecipeError, to_yaml
-from rlkit.chat import stop_token_ids
 from rlkit.evaluate import evaluate, log_evaluation
 from rlkit.modeling import build_char_tokenizer, check_context, init_model, load_tokenizer, resolve_model_path, \
     save_checkpoint
