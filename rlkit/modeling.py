@@ -122,6 +122,18 @@ def check_context(cfg: ModelConfig, folder: str | Path | None) -> None:
                           f"(max_position_embeddings={positions}); lower it")
 
 
+def quiet_checkpoint_bars() -> None:
+    """No progress bar for every checkpoint transformers writes or loads (each stage's, each resume point's, each
+    sync's): a run's console shows its own bar. Hub downloads keep theirs."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_bars = not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # turns off huggingface_hub's bars too
+    if hub_bars:
+        enable_progress_bars()
+
+
 def load_model_and_tokenizer(path: str | Path, dtype: torch.dtype = torch.float32, field: str = "model.path"):
     """Load a local Hugging Face checkpoint, failing with `field`, the folder and the missing file named."""
     check_model_folder(Path(path), field)

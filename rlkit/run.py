@@ -11,6 +11,11 @@ import logging
 import sys
 
 from rlkit.config import RecipeError, load_recipe, to_yaml
+from rollout.vllm_console import KnownNoise
+
+# vLLM's processes re-import this module before vLLM configures their logging; what vLLM logs until then goes
+# to Python's last-resort handler, which gets the same filter as every other handler (rollout/vllm_console.py)
+logging.lastResort.addFilter(KnownNoise())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

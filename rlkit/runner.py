@@ -28,8 +28,8 @@ from rlkit.checkpoint import Checkpointer, ResumePoint, RunState, split_metrics
 from rlkit.cluster import Cluster
 from rlkit.config import RecipeConfig, RecipeError, to_yaml
 from rlkit.evaluate import evaluate, log_evaluation
-from rlkit.modeling import build_char_tokenizer, check_context, init_model, load_tokenizer, resolve_model_path, \
-    save_checkpoint
+from rlkit.modeling import build_char_tokenizer, check_context, init_model, load_tokenizer, quiet_checkpoint_bars, \
+    resolve_model_path, save_checkpoint
 from rlkit.prepare import describe, prepare_run_data
 from rlkit.tracking import RunLogger
 
@@ -114,6 +114,7 @@ def run(cfg: RecipeConfig) -> dict:
     if not resume and cfg.model.path:
         folder = str(resolve_model_path(cfg.model.path))  # a hub id is downloaded (or fails in one line) here
     check_context(cfg.model, folder)
+    quiet_checkpoint_bars()
     tokenizer = load_tokenizer(folder) if folder else build_char_tokenizer()
     data = prepare_run_data(cfg, tokenizer, stop_token_ids(folder))
     existed = run_dir.exists()

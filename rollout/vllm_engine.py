@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from rlkit.config import RolloutConfig
+from rollout.vllm_console import quiet_vllm_console, remove_segments, shm_segments
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class VllmRollout:
             # vLLM's "auto" CPU binding keeps one core for its scheduler process, which on a small machine slows
             # decoding (bench/engine.py measures both). Decode on every core this process may use.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        quiet_vllm_console()
         from vllm import LLM  # heavy; imported only where an engine is made
 
         self.cfg = cfg
@@ -83,7 +84,9 @@ class VllmRollout:
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         t0 = time.perf_counter()
+        before = shm_segments()
         self.llm = LLM(**kwargs)
+        self._shm = shm_segments() - before  # made by this engine's processes; close() removes what they leave
         log.info("vLLM engine ready in %.1fs (%s)", time.perf_counter() - t0, model_path)
         text_config = self.llm.llm_engine.model_config.hf_text_config
         self.tied_embeddings = bool(getattr(text_config, "tie_word_embeddings", False))  # see sync_weights
@@ -196,6 +199,7 @@ class VllmRollout:
                 # killed; 1 s lets its workers exit (bench/engine.py measures both)
                 core.shutdown(timeout=1.0)
             self.llm = None
+            remove_segments(self._shm)
 
 
 def _write_tensors(state_dict: dict[str, torch.Tensor], path: Path) -> float:

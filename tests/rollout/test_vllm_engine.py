@@ -19,6 +19,7 @@ from rlkit.data import Problem
 from rlkit.lora import adapter_config, apply_lora, peft_adapter_tensors
 from rlkit.modeling import init_model, save_checkpoint
 from rlkit.trainer import pack_sequences, sequence_logprobs
+from rollout.vllm_console import shm_segments
 from rollout.vllm_engine import VllmRollout, WeightSyncError
 from tests.chat_model import GSM8K
 
@@ -66,6 +67,8 @@ def setup(request, tmp_path_factory):
                          lora_rank=8)
     yield Served(model, tok, engine, ids)
     engine.close()
+    assert engine._shm, "vLLM made no shared memory: the check below proves nothing"
+    assert not engine._shm & shm_segments(), "the engine's shared memory outlived close()"
 
 
 def hf_greedy(model, tok, ids, n):

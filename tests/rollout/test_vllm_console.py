@@ -1,0 +1,37 @@
+"""The console filter: vLLM's known-harmless messages are dropped, every other message reaches the user."""
+
+import logging
+import logging.config
+
+import pytest
+
+from rollout.vllm_console import KNOWN_NOISE, KnownNoise, logging_config
+
+
+@pytest.fixture
+def restore_vllm_logger():
+    logger = logging.getLogger("vllm")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def test_known_noise_is_dropped_and_real_warnings_kept(restore_vllm_logger, capsys):
+    logging.config.dictConfig(logging_config("WARNING"))  # as vLLM's processes configure it under rlkit
+    vllm_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    for prefix, _ in KNOWN_NOISE:
+        vllm_logger.warning(prefix + " and the rest of the message")
+    vllm_logger.warning("%s: Failed to load weights", "RotaryEmbedding")
+    vllm_logger.warning("Following weights were not loaded from checkpoint: %s", {"model.embed_tokens.weight"})
+    assert capsys.readouterr().out == ""
+    vllm_logger.warning("%s: Failed to load weights", "QKVParallelLinear")  # a real layer: the user must see it
+    vllm_logger.warning("Following weights were not loaded from checkpoint: %s", {"lm_head.weight"})
+    vllm_logger.info("Enforce eager set")  # below the level anyway
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and "QKVParallelLinear: Failed to load weights" in out[0] and "lm_head.weight" in out[1]
+
+
+def test_filter_reads_the_format_string_not_the_rendered_text():
+    """A message that merely quotes a known one (e.g. a model's output in an error) is not dropped."""
+    record = logging.LogRecord("vllm", logging.ERROR, "f.py", 1, "request failed: %s", ("Enforce eager set",), None)
+    assert KnownNoise().filter(record)
