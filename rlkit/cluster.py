@@ -201,7 +201,9 @@ class Cluster:
         from rlkit.reference import ReferenceModel
 
         cfg = self.cfg
-        args = (cfg.ref, model_path, cfg.trainer.micro_batch_size, cfg.trainer.logprob_impl)
+        t = cfg.trainer
+        args = (cfg.ref, model_path, t.micro_batch_size, t.logprob_impl, t.micro_batch_tokens, t.packing,
+                t.attn_implementation)
         if self.ray is None:
             return ReferenceModel(*args)
         return _Blocking(self._actor(ReferenceModel, 1, self.cfg.cluster.gpus_per_trainer).remote(*args), self.ray.get)

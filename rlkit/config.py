@@ -112,6 +112,9 @@ class RefConfig:
     kl_estimator: str = "k3"  # k1 (log-ratio), k2 (squared log-ratio / 2) or k3 (Schulman's unbiased, >= 0)
     kl_coef: float = 0.02
     kl_in: str = "loss"  # "loss" (GRPO style) or "reward" (PPO style, per-token penalty)
+    # the frozen reference's weights: "auto" (bfloat16 when CUDA is available, else float32), "float32", "bfloat16"
+    # or "float64" (exact tests)
+    dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -121,9 +124,22 @@ class TrainerConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 10
     grad_clip: float = 1.0
-    micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate across micro-batches
+    micro_batch_size: int = 64  # most sequences per forward/backward; gradients accumulate across micro-batches
+    # most real tokens per micro-batch (0: no token cap): rows are sorted by length and binned up to this budget
+    # (and micro_batch_size rows); a row longer than the budget runs alone. The update does not change (rlkit.losses)
+    micro_batch_tokens: int = 0
+    # a micro-batch's rows run as one sequence (position_ids restart per row, attention stays within a row): no
+    # compute on padding. False right-pads each micro-batch to its longest row (rlkit.packing)
+    packing: bool = True
+    # "sdpa", "eager" or "flash_attention_2" (needs flash-attn and the model on CUDA; packed rows then run varlen)
+    attn_implementation: str = "sdpa"
+    # recompute each transformer block in the backward (non-reentrant) instead of keeping its activations:
+    # about a third more compute for activation memory of one block; policy and critic, with or without LoRA
+    gradient_checkpointing: bool = False
     logprob_impl: str = "auto"  # "auto", "torch" or "triton" (see kernels.fused_logprobs)
-    dtype: str = "float32"  # parameter dtype of the trained model: float32, bfloat16 or float64 (exact tests)
+    # compute dtype of the trained model: "float32"; "bfloat16": mixed precision, bf16 forward/backward over float32
+    # weights and optimizer state (see param_dtype); "float64": everything in float64 (exact tests)
+    dtype: str = "float32"
     seed: int = 0
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     lora_rank: int = 0  # > 0 trains LoRA adapters (peft) of this rank instead of all weights
@@ -134,6 +150,12 @@ class TrainerConfig:
     lora_targets: List[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+
+    @property
+    def param_dtype(self) -> str:
+        """The dtype of the held (master) weights, their gradients and the optimizer state: float32 under bfloat16
+        mixed precision, else `dtype`. Hugging Face checkpoints are still written in `dtype`."""
+        return "float32" if self.dtype == "bfloat16" else self.dtype
 
 
 @dataclass(frozen=True)
@@ -416,8 +438,9 @@ NUMERIC_RANGES = {
             "algo.epsilon_high", "algo.ppo_epochs", "algo.dpo_beta", "algo.value_clip", "cluster.rollout_engines",
             "cluster.trainer_ranks", "reward.num_workers", "reward.timeout_s", "logging.log_every"],
     ">= 0": ["rollout.temperature", "ref.kl_coef", "trainer.weight_decay", "trainer.warmup_steps",
-             "trainer.num_threads", "trainer.lora_rank", "algo.tis_cap", "algo.overlong_buffer",
-             "algo.overlong_penalty", "algo.dpo_nll_coef", "algo.value_coef", "algo.entropy_coef",
+             "trainer.num_threads", "trainer.lora_rank", "trainer.micro_batch_tokens", "algo.tis_cap",
+             "algo.overlong_buffer", "algo.overlong_penalty", "algo.dpo_nll_coef", "algo.value_coef",
+             "algo.entropy_coef",
              "logging.eval_temperature", "logging.eval_sample_temperature", "cluster.cpus_per_trainer",
              "cluster.gpus_per_trainer", "cluster.cpus_per_engine", "cluster.gpus_per_engine", "checkpoint.every"],
     "in (0, 1]": ["rollout.top_p", "rollout.gpu_memory_utilization"],
@@ -478,6 +501,8 @@ def validate(cfg: RecipeConfig) -> None:
         raise RecipeError(f"algo.resample_rounds: must be >= 1, got {cfg.algo.resample_rounds}")
     _one_of("algo.dpo_loss", cfg.algo.dpo_loss, ("sigmoid", "ipo"))
     _one_of("trainer.dtype", cfg.trainer.dtype, ("float32", "bfloat16", "float64"))
+    _one_of("trainer.attn_implementation", cfg.trainer.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+    _one_of("ref.dtype", cfg.ref.dtype, ("auto", "float32", "bfloat16", "float64"))
     _one_of("trainer.lora_sync", cfg.trainer.lora_sync, ("merged", "adapter"))
     if cfg.trainer.lora_sync == "adapter" and not 0 < cfg.trainer.lora_rank <= MAX_ENGINE_LORA_RANK:
         raise RecipeError(f"trainer.lora_sync: 'adapter' needs trainer.lora_rank between 1 and {MAX_ENGINE_LORA_RANK} "

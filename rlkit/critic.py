@@ -8,7 +8,9 @@ import torch
 
 from rlkit.config import AlgoConfig, TrainerConfig
 from rlkit.losses import value_loss
-from rlkit.trainer import RankWorker, TokenBatch, prepare_torch
+from rlkit.packing import layout_rows
+from rlkit.rank import RankWorker, autocast_dtype, enable_gradient_checkpointing, prepare_torch
+from rlkit.trainer import TokenBatch
 
 
 @dataclass(frozen=True)
@@ -22,24 +24,26 @@ class ValueBatch:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def select(self, rows: slice) -> "ValueBatch":
+    def select(self, rows: slice | torch.Tensor) -> "ValueBatch":
         return ValueBatch(self.tokens.select(rows), self.mask[rows], self.old_values[rows], self.returns[rows],
                           self.normalizer)
 
 
 class ValueModel(torch.nn.Module):
-    """V(prefix) for every target position: the value of the state that predicts token t + 1."""
+    """V(prefix) for every target position: the value of the state that predicts token t + 1. Its head reads the
+    response positions alone, of rows packed into one sequence (`packing`) or right-padded (rlkit.packing)."""
 
-    def __init__(self, body: torch.nn.Module):
+    def __init__(self, body: torch.nn.Module, packing: bool = True, autocast: torch.dtype | None = None):
         super().__init__()
-        self.body = body
+        self.body, self.packing, self.autocast = body, packing, autocast
         self.head = torch.nn.Linear(body.config.hidden_size, 1, dtype=body.dtype)
         torch.nn.init.zeros_(self.head.weight)  # start from V = 0 so early advantages are the raw returns
         torch.nn.init.zeros_(self.head.bias)
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:
-        hidden = self.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        return self.head(hidden[:, :-1]).squeeze(-1).float() * batch.response_mask  # (B, L-1)
+        layout = layout_rows(batch.input_ids, batch.attention_mask, batch.response_mask, self.packing)
+        hidden = layout.hidden(self.body, self.autocast)  # (N, H) at the response targets
+        return layout.scatter(self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float())  # (B, L-1)
 
 
 class CriticTrainer(RankWorker):
@@ -51,15 +55,20 @@ class CriticTrainer(RankWorker):
 
         prepare_torch(cfg)
         self.algo = algo
-        body = AutoModel.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
-        super().__init__(cfg, ValueModel(body), list(body.layers), lr, warmup_steps, rank, world_size)
+        body = AutoModel.from_pretrained(model_path, dtype=getattr(torch, cfg.param_dtype),
+                                         attn_implementation=cfg.attn_implementation)
+        enable_gradient_checkpointing(body, cfg)
+        model = ValueModel(body, cfg.packing, autocast_dtype(cfg, world_size))
+        super().__init__(cfg, model, list(body.layers), lr, warmup_steps, rank, world_size)
 
     @torch.no_grad()
     def values(self, batch: TokenBatch) -> torch.Tensor:
         """(b, L-1) values of this rank's rows, zero off the response."""
         self.model.eval()
-        size = self.cfg.micro_batch_size
-        return torch.cat([self.model(batch.select(slice(i, i + size))) for i in range(0, len(batch), size)])
+        out = torch.zeros(batch.response_mask.shape)  # float32, as the head's values
+        for rows in self.micro_batches(batch):
+            out[rows] = self.model(batch.select(rows))
+        return out
 
     def value_step(self, batch: ValueBatch) -> dict[str, float]:
         def micro_loss(mb: ValueBatch):

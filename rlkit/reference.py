@@ -5,20 +5,35 @@ from __future__ import annotations
 import torch
 
 from rlkit.config import RefConfig
-from rlkit.trainer import TokenBatch, batched_logprobs
+from rlkit.packing import split_micro_batches
+from rlkit.trainer import LogprobModel, TokenBatch, batched_logprobs
+
+
+def reference_dtype(cfg: RefConfig) -> torch.dtype:
+    """ref.dtype, "auto" being bfloat16 when CUDA is available and float32 otherwise (CPU bf16 is slow)."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, cfg.dtype)
 
 
 class ReferenceModel:
-    """A frozen copy of the model a stage starts from, loaded from that checkpoint."""
+    """A frozen copy of the model a stage starts from, loaded from that checkpoint. Micro-batches follow the
+    trainer's (at most `micro_batch_size` rows and `micro_batch_tokens` tokens, rows packed when `packing`)."""
 
-    def __init__(self, cfg: RefConfig, model_path: str, micro_batch_size: int = 64, impl: str = "auto"):
+    def __init__(self, cfg: RefConfig, model_path: str, micro_batch_size: int = 64, impl: str = "auto",
+                 micro_batch_tokens: int = 0, packing: bool = True, attn_implementation: str = "sdpa"):
         from transformers import AutoModelForCausalLM
 
-        self.cfg, self.micro_batch_size, self.impl = cfg, micro_batch_size, impl
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.cfg, self.impl = cfg, impl
+        self.micro_batch_size, self.micro_batch_tokens = micro_batch_size, micro_batch_tokens
+        lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=reference_dtype(cfg),
+                                                  attn_implementation=attn_implementation)
+        self.model = LogprobModel(lm, packing).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
         """(B, L-1) reference log-probs of the response tokens (zero elsewhere)."""
-        return batched_logprobs(self.model, batch, self.micro_batch_size, temperature, self.impl)
+        lengths = batch.attention_mask.sum(-1).tolist()
+        plan = split_micro_batches(lengths, self.micro_batch_size, self.micro_batch_tokens)
+        return batched_logprobs(self.model, batch, [torch.tensor(rows) for rows in plan], temperature, self.impl)

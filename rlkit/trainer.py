@@ -1,18 +1,19 @@
 """The trainer: one rank of a group that holds a causal LM sharded with FSDP2, its optimizer and schedule.
 
-Each rank gets a slice of the step batch's rows, splits it into micro-batches and accumulates gradients;
-FSDP2 reduces them across ranks. Losses are sums divided by a normaliser the controller computes over the
-whole step batch, so the update is the same for any number of ranks and any micro-batch size
+Each rank gets a slice of the step batch's rows, splits it into micro-batches (by rows and, with
+trainer.micro_batch_tokens, by tokens; rows packed into one sequence: rlkit.packing) and accumulates gradients;
+FSDP2 reduces them across ranks (rlkit.rank). Losses are sums divided by a normaliser the controller computes
+over the whole step batch, so the update is the same for any number of ranks and any micro-batch size
 (see rlkit.losses). Per-token log-probs go through the fused kernel, never through full logits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import ClassVar
 
 import torch
 
@@ -20,6 +21,10 @@ from kernels import fused_logprobs
 from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
 from rlkit.lora import apply_lora, merge_lora_state_dict, peft_adapter_tensors
 from rlkit.losses import aggregate, cispo_loss, dpo_loss, kl_estimate, policy_loss, sequence_log_ratio, sft_loss
+from rlkit.packing import layout_rows
+from rlkit.rank import RankWorker, autocast_dtype, enable_gradient_checkpointing, prepare_torch
+
+__all__ = ["RankWorker", "prepare_torch"]  # re-exported: the rank machinery lives in rlkit.rank
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ class PolicyBatch:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def select(self, rows: slice) -> "PolicyBatch":
+    def select(self, rows: slice | torch.Tensor) -> "PolicyBatch":
         return PolicyBatch(
             self.tokens.select(rows), self.mask[rows], None if self.old_logprobs is None else self.old_logprobs[rows],
             self.ref_logprobs[rows], self.rollout_logprobs[rows], self.advantages[rows], self.normalizer,
@@ -71,11 +76,12 @@ class PairBatch:
     tokens: TokenBatch  # (2P, L)
     ref_logps: torch.Tensor  # (2P,) summed response log-probs under the reference
     num_pairs: int  # pairs in the whole step batch (the loss divisor)
+    rows_per_unit: ClassVar[int] = 2  # a pair's rows stay together, in order, in one micro-batch
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def select(self, rows: slice) -> "PairBatch":
+    def select(self, rows: slice | torch.Tensor) -> "PairBatch":
         return PairBatch(self.tokens.select(rows), self.ref_logps[rows], self.num_pairs)
 
 
@@ -98,21 +104,23 @@ class LogprobModel(torch.nn.Module):
     """A causal LM seen as tokens -> per-token log-probs of the targets, through the fused kernel.
 
     It is the FSDP2 root unit: its forward unshards the embedding, final norm and LM head, so the kernel may
-    read the LM head weight directly (and the backward reduces its gradient) without full logits.
+    read the LM head weight directly (and the backward reduces its gradient) without full logits. The kernel reads
+    the response targets alone, from rows packed into one sequence (`packing`) or right-padded.
     """
 
-    def __init__(self, lm: torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module, packing: bool = True, autocast: torch.dtype | None = None):
         super().__init__()
-        self.lm = lm
+        self.lm, self.packing, self.autocast = lm, packing, autocast
 
     def forward(self, batch: TokenBatch, temperature: float = 1.0, impl: str = "auto", return_entropy: bool = False):
+        layout = layout_rows(batch.input_ids, batch.attention_mask, batch.response_mask, self.packing)
         body = getattr(self.lm, self.lm.base_model_prefix)  # the transformer without its LM head
-        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (B, L, H)
-        targets = batch.input_ids[:, 1:].masked_fill(batch.response_mask == 0, -100)  # (B, L-1)
+        hidden = layout.hidden(body, self.autocast)  # (N, H) at the N response targets
         weight = self.lm.get_output_embeddings().weight  # (V, H)
-        return fused_logprobs(
-            hidden[:, :-1], weight, targets, temperature=temperature, return_entropy=return_entropy, impl=impl
-        )
+        with torch.autocast(hidden.device.type, enabled=False) if self.autocast else contextlib.nullcontext():
+            logprobs, entropy = fused_logprobs(hidden, weight, layout.targets, temperature=temperature,
+                                               return_entropy=return_entropy, impl=impl)  # (N,), (N,) | None
+        return layout.scatter(logprobs), None if entropy is None else layout.scatter(entropy)  # (B, L-1)
 
 
 def sequence_logprobs(
@@ -130,120 +138,28 @@ def sequence_logprobs(
 
 @torch.no_grad()
 def batched_logprobs(
-    model: torch.nn.Module, batch: TokenBatch, micro_batch_size: int, temperature: float = 1.0, impl: str = "auto"
+    model: torch.nn.Module, batch: TokenBatch, micro_batches: int | list[torch.Tensor], temperature: float = 1.0,
+    impl: str = "auto",
 ) -> torch.Tensor:
-    """(B, L-1) log-probs without gradients, computed micro-batch by micro-batch."""
-    parts = [
-        sequence_logprobs(model, batch.select(slice(i, i + micro_batch_size)), temperature, impl)[0]
-        for i in range(0, len(batch), micro_batch_size)
-    ]
-    return torch.cat(parts)  # micro-batches share the step batch's width
-
-
-def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
-    """Linear warmup to the base learning rate, then constant."""
-    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
-
-
-def shard_with_fsdp2(root: torch.nn.Module, blocks: list[torch.nn.Module], rank: int, world_size: int) -> None:
-    """FSDP2 over `world_size` ranks: one unit per transformer block, the rest in the root unit."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world_size)
-    for block in blocks:  # gathered just in time for its forward/backward, freed after
-        fully_shard(block)
-    fully_shard(root)
-    # Losses are already divided by the whole step batch's normaliser, so ranks' gradients must be summed;
-    # FSDP2 would average them by default (a 1/world_size error).
-    for module in root.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
-
-
-class RankWorker:
-    """What every trained model's rank shares: sharding, the optimizer and schedule, and the update loop."""
-
-    def __init__(self, cfg: TrainerConfig, model: torch.nn.Module, blocks: list, lr: float, warmup_steps: int,
-                 rank: int, world_size: int):
-        self.cfg, self.model, self.rank, self.world_size = cfg, model, rank, world_size
-        if world_size > 1:
-            shard_with_fsdp2(model, blocks, rank, world_size)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(cfg.betas),
-            weight_decay=cfg.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(warmup_steps))
-        self.step_count = 0
-
-    def _step(self, micro_loss: Callable, batch) -> dict[str, float]:
-        """One optimizer update over this rank's rows, micro-batch by micro-batch."""
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        size = self.cfg.micro_batch_size
-        for start in range(0, len(batch), size):
-            loss, metrics = micro_loss(batch.select(slice(start, start + size)))
-            loss.backward()
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        if not math.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient norm at step {self.step_count}; lower the learning rate")
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step_count += 1
-        return totals | {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
-
-    # -- resume points -----------------------------------------------------------------------------------
-    def save_state(self, path: str) -> None:
-        """Weights, optimizer, schedule and RNG of this rank under `path` (every rank must call it).
-
-        Rank 0 writes the full, unsharded tensors keyed by parameter name, so a resume may use another number
-        of ranks; each rank writes its own RNG state.
-        """
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        model_state, optim_state = get_state_dict(
-            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
-            torch.save({"model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
-                        "step_count": self.step_count}, folder / "trainer.pt")
-        torch.save(torch.get_rng_state(), folder / f"rng_rank{self.rank}.pt")
-
-    def load_state(self, path: str) -> None:
-        """Continue from `save_state`'s files (every rank must call it)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        folder = Path(path)
-        saved = torch.load(folder / "trainer.pt", weights_only=False)
-        set_state_dict(self.model, self.optimizer, model_state_dict=saved["model"],
-                       optim_state_dict=saved["optimizer"], options=StateDictOptions(full_state_dict=True))
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.step_count = saved["step_count"]
-        rng = folder / f"rng_rank{self.rank}.pt"
-        if rng.exists():  # a resume with more ranks than the save keeps the new ranks' fresh seeds
-            torch.set_rng_state(torch.load(rng))
-
-
-def prepare_torch(cfg: TrainerConfig) -> None:
-    """Per-process torch settings of a trainer rank: threads and seed."""
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    torch.manual_seed(cfg.seed)
+    """(B, L-1) log-probs without gradients, micro-batch by micro-batch: runs of `micro_batches` rows, or the row
+    indices of each (RankWorker.micro_batches)."""
+    if isinstance(micro_batches, int):
+        micro_batches = torch.arange(len(batch)).split(micro_batches)
+    out = None
+    for rows in micro_batches:
+        part = sequence_logprobs(model, batch.select(rows), temperature, impl)[0]  # (b, L-1)
+        out = part.new_zeros(batch.response_mask.shape) if out is None else out
+        out[rows] = part
+    return batch.response_mask.new_zeros(batch.response_mask.shape) if out is None else out
 
 
 def load_causal_lm(model_path: str, cfg: TrainerConfig) -> torch.nn.Module:
+    """The policy's LM with its weights in trainer.param_dtype (float32 under bf16 mixed precision)."""
     from transformers import AutoModelForCausalLM
 
     prepare_torch(cfg)
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.param_dtype),
+                                                attn_implementation=cfg.attn_implementation)
 
 
 class ShardedTrainer(RankWorker):
@@ -258,14 +174,16 @@ class ShardedTrainer(RankWorker):
         lm = load_causal_lm(model_path, cfg)
         if cfg.lora_rank:
             lm = apply_lora(lm, cfg)
+        enable_gradient_checkpointing(lm, cfg)
         blocks = list(getattr(lm, lm.base_model_prefix).layers)
-        super().__init__(cfg, LogprobModel(lm), blocks, lr, warmup_steps, rank, world_size)
+        model = LogprobModel(lm, cfg.packing, autocast_dtype(cfg, world_size))
+        super().__init__(cfg, model, blocks, lr, warmup_steps, rank, world_size)
 
     # -- log-probs -------------------------------------------------------------------------------------
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
         """(b, L-1) log-probs of this rank's rows without gradients."""
         self.model.eval()
-        return batched_logprobs(self.model, batch, self.cfg.micro_batch_size, temperature, self.cfg.logprob_impl)
+        return batched_logprobs(self.model, batch, self.micro_batches(batch), temperature, self.cfg.logprob_impl)
 
     # -- updates: each returns metrics already normalised over the whole step batch (sum across ranks) ---
     def sft_step(self, batch: TokenBatch, normalizer: float) -> dict[str, float]:
@@ -370,9 +288,10 @@ class ShardedTrainer(RankWorker):
         state = self.full_state_dict()
         if self.rank != 0:
             return None
-        model = self.model.lm
-        if self.world_size > 1 or self.cfg.lora_rank:  # save plain merged tensors from an unsharded copy
-            model = AutoModelForCausalLM.from_config(self.model.lm.config)
+        model, dtype = self.model.lm, getattr(torch, self.cfg.dtype)
+        # plain merged tensors from an unsharded copy, in trainer.dtype (mixed precision holds float32 weights)
+        if self.world_size > 1 or self.cfg.lora_rank or self.cfg.param_dtype != self.cfg.dtype:
+            model = AutoModelForCausalLM.from_config(self.model.lm.config, dtype=dtype)
             model.load_state_dict(state)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         return str(save_checkpoint(model, tokenizer, Path(path), recipe_yaml, extra))

@@ -17,8 +17,10 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def clusters():
-    """The same trainer settings in this process (1 rank) and on Ray (2 ranks)."""
-    trainer = TrainerConfig(micro_batch_size=2, logprob_impl="torch", dtype="float64", num_threads=1)
+    """The same trainer settings in this process (1 rank) and on Ray (2 ranks). The token budget cuts the test batch's
+    halves into 2 and 3 micro-batches, so the ranks must agree on 3; checkpointed blocks recompute under FSDP2."""
+    trainer = TrainerConfig(micro_batch_size=2, micro_batch_tokens=14, logprob_impl="torch", dtype="float64",
+                            num_threads=1, gradient_checkpointing=True)
     local_cfg = RecipeConfig(trainer=trainer)
     ray_cfg = dataclasses.replace(local_cfg, cluster=ClusterConfig(backend="ray", trainer_ranks=2, cpus_per_trainer=0.5))
     cluster = Cluster(ray_cfg)
@@ -98,7 +100,7 @@ def test_lora_adapter_gathers_from_two_ranks_like_one(tmp_path):
     model, tok = init_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2))
     path = str(save_checkpoint(model, tok, tmp_path / "ckpt", ""))
     trainer = TrainerConfig(micro_batch_size=2, logprob_impl="torch", dtype="float64", num_threads=1,
-                            lora_rank=4, lora_sync="adapter")
+                            lora_rank=4, lora_sync="adapter", gradient_checkpointing=True)
     local_cfg = RecipeConfig(trainer=trainer)
     ray_cfg = dataclasses.replace(local_cfg, cluster=ClusterConfig(backend="ray", trainer_ranks=2, cpus_per_trainer=0.5))
     one = Cluster(local_cfg).trainer_group(path, lr=1e-2, warmup_steps=1)

@@ -10,15 +10,17 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
+from rlkit.critic import CriticTrainer, ValueBatch
 from rlkit.losses import token_normalizer
+from rlkit.reference import ReferenceModel
 from rlkit.trainer import PairBatch, PolicyBatch, ShardedTrainer, pack_sequences
 
 
-def make_trainer(model_path, micro_batch_size, lora_rank=0):
+def make_trainer(model_path, micro_batch_size, lora_rank=0, **options):
     # float64: Adam's first step is about lr * sign(grad), so float32 noise on near-zero gradients would
     # flip signs and hide a real difference; in float64 any mismatch beyond 1e-9 is a bug.
-    cfg = TrainerConfig(micro_batch_size=micro_batch_size, logprob_impl="torch", warmup_steps=1, dtype="float64",
-                        lora_rank=lora_rank)
+    cfg = TrainerConfig(micro_batch_size=micro_batch_size, logprob_impl="torch", warmup_steps=1, lora_rank=lora_rank,
+                        **{"dtype": "float64"} | options)
     return ShardedTrainer(cfg, AlgoConfig(), RefConfig(), model_path, lr=1e-2, warmup_steps=1)
 
 
@@ -53,11 +55,18 @@ def assert_same(a, b, tol=1e-9):
         assert torch.allclose(a[k], b[k], atol=tol, rtol=0), k
 
 
+# (micro_batch_size, micro_batch_tokens, packing): rows of 4 to 11 tokens (random_batch), so a 12-token budget runs
+# a few rows per micro-batch and a 5-token budget leaves some rows longer than it, alone
+SPLITS = [(8, 0, True), (3, 0, True), (1, 0, False), (8, 12, True), (8, 5, True), (3, 12, False)]
+
+
 def test_sft_update_is_invariant_to_micro_batch_size(model_path):
     batch = random_batch()
     results = []
-    for mb in (8, 3, 1):
-        trainer = make_trainer(model_path, mb)
+    for mb, tokens, packing in SPLITS:
+        trainer = make_trainer(model_path, mb, micro_batch_tokens=tokens, packing=packing)
+        if tokens:
+            assert len(trainer.micro_batches(batch)) > 1
         metrics = trainer.sft_step(batch, float(batch.response_mask.sum()))
         results.append((params(trainer), metrics["loss"]))
     for p, loss in results[1:]:
@@ -85,12 +94,13 @@ def test_policy_update_is_invariant_to_micro_batch_size(model_path, loss_agg, ra
         torch.randn(8, generator=g, dtype=old.dtype), float(token_normalizer(batch.response_mask, loss_agg)), 0.05, 1.0,
     )
     results = []
-    for mb in (8, 2):
-        trainer = make_trainer(model_path, mb)
+    for mb, tokens in ((8, 0), (2, 0), (8, 12)):
+        trainer = make_trainer(model_path, mb, micro_batch_tokens=tokens)
         trainer.algo = AlgoConfig(loss_agg=loss_agg, ratio_level=ratio_level, tis_cap=tis)
         trainer.policy_step(policy)
         results.append(params(trainer))
     assert_same(results[0], results[1])
+    assert_same(results[0], results[2])
 
 
 def test_on_policy_step_equals_a_step_with_the_recomputed_old_logprobs(model_path):
@@ -115,6 +125,20 @@ def test_dpo_step_raises_the_chosen_margin(model_path):
     for _ in range(5):
         metrics = trainer.dpo_step(PairBatch(chosen_rejected, ref, 2))
     assert metrics["reward_margin"] > 0 and metrics["pair_accuracy"] == 1.0
+
+
+def test_dpo_update_is_invariant_to_a_token_budget(model_path):
+    # Pairs of unequal lengths: a budget bins them by length, each pair's two rows together and in order.
+    batch = random_batch(n=8, seed=4)
+    ref = make_trainer(model_path, 8).logprobs(batch).sum(-1) + 0.1 * torch.arange(8.0, dtype=torch.float64)
+    results = []
+    for tokens in (0, 25):  # pairs of 14, 12, 11 and 13 tokens: two micro-batches of 25
+        trainer = make_trainer(model_path, 8, micro_batch_tokens=tokens)
+        metrics = trainer.dpo_step(PairBatch(batch, ref, 4))
+        results.append((params(trainer), metrics["loss"], len(trainer.micro_batches(PairBatch(batch, ref, 4)))))
+    assert results[1][2] == 2
+    assert_same(results[0][0], results[1][0])
+    assert results[1][1] == pytest.approx(results[0][1], rel=1e-12)
 
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -167,3 +191,108 @@ def test_a_lora_trainer_saves_a_tied_model_tied(chat_model_path, tmp_path):
     state = trainer.full_state_dict()
     assert torch.equal(state[HEAD], state[EMBED])
     assert_saved_tied(trainer.save(str(tmp_path / "ckpt"), chat_model_path, ""), state[EMBED])
+
+
+def count_calls(module) -> list:
+    """A list that grows by one per run of `module.forward` (forward hooks do not fire on a checkpoint's recompute)."""
+    calls, forward = [], module.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    module.forward = counted
+    return calls
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_gradient_checkpointing_recomputes_blocks_without_changing_the_update(model_path, lora_rank):
+    batch = random_batch()
+    results, calls = [], []
+    for checkpointing in (False, True):
+        trainer = make_trainer(model_path, 4, lora_rank, gradient_checkpointing=checkpointing)
+        calls.append(count_calls(trainer.model.lm.model.layers[0].mlp))
+        sft(trainer, batch)
+        results.append(params(trainer))
+    assert [len(c) for c in calls] == [2, 4]  # 2 micro-batches; checkpointed, each block runs again in the backward
+    assert_same(results[0], results[1], tol=1e-12)
+
+
+def test_gradient_checkpointing_leaves_the_critic_update_unchanged(model_path):
+    batch = random_batch()
+    mask = batch.response_mask
+    g = torch.Generator().manual_seed(0)
+    values = ValueBatch(batch, mask, torch.zeros(mask.shape), torch.randn(mask.shape, generator=g) * mask,
+                        float(mask.sum()))
+    results = []
+    for checkpointing in (False, True):
+        cfg = TrainerConfig(micro_batch_size=4, dtype="float64", gradient_checkpointing=checkpointing)
+        critic = CriticTrainer(cfg, AlgoConfig(value_clip=10.0), model_path, lr=1e-2, warmup_steps=1)
+        calls = count_calls(critic.model.body.layers[0].mlp)
+        for _ in range(2):  # the zero-initialised head passes the body a gradient from the second step on
+            critic.value_step(values)
+        assert critic.values(batch).shape == mask.shape
+        results.append({k: v.detach().clone() for k, v in critic.model.state_dict().items()})
+    assert len(calls) == 2 * 2 * 2 + 2  # 2 steps x 2 micro-batches x (forward, recompute), then values()
+    assert_same(results[0], results[1], tol=1e-12)
+    assert not torch.equal(results[1]["body.layers.0.mlp.up_proj.weight"],
+                           make_critic_weights(model_path)["layers.0.mlp.up_proj.weight"])
+
+
+def make_critic_weights(model_path):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(model_path, dtype=torch.float64).state_dict()
+
+
+def test_bfloat16_is_mixed_precision_over_float32_weights(model_path, tmp_path):
+    batch = random_batch()
+    full, mixed = make_trainer(model_path, 4, dtype="float32"), make_trainer(model_path, 4, dtype="bfloat16")
+    assert {p.dtype for p in mixed.model.parameters()} == {torch.float32}
+    lp, lp_mixed = full.logprobs(batch), mixed.logprobs(batch)
+    assert lp_mixed.dtype == torch.float32
+    assert not torch.equal(lp_mixed, lp) and torch.allclose(lp_mixed, lp, atol=0.05)  # bf16 compute, close
+    before = params(mixed)
+    sft(mixed, batch)
+    assert {s["exp_avg"].dtype for s in mixed.optimizer.state.values()} == {torch.float32}
+    state = mixed.full_state_dict()  # what the engines receive: float32 (the engine casts to rollout.dtype)
+    assert state[EMBED].dtype == torch.float32 and not torch.equal(state[EMBED], before[EMBED])
+    saved = load_file(Path(mixed.save(str(tmp_path / "ckpt"), model_path, "")) / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}  # checkpoints in trainer.dtype, as before
+    assert torch.equal(saved[EMBED], state[EMBED].to(torch.bfloat16))
+
+
+def test_reference_runs_in_ref_dtype_with_the_trainers_micro_batches(model_path):
+    batch = random_batch()
+    expected = make_trainer(model_path, 8).logprobs(batch)
+    ref = ReferenceModel(RefConfig(dtype="float64"), model_path, 3, "torch", micro_batch_tokens=12)
+    assert ref.model.lm.dtype == torch.float64
+    torch.testing.assert_close(ref.logprobs(batch), expected, rtol=0, atol=1e-12)
+    cpu_default = ReferenceModel(RefConfig(), model_path, 8, "torch")  # auto: float32 without CUDA
+    assert cpu_default.model.lm.dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+
+
+def test_sharded_bfloat16_computes_in_bf16_and_reduces_into_float32_shards(model_path, monkeypatch):
+    """FSDP2's MixedPrecisionPolicy on a 1-rank process group in this process (the 2-rank tests run float64)."""
+    import torch.distributed as dist
+
+    from rlkit.rank import shard_with_fsdp2
+    from rlkit.trainer import LogprobModel, load_causal_lm, sequence_logprobs
+    from rlkit.cluster import _free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    cfg = TrainerConfig(dtype="bfloat16", logprob_impl="torch")
+    batch = random_batch()
+    expected, _ = sequence_logprobs(load_causal_lm(model_path, TrainerConfig()), batch, impl="torch")
+    lm = load_causal_lm(model_path, cfg)
+    model = LogprobModel(lm)
+    shard_with_fsdp2(model, list(lm.model.layers), 0, 1, cfg)
+    try:
+        logprobs, _ = model(batch, impl="torch")
+        (-logprobs.sum()).backward()
+    finally:
+        dist.destroy_process_group()
+    assert not torch.equal(logprobs.detach(), expected) and torch.allclose(logprobs.detach(), expected, atol=0.05)
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, name

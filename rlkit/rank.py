@@ -1,0 +1,150 @@
+"""What every trained model's rank shares (policy and critic): sharding and precision, the optimizer and schedule,
+the micro-batch loop, and resume points.
+
+Precision (trainer.dtype): float32 and float64 hold and compute in that dtype. bfloat16 is mixed precision: the
+weights, their gradients and the optimizer state stay float32 (trainer.param_dtype) and the forward/backward runs in
+bf16 — through FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) when sharded, through autocast on
+one rank. The log-prob kernel runs outside autocast and accumulates in float32 either way.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlkit.config import TrainerConfig
+from rlkit.packing import split_micro_batches
+
+
+def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
+    """Linear warmup to the base learning rate, then constant."""
+    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+def prepare_torch(cfg: TrainerConfig) -> None:
+    """Per-process torch settings of a trainer rank: threads and seed."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+
+
+def autocast_dtype(cfg: TrainerConfig, world_size: int) -> torch.dtype | None:
+    """The dtype a 1-rank model's forward autocasts to: bf16 under mixed precision (FSDP2 casts when sharded)."""
+    return torch.bfloat16 if cfg.dtype != cfg.param_dtype and world_size == 1 else None
+
+
+def enable_gradient_checkpointing(model, cfg: TrainerConfig) -> None:
+    """Recompute each transformer block in the backward. Non-reentrant: it needs no input that requires grad (LoRA's
+    frozen embeddings) and runs inside FSDP2's per-block units, which gather the block again for the recompute."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def shard_with_fsdp2(root: torch.nn.Module, blocks: list[torch.nn.Module], rank: int, world_size: int,
+                     cfg: TrainerConfig) -> None:
+    """FSDP2 over `world_size` ranks: one unit per transformer block, the rest in the root unit."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world_size)
+    policy = MixedPrecisionPolicy()
+    if cfg.dtype != cfg.param_dtype:  # bf16 gathers and compute, float32 gradient reduction into float32 shards
+        policy = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.dtype), reduce_dtype=torch.float32)
+    for block in blocks:  # gathered just in time for its forward/backward, freed after
+        fully_shard(block, mp_policy=policy)
+    fully_shard(root, mp_policy=policy)
+    # Losses are already divided by the whole step batch's normaliser, so ranks' gradients must be summed;
+    # FSDP2 would average them by default (a 1/world_size error).
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+
+
+class RankWorker:
+    """What every trained model's rank shares: sharding, the optimizer and schedule, and the update loop."""
+
+    def __init__(self, cfg: TrainerConfig, model: torch.nn.Module, blocks: list, lr: float, warmup_steps: int,
+                 rank: int, world_size: int):
+        self.cfg, self.model, self.rank, self.world_size = cfg, model, rank, world_size
+        if world_size > 1:
+            shard_with_fsdp2(model, blocks, rank, world_size, cfg)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(warmup_steps))
+        self.step_count = 0
+
+    def micro_batches(self, batch) -> list[torch.Tensor]:
+        """Row indices (b_i,) of each micro-batch of this rank's rows (trainer.micro_batch_size/_tokens).
+
+        With a token budget the count depends on the rows, so the ranks agree on the largest (one all-reduce):
+        FSDP2 gathers weights in every forward, and a rank that ran fewer would leave the others waiting."""
+        tokens = batch if hasattr(batch, "attention_mask") else batch.tokens
+        lengths = tokens.attention_mask.sum(-1).tolist()
+        args = (lengths, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens, getattr(batch, "rows_per_unit", 1))
+        plan = split_micro_batches(*args)
+        if self.world_size > 1 and self.cfg.micro_batch_tokens:
+            import torch.distributed as dist
+
+            count = torch.tensor(len(plan))
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            plan = split_micro_batches(*args, min_count=int(count))
+        return [torch.tensor(rows) for rows in plan]
+
+    def _step(self, micro_loss: Callable, batch) -> dict[str, float]:
+        """One optimizer update over this rank's rows, micro-batch by micro-batch."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for rows in self.micro_batches(batch):
+            loss, metrics = micro_loss(batch.select(rows))
+            loss.backward()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm at step {self.step_count}; lower the learning rate")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        return totals | {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+
+    # -- resume points -----------------------------------------------------------------------------------
+    def save_state(self, path: str) -> None:
+        """Weights, optimizer, schedule and RNG of this rank under `path` (every rank must call it).
+
+        Rank 0 writes the full, unsharded tensors keyed by parameter name (the held float32 weights under mixed
+        precision), so a resume may use another number of ranks; each rank writes its own RNG state.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_state, optim_state = get_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            torch.save({"model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                        "step_count": self.step_count}, folder / "trainer.pt")
+        torch.save(torch.get_rng_state(), folder / f"rng_rank{self.rank}.pt")
+
+    def load_state(self, path: str) -> None:
+        """Continue from `save_state`'s files (every rank must call it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        folder = Path(path)
+        saved = torch.load(folder / "trainer.pt", weights_only=False)
+        set_state_dict(self.model, self.optimizer, model_state_dict=saved["model"],
+                       optim_state_dict=saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.step_count = saved["step_count"]
+        rng = folder / f"rng_rank{self.rank}.pt"
+        if rng.exists():  # a resume with more ranks than the save keeps the new ranks' fresh seeds
+            torch.set_rng_state(torch.load(rng))
