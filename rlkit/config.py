@@ -263,6 +263,22 @@ STAGE_KINDS = ("sft", "dpo", "grpo", "ppo", "rft", "distill", "average")
 
 
 @dataclass(frozen=True)
+class EvalSetConfig:
+    """A further held-out set, evaluated beside the recipe's before and after every stage (not at eval_every):
+    metrics eval/<name>/<metric>, in summary.json as <name>/<metric> (logging.best_metric may name one)."""
+
+    name: str = ""  # the metrics' prefix, e.g. gsm8k
+    # DataConfig keys over the recipe's data section; eval_source (a file or hub dataset) is required, e.g.
+    # {eval_source: data/gsm8k_test.jsonl, num_eval: 200, prompt_key: question}
+    data: Dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = 0  # answer length limit for this set (0: rollout.max_new_tokens)
+
+
+EVAL_SET_NAME = r"[A-Za-z][A-Za-z0-9_.-]*"
+RESERVED_EVAL_NAMES = ("task", "verdict", "completions")  # eval/<these>/... are the recipe's own metrics
+
+
+@dataclass(frozen=True)
 class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -275,6 +291,7 @@ class RecipeConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stages: List[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    evals: List[EvalSetConfig] = field(default_factory=list)  # further held-out sets (EvalSetConfig)
     resume: str = "never"  # "auto": continue logging.output_dir from its latest resume point, if it has one
 
     def stage_lr(self, index: int) -> float:
@@ -285,6 +302,10 @@ class RecipeConfig:
     def stage_data(self, index: int) -> DataConfig:
         """A stage's data section: the recipe's, with the stage's own `data` keys over it."""
         return _merge_data(self.data, self.stages[index].data, f"stages.{index}.data")
+
+    def eval_data(self, index: int) -> DataConfig:
+        """A further held-out set's data section: the recipe's, with the set's `data` keys over it."""
+        return _merge_data(self.data, self.evals[index].data, f"evals.{index}.data")
 
     def stage_warmup(self, index: int) -> int:
         warmup = self.stages[index].warmup_steps
@@ -532,6 +553,7 @@ def validate(cfg: RecipeConfig) -> None:
     for i, stage in enumerate(cfg.stages):
         if stage.data:
             check_data(f"stages.{i}.data", cfg.stage_data(i))
+    check_eval_sets(cfg)
     _one_of("cluster.backend", cfg.cluster.backend, ("local", "ray"))
     if cfg.cluster.trainer_ranks > 1 and cfg.cluster.backend != "ray":
         raise RecipeError("cluster.trainer_ranks: more than one rank needs cluster.backend=ray")
@@ -568,6 +590,25 @@ def looks_local(source: str) -> bool:
             or not re.fullmatch(HUB_ID, source))
 
 
+def check_eval_sets(cfg: RecipeConfig) -> None:
+    """Each further held-out set has a unique metric-safe name, its own eval_source and room for its answers."""
+    seen = set()
+    for i, e in enumerate(cfg.evals):
+        where = f"evals.{i}"
+        if not re.fullmatch(EVAL_SET_NAME, e.name) or e.name in RESERVED_EVAL_NAMES or e.name in seen:
+            raise RecipeError(f"{where}.name: {e.name!r} must be unique, start with a letter, hold only letters, "
+                              f"digits and _ . -, and not be one of {', '.join(RESERVED_EVAL_NAMES)}")
+        seen.add(e.name)
+        data = cfg.eval_data(i)
+        if not data.eval_source:
+            raise RecipeError(f"{where}.data.eval_source: required (a local file or a hub dataset of prompts with "
+                              "gold answers); the recipe's own held-out set is evaluated already")
+        check_data(f"{where}.data", data)
+        if not 0 <= e.max_new_tokens < cfg.model.max_seq_len:
+            raise RecipeError(f"{where}.max_new_tokens: must be in [0, model.max_seq_len={cfg.model.max_seq_len}), "
+                              f"got {e.max_new_tokens}")
+
+
 def check_data(where: str, data: DataConfig) -> None:
     """The checks of one data section that need no file read (columns and lengths are checked when loading)."""
     for key in ("source", "eval_source"):
@@ -577,7 +618,7 @@ def check_data(where: str, data: DataConfig) -> None:
                               ".csv file or folder, or a hub dataset name such as openai/gsm8k")
     if data.source == "synthetic":
         for t in data.tasks:
-            _one_of(f"{where}.tasks", t, ("add", "mul", "mul_hard"))
+            _one_of(f"{where}.tasks", t, ("add", "add_hard", "mul", "mul_hard"))
     elif data.verification:
         raise RecipeError(f"{where}.verification: judge examples are built from the synthetic tasks; "
                           f"set {where}.source=synthetic")

@@ -55,7 +55,8 @@ def _operands(rng: random.Random, task: str, max_digits: int) -> tuple[int, int]
 
     if task == "add":
         return number(rng.randint(1, max_digits)), number(rng.randint(1, max_digits))
-    if task == "mul_hard":  # both operands of max_digits (at least 2) digits: beyond the quickstart model
+    if task in ("add_hard", "mul_hard"):  # both operands of max_digits (at least 2) digits (mul_hard: beyond the
+        # quickstart model; add_hard: two-digit addition for a pretrained model, recipes/smollm2_arith.yaml)
         digits = max(2, max_digits)
         return rng.randint(10 ** (digits - 1), 10**digits - 1), rng.randint(10 ** (digits - 1), 10**digits - 1)
     # Multiplication by a single digit keeps the answer learnable by a tiny model in minutes.
@@ -70,7 +71,7 @@ def make_problem(rng: random.Random, task: str, max_digits: int) -> Problem:
     True
     """
     a, b = _operands(rng, task, max_digits)
-    op, value = ("+", a + b) if task == "add" else ("*", a * b)  # mul and mul_hard
+    op, value = ("+", a + b) if task.startswith("add") else ("*", a * b)  # mul and mul_hard
     answer = str(value)
     return Problem(prompt=f"{a}{op}{b}=", answer=answer, solution=answer, task=task)
 
@@ -78,7 +79,8 @@ def make_problem(rng: random.Random, task: str, max_digits: int) -> Problem:
 def _distinct_problems(cfg: DataConfig) -> int:
     """How many different prompts the synthetic tasks can produce (an upper bound: operands may repeat)."""
     hard = 9 * 10 ** (max(2, cfg.max_digits) - 1)
-    per_task = {"add": (10**cfg.max_digits) ** 2, "mul": 10**cfg.max_digits * 10, "mul_hard": hard**2}
+    per_task = {"add": (10**cfg.max_digits) ** 2, "mul": 10**cfg.max_digits * 10, "mul_hard": hard**2,
+                "add_hard": hard**2}
     return sum(per_task[t] for t in set(cfg.tasks))
 
 

@@ -9,7 +9,7 @@ for each k in `logging.eval_pass_k`.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -27,10 +27,11 @@ class Evaluation:
 
 
 def evaluate(pool, scorer, problems: list[Problem], cfg: LoggingConfig = LoggingConfig(),
-             max_error_rate: float = 1.0) -> Evaluation:
+             max_error_rate: float = 1.0, max_new_tokens: int | None = None) -> Evaluation:
     """`problems` carry their rendered prompt ids (rlkit.prepare); past `max_error_rate` verifier errors it stops."""
     prompt_ids = [list(p.prompt_ids) for p in problems]
-    completions = [g[0] for g in pool.generate(prompt_ids, n=1, temperature=cfg.eval_temperature, seed=0)]
+    completions = [g[0] for g in pool.generate(prompt_ids, n=1, temperature=cfg.eval_temperature,
+                                               max_new_tokens=max_new_tokens, seed=0)]
     samples = to_samples(problems, [c.text for c in completions])
     scored = scorer.score(samples)
     check_error_rate(scored, max_error_rate, "held-out evaluation")
@@ -84,9 +85,22 @@ def per_task_metrics(tasks: list[str], verdicts: list[Verdict]) -> dict[str, flo
     return out
 
 
-def log_evaluation(logger, evaluation: Evaluation, rows: int) -> dict[str, float]:
-    """eval/* metrics, and the first `rows` completions as the eval/completions table; returns the metrics."""
-    logger.log({f"eval/{k}": v for k, v in evaluation.metrics.items()})
+def log_evaluation(logger, evaluation: Evaluation, rows: int, name: str = "") -> dict[str, float]:
+    """eval/[name/]* metrics, and the first `rows` completions as the eval/[name/]completions table; returns the
+    metrics."""
+    prefix = f"eval/{name}/" if name else "eval/"
+    logger.log({f"{prefix}{k}": v for k, v in evaluation.metrics.items()})
     if rows:
-        logger.table("eval/completions", evaluation.rows[:rows])
+        logger.table(f"{prefix}completions", evaluation.rows[:rows])
     return evaluation.metrics
+
+
+def evaluate_sets(pool, scorer, sets: list, logger, cfg: LoggingConfig, max_error_rate: float) -> dict[str, float]:
+    """The recipe's further held-out sets (rlkit.prepare.EvalSet), each logged under eval/<name>/; returns their
+    metrics as <name>/<metric>. Greedy only: pass@k (logging.eval_samples) is the recipe's own set's."""
+    greedy = replace(cfg, eval_samples=0)
+    metrics = {}
+    for s in sets:
+        evaluation = evaluate(pool, scorer, s.problems, greedy, max_error_rate, s.max_new_tokens)
+        metrics |= {f"{s.name}/{k}": v for k, v in log_evaluation(logger, evaluation, cfg.table_rows, s.name).items()}
+    return metrics

@@ -41,11 +41,21 @@ class StageData:
     stats: dict[str, float] = field(default_factory=dict)  # logged as data/<key> when the stage starts
 
 
+@dataclass(frozen=True)
+class EvalSet:
+    """A further held-out set (the recipe's `evals`), rendered with its own data section."""
+
+    name: str
+    problems: list[Problem]
+    max_new_tokens: int | None  # None: rollout.max_new_tokens
+
+
 @dataclass
 class RunData:
     held_out: list[Problem]  # rendered with the recipe's data section
     renderer: Renderer  # the recipe's (evaluation's)
     stages: list[StageData | None]  # None for stages that train on nothing (average)
+    evals: list[EvalSet] = field(default_factory=list)
 
 
 def needs(cfg: RecipeConfig, index: int) -> str:
@@ -92,6 +102,8 @@ def describe(data: RunData) -> dict:
                      "chat_template": data.renderer.chat},
         "stages": [None if s is None else {"source": s.source, "format": s.format, "chat_template": s.renderer.chat,
                                            **s.stats, "first": first(s)} for s in data.stages],
+        "evals": {e.name: {"count": len(e.problems), "text": data.renderer.text(e.problems[0].prompt_ids),
+                           "answer": e.problems[0].answer} for e in data.evals},
     }
 
 
@@ -123,12 +135,12 @@ def recipe_splits(data: DataConfig, rows: _Rows) -> tuple[str, list, list[Proble
     return fmt, train, held, train_idx
 
 
-def _held_out_file(data: DataConfig, rows: _Rows) -> list[Problem]:
+def _held_out_file(data: DataConfig, rows: _Rows, where: str = "data") -> list[Problem]:
     eval_rows = rows.get(data.eval_source, "" if looks_local(data.eval_source) else data.subset, data.eval_split,
-                         "data.eval_source")
-    _, held = to_records(eval_rows, list(range(min(data.num_eval, len(eval_rows)))), data, "data.eval_source",
-                       data.eval_source)
-    _check_held_out(held, "data.eval_source", data)
+                         f"{where}.eval_source")
+    _, held = to_records(eval_rows, list(range(min(data.num_eval, len(eval_rows)))), data, f"{where}.eval_source",
+                         data.eval_source)
+    _check_held_out(held, f"{where}.eval_source", data)
     return held
 
 
@@ -195,9 +207,10 @@ def prepare_stage(cfg: RecipeConfig, index: int, fmt: str, records: list, render
     return out
 
 
-def prompt_limit(cfg: RecipeConfig, data: DataConfig) -> int:
-    """The longest prompt that leaves room for a whole completion in the context (and within max_prompt_tokens)."""
-    room = cfg.model.max_seq_len - cfg.rollout.max_new_tokens
+def prompt_limit(cfg: RecipeConfig, data: DataConfig, new_tokens: int = 0) -> int:
+    """The longest prompt that leaves room for a whole completion (`new_tokens`, else rollout.max_new_tokens) in
+    the context (and within max_prompt_tokens)."""
+    room = cfg.model.max_seq_len - (new_tokens or cfg.rollout.max_new_tokens)
     return min(room, data.max_prompt_tokens) if data.max_prompt_tokens else room
 
 
@@ -281,7 +294,23 @@ def prepare_run_data(cfg: RecipeConfig, tokenizer, stop_ids: list[int] = ()) -> 
             raise RecipeError(f"stages.{index}: no example is left after the length limits (model.max_seq_len="
                               f"{cfg.model.max_seq_len}); raise it, or set data.truncation")
         stages.append(prepared)
-    return RunData(held, renderer, stages)
+    return RunData(held, renderer, stages, prepare_eval_sets(cfg, tokenizer, stop_ids, rows))
+
+
+def prepare_eval_sets(cfg: RecipeConfig, tokenizer, stop_ids: list[int], rows: _Rows) -> list[EvalSet]:
+    """The recipe's further held-out sets, each rendered with its data section, prompts that leave no room for
+    its answers dropped (and reported)."""
+    sets = []
+    for i, spec in enumerate(cfg.evals):
+        data, where = cfg.eval_data(i), f"evals.{i}.data"
+        limit = prompt_limit(cfg, data, spec.max_new_tokens)
+        problems, stats = fit_prompts(_held_out_file(data, rows, where), Renderer(tokenizer, data, stop_ids), limit)
+        _report(f"eval set {spec.name}", stats, data)
+        if not problems:
+            raise RecipeError(f"{where}: every prompt of eval set '{spec.name}' is longer than {limit} tokens; raise "
+                              "model.max_seq_len or lower its max_new_tokens")
+        sets.append(EvalSet(spec.name, problems, spec.max_new_tokens or None))
+    return sets
 
 
 def _report(what: str, stats: dict[str, float], data: DataConfig) -> None:

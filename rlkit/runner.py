@@ -27,10 +27,10 @@ from rlkit.chat import stop_token_ids
 from rlkit.checkpoint import Checkpointer, ResumePoint, RunState, split_metrics
 from rlkit.cluster import Cluster
 from rlkit.config import RecipeConfig, RecipeError, to_yaml
-from rlkit.evaluate import evaluate, log_evaluation
+from rlkit.evaluate import evaluate, evaluate_sets, log_evaluation
 from rlkit.modeling import build_char_tokenizer, check_context, init_model, load_tokenizer, quiet_checkpoint_bars, \
     resolve_model_path, save_checkpoint
-from rlkit.prepare import describe, prepare_run_data
+from rlkit.prepare import EvalSet, describe, prepare_run_data
 from rlkit.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ def run(cfg: RecipeConfig) -> dict:
         if resume is None:
             evaluation = evaluate(pool, scorer, data.held_out, cfg.logging, cfg.reward.max_error_rate)
             state.before = log_evaluation(logger, evaluation, cfg.logging.table_rows)
+            state.before |= evaluate_sets(pool, scorer, data.evals, logger, cfg.logging, cfg.reward.max_error_rate)
             checkpointer.save(state)
     except BaseException:
         _close(pool, scorer, logger, cluster)
@@ -155,7 +156,7 @@ def run(cfg: RecipeConfig) -> dict:
             remove_new_run_dir(run_dir, existed)
         raise
     try:
-        print(f"held-out accuracy before stage {state.stage}: {state.before['accuracy']:.3f}", flush=True)
+        print(f"held-out accuracy before stage {state.stage}: {accuracy_text(data.evals, state.before)}", flush=True)
         for index in range(state.stage, len(cfg.stages)):
             stage, t0 = cfg.stages[index], time.perf_counter()
             trainer = None if stage.kind == "average" else cluster.trainer_group(
@@ -168,14 +169,12 @@ def run(cfg: RecipeConfig) -> dict:
                 logger.log({f"{ctx.prefix}/data/{k}": v for k, v in stage_data.stats.items()})
             model_path = run_stage(ctx, recipe_yaml)
             after = ctx.evaluate()
+            after |= evaluate_sets(pool, scorer, data.evals, logger, cfg.logging, cfg.reward.max_error_rate)
             if ctx.is_best(after):
                 copy_checkpoint(Path(model_path), run_dir / "checkpoints" / "best")
             seconds = time.perf_counter() - t0
-            print(
-                f"stage {index} ({stage.kind}): held-out accuracy {state.before['accuracy']:.3f} -> "
-                f"{after['accuracy']:.3f} ({seconds:.0f}s)",
-                flush=True,
-            )
+            print(f"stage {index} ({stage.kind}): held-out accuracy {accuracy_text(data.evals, state.before, after)} "
+                  f"({seconds:.0f}s)", flush=True)
             state.summary["stages"].append({"name": Path(model_path).name, "kind": stage.kind,
                                             "before": state.before, "after": after, "seconds": seconds})
             state.stage, state.step, state.model_path, state.before = index + 1, 0, model_path, after
@@ -187,6 +186,19 @@ def run(cfg: RecipeConfig) -> dict:
     finally:
         _close(pool, scorer, logger, cluster)
     return summary
+
+
+def accuracy_text(sets: list[EvalSet], *metrics: dict) -> str:
+    """The held-out accuracy of one evaluation or its change, then each further set's.
+
+    >>> accuracy_text([], {"accuracy": 0.1}), accuracy_text([EvalSet("gsm8k", [], None)],
+    ...     {"accuracy": 0.1, "gsm8k/accuracy": 0.02}, {"accuracy": 0.5, "gsm8k/accuracy": 0.03})
+    ('0.100', '0.100 -> 0.500; gsm8k 0.020 -> 0.030')
+    """
+    def change(key: str) -> str:
+        return " -> ".join(f"{m[key]:.3f}" if key in m else "?" for m in metrics)
+
+    return "; ".join([change("accuracy")] + [f"{s.name} {change(f'{s.name}/accuracy')}" for s in sets])
 
 
 def _close(pool, scorer, logger, cluster) -> None:

@@ -32,16 +32,18 @@ def chat_run(tmp_path_factory, chat_model_path):
                f"data.system_prompt='{SYSTEM}'", "data.max_prompt_tokens=256", "rollout.max_new_tokens=16",
                "rollout.kv_cache_gib=1", "algo.group_size=4", "trainer.micro_batch_size=8", "cluster.backend=local",
                "cluster.gpus_per_trainer=0", "cluster.gpus_per_engine=0", "logging.eval_every=0",
-               "logging.wandb_mode=disabled", f"logging.output_dir={run_dir}", stages)
+               "logging.wandb_mode=disabled", f"logging.output_dir={run_dir}", stages,
+               "evals=[{name: gsm8k_head, max_new_tokens: 24, data: {eval_source: data/gsm8k_test.jsonl, "
+               "num_eval: 4, prompt_template: '{prompt} Answer after ####.'}}]")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return run_dir, files, json.loads((run_dir / "data.json").read_text())
+    return run_dir, files, json.loads((run_dir / "data.json").read_text()), proc
 
 
 @pytest.mark.slow
 def test_every_stage_trains_on_its_own_data_through_the_chat_template(chat_run, chat_model_path):
     from transformers import AutoTokenizer
 
-    run_dir, files, data = chat_run
+    run_dir, files, data, _ = chat_run
     tok = AutoTokenizer.from_pretrained(chat_model_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [s["kind"] for s in summary["stages"]] == ["sft", "dpo", "grpo"]
@@ -76,6 +78,23 @@ def test_every_stage_trains_on_its_own_data_through_the_chat_template(chat_run, 
     # GRPO: the engine sampled from the ids the trainer trains on (float32 on CPU: their log-probs agree)
     rollout_kl = [m["grpo/rollout_kl"] for m in metrics if "grpo/rollout_kl" in m]
     assert rollout_kl and all(abs(kl) < 1e-4 for kl in rollout_kl), rollout_kl
+
+
+@pytest.mark.slow
+def test_a_further_eval_set_is_evaluated_before_and_after_every_stage(chat_run):
+    run_dir, _, data, proc = chat_run
+    head = data["evals"]["gsm8k_head"]
+    assert head["count"] == 4 and SYSTEM in head["text"] and "Answer after ####." in head["text"]
+    assert "Let's think step by step" not in head["text"]  # its own template, not the recipe's
+    metrics = read_metrics(run_dir)
+    assert len([m for m in metrics if "eval/gsm8k_head/accuracy" in m]) == 4  # before stage 0, after each of 3
+    assert len([m for m in metrics if "eval/accuracy" in m]) == 4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for stage in summary["stages"]:
+        assert {"gsm8k_head/accuracy", "accuracy"} <= set(stage["before"]) & set(stage["after"])
+    tables = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
+    assert {t["table"] for t in tables} >= {"eval/completions", "eval/gsm8k_head/completions"}
+    assert "; gsm8k_head " in proc.stdout
 
 
 @pytest.mark.slow

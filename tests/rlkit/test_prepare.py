@@ -2,11 +2,14 @@
 split, and the length limits."""
 
 import json
+import re
 
 import pytest
 
 from rlkit.config import RecipeError, load_recipe
-from rlkit.prepare import fit_examples, fit_pairs, prepare_run_data
+from rlkit.chat import Renderer
+from rlkit.data import Problem
+from rlkit.prepare import describe, fit_examples, fit_pairs, prepare_run_data
 from tests.chat_model import build_tokenizer
 from tests.practitioner_data import GSM8K, SYSTEM, gsm8k_rows, write_files
 
@@ -87,6 +90,38 @@ def test_long_prompts_are_dropped_and_counted(tok, caplog):
     # the context bounds prompts too: max_seq_len - max_new_tokens
     data = prepare(tok, *PROMPTS, "model.max_seq_len=160", "rollout.max_new_tokens=60", "stages=[{kind: grpo}]")
     assert max(len(p.prompt_ids) for p in data.stages[0].problems) <= 100 and data.stages[0].stats["dropped_long"]
+
+
+def test_further_eval_sets_render_with_their_own_section_and_answer_length(tok):
+    """Synthetic arithmetic trains; GSM8K is a further held-out set with its own prompt column, template, size and
+    answer length (which bounds its prompts: max_seq_len - its max_new_tokens)."""
+    gsm8k = (f"evals=[{{name: gsm8k, max_new_tokens: 300, data: {{eval_source: {GSM8K}, num_eval: 40, "
+             "prompt_key: question, prompt_template: '{prompt} Answer after ####.'}}]")
+    cfg = load_recipe(None, ["data.num_eval=10", "model.max_seq_len=400", "rollout.max_new_tokens=16", gsm8k,
+                             "stages=[{kind: grpo}]"])
+    data = prepare_run_data(cfg, tok)
+    [e] = data.evals
+    renderer = Renderer(tok, cfg.eval_data(0))
+    lengths = [len(renderer.prompt_ids(Problem(r["question"], "", ""))) for r in gsm8k_rows(0, 40)]
+    assert e.name == "gsm8k" and e.max_new_tokens == 300 and len(data.held_out) == 10
+    assert 0 < len(e.problems) == sum(n <= 100 for n in lengths) < 40  # 400 - 300 tokens of prompt at most
+    assert e.problems[0].prompt_ids == tuple(renderer.prompt_ids(e.problems[0]))
+    assert "Answer after ####." in renderer.text(e.problems[0].prompt_ids)
+    assert describe(data)["evals"]["gsm8k"]["count"] == len(e.problems)
+
+
+@pytest.mark.parametrize("evals, message", [
+    ("[{name: gsm8k}]", "evals.0.data.eval_source: required"),
+    (f"[{{name: task, data: {{eval_source: {GSM8K}}}}}]", "evals.0.name: 'task' must be unique"),
+    (f"[{{name: a, data: {{eval_source: {GSM8K}}}}}, {{name: a, data: {{eval_source: {GSM8K}}}}}]",
+     "evals.1.name: 'a' must be unique"),
+    ("[{name: a, data: {eval_source: missing.jsonl}}]", "evals.0.data.eval_source: file 'missing.jsonl' not found"),
+    ("[{name: a, data: {eval_sorce: x}}]", "Did you mean 'eval_source'"),
+    (f"[{{name: a, max_new_tokens: 64, data: {{eval_source: {GSM8K}}}}}]", "evals.0.max_new_tokens: must be in"),
+])
+def test_bad_eval_sets_fail_at_load(evals, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(None, [f"evals={evals}"])
 
 
 def test_sft_and_dpo_truncation():
