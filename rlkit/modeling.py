@@ -146,8 +146,10 @@ def init_model(cfg: ModelConfig, folder: str | Path | None = None, tokenizer=Non
     """The stage-0 model and tokenizer: loaded from `folder` (model.path resolved), or built from the
     architecture fields."""
     if folder:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        log.info("loaded model from %s", folder)
+        # in the checkpoint's own dtype: the run's copy (checkpoints/00_init) is no wider than the original, and
+        # an engine serving bfloat16 reads it without a narrowing cast per weight
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+        log.info("loaded model from %s (%s)", folder, model.dtype)
         return model, tokenizer or load_tokenizer(folder)
     tokenizer = tokenizer or build_char_tokenizer()
     model = build_model(cfg, len(tokenizer), tokenizer)

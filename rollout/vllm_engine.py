@@ -64,11 +64,13 @@ class VllmRollout:
         from vllm import LLM  # heavy; imported only where an engine is made
 
         self.cfg = cfg
+        dtype = engine_dtype(cfg.dtype, torch.cuda.is_available())
+        self.dtype = getattr(torch, dtype)  # of the served weights
         self._sync_dir = Path(cfg.sync_dir) / f"{os.getpid()}_{id(self):x}"
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
         kwargs = dict(
             model=str(model_path),
-            dtype=engine_dtype(cfg.dtype, torch.cuda.is_available()),
+            dtype=dtype,
             enforce_eager=cfg.enforce_eager,
             max_model_len=max_model_len,
             seed=seed,
@@ -137,6 +139,9 @@ class VllmRollout:
             # as lm_head.weight, it is repacked and copied into the Parameter the embedding shares; vLLM still
             # warns that model.embed_tokens.weight was not loaded.
             tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+        # in the engine's dtype: the cast vLLM would make on load, made here, so a float32 trainer sends a bfloat16
+        # engine half the bytes
+        tensors = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         megabytes = _write_tensors(tensors, folder / "model.safetensors")
 
         def reload() -> None:
