@@ -51,7 +51,7 @@ class PolicyBatch:
     tokens: TokenBatch  # (B, L)
     mask: torch.Tensor  # (B, L-1) response tokens that count (excluded samples are zero)
     old_logprobs: torch.Tensor | None  # (B, L-1) sampling policy per the trainer; None: on-policy, the step's own
-    ref_logprobs: torch.Tensor  # (B, L-1) frozen reference
+    ref_logprobs: torch.Tensor | None  # (B, L-1) frozen reference; None: no KL term (GRPO with ref.kl_coef 0)
     rollout_logprobs: torch.Tensor  # (B, L-1) the engine's log-probs of the sampled tokens
     advantages: torch.Tensor  # (B,) per sequence or (B, L-1) per token
     normalizer: float  # loss divisor over the whole step batch (tokens or sequences, by algo.loss_agg)
@@ -64,7 +64,7 @@ class PolicyBatch:
     def select(self, rows: slice | torch.Tensor) -> "PolicyBatch":
         return PolicyBatch(
             self.tokens.select(rows), self.mask[rows], None if self.old_logprobs is None else self.old_logprobs[rows],
-            self.ref_logprobs[rows], self.rollout_logprobs[rows], self.advantages[rows], self.normalizer,
+            None if self.ref_logprobs is None else self.ref_logprobs[rows], self.rollout_logprobs[rows], self.advantages[rows], self.normalizer,
             self.kl_coef, self.temperature,
         )
 
@@ -235,14 +235,17 @@ class ShardedTrainer(RankWorker):
                 pg, clipped = policy_loss(new, old, mb.advantages, mb.mask, algo.epsilon, algo.epsilon_high)
             if algo.tis_cap > 0:  # truncated importance sampling: the engine, not the trainer, sampled the tokens
                 pg = pg * torch.exp(old_logprobs - mb.rollout_logprobs).clamp(max=algo.tis_cap)
-            kl = kl_estimate(logprobs, mb.ref_logprobs, self.ref_cfg.kl_estimator)
-            per_token = pg + mb.kl_coef * kl
+            per_token, stats = pg, {}
+            if mb.ref_logprobs is not None:  # None: no reference model (GRPO with ref.kl_coef 0), no KL to log
+                kl = kl_estimate(logprobs, mb.ref_logprobs, self.ref_cfg.kl_estimator)
+                per_token = per_token + mb.kl_coef * kl
+                stats["kl_sum"] = (kl.detach() * mb.mask).sum()
             if algo.entropy_coef:  # an entropy bonus keeps the policy from collapsing early (TRL's entropy_coef)
                 per_token = per_token - algo.entropy_coef * entropy
             loss = aggregate(per_token, mb.mask, algo.loss_agg, mb.normalizer)
             return loss, {
                 "loss": loss.detach(),
-                "kl_sum": (kl.detach() * mb.mask).sum(),
+                **stats,
                 "entropy_sum": (entropy.detach() * mb.mask).sum(),
                 "clipped_sum": clipped.sum(),
                 # KL(engine || trainer) on the engine's samples (k3): how far the two implementations disagree

@@ -42,7 +42,8 @@ def train(ctx: StageContext) -> None:
     cfg, stage, algo, pad_id = ctx.cfg, ctx.stage, ctx.cfg.algo, ctx.data.renderer.pad_id
     group, temperature = algo.group_size, cfg.rollout.temperature
     estimator = get_estimator(algo.advantage_estimator)
-    ref = ctx.cluster.reference(ctx.model_path)
+    # ref.kl_coef 0 (DAPO, Dr.GRPO; TRL's default beta): no reference model is loaded and no KL computed
+    ref = ctx.cluster.reference(ctx.model_path) if cfg.ref.kl_coef else None
     sampler = BatchSampler(ctx.data.problems, stage.batch_size, ctx.seed())
     for step in ctx.steps(sampler):
         timer = Timer()
@@ -68,8 +69,8 @@ def train(ctx: StageContext) -> None:
         needs_old = algo.ppo_epochs > 1 or cfg.ref.kl_in == "reward"
         with timer("reference"):
             old_logprobs = ctx.trainer.logprobs(tokens, temperature) if needs_old else None  # (B*G, L-1)
-            ref_logprobs = ref.logprobs(tokens, temperature)
-        if cfg.ref.kl_in == "reward":
+            ref_logprobs = ref.logprobs(tokens, temperature) if ref else None  # (B*G, L-1)
+        if cfg.ref.kl_in == "reward" and ref:
             kl_old = (kl_estimate(old_logprobs, ref_logprobs, cfg.ref.kl_estimator) * mask).sum(-1)  # (B*G,)
             rewards = rewards - cfg.ref.kl_coef * kl_old
 
@@ -152,7 +153,8 @@ def summarize(step_metrics: dict[str, float]) -> dict[str, float]:
     out = dict(step_metrics)
     tokens = max(out.pop("token_count"), 1.0)
     for name, key in (("kl", "kl"), ("entropy", "entropy"), ("clipped", "clip_fraction"), ("rollout_kl", "rollout_kl")):
-        out[key] = out.pop(f"{name}_sum") / tokens
+        if f"{name}_sum" in out:  # no kl without a reference model
+            out[key] = out.pop(f"{name}_sum") / tokens
     return out
 
 

@@ -118,6 +118,23 @@ def test_on_policy_step_equals_a_step_with_the_recomputed_old_logprobs(model_pat
     assert_same(results[0], results[1])
 
 
+def test_without_a_reference_the_step_is_the_step_with_no_kl_term(model_path):
+    """GRPO with ref.kl_coef 0 loads no reference: ref_logprobs None updates as a zero KL coefficient does, and
+    logs no kl (there is none to measure)."""
+    batch = random_batch()
+    old = make_trainer(model_path, 8).logprobs(batch)
+    adv = torch.randn(8, generator=torch.Generator().manual_seed(3), dtype=old.dtype)
+    results, logged = [], []
+    for ref in (old + 0.3 * batch.response_mask, None):
+        trainer = make_trainer(model_path, 4)
+        metrics = trainer.policy_step(PolicyBatch(batch, batch.response_mask, None, ref, old, adv,
+                                                  float(batch.response_mask.sum()), 0.0, 1.0))
+        results.append(params(trainer))
+        logged.append("kl_sum" in metrics)
+    assert_same(results[0], results[1])
+    assert logged == [True, False]
+
+
 def test_dpo_step_raises_the_chosen_margin(model_path):
     chosen_rejected = pack_sequences([[1, 10, 11]] * 4, [[20, 2], [30, 2], [21, 2], [31, 2]], pad_id=0)
     trainer = make_trainer(model_path, 4)
