@@ -30,7 +30,7 @@ def chat_run(tmp_path_factory, chat_model_path):
     proc = run("recipes/gsm8k_qwen.yaml", f"model.path={chat_model_path}", "model.max_seq_len=384",
                "data.source=data/gsm8k_test.jsonl", "data.subset=''", "data.eval_source=''", "data.num_eval=8",
                f"data.system_prompt='{SYSTEM}'", "data.max_prompt_tokens=256", "rollout.max_new_tokens=16",
-               "rollout.kv_cache_gib=1", "algo.group_size=4", "trainer.micro_batch_size=8", "cluster.backend=local",
+               "rollout.kv_cache_gib=1", "algo.group_size=4", "ref.kl_coef=0", "trainer.micro_batch_size=8", "cluster.backend=local",
                "cluster.gpus_per_trainer=0", "cluster.gpus_per_engine=0", "logging.eval_every=0",
                "logging.wandb_mode=disabled", f"logging.output_dir={run_dir}", stages,
                "evals=[{name: gsm8k_head, max_new_tokens: 24, data: {eval_source: data/gsm8k_test.jsonl, "
@@ -75,7 +75,9 @@ def test_every_stage_trains_on_its_own_data_through_the_chat_template(chat_run, 
     metrics = read_metrics(run_dir)
     assert [m["dpo/data/kept"] for m in metrics if "dpo/data/kept" in m] == [dpo["kept"]] and dpo["kept"] > 40
 
-    # GRPO: the engine sampled from the ids the trainer trains on (float32 on CPU: their log-probs agree)
+    # GRPO (ref.kl_coef 0: no reference model, no kl logged): the engine sampled from the ids the trainer trains
+    # on (float32 on CPU: their log-probs agree)
+    assert not any("grpo/kl" in m for m in metrics) and any("grpo/loss" in m for m in metrics)
     rollout_kl = [m["grpo/rollout_kl"] for m in metrics if "grpo/rollout_kl" in m]
     assert rollout_kl and all(abs(kl) < 1e-4 for kl in rollout_kl), rollout_kl
 

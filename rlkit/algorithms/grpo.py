@@ -101,7 +101,8 @@ def train(ctx: StageContext) -> None:
                     "weight_sync/megabytes": sync.megabytes}
         metrics |= {"sampling_rounds": rounds} if algo.resample_rounds > 1 else {}
         ctx.log_step(step, metrics, timer.metrics(ctx.prefix))
-        ctx.show(reward=f"{float(rewards.mean()):.3f}", kl=f"{float(metrics['kl']):.4f}")
+        kl = {"kl": f"{float(metrics['kl']):.4f}"} if "kl" in metrics else {}  # none without a reference
+        ctx.show(reward=f"{float(rewards.mean()):.3f}", **kl)
     ctx.cluster.release(ref)
 
 
