@@ -1,35 +1,117 @@
 """GRPO throughput: rlkit against TRL's GRPOTrainer, same model, batch, group size and lengths, in one run.
 
     pip install trl            # only for this benchmark
-    python bench/throughput.py [--steps 8] [--warmup 2]
+    python bench/throughput.py [--steps 8] [--warmup 2] [--prompts 8] [--group 8]
+    python bench/throughput.py --model models/smollm2-135m-instruct   # a real chat model, bf16 on both sides
 
-Both sides train the same randomly initialised 512-wide, 8-layer Llama (character tokenizer) with GRPO on
-8 prompts x 8 samples per step, up to 64 new tokens at temperature 1, a KL term to a reference (beta 0.02),
-the math reward. Each runs in its own process; a step is timed end to end (generation, scoring, reference,
-update, and for rlkit the weight sync to vLLM), the first `--warmup` steps are dropped, and the table shows
-medians with rlkit / TRL ratios. Samples are counted as completions; tokens as generated completion tokens.
-Below the table: rlkit's median seconds per phase, and the ratio it could reach if generation, scoring and
-weight sync cost nothing (the reference forward and the policy update are the same arithmetic on both sides).
-`--rollout-dtype bfloat16` runs rlkit's engine in bfloat16 (TRL still generates in float32).
+Without `--model`, both sides train the same randomly initialised 512-wide, 8-layer Llama (character tokenizer)
+in float32 on plain-text prompts. With `--model DIR` (a local Hugging Face folder; nothing is fetched) both load
+DIR and run two-digit addition (`add_hard`) with prompts rendered by the model's chat template (the same token
+ids on both sides), completions as long as the model makes them up to the limit, ending at its own end-of-turn
+token, and bf16 on both sides:
+- rlkit: `trainer.dtype=bfloat16` (bf16 autocast over float32 master weights and optimizer), the vLLM engine and
+  the reference model hold bf16 weights (`rollout.dtype`, `ref.dtype`);
+- TRL: `bf16=True` with the model loaded in float32, TRL's default and its only bf16 that trains properly here
+  (accelerate's bf16 autocast for generation, reference and update, over float32 weights and optimizer); a model
+  loaded in bf16 would take bf16 optimizer steps, a different training run. Its gradient checkpointing (on by
+  default in GRPOConfig) is turned off to match rlkit's default.
+Both sides do full fine-tuning (no LoRA) with GRPO on `--prompts` x `--group` samples per step, up to 64 new
+tokens at temperature 1, a KL term to a reference (beta 0.02), token-mean loss, group-std reward scaling, learning
+rate 1e-5 and the math reward; each runs in its own process. A step is timed end to end (generation, scoring,
+reference, update, and for rlkit the weight sync to vLLM), the first `--warmup` steps are dropped, and the table
+shows medians with rlkit / TRL ratios. Samples are counted as completions; tokens as generated completion tokens;
+`len` is the mean completion length in tokens (both sides sample their own lengths, so compare it before the
+tokens/s ratio). Below the table: rlkit's median seconds per phase, and the ratio it could reach if generation,
+scoring and weight sync cost nothing (the reference forward and the policy update are the same arithmetic on both
+sides). `--rollout-dtype bfloat16` runs rlkit's engine in bfloat16 without `--model` (TRL still generates in
+float32 there).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PROMPTS, GROUP, NEW_TOKENS = 8, 8, 64
 PHASES = ("generate", "score", "reference", "train", "weight_sync")
 MODEL = dict(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, max_seq_len=96)
+PROMPT_TEMPLATE = "{prompt}?\nPut the final answer after ####."  # as recipes/smollm2_arith.yaml
+CHAT_MAX_SEQ_LEN = 160  # a rendered add_hard prompt is ~45 SmolLM2 tokens, + 64 new
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The GRPO run both sides make."""
+
+    model_path: str
+    chat: bool = False  # a real chat model (--model): bf16, chat-template prompts, add_hard
+    prompts: int = 8  # prompts per step
+    group: int = 8  # samples per prompt
+    new_tokens: int = 64  # most completion tokens
+    lr: float = 1e-5
+    beta: float = 0.02  # KL coefficient (rlkit ref.kl_coef)
+    temperature: float = 1.0
+
+    @property
+    def data(self) -> dict:
+        """DataConfig fields of the prompts (TRL draws its own from the same generator)."""
+        if self.chat:
+            return dict(tasks=["add_hard"], max_digits=2, prompt_template=PROMPT_TEMPLATE)
+        return dict(max_digits=2)
+
+
+def rlkit_overrides(s: Setup, run_dir: Path, rollout_dtype: str, steps: int) -> list[str]:
+    """rlkit.run overrides of recipes/quickstart.yaml for `s`.
+
+    >>> o = rlkit_overrides(Setup("m", chat=True), Path("r"), "bfloat16", 3)
+    >>> [x for x in o if x.startswith(("trainer.", "ref.dtype"))]
+    ['trainer.dtype=bfloat16', 'ref.dtype=bfloat16']
+    >>> o[-1]
+    'data.prompt_template="{prompt}?\\\\nPut the final answer after ####."'
+    """
+    seq_len = CHAT_MAX_SEQ_LEN if s.chat else MODEL["max_seq_len"]
+    out = [
+        f"model.path={s.model_path}", f"model.max_seq_len={seq_len}",
+        f"logging.output_dir={run_dir}", "logging.wandb_mode=disabled", "logging.log_every=1",
+        "data.num_eval=8", f"algo.group_size={s.group}", f"rollout.max_new_tokens={s.new_tokens}",
+        f"ref.kl_coef={s.beta}", f"rollout.dtype={rollout_dtype}", f"rollout.temperature={s.temperature}",
+        f"stages=[{{kind: grpo, steps: {steps}, batch_size: {s.prompts}, lr: {s.lr}}}]",
+    ]
+    if s.chat:  # a JSON string is a YAML double-quoted one: the template's newline survives the override parser
+        out += ["trainer.dtype=bfloat16", "ref.dtype=bfloat16", f"data.tasks=[{','.join(s.data['tasks'])}]",
+                f"data.prompt_template={json.dumps(PROMPT_TEMPLATE)}"]
+    return out
+
+
+def trl_args(s: Setup, out: Path, steps: int) -> dict:
+    """GRPOConfig keyword arguments for `s`; TRL's defaults already match rlkit's loss (token-mean, "dapo"),
+    reward scaling (group std), clip range (0.2) and top-p/top-k (off).
+
+    >>> a = trl_args(Setup("m", chat=True), Path("o"), 3)
+    >>> a["bf16"], a["model_init_kwargs"], a["gradient_checkpointing"], a["per_device_train_batch_size"]
+    (True, {'dtype': 'float32'}, False, 64)
+    >>> trl_args(Setup("m"), Path("o"), 3)["bf16"]
+    False
+    """
+    args = dict(output_dir=str(out), per_device_train_batch_size=s.prompts * s.group, num_generations=s.group,
+                max_completion_length=s.new_tokens, max_steps=steps, learning_rate=s.lr, beta=s.beta,
+                temperature=s.temperature, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
+                save_strategy="no", seed=0)
+    if s.chat:
+        # bf16 mixed precision over float32 weights, like rlkit's trainer.dtype=bfloat16; no gradient
+        # checkpointing (GRPOConfig's default is on, rlkit's off)
+        args.update(bf16=True, model_init_kwargs={"dtype": "float32"}, gradient_checkpointing=False)
+    return args
 
 
 def build_model(folder: Path) -> Path:
@@ -40,15 +122,9 @@ def build_model(folder: Path) -> Path:
     return save_checkpoint(model, tokenizer, folder / "model", "")
 
 
-def run_rlkit(model_path: Path, steps: int, warmup: int, work: Path, rollout_dtype: str) -> dict[str, float]:
+def run_rlkit(s: Setup, steps: int, warmup: int, work: Path, rollout_dtype: str) -> dict:
     run_dir = work / "rlkit_run"
-    overrides = [
-        f"model.path={model_path}", f"model.max_seq_len={MODEL['max_seq_len']}",
-        f"logging.output_dir={run_dir}", "logging.wandb_mode=disabled", "logging.log_every=1",
-        "data.num_eval=8", f"algo.group_size={GROUP}", f"rollout.max_new_tokens={NEW_TOKENS}",
-        "ref.kl_coef=0.02", f"rollout.dtype={rollout_dtype}",
-        f"stages=[{{kind: grpo, steps: {steps}, batch_size: {PROMPTS}, lr: 1.0e-5}}]",
-    ]
+    overrides = rlkit_overrides(s, run_dir, rollout_dtype, steps)
     proc = subprocess.run([sys.executable, "-m", "rlkit.run", "recipes/quickstart.yaml", *overrides],
                           cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
@@ -58,6 +134,7 @@ def run_rlkit(model_path: Path, steps: int, warmup: int, work: Path, rollout_dty
     return {
         "samples_per_s": statistics.median(r["grpo/samples_per_s"] for r in steps_rows),
         "tokens_per_s": statistics.median(r["grpo/tokens_per_s"] for r in steps_rows),
+        "length": statistics.median(r["grpo/response_length/mean"] for r in steps_rows),
         "steps": len(steps_rows),
         "phases": {phase: statistics.median(r.get(f"grpo/time/{phase}", 0.0) for r in steps_rows) for phase in PHASES},
     }
@@ -65,84 +142,111 @@ def run_rlkit(model_path: Path, steps: int, warmup: int, work: Path, rollout_dty
 
 TRL_SCRIPT = r'''
 import json, sys, time
+job = json.loads(sys.argv[1])
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
-sys.path.insert(0, REPO)
+sys.path.insert(0, job["repo"])
 from rewards.base import Sample
 from rewards.math import MathReward
 from rlkit.config import DataConfig
 from rlkit.data import synthetic_splits
 
 reward = MathReward()
-def math_reward(prompts, completions, answer, **kwargs):
-    return [reward.score(Sample(p, c, a)).score for p, c, a in zip(prompts, completions, answer)]
+def math_reward(prompts, completions, answer, question=None, **kwargs):
+    # conversational completions are [{"role": "assistant", "content": text}]; the reward reads the text
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [reward.score(Sample(p, c, a)).score for p, c, a in zip(question or prompts, texts, answer)]
 
 class StepTimer(TrainerCallback):
     def __init__(self): self.times, self.lengths = [], []
     def on_step_begin(self, args, state, control, **kw): self.t0 = time.perf_counter()
-    def on_step_end(self, args, state, control, **kw): self.times.append(time.perf_counter() - self.t0)
+    def on_step_end(self, args, state, control, model=None, **kw):
+        self.times.append(time.perf_counter() - self.t0)
+        self.autocast = hasattr(model, "_original_forward")  # accelerate wraps forward (and so generate) in autocast
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "completions/mean_length" in logs: self.lengths.append(logs["completions/mean_length"])
 
-train, _ = synthetic_splits(DataConfig(max_digits=2, num_train=2000, num_eval=16))
-data = Dataset.from_list([{"prompt": "<s>" + p.prompt, "answer": p.answer} for p in train])
+cfg = DataConfig(num_train=2000, num_eval=16, **job["data"])
+train, _ = synthetic_splits(cfg)
+if job["chat"]:  # conversational prompts: TRL renders them with the tokenizer's chat template
+    rows = [{"prompt": [{"role": "user", "content": cfg.prompt_template.format(prompt=p.prompt)}],
+             "answer": p.answer, "question": p.prompt} for p in train]
+else:
+    rows = [{"prompt": "<s>" + p.prompt, "answer": p.answer} for p in train]
 timer = StepTimer()
-args = GRPOConfig(output_dir=OUT, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
-                  max_completion_length=NEW_TOKENS, max_steps=STEPS, learning_rate=1e-5, beta=0.02,
-                  temperature=1.0, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
-                  save_strategy="no", seed=0)
-trainer = GRPOTrainer(model=MODEL_PATH, reward_funcs=math_reward, args=args, train_dataset=data, callbacks=[timer])
+trainer = GRPOTrainer(model=job["model_path"], reward_funcs=math_reward, args=GRPOConfig(**job["args"]),
+                      train_dataset=Dataset.from_list(rows), callbacks=[timer])
 trainer.train()
-print("RESULT", json.dumps({"times": timer.times, "lengths": timer.lengths}))
+ref = trainer.ref_model
+precision = {"mixed_precision": str(trainer.accelerator.mixed_precision), "weights": str(trainer.model.dtype),
+             "reference": str(ref.dtype) if ref is not None else "none", "policy_forward_autocast": timer.autocast,
+             "reference_forward_autocast": hasattr(ref, "_original_forward")}
+print("RESULT", json.dumps({"times": timer.times, "lengths": timer.lengths, "precision": precision}))
 '''
 
 
-def run_trl(model_path: Path, steps: int, warmup: int, work: Path) -> dict[str, float]:
-    header = (f"REPO={str(REPO)!r}; MODEL_PATH={str(model_path)!r}; OUT={str(work / 'trl_out')!r}; "
-              f"STEPS={steps}; PROMPTS={PROMPTS}; GROUP={GROUP}; NEW_TOKENS={NEW_TOKENS}\n")
-    proc = subprocess.run([sys.executable, "-c", header + TRL_SCRIPT], cwd=work, capture_output=True, text=True)
+def run_trl(s: Setup, steps: int, warmup: int, work: Path) -> dict:
+    job = dict(repo=str(REPO), model_path=s.model_path, chat=s.chat, data=s.data,
+               args=trl_args(s, work / "trl_out", steps))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # local paths only
+    proc = subprocess.run([sys.executable, "-c", TRL_SCRIPT, json.dumps(job)], cwd=work, capture_output=True,
+                          text=True, env=env)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if proc.returncode or line is None:
         raise SystemExit(f"TRL run failed:\n{proc.stderr[-3000:]}")
     result = json.loads(line[len("RESULT "):])
     times, lengths = result["times"][warmup:], result["lengths"][warmup:] or result["lengths"]
-    step = statistics.median(times)
-    samples = PROMPTS * GROUP
-    return {"samples_per_s": samples / step, "tokens_per_s": samples * statistics.median(lengths) / step,
-            "steps": len(times)}
+    step, length, samples = statistics.median(times), statistics.median(lengths), s.prompts * s.group
+    return {"samples_per_s": samples / step, "tokens_per_s": samples * length / step, "length": length,
+            "steps": len(times), "precision": result["precision"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rollout-dtype", default="auto",
-                        help="rlkit's engine dtype (auto: float32 on CPU, the precision TRL generates in here)")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    parser.add_argument("--group", type=int, default=8, help="samples per prompt")
+    parser.add_argument("--model", default="", help="a local Hugging Face chat model folder (bf16 on both sides)")
+    parser.add_argument("--rollout-dtype", default=None,
+                        help="rlkit's engine dtype (default: auto, float32 on CPU, the precision TRL generates in "
+                             "here; bfloat16 with --model)")
     args = parser.parse_args()
     try:
         import trl  # noqa: F401
     except ImportError:
         raise SystemExit("TRL is the baseline: pip install trl")
+    rollout_dtype = args.rollout_dtype or ("bfloat16" if args.model else "auto")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model_path = build_model(work)
+        model_path = Path(args.model).resolve() if args.model else build_model(work)
+        s = Setup(str(model_path), chat=bool(args.model), prompts=args.prompts, group=args.group)
         t0 = time.perf_counter()
-        ours = run_rlkit(model_path, args.steps, args.warmup, work, args.rollout_dtype)
+        ours = run_rlkit(s, args.steps, args.warmup, work, rollout_dtype)
         t1 = time.perf_counter()
-        theirs = run_trl(model_path, args.steps, args.warmup, work)
+        theirs = run_trl(s, args.steps, args.warmup, work)
         t2 = time.perf_counter()
-    print(f"GRPO, {PROMPTS} prompts x {GROUP} samples, <= {NEW_TOKENS} new tokens, model {MODEL}, "
-          f"rlkit rollout.dtype={args.rollout_dtype}")
-    print(f"median of {ours['steps']} (rlkit) and {theirs['steps']} (TRL) steps after {args.warmup} warm-up steps")
-    print(f"{'':10s} {'samples/s':>10s} {'tokens/s':>10s} {'wall s':>8s}")
-    print(f"{'TRL':10s} {theirs['samples_per_s']:10.2f} {theirs['tokens_per_s']:10.1f} {t2 - t1:8.0f}")
-    print(f"{'rlkit':10s} {ours['samples_per_s']:10.2f} {ours['tokens_per_s']:10.1f} {t1 - t0:8.0f}")
+    report(s, args.warmup, rollout_dtype, ours, theirs, (t1 - t0, t2 - t1))
+
+
+def report(s: Setup, warmup: int, rollout_dtype: str, ours: dict, theirs: dict, walls: tuple[float, float]) -> None:
+    model = s.model_path if s.chat else MODEL
+    print(f"GRPO, {s.prompts} prompts x {s.group} samples, <= {s.new_tokens} new tokens, model {model}, "
+          f"rlkit rollout.dtype={rollout_dtype}")
+    if s.chat:
+        print(f"rlkit trainer.dtype=bfloat16 (float32 master weights), ref.dtype=bfloat16; TRL {theirs['precision']}")
+    print(f"median of {ours['steps']} (rlkit) and {theirs['steps']} (TRL) steps after {warmup} warm-up steps")
+    print(f"{'':10s} {'samples/s':>10s} {'tokens/s':>10s} {'len':>6s} {'wall s':>8s}")
+    print(f"{'TRL':10s} {theirs['samples_per_s']:10.2f} {theirs['tokens_per_s']:10.1f} {theirs['length']:6.1f} "
+          f"{walls[1]:8.0f}")
+    print(f"{'rlkit':10s} {ours['samples_per_s']:10.2f} {ours['tokens_per_s']:10.1f} {ours['length']:6.1f} "
+          f"{walls[0]:8.0f}")
     print(f"{'ratio':10s} {ours['samples_per_s'] / theirs['samples_per_s']:9.2f}x "
           f"{ours['tokens_per_s'] / theirs['tokens_per_s']:9.2f}x")
     # Where rlkit's step goes, and the ratio it would reach if generation cost nothing: the reference forward
     # and the policy's forward/backward are the same arithmetic in any GRPO implementation of this setup.
-    phases, trl_step = ours["phases"], PROMPTS * GROUP / theirs["samples_per_s"]
+    phases, trl_step = ours["phases"], s.prompts * s.group / theirs["samples_per_s"]
     print("\nrlkit step, median seconds per phase")
     for phase, seconds in phases.items():
         print(f"  {phase:12s} {seconds:6.2f}")
