@@ -100,17 +100,16 @@ def trl_args(s: Setup, out: Path, steps: int) -> dict:
     >>> a = trl_args(Setup("m", chat=True), Path("o"), 3)
     >>> a["bf16"], a["model_init_kwargs"], a["gradient_checkpointing"], a["per_device_train_batch_size"]
     (True, {'dtype': 'float32'}, False, 64)
-    >>> trl_args(Setup("m"), Path("o"), 3)["bf16"]
-    False
+    >>> trl_args(Setup("m"), Path("o"), 3)["bf16"], trl_args(Setup("m"), Path("o"), 3)["gradient_checkpointing"]
+    (False, False)
     """
     args = dict(output_dir=str(out), per_device_train_batch_size=s.prompts * s.group, num_generations=s.group,
                 max_completion_length=s.new_tokens, max_steps=steps, learning_rate=s.lr, beta=s.beta,
                 temperature=s.temperature, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
-                save_strategy="no", seed=0)
-    if s.chat:
-        # bf16 mixed precision over float32 weights, like rlkit's trainer.dtype=bfloat16; no gradient
-        # checkpointing (GRPOConfig's default is on, rlkit's off)
-        args.update(bf16=True, model_init_kwargs={"dtype": "float32"}, gradient_checkpointing=False)
+                save_strategy="no", seed=0,
+                gradient_checkpointing=False)  # GRPOConfig's default is on, rlkit's off: same arithmetic on both
+    if s.chat:  # bf16 mixed precision over float32 weights, like rlkit's trainer.dtype=bfloat16
+        args.update(bf16=True, model_init_kwargs={"dtype": "float32"})
     return args
 
 
