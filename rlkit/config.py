@@ -129,8 +129,10 @@ class TrainerConfig:
     # (and micro_batch_size rows); a row longer than the budget runs alone. The update does not change (rlkit.losses)
     micro_batch_tokens: int = 0
     # a micro-batch's rows run as one sequence (position_ids restart per row, attention stays within a row): no
-    # compute on padding. False right-pads each micro-batch to its longest row (rlkit.packing)
-    packing: bool = True
+    # compute on padding. It pays with a varlen kernel (attn_implementation flash_attention_2); with sdpa or eager
+    # transformers builds a dense (T, T) mask over the micro-batch's T tokens, so attention grows with T squared
+    # and packed runs slower than padded (bench/packing.py). False right-pads each micro-batch to its longest row
+    packing: bool = False
     # "sdpa", "eager" or "flash_attention_2" (needs flash-attn and the model on CUDA; packed rows then run varlen)
     attn_implementation: str = "sdpa"
     # recompute each transformer block in the backward (non-reentrant) instead of keeping its activations:
