@@ -2,7 +2,7 @@
 
     pip install trl            # only for this benchmark
     python bench/throughput.py [--steps 8] [--warmup 2] [--prompts 8] [--group 8]
-    python bench/throughput.py --model models/smollm2-135m-instruct   # a real chat model, bf16 on both sides
+    python bench/throughput.py --model runs/smollm2-135m-instruct   # a real chat model, bf16 on both sides
 
 Without `--model`, both sides train the same randomly initialised 512-wide, 8-layer Llama (character tokenizer)
 in float32 on plain-text prompts. With `--model DIR` (a local Hugging Face folder; nothing is fetched) both load
