@@ -18,7 +18,7 @@ from tests.test_quickstart import REPO, read_metrics, run
 
 STAGES = (
     "stages=[{kind: sft, steps: 300, batch_size: 64, lr: 1.0e-3, save_every: 100},"
-    " {kind: rft, steps: 40, batch_size: 32, samples: 4, keep: all, lr: 5.0e-4},"
+    " {kind: rft, steps: 40, batch_size: 32, samples: 8, keep: all, lr: 5.0e-4},"
     " {kind: dpo, pairs: online, rounds: 2, samples: 4, steps: 10, batch_size: 8, lr: 1.0e-4, save_every: 3},"
     " {kind: average, last: 3}]"
 )

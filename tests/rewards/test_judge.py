@@ -222,8 +222,8 @@ def test_a_trained_judge_agrees_with_the_gold_verdict(tmp_path):
     agree = sum((v == Verdict.CORRECT) == t for v, t in zip(verdicts, truth)) / len(truth)
     print(f"judge agreement with the gold verdict: {agree:.2f}; held-out accuracy "
           f"{json.loads((run_dir / 'summary.json').read_text())['stages'][0]['after']['accuracy']:.2f}")
-    # Measured: 0.64 agreement (0.68 held-out) after the recipe's 300 SFT steps; above chance (0.5), short of a
-    # strong judge. More steps should raise it (not measured here: the budget of this test is the recipe's run).
+    # Measured: 0.63 agreement (0.63 held-out) after the recipe's 300 SFT steps at lr 5e-4 (0.64 and 0.68 at 1e-3,
+    # until float-level changes moved a late loss spike into that run); above chance (0.5), short of a strong judge. More steps should raise it (not measured here: the budget of this test is the recipe's run).
     assert agree >= 0.58, agree
     assert sum(v == Verdict.ERROR for v in verdicts[:-1]) <= 5  # the trained judge keeps to its tag
 
