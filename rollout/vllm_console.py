@@ -80,10 +80,9 @@ def quiet_vllm_console() -> None:
     level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if "VLLM_LOGGING_CONFIG_PATH" not in os.environ:
         path = Path(tempfile.gettempdir()) / f"rlkit_vllm_logging_{os.getuid()}_{level}.json"
-        if not path.exists():
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(logging_config(level)))
-            tmp.replace(path)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # rewritten each time (an older rlkit's may be there), atomically
+        tmp.write_text(json.dumps(logging_config(level)))
+        tmp.replace(path)
         os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)
     # vLLM's workers: the C++ NUMA-binding notice and a torch deprecation raised inside vLLM's Triton dispatcher
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
