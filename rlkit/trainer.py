@@ -64,8 +64,8 @@ class PolicyBatch:
     def select(self, rows: slice | torch.Tensor) -> "PolicyBatch":
         return PolicyBatch(
             self.tokens.select(rows), self.mask[rows], None if self.old_logprobs is None else self.old_logprobs[rows],
-            None if self.ref_logprobs is None else self.ref_logprobs[rows], self.rollout_logprobs[rows], self.advantages[rows], self.normalizer,
-            self.kl_coef, self.temperature,
+            None if self.ref_logprobs is None else self.ref_logprobs[rows], self.rollout_logprobs[rows],
+            self.advantages[rows], self.normalizer, self.kl_coef, self.temperature,
         )
 
 

@@ -30,7 +30,8 @@ def chat_run(tmp_path_factory, chat_model_path):
     proc = run("recipes/gsm8k_qwen.yaml", f"model.path={chat_model_path}", "model.max_seq_len=384",
                "data.source=data/gsm8k_test.jsonl", "data.subset=''", "data.eval_source=''", "data.num_eval=8",
                f"data.system_prompt='{SYSTEM}'", "data.max_prompt_tokens=256", "rollout.max_new_tokens=16",
-               "rollout.kv_cache_gib=1", "algo.group_size=4", "ref.kl_coef=0", "trainer.micro_batch_size=8", "cluster.backend=local",
+               "rollout.kv_cache_gib=1", "algo.group_size=4", "ref.kl_coef=0", "trainer.micro_batch_size=8",
+               "cluster.backend=local",
                "cluster.gpus_per_trainer=0", "cluster.gpus_per_engine=0", "logging.eval_every=0",
                "logging.wandb_mode=disabled", f"logging.output_dir={run_dir}", stages,
                "evals=[{name: gsm8k_head, max_new_tokens: 24, data: {eval_source: data/gsm8k_test.jsonl, "
