@@ -33,7 +33,7 @@ class ValueModel(torch.nn.Module):
     """V(prefix) for every target position: the value of the state that predicts token t + 1. Its head reads the
     response positions alone, of rows packed into one sequence (`packing`) or right-padded (rlkit.packing)."""
 
-    def __init__(self, body: torch.nn.Module, packing: bool = True, autocast: torch.dtype | None = None):
+    def __init__(self, body: torch.nn.Module, packing: bool = False, autocast: torch.dtype | None = None):
         super().__init__()
         self.body, self.packing, self.autocast = body, packing, autocast
         self.head = torch.nn.Linear(body.config.hidden_size, 1, dtype=body.dtype)

@@ -21,7 +21,7 @@ class ReferenceModel:
     trainer's (at most `micro_batch_size` rows and `micro_batch_tokens` tokens, rows packed when `packing`)."""
 
     def __init__(self, cfg: RefConfig, model_path: str, micro_batch_size: int = 64, impl: str = "auto",
-                 micro_batch_tokens: int = 0, packing: bool = True, attn_implementation: str = "sdpa"):
+                 micro_batch_tokens: int = 0, packing: bool = False, attn_implementation: str = "sdpa"):
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.impl = cfg, impl

@@ -108,7 +108,7 @@ class LogprobModel(torch.nn.Module):
     the response targets alone, from rows packed into one sequence (`packing`) or right-padded.
     """
 
-    def __init__(self, lm: torch.nn.Module, packing: bool = True, autocast: torch.dtype | None = None):
+    def __init__(self, lm: torch.nn.Module, packing: bool = False, autocast: torch.dtype | None = None):
         super().__init__()
         self.lm, self.packing, self.autocast = lm, packing, autocast
 
