@@ -45,14 +45,14 @@ def decode_seconds(engine, repeats: int) -> float:
 
 
 def make_engine(model_path: Path, bind: str | None, lora_rank: int = 0):
-    from rlkit.config import RolloutConfig
+    from rollout import EngineConfig
     from rollout.vllm_engine import VllmRollout
 
     if bind is None:
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # rlkit's default
     else:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind  # read by the engine processes vLLM spawns
-    cfg = RolloutConfig(max_new_tokens=NEW_TOKENS, temperature=1.0)
+    cfg = EngineConfig(max_new_tokens=NEW_TOKENS, temperature=1.0)
     return VllmRollout(cfg, str(model_path), MODEL["max_seq_len"], lora_rank=lora_rank)
 
 

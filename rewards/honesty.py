@@ -15,6 +15,7 @@ from typing import Iterable
 
 from rewards.base import Reward, RewardResult, Sample, Verdict
 from rewards.math import extract_answer, final_reply
+from rewards.registry import builtin_reward, instantiate, load_class
 
 ABSTAIN_PHRASE = "I don't know"
 _ABSTAIN = re.compile(r"^\W*i\s+(?:don['’]?t|do\s+not)\s+know\W*$", re.IGNORECASE)
@@ -45,8 +46,6 @@ class HonestyReward:
 
     def __init__(self, verifier: str = "math", correct: float = 1.0, abstain: float = 0.0, wrong: float = -4.0,
                  verifier_kwargs: dict | None = None):
-        from rewards.registry import builtin_reward, instantiate, load_class
-
         field = "honesty.verifier"
         if ":" in verifier:
             self.verifier: Reward = instantiate(load_class(verifier, field), verifier_kwargs or {}, field)

@@ -25,10 +25,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
-from rlkit.config import RolloutConfig
 from rewards.base import RewardResult, Sample, Verdict
+from rollout import EngineConfig
 
-# What a judge sees. The embedded default judge is trained on exactly this (rlkit.data, data.verification).
+# What a judge sees. The embedded default judge is trained on exactly this: rlkit.data builds its training
+# prompts (data.verification) with `judge_prompt(DEFAULT_TEMPLATE, ...)` and `score_tag`, the format's one home.
 DEFAULT_TEMPLATE = "Problem: {prompt}\nAnswer: {completion}\nReference: {gold}\nCorrect? "
 _FIELDS = ("prompt", "completion", "gold")
 _TAG = re.compile(r"<score>(.*?)</score>", re.DOTALL)
@@ -121,13 +122,13 @@ class JudgeReward:
     A stand-in engine (the scorer passes a VllmRollout) shows the voting; `model_path` must be a real folder:
 
     >>> import tempfile; from types import SimpleNamespace as NS
-    >>> from rlkit.config import ModelConfig; from rlkit.modeling import init_model, save_checkpoint
-    >>> folder = save_checkpoint(*init_model(ModelConfig(hidden_size=16, num_layers=1, num_heads=1)),
-    ...                          Path(tempfile.mkdtemp()) / "judge", "")
+    >>> folder = Path(tempfile.mkdtemp())  # what the constructor checks: a config and a tokenizer file
+    >>> _ = (folder / "config.json").write_text('{"max_position_embeddings": 64}'), (folder / "tokenizer.json").touch()
     >>> class Engine:  # votes 1 twice, then garbage, whatever the prompt
     ...     def generate(self, prompt_ids, n, temperature, seed=None):
     ...         return [[NS(text=t) for t in ["<score>1</score>", "<score>1</score>", "hm"][:n]] for _ in prompt_ids]
     >>> judge = JudgeReward(str(folder), votes=3)
+    >>> judge.tokenizer = NS(bos_token_id=None, encode=lambda text, add_special_tokens: [ord(c) for c in text])
     >>> [(r.score, r.verdict.value, r.info["votes"]) for r in judge.score_batch([Sample("2+2=", "4", "4")], Engine())]
     [(1.0, 'correct', [1, 1, None])]
     """
@@ -146,11 +147,11 @@ class JudgeReward:
         self.model_path, self.votes, self.temperature, self.template = model_path, votes, temperature, template
         self.max_model_len = max_model_len or context_length(model_path)
         self.seed = seed
-        self.rollout = RolloutConfig(temperature=temperature, max_new_tokens=max_new_tokens, kv_cache_gib=kv_cache_gib)
+        self.engine = EngineConfig(temperature=temperature, max_new_tokens=max_new_tokens, kv_cache_gib=kv_cache_gib)
 
     def engine_args(self) -> tuple:
         """The positional arguments of the judge's engine: VllmRollout(cfg, model_path, max_model_len, seed)."""
-        return self.rollout, self.model_path, self.max_model_len, self.seed
+        return self.engine, self.model_path, self.max_model_len, self.seed
 
     @cached_property
     def tokenizer(self):

@@ -19,8 +19,9 @@ from collections import deque
 from multiprocessing.connection import wait
 from typing import Callable
 
-from rlkit.config import RewardSpec
 from rewards.base import RewardResult, Sample, Verdict
+from rewards.registry import RewardSpec, build_reward
+from rewards.sandbox import become_subreaper
 
 STARTUP_TIMEOUT_S = 120.0  # importing a user's reward module (and sympy) can take a while on a busy host
 
@@ -46,9 +47,6 @@ def score_one(rewards: list, sample: Sample) -> Outcome:
 
 def _serve(conn, specs: list[RewardSpec], progress) -> None:
     """Worker main: build the rewards once, then score chunks until told to stop or the parent goes away."""
-    from rewards.registry import build_reward
-    from rewards.sandbox import become_subreaper
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then closes us
     become_subreaper()  # the sandboxes' orphaned pid 1s come back to us to reap (see Sandbox._kill)
     try:

@@ -1,14 +1,33 @@
-"""Finding reward classes: built-ins by name (the one registry users extend), user classes by import path."""
+"""Finding reward classes: built-ins by name (the one registry users extend), user classes by import path.
+
+A reward is named by a `RewardSpec`; rlkit turns each entry of its recipe's `reward.rewards` into one
+(rlkit.score.scorer_config). A spec that cannot work raises `RewardConfigError` naming the recipe field
+(`reward.rewards[0].name: unknown reward 'mth'. Did you mean 'math'?`), which rlkit reports as its RecipeError.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import importlib
-from typing import Any
+from typing import Any, Mapping
 
-from rlkit.config import RecipeError, RewardSpec
 from rewards.base import Reward
+
+
+class RewardConfigError(ValueError):
+    """A reward spec or scorer setting that cannot work; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+    """One reward: a built-in `name` or a user class at `import_path`, its weight in the sum, its constructor kwargs."""
+
+    name: str = ""  # built-in (see _BUILTINS), or the logged label of an `import_path` class
+    import_path: str = ""  # "pkg.module:Class"
+    weight: float = 1.0
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # passed to the reward's constructor
+
 
 # name -> "module:Class"; imported on first use so a recipe pays only for the rewards it names
 _BUILTINS: dict[str, str] = {
@@ -29,27 +48,27 @@ def register_reward(name: str, import_path: str) -> None:
 def load_class(import_path: str, field: str) -> type:
     module_name, _, attr = import_path.partition(":")
     if not module_name or not attr:
-        raise RecipeError(f"{field}: '{import_path}' is not of the form 'pkg.module:Class'")
+        raise RewardConfigError(f"{field}: '{import_path}' is not of the form 'pkg.module:Class'")
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # ImportError, or an error raised while importing the user's module
-        raise RecipeError(f"{field}: cannot import module '{module_name}' ({type(e).__name__}: {e})") from e
+        raise RewardConfigError(f"{field}: cannot import module '{module_name}' ({type(e).__name__}: {e})") from e
     if not hasattr(module, attr):
-        raise RecipeError(f"{field}: module '{module_name}' has no attribute '{attr}'")
+        raise RewardConfigError(f"{field}: module '{module_name}' has no attribute '{attr}'")
     return getattr(module, attr)
 
 
 def instantiate(cls: type, kwargs: dict[str, Any], field: str, kwargs_field: str = "") -> Reward:
     """`cls(**kwargs)`. A ValueError from the constructor is its check of a kwarg's value (its message starts
-    with the kwarg's name) and becomes a RecipeError under `kwargs_field`."""
+    with the kwarg's name) and becomes a RewardConfigError under `kwargs_field`."""
     try:
         reward = cls(**kwargs)
     except TypeError as e:
-        raise RecipeError(f"{field}: bad kwargs for {cls.__name__}: {e}") from e
+        raise RewardConfigError(f"{field}: bad kwargs for {cls.__name__}: {e}") from e
     except ValueError as e:
-        raise RecipeError(f"{kwargs_field or field}: {cls.__name__}: {e}") from e
+        raise RewardConfigError(f"{kwargs_field or field}: {cls.__name__}: {e}") from e
     if not callable(getattr(reward, "score", None)) and not callable(getattr(reward, "score_batch", None)):
-        raise RecipeError(f"{field}: {cls.__name__} has no score(sample) method")
+        raise RewardConfigError(f"{field}: {cls.__name__} has no score(sample) method")
     return reward
 
 
@@ -57,7 +76,7 @@ def builtin_reward(name: str, kwargs: dict[str, Any], field: str, kwargs_field: 
     if name not in _BUILTINS:
         close = difflib.get_close_matches(name, list(_BUILTINS), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else f" Built-in rewards: {', '.join(sorted(_BUILTINS))}."
-        raise RecipeError(f"{field}: unknown reward '{name}'.{hint} A custom class goes in import_path.")
+        raise RewardConfigError(f"{field}: unknown reward '{name}'.{hint} A custom class goes in import_path.")
     return instantiate(load_class(_BUILTINS[name], field), kwargs, field, kwargs_field)
 
 

@@ -17,6 +17,9 @@ the scorer's process, once per batch, never in the workers (each would load its 
 this process by default, a Ray actor from rlkit.cluster on a Ray cluster (else `engine` is None). It is not
 under the per-sample deadline; its faults come back as ERROR results all the same, and an exception escaping
 it makes every sample of the batch an ERROR.
+
+The scorer takes its own `ScorerConfig` (rlkit builds one from the recipe's `reward` section); a reward that
+cannot be built, or a deadline its rewards cannot meet, fails construction with RewardConfigError.
 """
 
 from __future__ import annotations
@@ -24,13 +27,23 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
-from rlkit.config import RecipeError, RewardConfig
 from rewards.base import RewardResult, Sample, Verdict
 from rewards.pool import Outcome, WorkerPool
-from rewards.registry import build_reward, resolve_spec, reward_label
+from rewards.registry import RewardConfigError, RewardSpec, build_reward, resolve_spec, reward_label
 
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """The rewards and how to run them. The defaults equal the recipe's `reward` section, which rlkit turns into
+    this (rlkit.score.scorer_config; tests/test_score.py checks that the defaults agree)."""
+
+    rewards: Sequence[RewardSpec] = (RewardSpec(name="math"),)  # the first one's verdict is a sample's verdict
+    num_workers: int = 2  # worker processes that run the per-sample rewards
+    timeout_s: float = 5.0  # hard deadline per sample; the worker is killed and replaced past it
+    on_error: str = "fail"  # what a verifier error does: "exclude" the sample, "score" it error_score, "fail"
+    error_score: float = 0.0
 
 
 class RewardError(RuntimeError):
@@ -51,9 +64,9 @@ def _check_budget(rewards: list, timeout_s: float) -> None:
     budgets = [float(getattr(r, "budget_s", 0.0) or 0.0) for r in rewards]
     if sum(budgets) >= timeout_s:
         i = max(range(len(budgets)), key=budgets.__getitem__)
-        raise RecipeError(f"reward.rewards[{i}]: may take up to {budgets[i]:g}s per sample (its own limit; the rewards "
-                          f"together {sum(budgets):g}s) but reward.timeout_s is {timeout_s:g}; raise reward.timeout_s "
-                          "above that or lower the reward's limit (e.g. kwargs: {wall_s: ...})")
+        raise RewardConfigError(f"reward.rewards[{i}]: may take up to {budgets[i]:g}s per sample (its own limit; the "
+                                f"rewards together {sum(budgets):g}s) but reward.timeout_s is {timeout_s:g}; raise "
+                                "reward.timeout_s above that or lower the reward's limit (e.g. kwargs: {wall_s: ...})")
 
 
 def is_batched(reward) -> bool:
@@ -62,7 +75,7 @@ def is_batched(reward) -> bool:
 
 
 def _local_engine(*args):
-    from rollout.vllm_engine import VllmRollout  # vllm only where a batched reward needs an engine
+    from rollout.vllm_engine import VllmRollout  # torch and vLLM load only where a reward needs an engine
 
     return VllmRollout(*args)
 
@@ -77,7 +90,7 @@ def _start_engine(make_engine: Callable, reward, k: int):
 class Scorer:
     """Scores samples with the recipe's weighted rewards; see the module docstring for deadlines and errors."""
 
-    def __init__(self, cfg: RewardConfig, make_engine: Callable | None = None):
+    def __init__(self, cfg: ScorerConfig, make_engine: Callable | None = None):
         self.cfg = cfg
         self.specs = list(cfg.rewards)
         # Fail fast, in this process, on a bad name, import path or kwargs, or a deadline too short to be met.

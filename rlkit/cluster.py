@@ -3,6 +3,8 @@
 Workers are plain classes (rollout.VllmRollout, rewards.Scorer, rlkit.reference.ReferenceModel,
 rlkit.trainer.ShardedTrainer). Here they are made remote with `ray.remote(...)(Cls)`; the groups below give
 the controller one interface either way, so the stage loops run unchanged in unit tests and on a cluster.
+The leaf packages (rollout/, rewards/) take their own configs, which the recipe's sections become here
+(`engine_config`, `rlkit.score.scorer_config`); they never import rlkit.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from typing import Any, Callable
 
 import torch
 
-from rlkit.config import RecipeConfig
+from rlkit.config import RecipeConfig, RolloutConfig
+from rlkit.score import build_scorer, scorer_config
 from rlkit.trainer import PairBatch, PolicyBatch, TokenBatch
+from rewards.scorer import Scorer
+from rollout import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +172,7 @@ class Cluster:
 
         cfg, c = self.cfg, self.cfg.cluster
         lora_rank = cfg.trainer.lora_rank if cfg.trainer.lora_sync == "adapter" else 0
-        args = (cfg.rollout, model_path, cfg.model.max_seq_len)
+        args = (engine_config(cfg.rollout), model_path, cfg.model.max_seq_len)
         if self.ray is None:
             return RolloutPool([VllmRollout(*args, seed=cfg.trainer.seed, lora_rank=lora_rank)])
         actor = self._actor(VllmRollout, c.cpus_per_engine, c.gpus_per_engine)
@@ -209,19 +214,19 @@ class Cluster:
         return _Blocking(self._actor(ReferenceModel, 1, self.cfg.cluster.gpus_per_trainer).remote(*args), self.ray.get)
 
     def scorer(self):
-        from rewards.scorer import Scorer
-
         if self.ray is None:
-            return Scorer(self.cfg.reward)
+            return build_scorer(self.cfg.reward)  # a reward that cannot be built is a RecipeError
         c = self.cfg.cluster  # a batched reward's engine (the LLM judge) becomes an actor of its own
         make_engine = functools.partial(judge_engine_actor, c.gpus_per_engine)
-        return _Blocking(self._actor(Scorer, 1, 0).remote(self.cfg.reward, make_engine), self.ray.get)
+        return _Blocking(self._actor(Scorer, 1, 0).remote(scorer_config(self.cfg.reward), make_engine), self.ray.get)
 
     def release(self, *workers) -> None:
         """Stop actors of a finished stage (local workers are simply dropped)."""
         if self.ray is None:
             return
         for w in workers:
+            if w is None:  # a worker the stage did not need (GRPO without a reference)
+                continue
             for handle in getattr(w, "workers", None) or getattr(w, "engines", None) or [w]:
                 self.ray.kill(handle._handle)
 
@@ -240,6 +245,14 @@ class _Blocking(_Remote):
     def __getattr__(self, name: str) -> Callable:
         method = getattr(self._handle, name).remote
         return lambda *args, **kwargs: self._get(method(*args, **kwargs))
+
+
+def engine_config(rollout: RolloutConfig) -> EngineConfig:
+    """The recipe's `rollout` section as an engine's own config."""
+    return EngineConfig(temperature=rollout.temperature, top_p=rollout.top_p, max_new_tokens=rollout.max_new_tokens,
+                        dtype=rollout.dtype, kv_cache_gib=rollout.kv_cache_gib,
+                        gpu_memory_utilization=rollout.gpu_memory_utilization, enforce_eager=rollout.enforce_eager,
+                        sync_dir=rollout.sync_dir, sync_timeout_s=rollout.sync_timeout_s)
 
 
 def judge_engine_actor(num_gpus: float, *engine_args):

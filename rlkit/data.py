@@ -16,6 +16,7 @@ from typing import Dict, Tuple, Union
 
 from rlkit.config import DataConfig, RecipeError
 from rewards.honesty import ABSTAIN_PHRASE
+from rewards.judge import DEFAULT_TEMPLATE, judge_prompt, score_tag
 
 
 Message = Dict[str, str]  # {"role": "system" | "user" | "assistant" | "tool", "content": text}
@@ -150,8 +151,6 @@ def verification_problems(problems: list[Problem], wrong_rate: float, seed: int)
     >>> v.prompt, v.answer, v.solution, v.task
     ('Problem: 2+2=\\nAnswer: 4\\nReference: 4\\nCorrect? ', '1', '<score>1</score>', 'verify_add')
     """
-    from rewards.judge import DEFAULT_TEMPLATE, judge_prompt, score_tag
-
     rng, out = random.Random(seed), []
     for p in problems:
         correct = rng.random() >= wrong_rate

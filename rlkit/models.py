@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from rlkit.config import DataConfig, RecipeError, RolloutConfig
+from rlkit.config import DataConfig, RecipeError
 from rlkit.data import Problem
 
 
@@ -226,6 +226,7 @@ def check_engine_parity(folder: Path, dtype: str = "bfloat16", n: int = CHECK_TO
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlkit.chat import Renderer
+    from rollout import EngineConfig
     from rollout.vllm_engine import VllmRollout
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -235,7 +236,7 @@ def check_engine_parity(folder: Path, dtype: str = "bfloat16", n: int = CHECK_TO
     reference = [model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, pad_token_id=renderer.pad_id)
                  [0, len(p):].tolist() for p in prompts]
     del model
-    engine = VllmRollout(RolloutConfig(max_new_tokens=n, dtype=dtype), str(folder), max_model_len=256)
+    engine = VllmRollout(EngineConfig(max_new_tokens=n, dtype=dtype), str(folder), max_model_len=256)
     try:
         sampled = [list(group[0].token_ids) for group in engine.generate(prompts, n=1, temperature=0.0)]
     finally:

@@ -15,11 +15,31 @@ import json
 import sys
 from pathlib import Path
 
-from rlkit.config import RecipeError, load_recipe
+from rlkit.config import RecipeError, RewardConfig, load_recipe
+from rewards import registry
+from rewards.scorer import Scorer, ScorerConfig
 
 
 class InputError(ValueError):
     """The samples file cannot be read; the message names the file and line."""
+
+
+def scorer_config(reward: RewardConfig) -> ScorerConfig:
+    """The recipe's `reward` section as the scorer's own config (max_error_rate is the run's check, not the
+    scorer's)."""
+    specs = tuple(registry.RewardSpec(name=s.name, import_path=s.import_path, weight=s.weight, kwargs=dict(s.kwargs))
+                  for s in reward.rewards)
+    return ScorerConfig(rewards=specs, num_workers=reward.num_workers, timeout_s=reward.timeout_s,
+                        on_error=reward.on_error, error_score=reward.error_score)
+
+
+def build_scorer(reward: RewardConfig, make_engine=None) -> Scorer:
+    """The scorer of a recipe's rewards, in this process; a reward that cannot be built is a RecipeError, the
+    same one-line message the user gets for any other bad recipe field."""
+    try:
+        return Scorer(scorer_config(reward), make_engine)
+    except registry.RewardConfigError as e:
+        raise RecipeError(str(e)) from e
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_recipe(args.recipe, args.overrides)
         samples = read_samples(args.input)
-        from rewards.scorer import Scorer  # only once the inputs are known to be good
-
-        with Scorer(cfg.reward) as scorer:
+        with build_scorer(cfg.reward) as scorer:  # only once the inputs are known to be good
             out = scorer.score(samples)
             labels = scorer.labels
     except (RecipeError, InputError) as e:

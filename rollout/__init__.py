@@ -1,1 +1,26 @@
-"""Rollout engines: sampling completions with log-probs, and taking weights from the trainer."""
+"""Rollout engines: sampling completions with log-probs, and taking weights from the trainer.
+
+`EngineConfig` is what an engine needs, and lives here (torch-free) so that a reward describing its own engine
+(rewards.judge) imports no engine code. rlkit turns its recipe's `rollout` section into one
+(rlkit.cluster.engine_config); this package imports nothing of rlkit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The settings of one `rollout.vllm_engine.VllmRollout`. The defaults equal the recipe's `rollout` section
+    (tests/rlkit/test_cluster.py checks that they agree); see rlkit.config.RolloutConfig for each field's story."""
+
+    temperature: float = 1.0  # default sampling temperature of `generate`
+    top_p: float = 1.0  # nucleus sampling when temperature > 0
+    max_new_tokens: int = 12  # default completion length of `generate`
+    dtype: str = "auto"  # served weights: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"
+    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
+    gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU (weights and KV cache)
+    enforce_eager: bool = True  # no CUDA graphs: a faster start, for short runs
+    sync_dir: str = "/dev/shm/rlkit_sync"  # where trainer weights are written for the engine to reload
+    sync_timeout_s: float = 60.0  # a weight sync that takes longer raises WeightSyncError

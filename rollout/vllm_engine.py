@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rlkit.config import RolloutConfig
+from rollout import EngineConfig
 from rollout.vllm_console import quiet_vllm_console, remove_segments, shm_segments
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class SyncStats:
 class VllmRollout:
     """One vLLM engine. `generate` takes token ids, so trainer and engine never re-tokenize differently."""
 
-    def __init__(self, cfg: RolloutConfig, model_path: str, max_model_len: int, seed: int = 0, lora_rank: int = 0):
+    def __init__(self, cfg: EngineConfig, model_path: str, max_model_len: int, seed: int = 0, lora_rank: int = 0):
         """`lora_rank` > 0 lets the engine serve LoRA adapters up to that rank (see `sync_adapter`)."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gib))))
         if not torch.cuda.is_available():

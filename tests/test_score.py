@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from rlkit import config
+from rlkit.score import build_scorer, scorer_config
+from rewards.registry import RewardConfigError, RewardSpec
+from rewards.scorer import ScorerConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = """\
 reward:
@@ -109,3 +114,23 @@ def test_conversational_rows_score_like_their_text(files, tmp_path):
     assert done.returncode == 0, done.stderr
     rows = {k.strip(): v.strip() for k, v in table(done.stdout).items()}
     assert rows["honesty (mean)"] == "-0.5000" and rows["verdict/correct"] == "2 (50.0%)"
+
+
+def test_a_recipes_bad_reward_is_a_recipe_error_with_the_same_message():
+    """rlkit builds the scorer from its recipe section; the user sees the leaf's one-line message as a RecipeError."""
+    reward = config.RewardConfig(rewards=[config.RewardSpec(name="mth")])
+    with pytest.raises(config.RecipeError) as err:
+        build_scorer(reward)
+    assert str(err.value) == "reward.rewards[0].name: unknown reward 'mth'. Did you mean 'math'? A custom class goes " \
+                             "in import_path."
+    assert isinstance(err.value.__cause__, RewardConfigError)
+
+
+def test_the_scorer_config_is_the_recipes_reward_section():
+    """The leaf's defaults agree with the recipe's (their one home), and every field is carried over."""
+    assert scorer_config(config.RewardConfig()) == ScorerConfig()
+    reward = config.RewardConfig(rewards=[config.RewardSpec(import_path="a.b:C", weight=0.5, kwargs={"k": 1})],
+                                 num_workers=3, timeout_s=7.0, on_error="score", error_score=-1.0)
+    spec = RewardSpec(import_path="a.b:C", weight=0.5, kwargs={"k": 1})
+    assert scorer_config(reward) == ScorerConfig(rewards=(spec,), num_workers=3, timeout_s=7.0, on_error="score",
+                                                 error_score=-1.0)

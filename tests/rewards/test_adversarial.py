@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from rlkit.config import RewardConfig, RewardSpec
 from rewards.base import Sample, Verdict
+from rewards.registry import RewardSpec
 from rewards.sandbox import _records
 
 CANARY = "rlkit-canary-7f3a9c"  # set in the scorer's environment, so in its workers'
@@ -134,9 +134,9 @@ def canary_env():
 
 
 def score_all(rewards, rows, timeout_s):
-    from rewards.scorer import Scorer  # imported here so the canary is set before any worker starts
+    from rewards.scorer import Scorer, ScorerConfig  # imported here so the canary is set before any worker starts
 
-    cfg = RewardConfig(rewards=rewards, timeout_s=timeout_s, num_workers=2, on_error="fail")
+    cfg = ScorerConfig(rewards=rewards, timeout_s=timeout_s, num_workers=2, on_error="fail")
     with Scorer(cfg) as scorer:
         start = time.perf_counter()
         out = scorer.score([Sample("q", completion, gold) for _, completion, gold, _ in rows])

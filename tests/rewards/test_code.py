@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from rlkit.config import RecipeError, RewardConfig, RewardSpec
 from rewards.base import Sample, Verdict
 from rewards.code import CodeReward, assert_passes, decode, extract_code, normalise_output, prepare_tests
-from rewards.scorer import Scorer
+from rewards.registry import RewardConfigError, RewardSpec
+from rewards.scorer import Scorer, ScorerConfig
 
 HUMANEVAL = Path(__file__).parents[2] / "data" / "humaneval.jsonl.gz"
 # straight-line asserts, float tolerances, a loop over random inputs with a helper, and one with `is True`
@@ -100,9 +100,9 @@ def test_extract_code():
 def test_the_scorer_runs_code_and_checks_the_deadline_leaves_room():
     spec = RewardSpec(name="code", kwargs={"wall_s": 2.0})
     gold = {"test": "def check(candidate):\n    assert candidate(3) == 6", "entry_point": "f"}
-    with Scorer(RewardConfig(rewards=[spec], timeout_s=5.0, num_workers=1)) as scorer:
+    with Scorer(ScorerConfig(rewards=[spec], timeout_s=5.0, num_workers=1)) as scorer:
         out = scorer.score([Sample("", "def f(x):\n    return 2 * x", gold), Sample("", "def f(x):\n    while 1: pass", gold)])
     assert [r.verdict for r in out.results] == [Verdict.CORRECT, Verdict.WRONG]  # a hang is wrong, not a fault
-    Scorer(RewardConfig(rewards=[RewardSpec(name="code")], num_workers=1)).close()  # the defaults fit together
-    with pytest.raises(RecipeError, match=r"reward.rewards\[0\]: may take up to 11s .* reward.timeout_s is 5"):
-        Scorer(RewardConfig(rewards=[RewardSpec(name="code", kwargs={"wall_s": 10.0})], timeout_s=5.0))
+    Scorer(ScorerConfig(rewards=[RewardSpec(name="code")], num_workers=1)).close()  # the defaults fit together
+    with pytest.raises(RewardConfigError, match=r"reward.rewards\[0\]: may take up to 11s .* reward.timeout_s is 5"):
+        Scorer(ScorerConfig(rewards=[RewardSpec(name="code", kwargs={"wall_s": 10.0})], timeout_s=5.0))

@@ -10,12 +10,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlkit.config import ModelConfig, RecipeError, RewardConfig, RewardSpec, load_recipe
+from rlkit import config
+from rlkit.config import ModelConfig, RecipeError, load_recipe
 from rlkit.data import make_problem, plausible_wrong
 from rlkit.modeling import init_model, save_checkpoint
 from rewards.base import Sample, Verdict
 from rewards.judge import DEFAULT_TEMPLATE, JudgeReward, judge_prompt, parse_vote, tally_votes
-from rewards.scorer import RewardError, Scorer
+from rewards.registry import RewardConfigError, RewardSpec
+from rewards.scorer import RewardError, Scorer, ScorerConfig
+from rollout import EngineConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -101,14 +104,15 @@ def by_answer(text: str) -> list[str]:
 
 def make_scorer(tiny_model, make_engine, on_error="exclude", extra=()):
     specs = [RewardSpec(name="judge", kwargs={"model_path": tiny_model, "votes": 3}), *extra]
-    return Scorer(RewardConfig(rewards=specs, on_error=on_error, num_workers=1), make_engine=make_engine)
+    return Scorer(ScorerConfig(rewards=specs, on_error=on_error, num_workers=1), make_engine=make_engine)
 
 
 def test_scorer_runs_the_judge_once_per_batch_beside_pooled_rewards(tiny_model):
     engines = []
 
     def make_engine(cfg, model_path, max_model_len, seed):
-        assert model_path == tiny_model and max_model_len == 64 and cfg.temperature == 1.0
+        assert cfg == EngineConfig(temperature=1.0, max_new_tokens=32, kv_cache_gib=1.0)  # the judge's own engine
+        assert model_path == tiny_model and max_model_len == 64 and seed == 0
         from transformers import AutoTokenizer
 
         engines.append(ScriptedEngine(by_answer, AutoTokenizer.from_pretrained(model_path)))
@@ -177,8 +181,8 @@ def test_a_prompt_too_long_for_the_judge_faults_alone(tiny_model):
 )
 def test_bad_judge_kwargs_fail_at_construction(tiny_model, kwargs, message):
     kwargs = {"model_path": tiny_model, **kwargs} if "model_pth" not in kwargs else kwargs
-    with pytest.raises(RecipeError) as err:
-        Scorer(RewardConfig(rewards=[RewardSpec(name="judge", kwargs=kwargs)]), make_engine=lambda *a: BrokenEngine())
+    with pytest.raises(RewardConfigError) as err:
+        Scorer(ScorerConfig(rewards=[RewardSpec(name="judge", kwargs=kwargs)]), make_engine=lambda *a: BrokenEngine())
     assert message in str(err.value)
 
 
@@ -207,7 +211,7 @@ def test_a_trained_judge_agrees_with_the_gold_verdict(tmp_path):
     run_dir = tmp_path / "judge"
     proc = subprocess.run(
         [sys.executable, "-m", "rlkit.run", "recipes/judge.yaml", f"logging.output_dir={run_dir}",
-         "logging.wandb_mode=disabled", "data.num_eval=100"],
+         "logging.wandb_mode=disabled", "data.num_eval=20"],  # the run's own evaluation is only printed
         cwd=REPO, capture_output=True, text=True, timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -215,7 +219,7 @@ def test_a_trained_judge_agrees_with_the_gold_verdict(tmp_path):
     samples, truth = known_samples(200, seed=7)
     samples.append(Sample("2+2=", "4" * 200, "4"))  # a real engine failure: the prompt does not fit
     spec = RewardSpec(name="judge", kwargs={"model_path": model_path, "votes": 3})
-    with Scorer(RewardConfig(rewards=[spec], on_error="exclude")) as scorer:
+    with Scorer(ScorerConfig(rewards=[spec], on_error="exclude")) as scorer:
         out = scorer.score(samples)
     verdicts = [r.verdict for r in out.results]
     assert verdicts[-1] == Verdict.ERROR and out.valid[-1] is False
@@ -239,8 +243,8 @@ def test_the_judge_engine_runs_as_its_own_ray_actor(tmp_path):
 
     model, tok = init_model(ModelConfig(num_layers=2, max_seq_len=96))  # vLLM's CPU attention wants head_dim >= 32
     path = str(save_checkpoint(model, tok, tmp_path / "judge", ""))
-    spec = RewardSpec(name="judge", kwargs={"model_path": path, "votes": 2, "max_new_tokens": 8})
-    cfg = dataclasses.replace(RecipeConfig(), reward=RewardConfig(rewards=[spec], on_error="exclude"),
+    spec = config.RewardSpec(name="judge", kwargs={"model_path": path, "votes": 2, "max_new_tokens": 8})
+    cfg = dataclasses.replace(RecipeConfig(), reward=config.RewardConfig(rewards=[spec], on_error="exclude"),
                               cluster=ClusterConfig(backend="ray"))
     cluster = Cluster(cfg)
     try:

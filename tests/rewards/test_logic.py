@@ -2,11 +2,11 @@ import time
 
 import pytest
 
-from rlkit.config import RewardConfig, RewardSpec
 from rewards.base import Sample, Verdict
 from rewards.logic import (CHECKERS, GENERATORS, LogicReward, check_countdown, check_knights, check_sudoku,
                            countdown_puzzle, knights_puzzle, sudoku_puzzle)
-from rewards.scorer import Scorer
+from rewards.registry import RewardSpec
+from rewards.scorer import Scorer, ScorerConfig
 
 
 @pytest.mark.parametrize("kind", sorted(GENERATORS))
@@ -133,7 +133,7 @@ def test_logic_and_format_through_the_scorer():
     puzzles = [knights_puzzle(1), sudoku_puzzle(2), countdown_puzzle(3)]
     samples = [Sample(p.prompt, f"<think>solve</think><answer>{p.solution}</answer>", p.gold) for p in puzzles]
     samples.append(Sample(puzzles[0].prompt, puzzles[1].solution, puzzles[0].gold))  # no tags, and nonsense
-    cfg = RewardConfig(rewards=[RewardSpec(name="logic"), RewardSpec(name="format", weight=0.1)], num_workers=1)
+    cfg = ScorerConfig(rewards=[RewardSpec(name="logic"), RewardSpec(name="format", weight=0.1)], num_workers=1)
     with Scorer(cfg) as scorer:
         start = time.perf_counter()
         out = scorer.score(samples)

@@ -2,9 +2,9 @@ import time
 
 import pytest
 
-from rlkit.config import RecipeError, RewardConfig, RewardSpec
 from rewards.base import Sample, Verdict
-from rewards.scorer import RewardError, Scorer
+from rewards.registry import RewardConfigError, RewardSpec
+from rewards.scorer import RewardError, Scorer, ScorerConfig
 
 FLAKY = RewardSpec(import_path="tests.rewards.helpers:Flaky")
 
@@ -14,7 +14,7 @@ def samples(*completions, gold="4"):
 
 
 def test_weighted_rewards_with_a_user_class():
-    cfg = RewardConfig(rewards=[RewardSpec(name="math"),
+    cfg = ScorerConfig(rewards=[RewardSpec(name="math"),
                                 RewardSpec(import_path="tests.rewards.helpers:LengthReward", weight=0.5, kwargs={"limit": 1})],
                        num_workers=2)
     with Scorer(cfg) as scorer:
@@ -31,7 +31,7 @@ def test_a_registered_name_reaches_the_workers(monkeypatch):
 
     monkeypatch.setattr(registry, "_BUILTINS", dict(registry._BUILTINS))  # undone after the test
     registry.register_reward("brevity", "tests.rewards.helpers:LengthReward")
-    with Scorer(RewardConfig(rewards=[RewardSpec(name="brevity", kwargs={"limit": 2})], num_workers=1)) as scorer:
+    with Scorer(ScorerConfig(rewards=[RewardSpec(name="brevity", kwargs={"limit": 2})], num_workers=1)) as scorer:
         out = scorer.score(samples("4", "444"))
     assert out.scores == [1.0, 0.0] and out.results[0].components == {"brevity": 1.0}
 
@@ -48,13 +48,13 @@ def test_a_registered_name_reaches_the_workers(monkeypatch):
     ],
 )
 def test_bad_reward_specs_fail_at_construction(spec, message):
-    with pytest.raises(RecipeError) as err:
-        Scorer(RewardConfig(rewards=[spec]))
+    with pytest.raises(RewardConfigError) as err:
+        Scorer(ScorerConfig(rewards=[spec]))
     assert message in str(err.value)
 
 
 def test_errors_and_timeouts_are_reported_not_zeroed():
-    cfg = RewardConfig(rewards=[FLAKY], timeout_s=1.0, on_error="exclude", num_workers=2)
+    cfg = ScorerConfig(rewards=[FLAKY], timeout_s=1.0, on_error="exclude", num_workers=2)
     with Scorer(cfg) as scorer:
         start = time.perf_counter()
         out = scorer.score(samples("ok", "boom", "hang", "exit", "ok again"))
@@ -75,7 +75,7 @@ def test_a_hang_inside_a_large_batch_times_out_only_that_sample():
     batch = ["ok"] * 40
     batch[17] = "hang"
     batch[31] = "exit"
-    with Scorer(RewardConfig(rewards=[FLAKY], timeout_s=1.0, on_error="exclude", num_workers=2)) as scorer:
+    with Scorer(ScorerConfig(rewards=[FLAKY], timeout_s=1.0, on_error="exclude", num_workers=2)) as scorer:
         start = time.perf_counter()
         out = scorer.score(samples(*batch))
         assert time.perf_counter() - start < 10
@@ -88,14 +88,14 @@ def test_a_hang_inside_a_large_batch_times_out_only_that_sample():
 
 
 def test_a_worker_that_died_while_idle_is_replaced():
-    with Scorer(RewardConfig(rewards=[FLAKY], num_workers=1)) as scorer:
+    with Scorer(ScorerConfig(rewards=[FLAKY], num_workers=1)) as scorer:
         scorer._pool._workers[0].process.kill()
         scorer._pool._workers[0].process.join()
         assert scorer.score(samples("ok", "ok")).scores == [1.0, 1.0]
 
 
 def test_sys_exit_and_unpicklable_info_are_handled_in_the_worker():
-    with Scorer(RewardConfig(rewards=[FLAKY], on_error="exclude", num_workers=1)) as scorer:
+    with Scorer(ScorerConfig(rewards=[FLAKY], on_error="exclude", num_workers=1)) as scorer:
         out = scorer.score(samples("sysexit", "lambda", "ok"))
     assert out.results[0].verdict == Verdict.ERROR and "SystemExit: 3" in out.results[0].info["Flaky"]["error"]
     assert out.results[1].verdict == Verdict.CORRECT and "lambda" in out.results[1].info["Flaky"]["fn"]
@@ -103,20 +103,20 @@ def test_sys_exit_and_unpicklable_info_are_handled_in_the_worker():
 
 
 def test_on_error_score_uses_the_configured_value():
-    cfg = RewardConfig(rewards=[FLAKY], on_error="score", error_score=-1.0, num_workers=1)
+    cfg = ScorerConfig(rewards=[FLAKY], on_error="score", error_score=-1.0, num_workers=1)
     with Scorer(cfg) as scorer:
         out = scorer.score(samples("boom", "ok"))
     assert out.scores == [-1.0, 1.0] and out.valid == [True, True]
 
 
 def test_on_error_fail_names_the_reward_and_sample():
-    with Scorer(RewardConfig(rewards=[FLAKY], on_error="fail", num_workers=1)) as scorer:
+    with Scorer(ScorerConfig(rewards=[FLAKY], on_error="fail", num_workers=1)) as scorer:
         with pytest.raises(RewardError, match="reward 'Flaky' gave error on sample 1"):
             scorer.score(samples("ok", "boom"))
 
 
 def test_on_error_fail_stops_on_errors_not_on_a_models_timeout():
-    cfg = RewardConfig(rewards=[RewardSpec(import_path="tests.rewards.helpers:FlakyWithWrong")], timeout_s=1.0,
+    cfg = ScorerConfig(rewards=[RewardSpec(import_path="tests.rewards.helpers:FlakyWithWrong")], timeout_s=1.0,
                        on_error="fail", num_workers=1)
     with Scorer(cfg) as scorer:
         out = scorer.score(samples("ok", "hang"))
@@ -137,7 +137,7 @@ def test_on_error_fail_stops_on_errors_not_on_a_models_timeout():
     ids=["power-tower", "deep-nesting", "megabyte"],
 )
 def test_pathological_latex_ends_quickly(completion):
-    with Scorer(RewardConfig(timeout_s=2.0, on_error="exclude", num_workers=1)) as scorer:
+    with Scorer(ScorerConfig(timeout_s=2.0, on_error="exclude", num_workers=1)) as scorer:
         start = time.perf_counter()
         out = scorer.score([Sample("q", completion, "4")])
         assert time.perf_counter() - start < 10
@@ -147,7 +147,7 @@ def test_pathological_latex_ends_quickly(completion):
 def test_a_training_batch_is_scored_fast():
     # the trainer's hot path: ~128 short samples per step, one message per chunk rather than per sample
     batch = [Sample("q", f"so the answer is \\boxed{{{i % 7}}}", str(i % 5)) for i in range(128)]
-    with Scorer(RewardConfig(num_workers=2)) as scorer:
+    with Scorer(ScorerConfig(num_workers=2)) as scorer:
         scorer.score(batch[:4])
         start = time.perf_counter()
         out = scorer.score(batch)

@@ -1,15 +1,18 @@
-"""The trainer group sharded with FSDP2 over 2 real ranks (Ray actors, gloo) equals the 1-rank trainer."""
+"""The trainer group sharded with FSDP2 over 2 real ranks (Ray actors, gloo) equals the 1-rank trainer; the recipe's
+sections become the leaf workers' own configs."""
 
 import dataclasses
 
 import pytest
 import torch
 
-from rlkit.cluster import Cluster, TrainerGroup
-from rlkit.config import ClusterConfig, ModelConfig, RecipeConfig, TrainerConfig
+from rlkit.cluster import Cluster, TrainerGroup, engine_config
+from rlkit.config import (ClusterConfig, ModelConfig, RecipeConfig, RecipeError, RewardConfig, RewardSpec,
+                          RolloutConfig, TrainerConfig)
 from rlkit.losses import token_normalizer
 from rlkit.modeling import init_model, save_checkpoint
 from rlkit.trainer import PolicyBatch
+from rollout import EngineConfig
 from tests.rlkit.test_trainer import EMBED, HEAD, assert_saved_tied, random_batch
 
 ray = pytest.importorskip("ray")
@@ -121,3 +124,20 @@ def test_lora_adapter_gathers_from_two_ranks_like_one(tmp_path):
         assert all(torch.equal(b1[k], b2[k]) for k in b1)
     finally:
         cluster.release(two)
+
+
+def test_engine_config_is_the_recipes_rollout_section():
+    """Engines take their own config (rollout/ imports nothing of rlkit); its defaults agree with the recipe's."""
+    assert engine_config(RolloutConfig()) == EngineConfig()
+    rollout = RolloutConfig(temperature=0.7, top_p=0.9, max_new_tokens=5, dtype="bfloat16", kv_cache_gib=2.0,
+                            gpu_memory_utilization=0.3, enforce_eager=False, sync_dir="/tmp/x", sync_timeout_s=9.0)
+    carried = {f.name: getattr(rollout, f.name) for f in dataclasses.fields(EngineConfig)}
+    assert all(value != getattr(EngineConfig(), name) for name, value in carried.items())  # each one set above
+    assert engine_config(rollout) == EngineConfig(**carried)
+
+
+def test_a_reward_that_cannot_be_built_fails_the_local_scorer_as_a_recipe_error():
+    """The runner makes the scorer before writing anything; the user gets the reward's one-line message."""
+    cfg = RecipeConfig(reward=RewardConfig(rewards=[RewardSpec(name="mth")]))
+    with pytest.raises(RecipeError, match=r"^reward.rewards\[0\].name: unknown reward 'mth'. Did you mean 'math'\?"):
+        Cluster(cfg).scorer()

@@ -14,12 +14,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlkit.chat import Renderer
-from rlkit.config import DataConfig, ModelConfig, RolloutConfig, TrainerConfig
+from rlkit.config import DataConfig, ModelConfig, TrainerConfig
 from rlkit.data import Problem
 from rlkit.lora import adapter_config, apply_lora, peft_adapter_tensors
 from rlkit.modeling import init_model, save_checkpoint
 from rlkit.trainer import pack_sequences, sequence_logprobs
 from rollout.vllm_console import shm_segments
+from rollout import EngineConfig
 from rollout.vllm_engine import VllmRollout, WeightSyncError
 from tests.chat_model import GSM8K
 
@@ -63,7 +64,7 @@ def setup(request, tmp_path_factory):
     else:
         path, model, tok, ids, max_len = chat_model(request.getfixturevalue("chat_model_path"))
     # LoRA-enabled (rank <= 8): without an adapter it serves the plain weights, which the first tests check
-    engine = VllmRollout(RolloutConfig(max_new_tokens=8, sync_timeout_s=30), str(path), max_model_len=max_len,
+    engine = VllmRollout(EngineConfig(max_new_tokens=8, sync_timeout_s=30), str(path), max_model_len=max_len,
                          lora_rank=8)
     yield Served(model, tok, engine, ids)
     engine.close()
