@@ -67,6 +67,9 @@ class DataConfig:
     abstain_rate: float = 0.0  # synthetic: share of training targets replaced by "I don't know" (honesty recipes)
     verification: bool = False  # synthetic: judge-training examples instead (rewards.judge; recipes/judge.yaml)
     verification_wrong_rate: float = 0.5  # verification: share of candidate answers that are plausible wrong ones
+    # synthetic: SFT targets are tool-use traces (the calculator called on the question, its answer, then the
+    # answer), trained with the tool's output masked out; for recipes with env.name=tools
+    tool_traces: bool = False
 
 
 DATA_FORMATS = ("auto", "prompt_only", "prompt_completion", "messages", "preference")
@@ -83,6 +86,39 @@ class RolloutConfig:
     enforce_eager: bool = True
     sync_dir: str = "/dev/shm/rlkit_sync"  # where trainer weights are written for the engine to reload
     sync_timeout_s: float = 60.0  # a weight sync that takes longer fails the run
+    # multi-turn episodes (an `env` section; rlkit.episodes): at most this many assistant turns per episode
+    max_turns: int = 1
+    # tokens an episode may add after its prompt, sampled and environment tokens together (0: max_new_tokens x
+    # max_turns); each turn still samples at most max_new_tokens
+    max_episode_tokens: int = 0
+    # GRPO/PPO: 0 samples each batch from the latest weights (on-policy, generation and training alternate); N >= 1
+    # samples the next batches while the trainer updates, never training on samples more than N updates old
+    # (needs algo.tis_cap > 0: the decoupled objective weights tokens by p_proximal / p_engine)
+    max_staleness: int = 0
+
+    @property
+    def episode_tokens(self) -> int:
+        """The most tokens an episode adds after its prompt (a single-turn completion: max_new_tokens)."""
+        return self.max_episode_tokens or self.max_new_tokens * self.max_turns
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """The environment of multi-turn episodes (envs/): the policy answers, the environment replies, until it is done
+    or rollout.max_turns / rollout.max_episode_tokens run out. Empty name and import_path: single-turn."""
+
+    name: str = ""  # "" (no environment) or "tools" (envs.tools.ToolEnv)
+    import_path: str = ""  # "pkg.module:Class" for your own envs.base.Environment
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # the environment's constructor arguments
+    tools: List[str] = field(default_factory=lambda: ["calculator"])  # name "tools": built-ins, calculator and python
+    tool_options: Dict[str, Any] = field(default_factory=dict)  # per tool, e.g. {python: {wall_s: 2, memory_mb: 256}}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.name or self.import_path)
+
+
+ENV_NAMES = ("", "tools")
 
 
 @dataclass(frozen=True)
@@ -138,6 +174,10 @@ class TrainerConfig:
     # recompute each transformer block in the backward (non-reentrant) instead of keeping its activations:
     # about a third more compute for activation memory of one block; policy and critic, with or without LoRA
     gradient_checkpointing: bool = False
+    # run each transformer block's forward and backward through torch.compile (Inductor, CPU or CUDA; a C++
+    # compiler on CPU), dynamic shapes so new micro-batch lengths do not recompile; policy, critic and reference.
+    # The first step pays the compile (perf/compile_seconds)
+    compile: bool = False
     logprob_impl: str = "auto"  # "auto", "torch" or "triton" (see kernels.fused_logprobs)
     # compute dtype of the trained model: "float32"; "bfloat16": mixed precision, bf16 forward/backward over float32
     # weights and optimizer state (see param_dtype); "float64": everything in float64 (exact tests)
@@ -181,6 +221,8 @@ class AlgoConfig:
     overlong_penalty: float = 1.0  # penalty at rollout.max_new_tokens, ramping linearly over the buffer
     scale_rewards: bool = True  # divide group-centred rewards by their std (Dr.GRPO sets False)
     ppo_epochs: int = 1  # optimizer passes over each rollout batch
+    ppo_minibatches: int = 1  # shuffled minibatches per pass, one optimizer step each (GRPO and PPO)
+    target_kl: float = 0.0  # stop a step's passes once a minibatch's approx_kl exceeds it (cleanrl); 0 = never
     dpo_beta: float = 0.1
     dpo_loss: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
     dpo_nll_coef: float = 0.0  # weight of the chosen response's NLL (RPO, Pang et al. 2024; Llama 3 uses 0.2)
@@ -292,6 +334,7 @@ class RecipeConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)  # multi-turn episodes (none by default)
     stages: List[StageConfig] = field(default_factory=lambda: [StageConfig()])
     evals: List[EvalSetConfig] = field(default_factory=list)  # further held-out sets (EvalSetConfig)
     resume: str = "never"  # "auto": continue logging.output_dir from its latest resume point, if it has one
@@ -453,17 +496,31 @@ def _check_stage_options(i: int, stage: StageConfig) -> None:
         raise RecipeError(f"stages.{i}: an average stage needs an earlier stage (with save_every) to average")
 
 
+def checkpoint_name(stage: StageConfig, index: int) -> str:
+    """The stage's checkpoint folder under RUN_DIR/checkpoints: its name, or `<index + 1>_<kind>`."""
+    return stage.name or f"{index + 1:02d}_{stage.kind}"
+
+
+def check_average_source(cfg: "RecipeConfig", i: int) -> None:
+    """An average stage's source names an earlier stage (its name or checkpoint folder), checked at load."""
+    stage = cfg.stages[i]
+    earlier = [checkpoint_name(s, j) for j, s in enumerate(cfg.stages[:i])]
+    if stage.source and stage.source not in earlier + [s.name for s in cfg.stages[:i] if s.name]:
+        raise RecipeError(f"stages.{i}.source: '{stage.source}' is not an earlier stage; expected one of {earlier}")
+
+
 # The range of every numeric field a user sets (the data section's are in check_data, a stage's in validate).
 NUMERIC_RANGES = {
     "> 0": ["model.hidden_size", "model.intermediate_size", "model.num_layers", "model.num_heads", "model.max_seq_len",
             "rollout.max_new_tokens", "rollout.kv_cache_gib", "rollout.sync_timeout_s", "trainer.lr",
             "trainer.grad_clip", "trainer.micro_batch_size", "trainer.lora_alpha", "algo.group_size",
-            "algo.epsilon_high", "algo.ppo_epochs", "algo.dpo_beta", "algo.value_clip", "cluster.rollout_engines",
+            "algo.epsilon_high", "algo.ppo_epochs", "algo.ppo_minibatches", "algo.dpo_beta", "algo.value_clip",
+            "cluster.rollout_engines",
             "cluster.trainer_ranks", "reward.num_workers", "reward.timeout_s", "logging.log_every"],
     ">= 0": ["rollout.temperature", "ref.kl_coef", "trainer.weight_decay", "trainer.warmup_steps",
              "trainer.num_threads", "trainer.lora_rank", "trainer.micro_batch_tokens", "algo.tis_cap",
              "algo.overlong_buffer", "algo.overlong_penalty", "algo.dpo_nll_coef", "algo.value_coef",
-             "algo.entropy_coef",
+             "algo.entropy_coef", "algo.target_kl", "rollout.max_staleness",
              "logging.eval_temperature", "logging.eval_sample_temperature", "cluster.cpus_per_trainer",
              "cluster.gpus_per_trainer", "cluster.cpus_per_engine", "cluster.gpus_per_engine", "checkpoint.every"],
     "in (0, 1]": ["rollout.top_p", "rollout.gpu_memory_utilization"],
@@ -504,6 +561,8 @@ def validate(cfg: RecipeConfig) -> None:
         if stage.batch_size <= 0:
             raise RecipeError(f"stages.{i}.batch_size: must be > 0, got {stage.batch_size}")
         _check_stage_options(i, stage)
+        if stage.kind == "average":
+            check_average_source(cfg, i)
     _one_of("rollout.dtype", cfg.rollout.dtype, ("auto", "float32", "bfloat16", "float16"))
     _one_of("ref.kl_estimator", cfg.ref.kl_estimator, ("k1", "k2", "k3"))
     _one_of("ref.kl_in", cfg.ref.kl_in, ("loss", "reward"))
@@ -531,6 +590,12 @@ def validate(cfg: RecipeConfig) -> None:
         raise RecipeError(f"trainer.lora_sync: 'adapter' needs trainer.lora_rank between 1 and {MAX_ENGINE_LORA_RANK} "
                           f"(vLLM's limit), got {cfg.trainer.lora_rank}")
     _one_of("trainer.logprob_impl", cfg.trainer.logprob_impl, ("auto", "torch", "triton"))
+    if cfg.trainer.compile:  # Inductor builds C++ kernels on CPU (and Triton a C launcher on CUDA)
+        import shutil
+
+        if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            raise RecipeError("trainer.compile: torch.compile's Inductor needs a C++ compiler and none (g++, c++, "
+                              "clang++) is on PATH; install one (apt-get install g++) or set trainer.compile=false")
     _one_of("logging.best_metric", cfg.logging.best_metric, ("accuracy", "mean_reward"))
     if cfg.logging.eval_every < 0 or cfg.logging.log_every < 1:
         raise RecipeError("logging.eval_every must be >= 0 and logging.log_every >= 1")
@@ -545,6 +610,8 @@ def validate(cfg: RecipeConfig) -> None:
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
         raise RecipeError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
     _one_of("reward.on_error", cfg.reward.on_error, ("exclude", "score", "fail"))
+    if cfg.trainer.micro_batch_size % 2 and any(s.kind == "dpo" for s in cfg.stages):
+        raise RecipeError("trainer.micro_batch_size: DPO keeps each pair in one micro-batch, so it must be even")
     if cfg.algo.group_size < 2 and any(s.kind == "grpo" for s in cfg.stages):
         raise RecipeError(f"algo.group_size: GRPO needs at least 2 samples per prompt, got {cfg.algo.group_size}")
     if cfg.model.hidden_size % cfg.model.num_heads:
@@ -568,6 +635,18 @@ def validate(cfg: RecipeConfig) -> None:
                 f"stages.{i}.batch_size: {rows} rows per step do not split evenly over "
                 f"cluster.trainer_ranks={cfg.cluster.trainer_ranks}"
             )
+        if stage.kind in ("grpo", "ppo") and rows % (cfg.algo.ppo_minibatches * cfg.cluster.trainer_ranks):
+            raise RecipeError(
+                f"algo.ppo_minibatches: {rows} rows per step of stages.{i} do not split into "
+                f"{cfg.algo.ppo_minibatches} minibatches x cluster.trainer_ranks={cfg.cluster.trainer_ranks}; "
+                "choose a divisor of the rows"
+            )
+    if cfg.rollout.max_staleness and not cfg.algo.tis_cap:
+        raise RecipeError(
+            f"rollout.max_staleness: {cfg.rollout.max_staleness} trains on samples from older weights, which the "
+            "decoupled objective corrects with truncated importance weights; set algo.tis_cap (e.g. 2.0)"
+        )
+    check_env(cfg)
     if not cfg.reward.rewards:
         raise RecipeError("reward.rewards: empty; name at least one reward, e.g. [{name: math}]")
     for i, spec in enumerate(cfg.reward.rewards):
@@ -575,6 +654,37 @@ def validate(cfg: RecipeConfig) -> None:
             raise RecipeError(f"reward.rewards[{i}]: give a built-in name (e.g. math) or an import_path 'pkg.mod:Class'")
     if cfg.reward.timeout_s <= 0 or cfg.reward.num_workers < 1:
         raise RecipeError("reward.timeout_s must be > 0 and reward.num_workers >= 1")
+
+
+def check_env(cfg: RecipeConfig) -> None:
+    """The env section and the episode limits: a known environment, turns and a token budget that fit the context."""
+    env, rollout = cfg.env, cfg.rollout
+    if env.name not in ENV_NAMES:
+        raise RecipeError(f"env.name: '{env.name}' is not one of tools, '' (no environment); "
+                          "your own environment comes in by env.import_path")
+    if env.name and env.import_path:
+        raise RecipeError(f"env: give a built-in name or an import_path, not both (got '{env.name}' and "
+                          f"'{env.import_path}')")
+    if env.import_path and not re.fullmatch(r"[\w.]+:[\w.]+", env.import_path):
+        raise RecipeError(f"env.import_path: '{env.import_path}' is not 'pkg.module:Class'")
+    for i, tool in enumerate(env.tools):
+        _one_of(f"env.tools[{i}]", tool, ("calculator", "python"))
+    unknown = set(env.tool_options) - set(env.tools)
+    if unknown:
+        raise RecipeError(f"env.tool_options: options for {', '.join(sorted(unknown))}, which env.tools does not list")
+    if rollout.max_turns < 1 or rollout.max_episode_tokens < 0:
+        raise RecipeError(f"rollout.max_turns must be >= 1 and rollout.max_episode_tokens >= 0 (got "
+                          f"{rollout.max_turns}, {rollout.max_episode_tokens})")
+    if rollout.max_turns > 1 and not env.enabled:
+        raise RecipeError(f"rollout.max_turns: {rollout.max_turns} turns need an environment to answer the model; "
+                          "set env.name=tools (or env.import_path), or max_turns=1")
+    if env.enabled and rollout.episode_tokens >= cfg.model.max_seq_len:
+        raise RecipeError(f"rollout.max_episode_tokens: an episode of {rollout.episode_tokens} tokens leaves no room "
+                          f"for its prompt in model.max_seq_len={cfg.model.max_seq_len}; lower it (or "
+                          "rollout.max_new_tokens x rollout.max_turns), or raise model.max_seq_len")
+    if cfg.data.tool_traces and (cfg.data.source != "synthetic" or cfg.data.verification):
+        raise RecipeError("data.tool_traces: tool-use traces are built from the synthetic tasks; set "
+                          "data.source=synthetic (and verification=false)")
 
 
 # What a hub id looks like ("org/name"); anything else that does not exist is a missing local path.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from rlkit.algorithms.common import check_error_rate, completion_rows, to_samples
+from rlkit.experience import check_error_rate, completion_rows, to_samples
 from rlkit.config import LoggingConfig
 from rlkit.data import Problem
 from rewards.base import Verdict

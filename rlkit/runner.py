@@ -21,8 +21,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from rlkit.advantages import get_estimator
-from rlkit.algorithms import average, dpo, grpo, ppo, rft, sft
-from rlkit.algorithms.common import SYNCS_EVERY_STEP, StageContext
+from rlkit.algorithms import STAGES, average
+from rlkit.algorithms.common import StageContext
 from rlkit.chat import stop_token_ids
 from rlkit.checkpoint import Checkpointer, ResumePoint, RunState, split_metrics
 from rlkit.cluster import Cluster
@@ -164,7 +164,8 @@ def run(cfg: RecipeConfig) -> dict:
             stage_data = data.stages[index]
             ctx = StageContext(cfg, stage, index, state.model_path, stage_data, trainer, pool, scorer, cluster,
                                logger, data.held_out, state, checkpointer,
-                               resume if resume is not None and resume.state.step and index == state.stage else None)
+                               resume if resume is not None and resume.state.step and index == state.stage else None,
+                               syncs_every_step=STAGES[stage.kind].syncs_every_step)
             if stage_data is not None and not ctx.resume:
                 logger.log({f"{ctx.prefix}/data/{k}": v for k, v in stage_data.stats.items()})
             model_path = run_stage(ctx, recipe_yaml)
@@ -223,19 +224,8 @@ def run_stage(ctx: StageContext, recipe_yaml: str) -> str:
     kind, trainer = ctx.stage.kind, ctx.trainer
     if kind == "average":  # no training: the average of earlier checkpoints
         return average.run(ctx, recipe_yaml)
-    if kind == "sft":
-        sft.train(ctx)
-    elif kind in ("rft", "distill"):
-        rft.train(ctx)
-    elif kind == "dpo":
-        dpo.train(ctx)
-    elif kind == "grpo":
-        grpo.train(ctx)
-    elif kind == "ppo":
-        ppo.train(ctx)
-    else:  # validate() admits only the kinds above
-        raise RecipeError(f"stages.{ctx.index}.kind: '{kind}' is not implemented")
-    if kind not in SYNCS_EVERY_STEP:
+    STAGES[kind].train(ctx)  # validate() admits only the kinds STAGES holds
+    if not ctx.syncs_every_step:
         ctx.sync_policy()
     path = trainer.save(str(ctx.logger.run_dir / "checkpoints" / ctx.checkpoint_name), ctx.model_path, recipe_yaml,
                         {"stage": ctx.index, "kind": kind})

@@ -243,11 +243,14 @@ class ShardedTrainer(RankWorker):
             if algo.entropy_coef:  # an entropy bonus keeps the policy from collapsing early (TRL's entropy_coef)
                 per_token = per_token - algo.entropy_coef * entropy
             loss = aggregate(per_token, mb.mask, algo.loss_agg, mb.normalizer)
+            log_ratio = (logprobs - old_logprobs).detach()  # (b, L-1)
             return loss, {
                 "loss": loss.detach(),
                 **stats,
                 "entropy_sum": (entropy.detach() * mb.mask).sum(),
                 "clipped_sum": clipped.sum(),
+                # KL(old || new) per token, (r - 1) - log r: how far this update moved from the sampling policy
+                "approx_kl_sum": (((log_ratio.exp() - 1.0) - log_ratio) * mb.mask).sum(),
                 # KL(engine || trainer) on the engine's samples (k3): how far the two implementations disagree
                 "rollout_kl_sum": (kl_estimate(mb.rollout_logprobs, old_logprobs, "k3") * mb.mask).sum(),
                 "token_count": mb.mask.sum(),

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from rlkit.checkpoint import Checkpointer, ResumePoint, RunState
-from rlkit.config import RecipeConfig, StageConfig
+from rlkit.config import RecipeConfig, StageConfig, checkpoint_name
 from rlkit.data import BatchSampler, Problem
+from rlkit.evaluate import evaluate, log_evaluation
+from rlkit.experience import ExperienceMaker, ExperienceSource, completion_rows
 from rlkit.lora import adapter_config
 from rlkit.prepare import StageData
 from rlkit.tracking import RunLogger
 from rewards.base import Sample
 from rollout.vllm_engine import SyncStats
-
-
-SYNCS_EVERY_STEP = ("grpo", "ppo")  # stages whose engines follow the trainer after every step
-
-
-def checkpoint_name(stage: StageConfig, index: int) -> str:
-    return stage.name or f"{index + 1:02d}_{stage.kind}"
 
 
 @dataclass
@@ -42,9 +38,12 @@ class StageContext:
     state: RunState = field(default_factory=RunState)  # the run's controller state, shared across stages
     checkpointer: Checkpointer | None = None  # writes resume points (None: never)
     resume: ResumePoint | None = None  # a resume point inside this stage to continue from
+    syncs_every_step: bool = False  # the engines follow the trainer after every step (rlkit.algorithms.STAGES)
     _bar: Any = None
     _table: list = field(default_factory=list)  # completions waiting for log_step
     _base_synced: bool = False  # trainer.lora_sync=adapter: the engines hold this stage's frozen base
+    # held while the engines sample, take weights or evaluate: an asynchronous sampler thread never overlaps them
+    engine_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def lr(self) -> float:
@@ -68,25 +67,51 @@ class StageContext:
         trainer.lora_sync=adapter the adapter alone, after the stage's frozen base once. Returns the time and
         size of what was sent."""
         if self.cfg.trainer.lora_sync != "adapter":
-            return self.pool.sync_weights(self.trainer.state_dict())
+            state = self.trainer.state_dict()  # gathered before the lock: sampling goes on meanwhile
+            with self.engine_lock:
+                return self.pool.sync_weights(state)
         base = SyncStats(0.0, 0.0)
         if not self._base_synced:  # the engines may hold another stage's weights or an adapter over them
-            base = self.pool.sync_weights(self.trainer.base_state_dict())
+            state = self.trainer.base_state_dict()
+            with self.engine_lock:
+                base = self.pool.sync_weights(state)
             self._base_synced = True
-        adapter = self.pool.sync_adapter(self.trainer.adapter_state_dict(), adapter_config(self.cfg.trainer))
+        tensors = self.trainer.adapter_state_dict()
+        with self.engine_lock:
+            adapter = self.pool.sync_adapter(tensors, adapter_config(self.cfg.trainer))
         return SyncStats(base.seconds + adapter.seconds, base.megabytes + adapter.megabytes)
+
+    def experience_maker(self, pool=None) -> ExperienceMaker:
+        """Samples from the run's engines (or `pool`, distillation's teacher) scored by the recipe's rewards."""
+        return ExperienceMaker(pool or self.pool, self.scorer, self.cfg.reward.max_error_rate,
+                               f"stage {self.index} ({self.stage.kind})", self.engine_lock)
+
+    def experience_source(self, produce, sampler: BatchSampler) -> ExperienceSource:
+        """The stage's batches, on-policy or up to rollout.max_staleness policy versions ahead of the trainer."""
+        return ExperienceSource(produce, self.stage.steps, self.cfg.rollout.max_staleness)
+
+    @contextmanager
+    def releasing(self, *workers) -> Iterator[None]:
+        """The stage's own workers (reference, critic) are stopped when it ends, by an error too."""
+        try:
+            yield
+        finally:
+            self.cluster.release(*workers)
 
     def restored(self, key: str) -> Any:
         """The stage's own extra state saved with the resume point it continues from (None on a fresh start)."""
         return self.resume.extra().get(key) if self.resume is not None else None
 
     def steps(self, sampler: BatchSampler | None = None, groups: dict | None = None,
-              extra: dict | None = None) -> Iterator[int]:
+              extra: dict | None = None,
+              position: Callable[[], int] | None = None) -> Iterator[int]:
         """The stage's step loop. Continues after the resume point when there is one; after each step it
         evaluates (logging.eval_every), writes a resume point (checkpoint.every) and advances the progress bar.
 
         `groups` are trainer groups besides the policy whose state a resume point keeps (PPO's critic);
         `extra` is stage state that is not derived from the recipe (DPO's pairs), read back with `restored`.
+        `position()` is the sampler position a resume point keeps when batches are drawn ahead of the loop
+        (ExperienceSource.position: that after the last batch trained on); by default the sampler's own.
         """
         groups = {"policy": self.trainer} | (groups or {})
         start = 0
@@ -106,8 +131,9 @@ class StageContext:
             self.maybe_snapshot(step)
             if self.checkpointer is not None and every and (step + 1) % every == 0 and step + 1 < self.stage.steps:
                 self.state.step, self.state.global_step = step + 1, self.logger.global_step
-                position = {"sampler_position": sampler.position} if sampler is not None else {}
-                self.checkpointer.save(self.state, groups, (extra or {}) | position)
+                drawn = sampler.position if position is None else position()
+                kept = {"sampler_position": drawn} if sampler is not None else {}
+                self.checkpointer.save(self.state, groups, (extra or {}) | kept)
             self._bar.update(1)
         self._bar.close()
 
@@ -139,10 +165,9 @@ class StageContext:
     def evaluate(self, log: bool = True) -> dict[str, float]:
         """Held-out metrics of the engines' current weights, logged as eval/* with the completions table unless
         `log` is False."""
-        from rlkit.evaluate import evaluate, log_evaluation  # rlkit.evaluate imports this module
-
-        evaluation = evaluate(self.pool, self.scorer, self.held_out, self.cfg.logging,
-                              self.cfg.reward.max_error_rate)
+        with self.engine_lock:
+            evaluation = evaluate(self.pool, self.scorer, self.held_out, self.cfg.logging,
+                                  self.cfg.reward.max_error_rate)
         return log_evaluation(self.logger, evaluation, self.cfg.logging.table_rows) if log else evaluation.metrics
 
     def maybe_evaluate(self, step: int) -> None:
@@ -150,7 +175,7 @@ class StageContext:
         every = self.cfg.logging.eval_every
         if not every or (step + 1) % every or step == self.stage.steps - 1:
             return
-        if self.stage.kind not in SYNCS_EVERY_STEP:
+        if not self.syncs_every_step:
             self.sync_policy()
         metrics = self.evaluate()
         if self.is_best(metrics):
@@ -181,60 +206,6 @@ def sampled_reply(completion, eos_id: int) -> list[int]:
     it was cut at max_new_tokens (so a kept answer teaches the model to stop)."""
     ids = list(completion.token_ids)
     return ids if completion.finished else ids + [eos_id]
-
-
-def to_samples(problems: list[Problem], texts: list[str], repeat: int = 1) -> list[Sample]:
-    """Pair each completion with its problem; completions come `repeat` per problem, in order."""
-    return [
-        Sample(prompt=p.prompt, completion=texts[i * repeat + j], gold=p.answer, task=p.task)
-        for i, p in enumerate(problems)
-        for j in range(repeat)
-    ]
-
-
-def completion_rows(samples: list[Sample], scored) -> list[dict]:
-    """Table rows for samples and their ScoreOutput (matched by position; `samples` may be a prefix)."""
-    return [
-        {"prompt": s.prompt, "gold": s.gold, "completion": s.completion, "reward": score,
-         "verdict": result.verdict.value}
-        for s, score, result in zip(samples, scored.scores, scored.results)
-    ]
-
-
-def generate_and_score(ctx: "StageContext", problems: list[Problem], n: int, temperature: float, seed: int,
-                       timer: "Timer | None" = None, step: int | None = None, pool=None):
-    """n samples per prompt from the current policy (with the engine's log-probs), each scored by the rewards.
-    With `step`, a training step, they may also be logged as a completions table (StageContext.log_completions).
-    `pool` samples from another model's engines instead (distillation's teacher).
-
-    Returns (prompt_ids, completions (B*n,) prompt-major, the scorer's ScoreOutput).
-    """
-    timer = timer or Timer()
-    prompt_ids = [list(p.prompt_ids) for p in problems]  # rendered once, when the data was prepared
-    with timer("generate"):
-        groups = (pool or ctx.pool).generate(prompt_ids, n=n, temperature=temperature, seed=seed)
-    completions = [c for g in groups for c in g]
-    samples = to_samples(problems, [c.text for c in completions], n)
-    with timer("score"):
-        scored = ctx.scorer.score(samples)
-    check_error_rate(scored, ctx.cfg.reward.max_error_rate, f"stage {ctx.index} ({ctx.stage.kind})")
-    if step is not None:
-        ctx.log_completions(step, samples, scored)
-    return prompt_ids, completions, scored
-
-
-class RewardFailure(RuntimeError):
-    """The rewards failed on too many samples of a batch (reward.max_error_rate): the reward is broken."""
-
-
-def check_error_rate(scored, max_rate: float, where: str) -> None:
-    """Stop when the share of samples the rewards failed on (verifier errors, not wrong answers or a model's
-    timeouts) passes `max_rate`, whatever reward.on_error does with each of them."""
-    errors, n = scored.stats.get("errors", 0.0), len(scored.scores)
-    if n and errors / n > max_rate:
-        raise RewardFailure(
-            f"{where}: the rewards failed on {int(errors)} of {n} samples, above reward.max_error_rate={max_rate}; "
-            "check the reward on a file of samples with python -m rlkit.score (its --output shows each error)")
 
 
 class Timer:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from rlkit.algorithms.common import StageContext, generate_and_score
+from rlkit.algorithms.common import StageContext
 from rlkit.config import RecipeError
 from rlkit.data import BatchSampler
 from rlkit.trainer import PairBatch, TokenBatch, pack_sequences
@@ -25,14 +25,13 @@ def build_pairs(ctx: StageContext, num_prompts: int) -> list[tuple[list[int], li
     """(prompt_ids, chosen_ids, rejected_ids) triples from the policy's own wrong answers."""
     train, renderer = ctx.data.problems, ctx.data.renderer
     problems = random.Random(ctx.seed()).sample(train, min(num_prompts, len(train)))
-    prompt_ids, completions, scored = generate_and_score(ctx, problems, SAMPLES_PER_PROMPT, 1.0, ctx.seed())
+    exp = ctx.experience_maker().make(problems, SAMPLES_PER_PROMPT, 1.0, ctx.seed())
     pairs = []
     for i, problem in enumerate(problems):
-        for j in range(SAMPLES_PER_PROMPT):
-            k = i * SAMPLES_PER_PROMPT + j
-            if scored.valid[k] and scored.results[k].verdict != Verdict.CORRECT:
-                pairs.append((prompt_ids[i], renderer.reply_ids(problem, problem.solution),
-                              list(completions[k].token_ids)))
+        for k in range(exp.group(i).start, exp.group(i).stop):
+            if exp.scored.valid[k] and exp.scored.results[k].verdict != Verdict.CORRECT:
+                pairs.append((exp.prompt_ids[i], renderer.reply_ids(problem, problem.solution),
+                              list(exp.completions[k].token_ids)))
                 break
     return pairs
 
@@ -45,13 +44,8 @@ def pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], pad_id: int)
 
 
 def train(ctx: StageContext) -> None:
-    cfg, stage = ctx.cfg, ctx.stage
-    if cfg.trainer.micro_batch_size % 2:
-        raise RecipeError("trainer.micro_batch_size: DPO keeps each pair in one micro-batch, so it must be even")
-    if stage.pairs == "online":
-        from rlkit.algorithms import online_dpo
-
-        return online_dpo.train(ctx)
+    """Pairs from the dataset or sampled once from the starting policy (`pairs: online` is online_dpo.train)."""
+    stage = ctx.stage
     pairs = ctx.restored("pairs")  # a resumed stage keeps the pairs sampled from its starting policy
     if stage.pairs == "dataset":
         pairs = ctx.data.pairs  # rendered and length-checked when the data was prepared
@@ -62,9 +56,9 @@ def train(ctx: StageContext) -> None:
         ctx.logger.log({f"{ctx.prefix}/num_pairs": len(pairs)})
     ref = ctx.cluster.reference(ctx.model_path)
     sampler = BatchSampler(pairs, stage.batch_size, ctx.seed())
-    for step in ctx.steps(sampler, extra={"pairs": pairs} if stage.pairs == "policy" else None):
-        train_step(ctx, ref, step, sampler.next())
-    ctx.cluster.release(ref)
+    with ctx.releasing(ref):
+        for step in ctx.steps(sampler, extra={"pairs": pairs} if stage.pairs == "policy" else None):
+            train_step(ctx, ref, step, sampler.next())
 
 
 def train_step(ctx: StageContext, ref, step: int, pairs: list[tuple[list[int], list[int], list[int]]]) -> None:

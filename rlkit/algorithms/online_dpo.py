@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from rlkit.algorithms.common import StageContext, generate_and_score, sampled_reply
+from rlkit.algorithms.common import StageContext, sampled_reply
 from rlkit.algorithms.dpo import train_step
 from rlkit.data import BatchSampler
 from rewards.base import Verdict
@@ -54,20 +54,21 @@ def sample_pairs(ctx: StageContext, round_index: int, num_prompts: int) -> tuple
     """One round's pairs from the current policy, and what sampling them found."""
     n, train, renderer = ctx.stage.samples, ctx.data.problems, ctx.data.renderer
     problems = random.Random(ctx.seed() * 7919 + round_index).sample(train, min(num_prompts, len(train)))
-    prompt_ids, completions, scored = generate_and_score(ctx, problems, n, ctx.cfg.rollout.temperature,
-                                                         ctx.seed() * 7919 + round_index)
-    texts, verdicts = [c.text for c in completions], [r.verdict for r in scored.results]
+    exp = ctx.experience_maker().make(problems, n, ctx.cfg.rollout.temperature, ctx.seed() * 7919 + round_index)
+    texts, scored = exp.texts, exp.scored
+    verdicts = [r.verdict for r in scored.results]
     pairs, gold_chosen = [], 0
     for i, problem in enumerate(problems):
-        span = slice(i * n, (i + 1) * n)
+        span = exp.group(i)
         picked = pick_pair(texts[span], scored.scores[span], verdicts[span], scored.valid[span])
         if picked is None:
             continue
         chosen, rejected = picked
         gold_chosen += chosen is None
+        completions = exp.completions[span]
         chosen_ids = (renderer.reply_ids(problem, problem.solution) if chosen is None
-                      else sampled_reply(completions[i * n + chosen], renderer.eos_id))
-        pairs.append((prompt_ids[i], chosen_ids, list(completions[i * n + rejected].token_ids)))
+                      else sampled_reply(completions[chosen], renderer.eos_id))
+        pairs.append((exp.prompt_ids[i], chosen_ids, list(completions[rejected].token_ids)))
     return pairs, {
         "round/sample_accuracy": sum(v == Verdict.CORRECT for v in verdicts) / len(verdicts),
         "round/num_pairs": float(len(pairs)),
@@ -81,21 +82,23 @@ def train(ctx: StageContext) -> None:
     state["round"] = -1 if state["round"] is None else state["round"]
     ref = ctx.cluster.reference(ctx.model_path)
     sampler = BatchSampler(state["pairs"] or [None], stage.batch_size, ctx.seed())
-    for step in ctx.steps(sampler, extra=state):
-        r = round_of(step, stage.steps, stage.rounds)
-        if r != state["round"]:
-            if state["round"] >= 0:
-                end_round(ctx, state["round"])
-            start = _round_end(r - 1, stage.steps, stage.rounds) if r else 0
-            pairs, metrics = sample_pairs(ctx, r, (_round_end(r, stage.steps, stage.rounds) - start) * stage.batch_size)
-            ctx.logger.log({f"{ctx.prefix}/{k}": v for k, v in metrics.items()} | {f"{ctx.prefix}/round/index": r})
-            state["pairs"], state["round"] = pairs, r
-            if pairs:
-                sampler.reset(pairs)
-        if state["pairs"]:  # a round where every sample was correct has nothing to learn from
-            train_step(ctx, ref, step, sampler.next())
-    end_round(ctx, state["round"])
-    ctx.cluster.release(ref)
+    with ctx.releasing(ref):
+        for step in ctx.steps(sampler, extra=state):
+            r = round_of(step, stage.steps, stage.rounds)
+            if r != state["round"]:
+                if state["round"] >= 0:
+                    end_round(ctx, state["round"])
+                start = _round_end(r - 1, stage.steps, stage.rounds) if r else 0
+                prompts = (_round_end(r, stage.steps, stage.rounds) - start) * stage.batch_size
+                pairs, metrics = sample_pairs(ctx, r, prompts)
+                ctx.logger.log({f"{ctx.prefix}/{k}": v for k, v in metrics.items()}
+                               | {f"{ctx.prefix}/round/index": r})
+                state["pairs"], state["round"] = pairs, r
+                if pairs:
+                    sampler.reset(pairs)
+            if state["pairs"]:  # a round where every sample was correct has nothing to learn from
+                train_step(ctx, ref, step, sampler.next())
+        end_round(ctx, state["round"])
 
 
 def end_round(ctx: StageContext, round_index: int) -> None:

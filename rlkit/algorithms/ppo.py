@@ -4,19 +4,26 @@ Per-token rewards: the verifier's score on the last response token, and (with `r
 PPO choice) a per-token KL penalty -kl_coef * k(old, ref). Advantages come from GAE over the critic's values
 (`algo.gamma`, `algo.gae_lambda`) and are whitened over the batch's response tokens. One sample per prompt;
 the critic starts from the policy checkpoint's transformer body with a zero value head.
+
+Each batch trains in `algo.ppo_epochs` passes of `algo.ppo_minibatches` shuffled minibatches (policy and critic
+step together on the same rows), stopping early once a minibatch's approx_kl passes `algo.target_kl`; logged as
+cleanrl's ppo.py does: approx_kl, clip_fraction, value/explained_variance. The rest of the step (experience,
+update, sync, asynchronous sampling) is GRPO's: rlkit.algorithms.onpolicy.
 """
 
 from __future__ import annotations
 
 import torch
 
+import time
+from dataclasses import replace
+
 from kernels import gae
-from rlkit.algorithms.common import StageContext, Timer, generate_and_score
-from rlkit.algorithms.grpo import reward_metrics, rollout_logprob_tensor, rollout_metrics, summarize
+from rlkit.algorithms.common import StageContext, Timer
+from rlkit.algorithms.onpolicy import policy_batch, sync_and_log, token_metrics, update_policy
 from rlkit.critic import ValueBatch
 from rlkit.data import BatchSampler
 from rlkit.losses import kl_estimate, token_normalizer
-from rlkit.trainer import PolicyBatch, pack_sequences
 
 
 def terminal_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -46,61 +53,72 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the counted tokens: 1 is a perfect critic, 0 one no better than
+    the mean, negative a worse one (cleanrl's ppo.py logs it). NaN when the returns do not vary.
+
+    >>> explained_variance(torch.tensor([[1.0, 3.0, 0.0]]), torch.tensor([[2.0, 4.0, 9.0]]), torch.tensor([[1.0, 1.0, 0.0]]))
+    1.0
+    >>> explained_variance(torch.tensor([[3.0, 3.0]]), torch.tensor([[2.0, 4.0]]), torch.ones(1, 2))
+    0.0
+    """
+    kept = mask > 0
+    v, r = values[kept].double(), returns[kept].double()
+    var = r.var(unbiased=False)
+    return float("nan") if var == 0 else float(1.0 - (r - v).var(unbiased=False) / var)
+
+
 def train(ctx: StageContext) -> None:
-    cfg, stage, algo, pad_id = ctx.cfg, ctx.stage, ctx.cfg.algo, ctx.data.renderer.pad_id
-    n, temperature = 1, cfg.rollout.temperature  # PPO: one sample per prompt
+    cfg, stage, algo = ctx.cfg, ctx.stage, ctx.cfg.algo
+    temperature = cfg.rollout.temperature
     ref = ctx.cluster.reference(ctx.model_path)
     critic = ctx.cluster.critic_group(ctx.model_path, ctx.lr, ctx.warmup_steps)
     sampler = BatchSampler(ctx.data.problems, stage.batch_size, ctx.seed())
-    for step in ctx.steps(sampler, {"critic": critic}):
-        timer = Timer()
-        problems = sampler.next()
+    maker = ctx.experience_maker()
 
-        # generate and score
-        prompt_ids, completions, scored = generate_and_score(ctx, problems, n, temperature, ctx.seed() + step, timer,
-                                                             step)
-        scores = torch.tensor(scored.scores, dtype=torch.float32)  # (B,)
-        valid = torch.tensor(scored.valid, dtype=torch.float32)
-        tokens = pack_sequences(prompt_ids, [list(c.token_ids) for c in completions], pad_id)
-        mask = tokens.response_mask * valid[:, None]  # (B, L-1)
+    def produce(step: int, version: int):  # PPO: one sample per prompt
+        return maker.make_groups(sampler, 1, temperature, ctx.seed() + step, 1, version)
 
-        # reference, old log-probs and values
-        with timer("reference"):
-            old_logprobs = ctx.trainer.logprobs(tokens, temperature)
-            ref_logprobs = ref.logprobs(tokens, temperature)
-            old_values = critic.values(tokens)  # (B, L-1)
+    with ctx.releasing(ref, critic), ctx.experience_source(produce, sampler) as source:
+        for step in ctx.steps(sampler, {"critic": critic}, position=lambda: source.position):
+            timer, started = Timer(), time.perf_counter()
 
-        # advantages: GAE over per-token rewards (score at the end, KL penalty along the way)
-        kl = kl_estimate(old_logprobs, ref_logprobs, cfg.ref.kl_estimator) * mask
-        rewards = terminal_rewards(scores * valid, mask)
-        if cfg.ref.kl_in == "reward":
-            rewards = rewards - cfg.ref.kl_coef * kl
-        advantages, returns = gae(rewards, old_values * mask, mask, algo.gamma, algo.gae_lambda)
-        advantages = whiten(advantages, mask)
-        normalizer = float(token_normalizer(mask, "token-mean"))
-        rollout_lp = rollout_logprob_tensor(completions, [len(p) for p in prompt_ids], mask.shape[1])
-        batch = PolicyBatch(
-            tokens, mask, old_logprobs, ref_logprobs, rollout_lp, advantages,
-            float(token_normalizer(mask, algo.loss_agg, cfg.rollout.max_new_tokens)),
-            kl_coef=cfg.ref.kl_coef if cfg.ref.kl_in == "loss" else 0.0, temperature=temperature,
-        )
+            # generate and score
+            exp = source.get(step)  # B prompts x 1 sample
+            timer.seconds |= maker.take_seconds()
+            ctx.log_completions(step, exp.samples(), exp.scored)
+            scores, valid = exp.rewards, exp.scorable.float()  # (B,)
+            tokens = exp.token_batch(ctx.data.renderer.pad_id)
+            mask = tokens.response_mask * valid[:, None]  # (B, L-1)
 
-        # update policy and critic
-        with timer("train"):
-            for _ in range(algo.ppo_epochs):
-                metrics = ctx.trainer.policy_step(batch)
-                value_metrics = critic.value_step(ValueBatch(tokens, mask, old_values, returns, normalizer))
+            # reference, old log-probs and values
+            with timer("reference"):
+                old_logprobs = ctx.trainer.logprobs(tokens, temperature)
+                ref_logprobs = ref.logprobs(tokens, temperature)
+                old_values = critic.values(tokens)  # (B, L-1)
 
-        # sync
-        with timer("weight_sync"):
-            sync = ctx.sync_policy()
+            # advantages: GAE over per-token rewards (score at the end, KL penalty along the way)
+            kl = kl_estimate(old_logprobs, ref_logprobs, cfg.ref.kl_estimator) * mask
+            rewards = terminal_rewards(scores * valid, mask)
+            if cfg.ref.kl_in == "reward":
+                rewards = rewards - cfg.ref.kl_coef * kl
+            advantages, returns = gae(rewards, old_values * mask, mask, algo.gamma, algo.gae_lambda)
+            advantages = whiten(advantages, mask)
+            batch = policy_batch(cfg, exp, tokens, mask, old_logprobs, ref_logprobs, advantages)
+            values = ValueBatch(tokens, mask, old_values, returns, float(token_normalizer(mask, "token-mean")))
 
-        # log
-        metrics = summarize(metrics) | rollout_metrics(completions, timer)
-        metrics |= {f"value/{k}": v for k, v in value_metrics.items()}
-        metrics |= reward_metrics(scores, valid) | {f"reward/{k}": v for k, v in scored.stats.items()}
-        metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s,
-                    "weight_sync/megabytes": sync.megabytes}
-        ctx.log_step(step, metrics, timer.metrics(ctx.prefix))
-        ctx.show(reward=f"{float(scores.mean()):.3f}", vloss=f"{value_metrics['value_loss']:.4f}")
-    ctx.cluster.release(ref, critic)
+            def value_step(rows):  # the critic learns on the policy's minibatch rows
+                if algo.ppo_minibatches == 1:
+                    return critic.value_step(values)
+                part = values.select(rows)
+                return critic.value_step(replace(part, normalizer=float(token_normalizer(part.mask, "token-mean"))))
+
+            # update policy and critic: ppo_epochs x ppo_minibatches optimizer steps
+            with timer("train"):
+                metrics = update_policy(ctx, batch, step, value_step)
+
+            # sync, then log
+            metrics |= token_metrics(tokens, timer.seconds["train"])
+            metrics |= {"value/explained_variance": explained_variance(old_values, returns, mask)}
+            sync_and_log(ctx, step, exp, source, metrics, timer, started,
+                         {"reward": f"{float(scores.mean()):.3f}", "vloss": f"{metrics['value/value_loss']:.4f}"})

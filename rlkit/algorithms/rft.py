@@ -16,7 +16,7 @@ import json
 import random
 
 from rlkit.algorithms import sft
-from rlkit.algorithms.common import StageContext, generate_and_score, sampled_reply
+from rlkit.algorithms.common import StageContext, sampled_reply
 from rlkit.config import RecipeError
 from rewards.base import Verdict
 
@@ -45,18 +45,17 @@ def collect(ctx: StageContext, pool) -> tuple[list[sft.Example], dict[str, float
     stage, train = ctx.stage, ctx.data.problems
     problems = random.Random(ctx.seed()).sample(train, min(stage.steps * stage.batch_size, len(train)))
     n, eos = stage.samples, ctx.data.renderer.eos_id
-    prompt_ids, completions, scored = generate_and_score(ctx, problems, n, ctx.cfg.rollout.temperature, ctx.seed(),
-                                                         pool=pool)
-    texts = [c.text for c in completions]  # (P*n,) prompt-major
+    exp = ctx.experience_maker(pool).make(problems, n, ctx.cfg.rollout.temperature, ctx.seed())  # P x n
+    texts, scored = exp.texts, exp.scored
     verdicts = [r.verdict for r in scored.results]
     examples, rows, covered = [], [], 0
     for i, problem in enumerate(problems):
-        span = slice(i * n, (i + 1) * n)
+        span = exp.group(i)
         kept = accept(texts[span], scored.scores[span], verdicts[span], scored.valid[span], stage.keep)
         covered += bool(kept)
         for j in kept:
-            examples.append(sft.prompt_reply(prompt_ids[i], sampled_reply(completions[i * n + j], eos)))
-            rows.append({"prompt": problem.prompt, "gold": problem.answer, "completion": texts[i * n + j]})
+            examples.append(sft.prompt_reply(exp.prompt_ids[i], sampled_reply(exp.completions[span][j], eos)))
+            rows.append({"prompt": problem.prompt, "gold": problem.answer, "completion": texts[span][j]})
     with open(ctx.logger.run_dir / f"{ctx.checkpoint_name}.examples.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     metrics = {

@@ -60,6 +60,15 @@ def test_yaml_then_overrides_in_order(tmp_path):
         (["algo.ratio_level=sequence", "algo.loss_agg=seq-mean-token-mean", "algo.pg_loss=cispo"], "algo.pg_loss=clip"),
         (["algo.pg_loss=ppo"], "algo.pg_loss: 'ppo' is not one of clip, cispo"),
         (["algo.loss_agg=seq-sum"], "is not one of token-mean, seq-mean-token-mean, seq-mean-token-sum-norm"),
+        # asynchronous RL, minibatches, stage checks moved to load time
+        (["rollout.max_staleness=1"], "rollout.max_staleness: 1 trains on samples from older weights"),
+        (["rollout.max_staleness=-1"], "rollout.max_staleness: must be >= 0, got -1"),
+        (["stages=[{kind: grpo, batch_size: 3}]", "algo.group_size=2", "algo.ppo_minibatches=4"],
+         "algo.ppo_minibatches: 6 rows per step of stages.0 do not split into 4 minibatches"),
+        (["algo.target_kl=-0.1"], "algo.target_kl: must be >= 0"),
+        (["stages=[{kind: dpo}]", "trainer.micro_batch_size=3"], "DPO keeps each pair in one micro-batch"),
+        (["stages=[{kind: sft}, {kind: average, source: sfft}]"],
+         "stages.1.source: 'sfft' is not an earlier stage; expected one of ['01_sft']"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, expected):

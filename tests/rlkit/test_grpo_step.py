@@ -1,6 +1,7 @@
 """GRPO's step (rlkit.algorithms.grpo.train) on fake workers: what reaches the trainer when the reward policy
 excludes samples, and that nothing changes when every sample is scored."""
 
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ from rewards.scorer import ScoreOutput
 from rlkit.algorithms import grpo
 from rlkit.config import AlgoConfig, RecipeConfig, StageConfig
 from rlkit.data import Problem
+from rlkit.experience import ExperienceMaker, ExperienceSource
 from rollout.vllm_engine import Completion, SyncStats
 
 LENGTHS = [3, 2, 4, 1, 2, 3, 1, 4]  # completion tokens of the step's 2 prompts x 4 samples
@@ -57,7 +59,10 @@ def run_step(rewards, **algo):
     ctx = SimpleNamespace(
         cfg=cfg, stage=cfg.stages[0], data=SimpleNamespace(problems=problems, renderer=SimpleNamespace(pad_id=0)),
         pool=workers, scorer=workers, trainer=workers, cluster=workers, model_path="", prefix="grpo", index=0,
-        steps=lambda sampler: range(1), seed=lambda: 0, sync_policy=lambda: SyncStats(0.0, 0.0),
+        steps=lambda sampler, position: range(1), seed=lambda: 0, sync_policy=lambda: SyncStats(0.0, 0.0),
+        experience_maker=lambda: ExperienceMaker(workers, workers, 0.5, "test"),
+        experience_source=lambda produce, sampler: ExperienceSource(produce, 1, 0),
+        releasing=lambda *workers: contextlib.nullcontext(),
         log_completions=lambda *a: None, log_step=lambda step, metrics, extra: workers.__setattr__("metrics", metrics),
         show=lambda **kw: None)
     grpo.train(ctx)
