@@ -3,6 +3,7 @@
     pip install trl            # only for this benchmark
     python bench/throughput.py [--steps 8] [--warmup 2] [--prompts 8] [--group 8]
     python bench/throughput.py --model runs/smollm2-135m-instruct   # a real chat model, bf16 on both sides
+    python bench/throughput.py --lengths gsm8k --precision bf16      # GSM8K prompts, bf16 mixed precision
 
 Without `--model`, both sides train the same randomly initialised 512-wide, 8-layer Llama (character tokenizer)
 in float32 on plain-text prompts. With `--model DIR` (a local Hugging Face folder; nothing is fetched) both load
@@ -25,6 +26,16 @@ tokens/s ratio). Below the table: rlkit's median seconds per phase, and the rati
 scoring and weight sync cost nothing (the reference forward and the policy update are the same arithmetic on both
 sides). `--rollout-dtype bfloat16` runs rlkit's engine in bfloat16 without `--model` (TRL still generates in
 float32 there).
+
+`--precision bf16` runs the embedded model as `--model` runs its chat model: bf16 mixed precision on both sides
+(TRL's own default, `bf16=True` over float32 weights; rlkit `trainer.dtype`, `ref.dtype` and `rollout.dtype`
+bfloat16), the same GRPO settings otherwise. `--lengths gsm8k` swaps the arithmetic prompts for GSM8K questions
+(data/gsm8k_test.jsonl) under a byte-level BPE (vocabulary 2048) trained on that file at run time, the model
+built with that tokenizer (same shape), up to `--new-tokens` (default 256) completion tokens, and rlkit bins each
+update's rows by length (`trainer.micro_batch_tokens` GSM8K_BUDGET; packing stays off: with sdpa on CPU it is the
+slower path, bench/lengths.py). TRL's GRPOTrainer has no padding-free option (GRPOConfig has no `padding_free`
+in TRL 1.16, only its SFT and DPO configs do), so it runs padded. The random model seldom samples its end token,
+so completions run to the limit on both sides: the length mix is in the prompts (`len` shows it).
 """
 
 from __future__ import annotations
@@ -47,6 +58,8 @@ PHASES = ("generate", "score", "reference", "train", "weight_sync")
 MODEL = dict(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, max_seq_len=96)
 PROMPT_TEMPLATE = "{prompt}?\nPut the final answer after ####."  # as recipes/smollm2_arith.yaml
 CHAT_MAX_SEQ_LEN = 160  # a rendered add_hard prompt is ~45 SmolLM2 tokens, + 64 new
+GSM8K_MAX_PROMPT = 256  # BPE tokens; longer questions are left out on both sides (none in the test split)
+GSM8K_BUDGET = 4096  # rlkit's trainer.micro_batch_tokens at GSM8K lengths
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,8 @@ class Setup:
 
     model_path: str
     chat: bool = False  # a real chat model (--model): bf16, chat-template prompts, add_hard
+    bf16: bool = False  # bf16 mixed precision on both sides (always with a chat model)
+    gsm8k: str = ""  # a prompt/answer .jsonl of GSM8K questions (--lengths gsm8k) instead of arithmetic
     prompts: int = 8  # prompts per step
     group: int = 8  # samples per prompt
     new_tokens: int = 64  # most completion tokens
@@ -65,6 +80,8 @@ class Setup:
     @property
     def data(self) -> dict:
         """DataConfig fields of the prompts (TRL draws its own from the same generator)."""
+        if self.gsm8k:
+            return dict(source=self.gsm8k, chat_template="none")
         if self.chat:
             return dict(tasks=["add_hard"], max_digits=2, prompt_template=PROMPT_TEMPLATE)
         return dict(max_digits=2)
@@ -79,7 +96,7 @@ def rlkit_overrides(s: Setup, run_dir: Path, rollout_dtype: str, steps: int) -> 
     >>> o[-1]
     'data.prompt_template="{prompt}?\\\\nPut the final answer after ####."'
     """
-    seq_len = CHAT_MAX_SEQ_LEN if s.chat else MODEL["max_seq_len"]
+    seq_len = GSM8K_MAX_PROMPT + s.new_tokens if s.gsm8k else CHAT_MAX_SEQ_LEN if s.chat else MODEL["max_seq_len"]
     out = [
         f"model.path={s.model_path}", f"model.max_seq_len={seq_len}",
         f"logging.output_dir={run_dir}", "logging.wandb_mode=disabled", "logging.log_every=1",
@@ -87,9 +104,13 @@ def rlkit_overrides(s: Setup, run_dir: Path, rollout_dtype: str, steps: int) -> 
         f"ref.kl_coef={s.beta}", f"rollout.dtype={rollout_dtype}", f"rollout.temperature={s.temperature}",
         f"stages=[{{kind: grpo, steps: {steps}, batch_size: {s.prompts}, lr: {s.lr}}}]",
     ]
-    if s.chat:  # a JSON string is a YAML double-quoted one: the template's newline survives the override parser
-        out += ["trainer.dtype=bfloat16", "ref.dtype=bfloat16", f"data.tasks=[{','.join(s.data['tasks'])}]",
-                f"data.prompt_template={json.dumps(PROMPT_TEMPLATE)}"]
+    if s.chat or s.bf16:
+        out += ["trainer.dtype=bfloat16", "ref.dtype=bfloat16"]
+    if s.gsm8k:  # rows binned by length: less padding per micro-batch (bench/lengths.py)
+        out += [f"data.source={s.gsm8k}", "data.num_train=1200", "data.chat_template=none",
+                f"trainer.micro_batch_tokens={GSM8K_BUDGET}"]
+    elif s.chat:  # a JSON string is a YAML double-quoted one: the template's newline survives the override parser
+        out += [f"data.tasks=[{','.join(s.data['tasks'])}]", f"data.prompt_template={json.dumps(PROMPT_TEMPLATE)}"]
     return out
 
 
@@ -108,7 +129,7 @@ def trl_args(s: Setup, out: Path, steps: int) -> dict:
                 temperature=s.temperature, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
                 save_strategy="no", seed=0,
                 gradient_checkpointing=False)  # GRPOConfig's default is on, rlkit's off: same arithmetic on both
-    if s.chat:  # bf16 mixed precision over float32 weights, like rlkit's trainer.dtype=bfloat16
+    if s.chat or s.bf16:  # bf16 mixed precision over float32 weights, like rlkit's trainer.dtype=bfloat16
         args.update(bf16=True, model_init_kwargs={"dtype": "float32"})
     return args
 
@@ -119,6 +140,26 @@ def build_model(folder: Path) -> Path:
 
     model, tokenizer = init_model(ModelConfig(**MODEL))
     return save_checkpoint(model, tokenizer, folder / "model", "")
+
+
+def build_gsm8k(folder: Path, max_seq_len: int) -> tuple[Path, Path]:
+    """The embedded model's shape over a byte-level BPE trained on GSM8K here, and a prompt/answer .jsonl of the
+    GSM8K questions (gold: the number after ####) that fit GSM8K_MAX_PROMPT tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    from bench.lengths import GSM8K, train_bpe
+    from rlkit.config import ModelConfig
+    from rlkit.modeling import build_model as build_llama, save_checkpoint
+
+    core = train_bpe()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        clean_up_tokenization_spaces=False)
+    model = build_llama(ModelConfig(**MODEL | {"max_seq_len": max_seq_len}), len(tokenizer), tokenizer)
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()]
+    lines = [json.dumps({"prompt": r["question"], "answer": r["answer"].split("####")[-1].strip()}) for r in rows
+             if len(core.encode(r["question"]).ids) < GSM8K_MAX_PROMPT]
+    (folder / "gsm8k.jsonl").write_text("\n".join(lines) + "\n")
+    return save_checkpoint(model, tokenizer, folder / "model", ""), folder / "gsm8k.jsonl"
 
 
 def run_rlkit(s: Setup, steps: int, warmup: int, work: Path, rollout_dtype: str) -> dict:
@@ -167,8 +208,10 @@ class StepTimer(TrainerCallback):
         if logs and "completions/mean_length" in logs: self.lengths.append(logs["completions/mean_length"])
 
 cfg = DataConfig(num_train=2000, num_eval=16, **job["data"])
-train, _ = synthetic_splits(cfg)
-if job["chat"]:  # conversational prompts: TRL renders them with the tokenizer's chat template
+train = [] if job["gsm8k"] else synthetic_splits(cfg)[0]
+if job["gsm8k"]:  # the same prompt/answer file rlkit reads, as plain text after BOS (data.chat_template=none)
+    rows = [{"prompt": "<s>" + r["prompt"], "answer": r["answer"]} for r in map(json.loads, open(job["gsm8k"]))]
+elif job["chat"]:  # conversational prompts: TRL renders them with the tokenizer's chat template
     rows = [{"prompt": [{"role": "user", "content": cfg.prompt_template.format(prompt=p.prompt)}],
              "answer": p.answer, "question": p.prompt} for p in train]
 else:
@@ -186,7 +229,7 @@ print("RESULT", json.dumps({"times": timer.times, "lengths": timer.lengths, "pre
 
 
 def run_trl(s: Setup, steps: int, warmup: int, work: Path) -> dict:
-    job = dict(repo=str(REPO), model_path=s.model_path, chat=s.chat, data=s.data,
+    job = dict(repo=str(REPO), model_path=s.model_path, chat=s.chat, data=s.data, gsm8k=s.gsm8k,
                args=trl_args(s, work / "trl_out", steps))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # local paths only
     proc = subprocess.run([sys.executable, "-c", TRL_SCRIPT, json.dumps(job)], cwd=work, capture_output=True,
@@ -208,6 +251,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--group", type=int, default=8, help="samples per prompt")
     parser.add_argument("--model", default="", help="a local Hugging Face chat model folder (bf16 on both sides)")
+    parser.add_argument("--lengths", default="arith", choices=("arith", "gsm8k"),
+                        help="prompts: two-digit arithmetic, or GSM8K questions under a BPE trained here")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="bf16: mixed precision on both sides (TRL's default), with --model always")
+    parser.add_argument("--new-tokens", type=int, default=0, help="most completion tokens (0: 64, gsm8k 256)")
     parser.add_argument("--rollout-dtype", default=None,
                         help="rlkit's engine dtype (default: auto, float32 on CPU, the precision TRL generates in "
                              "here; bfloat16 with --model)")
@@ -216,11 +264,19 @@ def main() -> None:
         import trl  # noqa: F401
     except ImportError:
         raise SystemExit("TRL is the baseline: pip install trl")
-    rollout_dtype = args.rollout_dtype or ("bfloat16" if args.model else "auto")
+    if args.model and args.lengths == "gsm8k":
+        raise SystemExit("--lengths gsm8k builds its own model (a BPE trained on GSM8K); drop --model")
+    bf16 = bool(args.model) or args.precision == "bf16"
+    rollout_dtype = args.rollout_dtype or ("bfloat16" if bf16 else "auto")
+    new_tokens = args.new_tokens or (256 if args.lengths == "gsm8k" else 64)
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        model_path = Path(args.model).resolve() if args.model else build_model(work)
-        s = Setup(str(model_path), chat=bool(args.model), prompts=args.prompts, group=args.group)
+        work, gsm8k = Path(tmp), ""
+        if args.lengths == "gsm8k":
+            model_path, gsm8k = build_gsm8k(work, GSM8K_MAX_PROMPT + new_tokens)
+        else:
+            model_path = Path(args.model).resolve() if args.model else build_model(work)
+        s = Setup(str(model_path), chat=bool(args.model), bf16=bf16, gsm8k=str(gsm8k), prompts=args.prompts,
+                  group=args.group, new_tokens=new_tokens)
         t0 = time.perf_counter()
         ours = run_rlkit(s, args.steps, args.warmup, work, rollout_dtype)
         t1 = time.perf_counter()
@@ -230,10 +286,13 @@ def main() -> None:
 
 
 def report(s: Setup, warmup: int, rollout_dtype: str, ours: dict, theirs: dict, walls: tuple[float, float]) -> None:
-    model = s.model_path if s.chat else MODEL
+    model = s.model_path if s.chat else MODEL | ({"max_seq_len": GSM8K_MAX_PROMPT + s.new_tokens} if s.gsm8k else {})
     print(f"GRPO, {s.prompts} prompts x {s.group} samples, <= {s.new_tokens} new tokens, model {model}, "
           f"rlkit rollout.dtype={rollout_dtype}")
-    if s.chat:
+    if s.gsm8k:
+        print(f"GSM8K questions (byte-level BPE trained here); rlkit trainer.micro_batch_tokens={GSM8K_BUDGET}; "
+              "TRL padded (GRPOTrainer has no padding-free option)")
+    if s.chat or s.bf16:
         print(f"rlkit trainer.dtype=bfloat16 (float32 master weights), ref.dtype=bfloat16; TRL {theirs['precision']}")
     print(f"median of {ours['steps']} (rlkit) and {theirs['steps']} (TRL) steps after {warmup} warm-up steps")
     print(f"{'':10s} {'samples/s':>10s} {'tokens/s':>10s} {'len':>6s} {'wall s':>8s}")

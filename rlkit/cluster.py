@@ -208,7 +208,7 @@ class Cluster:
         cfg = self.cfg
         t = cfg.trainer
         args = (cfg.ref, model_path, t.micro_batch_size, t.logprob_impl, t.micro_batch_tokens, t.packing,
-                t.attn_implementation)
+                t.attn_implementation, t.compile)
         if self.ray is None:
             return ReferenceModel(*args)
         return _Blocking(self._actor(ReferenceModel, 1, self.cfg.cluster.gpus_per_trainer).remote(*args), self.ray.get)

@@ -9,7 +9,7 @@ import torch
 from rlkit.config import AlgoConfig, TrainerConfig
 from rlkit.losses import value_loss
 from rlkit.packing import layout_rows
-from rlkit.rank import RankWorker, autocast_dtype, enable_gradient_checkpointing, prepare_torch
+from rlkit.rank import RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch
 from rlkit.trainer import TokenBatch
 
 
@@ -58,6 +58,7 @@ class CriticTrainer(RankWorker):
         body = AutoModel.from_pretrained(model_path, dtype=getattr(torch, cfg.param_dtype),
                                          attn_implementation=cfg.attn_implementation)
         enable_gradient_checkpointing(body, cfg)
+        compile_blocks(list(body.layers), cfg.compile)
         model = ValueModel(body, cfg.packing, autocast_dtype(cfg, world_size))
         super().__init__(cfg, model, list(body.layers), lr, warmup_steps, rank, world_size)
 

@@ -9,6 +9,7 @@ one rank. The log-prob kernel runs outside autocast and accumulates in float32 e
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,8 @@ import torch
 
 from rlkit.config import TrainerConfig
 from rlkit.packing import split_micro_batches
+
+log = logging.getLogger(__name__)
 
 
 def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
@@ -41,6 +44,29 @@ def enable_gradient_checkpointing(model, cfg: TrainerConfig) -> None:
     frozen embeddings) and runs inside FSDP2's per-block units, which gather the block again for the recompute."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def compile_blocks(blocks: list[torch.nn.Module], enabled: bool) -> None:
+    """trainer.compile: each transformer block's forward through torch.compile (Inductor; AOTAutograd compiles its
+    backward), the rest of the model eager. Blocks, not the whole model (PyTorch's "regional compilation"): the
+    blocks share one code object, so one graph serves them all and compiles once, and what stays eager around
+    them — transformers' mask building, which reads packed rows' position_ids, the embedding and the log-prob
+    kernel — causes no graph break. The module's own call (FSDP2's hooks, gradient checkpointing's recompute)
+    wraps the compiled forward unchanged. dynamic=True makes the micro-batch's rows and length symbols from the
+    first compile, so a new packed or padded length reuses the graph."""
+    if enabled:
+        for block in blocks:
+            block.forward = torch.compile(block.forward, dynamic=True)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in torch.compile so far (Dynamo's own clock; 0 if it has none)."""
+    try:
+        from torch._dynamo.utils import calculate_time_spent
+
+        return float(calculate_time_spent().get("total_wall_time", 0.0))
+    except (ImportError, AttributeError):  # a private helper: a torch without it logs no compile time
+        return 0.0
 
 
 def shard_with_fsdp2(root: torch.nn.Module, blocks: list[torch.nn.Module], rank: int, world_size: int,
@@ -79,6 +105,7 @@ class RankWorker:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(warmup_steps))
         self.step_count = 0
+        self._compile_clock = compile_seconds()  # the step's perf/compile_seconds count from here
 
     def micro_batches(self, batch) -> list[torch.Tensor]:
         """Row indices (b_i,) of each micro-batch of this rank's rows (trainer.micro_batch_size/_tokens).
@@ -114,7 +141,19 @@ class RankWorker:
         self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
-        return totals | {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+        return totals | {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]} | self._compile_metrics()
+
+    def _compile_metrics(self) -> dict[str, float]:
+        """perf/compile_seconds under trainer.compile: torch.compile time in this process since the previous step
+        (log-prob passes' compiles included), 0 once nothing recompiles. Every rank reports the key (the group sums
+        them), divided by the ranks: the sum is their mean."""
+        if not self.cfg.compile:
+            return {}
+        now = compile_seconds()
+        spent, self._compile_clock = now - self._compile_clock, now
+        if spent > 0:
+            log.info("torch.compile: %.1f s before update %d ended", spent, self.step_count)
+        return {"perf/compile_seconds": spent / self.world_size}
 
     # -- resume points -----------------------------------------------------------------------------------
     def save_state(self, path: str) -> None:

@@ -6,6 +6,7 @@ import torch
 
 from rlkit.config import RefConfig
 from rlkit.packing import split_micro_batches
+from rlkit.rank import compile_blocks
 from rlkit.trainer import LogprobModel, TokenBatch, batched_logprobs
 
 
@@ -18,16 +19,19 @@ def reference_dtype(cfg: RefConfig) -> torch.dtype:
 
 class ReferenceModel:
     """A frozen copy of the model a stage starts from, loaded from that checkpoint. Micro-batches follow the
-    trainer's (at most `micro_batch_size` rows and `micro_batch_tokens` tokens, rows packed when `packing`)."""
+    trainer's (at most `micro_batch_size` rows and `micro_batch_tokens` tokens, rows packed when `packing`), and
+    so does `compile` (trainer.compile: its blocks' forward through torch.compile)."""
 
     def __init__(self, cfg: RefConfig, model_path: str, micro_batch_size: int = 64, impl: str = "auto",
-                 micro_batch_tokens: int = 0, packing: bool = False, attn_implementation: str = "sdpa"):
+                 micro_batch_tokens: int = 0, packing: bool = False, attn_implementation: str = "sdpa",
+                 compile: bool = False):
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.impl = cfg, impl
         self.micro_batch_size, self.micro_batch_tokens = micro_batch_size, micro_batch_tokens
         lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=reference_dtype(cfg),
                                                   attn_implementation=attn_implementation)
+        compile_blocks(list(getattr(lm, lm.base_model_prefix).layers), compile)
         self.model = LogprobModel(lm, packing).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

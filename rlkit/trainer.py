@@ -22,7 +22,7 @@ from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
 from rlkit.lora import apply_lora, merge_lora_state_dict, peft_adapter_tensors
 from rlkit.losses import aggregate, cispo_loss, dpo_loss, kl_estimate, policy_loss, sequence_log_ratio, sft_loss
 from rlkit.packing import layout_rows
-from rlkit.rank import RankWorker, autocast_dtype, enable_gradient_checkpointing, prepare_torch
+from rlkit.rank import RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch
 
 __all__ = ["RankWorker", "prepare_torch"]  # re-exported: the rank machinery lives in rlkit.rank
 
@@ -176,6 +176,7 @@ class ShardedTrainer(RankWorker):
             lm = apply_lora(lm, cfg)
         enable_gradient_checkpointing(lm, cfg)
         blocks = list(getattr(lm, lm.base_model_prefix).layers)
+        compile_blocks(blocks, cfg.compile)
         model = LogprobModel(lm, cfg.packing, autocast_dtype(cfg, world_size))
         super().__init__(cfg, model, blocks, lr, warmup_steps, rank, world_size)
 

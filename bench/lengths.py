@@ -1,0 +1,247 @@
+"""The policy update at GSM8K lengths: padded vs packed vs a token budget, with and without gradient checkpointing
+(and with `--compile`, trainer.compile), one run, ratios against the padded update.
+
+    python bench/lengths.py [--prompts 8] [--group 8] [--micro-batch 64] [--budget 4096] [--repeats 3] [--compile]
+
+Lengths: a byte-level BPE (vocabulary 2048) is trained at run time on the shipped GSM8K file
+(data/gsm8k_test.jsonl). A step batch is `--prompts` questions, each with `--group` completions whose lengths are
+those of GSM8K worked answers drawn at random (completions of one prompt differ in length, as sampled ones do);
+rows are prompt-major, as GRPO builds them. Token ids are random: the update's cost does not depend on them.
+Model: a randomly initialised Llama (`--hidden`, `--layers`), float32. Each configuration runs
+`ShardedTrainer.policy_step` (on-policy GRPO, token-mean) in a process of its own, one warm-up update and then
+`--repeats` timed ones:
+- padded: micro-batches of `--micro-batch` consecutive rows (trainer.micro_batch_size, 64 by default: the whole
+  step batch), each right-padded to its longest row;
+- budget: trainer.micro_batch_tokens `--budget` as well: rows binned by length (first-fit decreasing), so each
+  micro-batch holds rows of similar length, then right-padded;
+- packed: trainer.packing, each micro-batch's rows as one sequence (sdpa: a dense mask over its tokens);
+- packed + budget: both.
+tokens/s counts real (prompt + completion) tokens per second of update, median. Memory: peak resident memory
+during the timed updates minus the resident memory just before them (Linux: VmHWM reset via /proc/self/clear_refs;
+glibc's mmap threshold pinned at 64 KiB so a freed tensor leaves the resident set): the update's activations,
+gradients and temporaries; weights and optimizer state are resident before. Only ratios from one run compare: this
+machine's speed varies with its load. `--interleave` times every configuration in one process, their updates in
+turn round after round, so a change of load falls on all alike (no memory column then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+GSM8K = REPO / "data" / "gsm8k_test.jsonl"
+VOCAB = 2048
+CONFIGS = {  # name -> TrainerConfig fields beyond micro_batch_size ("budget" is filled in with the token budget)
+    "padded": {},
+    "budget": {"micro_batch_tokens": "budget"},
+    "packed": {"packing": True},
+    "packed + budget": {"packing": True, "micro_batch_tokens": "budget"},
+}
+
+
+def train_bpe(path: Path = GSM8K, vocab: int = VOCAB):
+    """A byte-level BPE (tokenizers.Tokenizer) trained on GSM8K's questions and answers; <pad>, <s>, </s> are ids
+    0, 1, 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, show_progress=False, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((r["question"] + "\n" + r["answer"] for r in rows), trainer=trainer)
+    return tok
+
+
+def gsm8k_lengths(path: Path = GSM8K, vocab: int = VOCAB) -> tuple[list[int], list[int]]:
+    """Token counts of GSM8K questions and worked answers under `train_bpe`'s tokenizer."""
+    tok, rows = train_bpe(path, vocab), [json.loads(line) for line in path.read_text().splitlines()]
+    questions = [len(e.ids) for e in tok.encode_batch([r["question"] for r in rows])]
+    answers = [len(e.ids) for e in tok.encode_batch([r["answer"] for r in rows])]
+    return questions, answers
+
+
+def step_lengths(questions: list[int], answers: list[int], prompts: int, group: int, seed: int = 0):
+    """(prompt, completion) lengths of one step batch, prompt-major."""
+    rng = random.Random(seed)
+    out = []
+    for q in rng.sample(questions, prompts):
+        out += [(q, a) for a in rng.choices(answers, k=group)]
+    return out
+
+
+def build_model(folder: Path, hidden: int, layers: int) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=2048, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+# -- one configuration, in its own process ---------------------------------------------------------------------
+def peak_rss_reset() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+
+
+def rss_mb(field: str) -> float:
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def policy_batch(lengths: list):
+    """An on-policy GRPO batch of random tokens with these (prompt, completion) lengths."""
+    import torch
+
+    from rlkit.losses import token_normalizer
+    from rlkit.trainer import PolicyBatch, pack_sequences
+
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(0, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    tokens = pack_sequences([rand(p) for p, _ in lengths], [rand(c) for _, c in lengths], pad_id=0)
+    mask = tokens.response_mask
+    return PolicyBatch(tokens, mask, None, None, torch.zeros(mask.shape), torch.randn(len(tokens), generator=g),
+                       float(token_normalizer(mask, "token-mean", 0)), 0.0, 1.0)
+
+
+def make_trainer(fields: dict, model: str):
+    from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
+    from rlkit.trainer import ShardedTrainer
+
+    return ShardedTrainer(TrainerConfig(**fields, logprob_impl="torch"), AlgoConfig(), RefConfig(), model, lr=1e-6,
+                          warmup_steps=1)
+
+
+def run_interleaved(job: dict) -> list[dict]:
+    """--interleave: every configuration's trainer in this one process, their updates taken in turn, round after
+    round, so a change in the machine's load falls on all of them alike. No memory column."""
+    batch = policy_batch(job["lengths"])
+    trainers = [make_trainer(fields, job["model"]) for fields in job["variants"]]
+    times = [[] for _ in trainers]
+    for r in range(job["repeats"] + 1):  # round 0 warms up (and compiles)
+        for trainer, seconds in zip(trainers, times):
+            t0 = time.perf_counter()
+            trainer.policy_step(batch)
+            seconds.append(time.perf_counter() - t0)
+    return [{"seconds": statistics.median(t[1:]), "first": t[0], "peak_mb": float("nan"),
+             "micro_batches": len(tr.micro_batches(batch)), "tokens": int(batch.tokens.attention_mask.sum()),
+             "computed": computed_tokens(tr, batch)} for tr, t in zip(trainers, times)]
+
+
+def run_one(job: dict) -> dict:
+    batch, trainer = policy_batch(job["lengths"]), make_trainer(job["trainer"], job["model"])
+    tokens = batch.tokens
+    t0 = time.perf_counter()
+    trainer.policy_step(batch)  # warm-up: optimizer state allocated, and trainer.compile's compile paid
+    first = time.perf_counter() - t0
+    trainer.optimizer.zero_grad(set_to_none=True)
+    before = rss_mb("VmRSS")
+    peak_rss_reset()
+    times = []
+    for _ in range(job["repeats"]):
+        t0 = time.perf_counter()
+        trainer.policy_step(batch)
+        times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "first": first, "peak_mb": rss_mb("VmHWM") - before,
+            "micro_batches": len(trainer.micro_batches(batch)), "tokens": int(tokens.attention_mask.sum()),
+            "computed": computed_tokens(trainer, batch)}
+
+
+def computed_tokens(trainer, batch) -> int:
+    """Token positions the model runs over, padding included (packed: the real tokens alone)."""
+    lengths = batch.tokens.attention_mask.sum(-1)
+    plans = trainer.micro_batches(batch)
+    if trainer.cfg.packing:
+        return int(lengths.sum())
+    return int(sum(len(rows) * lengths[rows].max() for rows in plans))
+
+
+def spawn(job: dict) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # a pinned threshold: freed tensors leave the RSS
+    proc = subprocess.run([sys.executable, __file__, "--job", json.dumps(job)], capture_output=True, text=True,
+                          env=env, cwd=REPO)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        raise SystemExit(f"{job['trainer']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, default=64, help="rows per micro-batch (trainer.micro_batch_size)")
+    parser.add_argument("--budget", type=int, default=4096, help="tokens per micro-batch (trainer.micro_batch_tokens)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--compile", action="store_true", help="also the budget rows with trainer.compile")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="which of them, comma-separated (padded first)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time all configurations in one process, in turn (no memory column)")
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.job:
+        job = json.loads(args.job)
+        print("RESULT", json.dumps(run_interleaved(job) if "variants" in job else run_one(job)), flush=True)
+        return
+    questions, answers = gsm8k_lengths()
+    lengths = step_lengths(questions, answers, args.prompts, args.group)
+    rows = [p + c for p, c in lengths]
+    budget = args.budget
+    print(f"GSM8K lengths (byte-level BPE, vocab {VOCAB}): prompt median {statistics.median(questions)}, completion "
+          f"median {statistics.median(answers)}; step batch {args.prompts} x {args.group} rows of {min(rows)}-"
+          f"{max(rows)} tokens (mean {statistics.mean(rows):.0f}); micro-batch {args.micro_batch} rows, token "
+          f"budget {budget}; Llama {args.hidden} wide x {args.layers} layers, float32, sdpa, "
+          f"{os.cpu_count()} CPUs; median of {args.repeats} updates")
+    names = args.configs.split(",")
+    variants = [(name, CONFIGS[name], ckpt, False) for ckpt in (False, True) for name in names]
+    if args.compile:
+        variants += [(name, CONFIGS[name], False, True) for name in names if "budget" in name]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_model(Path(tmp) / "model", args.hidden, args.layers)
+        trainers = [{k: budget if v == "budget" else v for k, v in fields.items()}
+                    | {"micro_batch_size": args.micro_batch, "gradient_checkpointing": ckpt, "compile": comp}
+                    for _, fields, ckpt, comp in variants]
+        base = {"lengths": lengths, "model": model, "repeats": args.repeats}
+        if args.interleave:
+            out = spawn(base | {"variants": trainers, "trainer": "all"})
+        else:
+            out = [spawn(base | {"trainer": t}) for t in trainers]
+        results = [(name, ckpt, comp, r) for (name, _, ckpt, comp), r in zip(variants, out)]
+    report(results)
+
+
+def report(results: list) -> None:
+    base = {ckpt: r for name, ckpt, comp, r in results if name == "padded" and not comp}
+    print("| update | checkpointing | micro-batches | computed / real tokens | tokens/s | vs padded | "
+          "peak MB | peak vs no checkpointing | first update s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    no_ckpt = {name: r for name, ckpt, comp, r in results if not ckpt and not comp}
+    for name, ckpt, comp, r in results:
+        speed = r["tokens"] / r["seconds"]
+        label = name + (" + compile" if comp else "")
+        measured = r["peak_mb"] == r["peak_mb"]  # NaN under --interleave
+        peak = f"{r['peak_mb']:.0f}" if measured else "-"
+        mem = f"{r['peak_mb'] / no_ckpt[name]['peak_mb']:.2f}" if ckpt and measured and name in no_ckpt else ""
+        print(f"| {label} | {'on' if ckpt else 'off'} | {r['micro_batches']} | {r['computed'] / r['tokens']:.2f} "
+              f"| {speed:.0f} | {speed / (base[ckpt]['tokens'] / base[ckpt]['seconds']):.2f}x | {peak} "
+              f"| {mem} | {r['first']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
