@@ -78,9 +78,12 @@ class Renderer:
         return ids[start:]
 
     def example(self, item: Problem | Conversation) -> Example:
-        """An SFT example: a problem's prompt and solution, or a conversation's trained assistant turns."""
+        """An SFT example: a problem's prompt and solution (or its tool-use trace), or a conversation's trained
+        assistant turns."""
         if isinstance(item, Conversation):
             return self.conversation_example(item)
+        if item.trace:
+            return self.episode_example(item, item.trace)
         prompt, reply = self.prompt_ids(item), self.reply_ids(item, item.solution)
         return prompt + reply, [0] * len(prompt) + [1] * len(reply)
 
@@ -117,6 +120,77 @@ class Renderer:
             raise RecipeError("data: a conversation has no assistant turn to train on")
         return ids, mask
 
+    # -- episodes (rlkit.episodes): one turn at a time, the ids before it never re-tokenized ------------------
+    def history(self, item: Problem, opening: Sequence[dict] = ()) -> list[dict[str, str]]:
+        """The turns an episode starts from: the environment's opening turns, else the problem's prompt turns."""
+        return list(opening) or (self.conversation(item) if self.chat else [])
+
+    def opening_ids(self, opening: Sequence[dict]) -> list[int]:
+        """The prompt of an episode the environment opens itself (Environment.reset): its turns with the generation
+        prompt; without a chat template BOS and the turns' texts, one a line."""
+        if self.chat:
+            return self._render(list(opening), generation_prompt=True)
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return bos + self._encode("\n".join(m["content"] for m in opening))
+
+    def assistant_ids(self, history: Sequence[dict], content: str) -> list[int]:
+        """An assistant turn after `history` (ending with the generation prompt), through its stop token: what the
+        policy samples there. Without a chat template its text and EOS."""
+        if not self.chat:
+            return self._encode(content) + [self.tokenizer.eos_token_id]
+        context = self._render_text(list(history), generation_prompt=True)
+        through = self._render_text([*history, {"role": "assistant", "content": content}], generation_prompt=False)
+        self._check_prefix(context, through)
+        return self._through_stop(self._encode(through[len(context):]))
+
+    def env_ids(self, history: Sequence[dict], messages: Sequence[dict]) -> list[int]:
+        """The environment's turns after an assistant turn (`history` ends with it, sampled through its stop token),
+        up to the next generation prompt: only these new ids are tokenized.
+
+        With a chat template: the template's text after the assistant's stop token (ChatML's newline), then the
+        difference between the conversation rendered through `messages` with the generation prompt and rendered
+        through `history`. Without one, each message on its own line, a tool's as <tool_response>...</tool_response>.
+        """
+        if not self.chat:
+            lines = [f"<tool_response>{m['content']}</tool_response>" if m["role"] == "tool" else m["content"]
+                     for m in messages]
+            return self._encode("\n" + "\n".join(lines) + "\n")
+        base = self._render_text(list(history), generation_prompt=False)
+        full = self._render_text([*history, *messages], generation_prompt=True)
+        self._check_prefix(base, full)
+        stops = [self.tokenizer.convert_ids_to_tokens(i) for i in self.stop_ids]
+        ends = [base.rfind(t) + len(t) for t in stops if t and t in base]
+        tail = base[max(ends):] if ends else ""  # e.g. "\n" after <|im_end|>: not sampled, so the environment's
+        return self._encode(tail + full[len(base):])
+
+    def episode_example(self, item: Problem, turns: Sequence[dict]) -> Example:
+        """An SFT example of a whole episode (assistant turns trained, the environment's masked), made by the very
+        functions rlkit.episodes renders a rollout with, so SFT traces and sampled episodes have the same ids."""
+        ids = self.prompt_ids(item)
+        mask, history, pending = [0] * len(ids), self.history(item), []
+        for turn in turns:
+            if turn["role"] != "assistant":
+                pending.append(turn)
+                continue
+            if pending:
+                if not history or history[-1]["role"] != "assistant":
+                    raise RecipeError("data: an episode's environment turns must follow an assistant turn")
+                env = self.env_ids(history, pending)
+                ids, mask, history, pending = ids + env, mask + [0] * len(env), history + pending, []
+            reply = self.assistant_ids(history, turn["content"])
+            ids, mask = ids + reply, mask + [1] * len(reply)
+            history = history + [turn]
+        if pending or not any(mask):
+            raise RecipeError("data: an episode must end with an assistant turn")
+        return ids, mask
+
+    def _check_prefix(self, start: str, whole: str) -> None:
+        if not whole.startswith(start):
+            raise RecipeError(
+                "data.chat_template: the tokenizer's chat template does not render the start of a conversation as a "
+                "prefix of the whole (it rewrites earlier turns), so an episode's earlier ids could not stay the "
+                "sampled ones; use a template that appends turns, or data.chat_template=none")
+
     def _through_stop(self, reply: list[int]) -> list[int]:
         """A rendered assistant turn up to and including its first stop token (the template's text after it,
         e.g. ChatML's newline, is the next turn's); a template without one gets EOS appended."""
@@ -128,8 +202,10 @@ class Renderer:
     def _render(self, turns: list[dict[str, str]], generation_prompt: bool) -> list[int]:
         # Text first, then ids, as TRL does: the same call on every transformers version, and the ids are exactly
         # what tokenizing the rendered text gives.
-        text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
-        return self._encode(text)
+        return self._encode(self._render_text(turns, generation_prompt))
+
+    def _render_text(self, turns: list[dict[str, str]], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -16,6 +16,8 @@ from typing import Dict, Tuple, Union
 
 from rlkit.config import DataConfig, RecipeError
 from rewards.honesty import ABSTAIN_PHRASE
+from envs.calculator import evaluate, format_value
+from envs.tools import format_tool_call
 from rewards.judge import DEFAULT_TEMPLATE, judge_prompt, score_tag
 
 
@@ -30,6 +32,9 @@ class Problem:
     task: str = ""
     messages: Tuple[Message, ...] = ()  # a conversational prompt (TRL), rendered instead of `prompt` when given
     prompt_ids: Tuple[int, ...] = ()  # the rendered prompt, filled in when the data is prepared (rlkit.prepare)
+    # a tool-use trace after the prompt (assistant and tool turns, ending with the answer): the SFT target instead
+    # of `solution`, rendered as rlkit.episodes renders a rollout (data.tool_traces)
+    trace: Tuple[Message, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,11 +110,25 @@ def synthetic_splits(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
     if cfg.abstain_rate:  # its own stream, so the problems do not depend on the rate
         coin = random.Random(cfg.seed + 1)
         train = [replace(p, solution=ABSTAIN_PHRASE) if coin.random() < cfg.abstain_rate else p for p in train]
+    if cfg.tool_traces:  # SFT on calling the calculator: the held-out problems stay plain prompts
+        train = [replace(p, trace=tool_trace(p)) for p in train]
     if cfg.verification:  # judge-training examples over the same problems, each split its own stream
         wrong = cfg.verification_wrong_rate
         return (verification_problems(train, wrong, cfg.seed + 2),
                 verification_problems(list(held_out.values()), wrong, cfg.seed + 3))
     return train, list(held_out.values())
+
+
+def tool_trace(problem: Problem) -> Tuple[Message, ...]:
+    """A synthetic episode that calls the calculator on the question and answers with its result.
+
+    >>> [m["content"] for m in tool_trace(Problem("37*58=", "2146", "2146", "mul_hard"))]
+    ['<tool_call>{"name": "calculator", "arguments": {"expression": "37*58"}}</tool_call>', '2146', '2146']
+    """
+    expression = problem.prompt.rstrip("=")
+    return ({"role": "assistant", "content": format_tool_call("calculator", {"expression": expression})},
+            {"role": "tool", "content": format_value(evaluate(expression))},
+            {"role": "assistant", "content": problem.solution})
 
 
 def plausible_wrong(answer: str, rng: random.Random) -> str:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from rlkit.experience import check_error_rate, completion_rows, to_samples
+from rlkit.episodes import episode_metrics
+from rlkit.experience import add_env_rewards, check_error_rate, completion_rows, to_samples
 from rlkit.config import LoggingConfig
 from rlkit.data import Problem
 from rewards.base import Verdict
@@ -27,14 +28,23 @@ class Evaluation:
 
 
 def evaluate(pool, scorer, problems: list[Problem], cfg: LoggingConfig = LoggingConfig(),
-             max_error_rate: float = 1.0, max_new_tokens: int | None = None) -> Evaluation:
-    """`problems` carry their rendered prompt ids (rlkit.prepare); past `max_error_rate` verifier errors it stops."""
+             max_error_rate: float = 1.0, max_new_tokens: int | None = None, episodes=None) -> Evaluation:
+    """`problems` carry their rendered prompt ids (rlkit.prepare); past `max_error_rate` verifier errors it stops.
+    With `episodes` (rlkit.episodes.EpisodeSampler) each answer is a whole multi-turn episode: its last answer is
+    scored, its environment's reward parts added, its transcript tabled and its turns and tool calls measured."""
     prompt_ids = [list(p.prompt_ids) for p in problems]
-    completions = [g[0] for g in pool.generate(prompt_ids, n=1, temperature=cfg.eval_temperature,
-                                               max_new_tokens=max_new_tokens, seed=0)]
+    if episodes is None:
+        groups = pool.generate(prompt_ids, n=1, temperature=cfg.eval_temperature, max_new_tokens=max_new_tokens,
+                               seed=0)
+    else:
+        groups = episodes(problems, 1, cfg.eval_temperature, 0, max_new_tokens)
+    completions = [g[0] for g in groups]
     samples = to_samples(problems, [c.text for c in completions])
     scored = scorer.score(samples)
     check_error_rate(scored, max_error_rate, "held-out evaluation")
+    if episodes is not None:
+        scored = add_env_rewards(scored, completions)
+        samples = to_samples(problems, [c.transcript or c.text for c in completions])  # tables show whole episodes
     verdicts = [r.verdict for r in scored.results]
     counts, n = Counter(verdicts), len(problems)
     calibration = calibration_metrics(verdicts)
@@ -45,16 +55,21 @@ def evaluate(pool, scorer, problems: list[Problem], cfg: LoggingConfig = Logging
         **{k: calibration[k] for k in ("coverage", "wrong_rate", "selective_risk")},
         **per_task_metrics([p.task for p in problems], verdicts),
     }
+    if episodes is not None:
+        metrics |= episode_metrics(completions)
     if cfg.eval_samples:
-        metrics |= sampled_pass_at_k(pool, scorer, problems, prompt_ids, cfg)
+        metrics |= sampled_pass_at_k(pool, scorer, problems, prompt_ids, cfg, episodes)
     return Evaluation(metrics, completion_rows(samples, scored))
 
 
 def sampled_pass_at_k(pool, scorer, problems: list[Problem], prompt_ids: list[list[int]],
-                      cfg: LoggingConfig) -> dict[str, float]:
-    """pass@k over `cfg.eval_samples` answers per problem sampled at `cfg.eval_sample_temperature`."""
+                      cfg: LoggingConfig, episodes=None) -> dict[str, float]:
+    """pass@k over `cfg.eval_samples` answers (or episodes) per problem sampled at `cfg.eval_sample_temperature`."""
     n = cfg.eval_samples
-    groups = pool.generate(prompt_ids, n=n, temperature=cfg.eval_sample_temperature, seed=1)
+    if episodes is None:
+        groups = pool.generate(prompt_ids, n=n, temperature=cfg.eval_sample_temperature, seed=1)
+    else:
+        groups = episodes(problems, n, cfg.eval_sample_temperature, 1)
     scored = scorer.score(to_samples(problems, [c.text for g in groups for c in g], n))
     correct = np.array([r.verdict == Verdict.CORRECT for r in scored.results]).reshape(len(problems), n).sum(1)
     return {f"pass@{k}": float(np.mean([pass_at_k(n, int(c), k) for c in correct])) for k in cfg.eval_pass_k}
@@ -95,12 +110,13 @@ def log_evaluation(logger, evaluation: Evaluation, rows: int, name: str = "") ->
     return evaluation.metrics
 
 
-def evaluate_sets(pool, scorer, sets: list, logger, cfg: LoggingConfig, max_error_rate: float) -> dict[str, float]:
+def evaluate_sets(pool, scorer, sets: list, logger, cfg: LoggingConfig, max_error_rate: float,
+                  episodes=None) -> dict[str, float]:
     """The recipe's further held-out sets (rlkit.prepare.EvalSet), each logged under eval/<name>/; returns their
     metrics as <name>/<metric>. Greedy only: pass@k (logging.eval_samples) is the recipe's own set's."""
     greedy = replace(cfg, eval_samples=0)
     metrics = {}
     for s in sets:
-        evaluation = evaluate(pool, scorer, s.problems, greedy, max_error_rate, s.max_new_tokens)
+        evaluation = evaluate(pool, scorer, s.problems, greedy, max_error_rate, s.max_new_tokens, episodes)
         metrics |= {f"{s.name}/{k}": v for k, v in log_evaluation(logger, evaluation, cfg.table_rows, s.name).items()}
     return metrics

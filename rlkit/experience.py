@@ -69,10 +69,18 @@ class Experience:
         return [c.text for c in self.completions]
 
     def samples(self) -> list[Sample]:
+        """What the rewards scored: each completion's text (an episode's last answer)."""
         return to_samples(self.problems, self.texts, self.group_size)
 
+    def table_samples(self) -> list[Sample]:
+        """What a completions table shows: the completion, or an episode's whole transcript."""
+        texts = [getattr(c, "transcript", "") or c.text for c in self.completions]
+        return to_samples(self.problems, texts, self.group_size)
+
     def repeated_prompts(self) -> list[list[int]]:
-        return [p for p in self.prompt_ids for _ in range(self.group_size)]  # (B*G,)
+        """(B*G,) each row's prompt: its problem's, or the one an environment opened the episode with."""
+        return [list(getattr(c, "prompt_ids", ()) or p) for c, p in zip(
+            self.completions, (p for p in self.prompt_ids for _ in range(self.group_size)))]
 
     def token_batch(self, pad_id: int) -> TokenBatch:
         """Prompt + completion rows (B*G, L); the response mask is 0 on environment tokens (tool output), which the

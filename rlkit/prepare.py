@@ -6,9 +6,10 @@
   the recipe's source, else its whole source (shuffled, its first `num_train`).
 - What a stage needs: prompts with gold answers for the stages that sample (grpo, ppo, rft, distill, dpo with
   policy or online pairs), SFT examples for sft, preference pairs for dpo with `pairs: dataset`.
-- Lengths: a prompt longer than `data.max_prompt_tokens` or than `model.max_seq_len - rollout.max_new_tokens` is
-  dropped; an SFT/DPO sequence longer than `model.max_seq_len` is dropped or truncated (`data.truncation`). Both
-  are counted, logged as `data/*`, and reported in one warning line per stage.
+- Lengths: a prompt longer than `data.max_prompt_tokens` or than `model.max_seq_len - rollout.max_new_tokens` (with
+  an `env`: `- rollout.episode_tokens`, a whole episode) is dropped; an SFT/DPO sequence longer than
+  `model.max_seq_len` is dropped or truncated (`data.truncation`). Both are counted, logged as `data/*`, and
+  reported in one warning line per stage.
 """
 
 from __future__ import annotations
@@ -208,9 +209,10 @@ def prepare_stage(cfg: RecipeConfig, index: int, fmt: str, records: list, render
 
 
 def prompt_limit(cfg: RecipeConfig, data: DataConfig, new_tokens: int = 0) -> int:
-    """The longest prompt that leaves room for a whole completion (`new_tokens`, else rollout.max_new_tokens) in
-    the context (and within max_prompt_tokens)."""
-    room = cfg.model.max_seq_len - (new_tokens or cfg.rollout.max_new_tokens)
+    """The longest prompt that leaves room for a whole completion (`new_tokens`, else rollout.max_new_tokens, or a
+    whole episode's rollout.episode_tokens with an environment) in the context (and within max_prompt_tokens)."""
+    episode = cfg.rollout.episode_tokens if cfg.env.enabled else cfg.rollout.max_new_tokens
+    room = cfg.model.max_seq_len - (new_tokens or episode)
     return min(room, data.max_prompt_tokens) if data.max_prompt_tokens else room
 
 

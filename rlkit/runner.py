@@ -26,6 +26,7 @@ from rlkit.algorithms.common import StageContext
 from rlkit.chat import stop_token_ids
 from rlkit.checkpoint import Checkpointer, ResumePoint, RunState, split_metrics
 from rlkit.cluster import Cluster
+from rlkit.episodes import episode_sampler
 from rlkit.config import RecipeConfig, RecipeError, to_yaml
 from rlkit.evaluate import evaluate, evaluate_sets, log_evaluation
 from rlkit.modeling import build_char_tokenizer, check_context, init_model, load_tokenizer, quiet_checkpoint_bars, \
@@ -145,10 +146,13 @@ def run(cfg: RecipeConfig) -> dict:
                            state.wandb_id)
         state.wandb_id, logger.global_step = logger.run_id, state.global_step
         pool = cluster.rollout_pool(state.model_path)
+        episodes = episode_sampler(cfg, pool, data.renderer)  # None unless the recipe has an env (multi-turn)
         if resume is None:
-            evaluation = evaluate(pool, scorer, data.held_out, cfg.logging, cfg.reward.max_error_rate)
+            evaluation = evaluate(pool, scorer, data.held_out, cfg.logging, cfg.reward.max_error_rate,
+                                  episodes=episodes)
             state.before = log_evaluation(logger, evaluation, cfg.logging.table_rows)
-            state.before |= evaluate_sets(pool, scorer, data.evals, logger, cfg.logging, cfg.reward.max_error_rate)
+            state.before |= evaluate_sets(pool, scorer, data.evals, logger, cfg.logging, cfg.reward.max_error_rate,
+                                          episodes)
             checkpointer.save(state)
     except BaseException:
         _close(pool, scorer, logger, cluster)
@@ -165,12 +169,12 @@ def run(cfg: RecipeConfig) -> dict:
             ctx = StageContext(cfg, stage, index, state.model_path, stage_data, trainer, pool, scorer, cluster,
                                logger, data.held_out, state, checkpointer,
                                resume if resume is not None and resume.state.step and index == state.stage else None,
-                               syncs_every_step=STAGES[stage.kind].syncs_every_step)
+                               syncs_every_step=STAGES[stage.kind].syncs_every_step, episodes=episodes)
             if stage_data is not None and not ctx.resume:
                 logger.log({f"{ctx.prefix}/data/{k}": v for k, v in stage_data.stats.items()})
             model_path = run_stage(ctx, recipe_yaml)
             after = ctx.evaluate()
-            after |= evaluate_sets(pool, scorer, data.evals, logger, cfg.logging, cfg.reward.max_error_rate)
+            after |= evaluate_sets(pool, scorer, data.evals, logger, cfg.logging, cfg.reward.max_error_rate, episodes)
             if ctx.is_best(after):
                 copy_checkpoint(Path(model_path), run_dir / "checkpoints" / "best")
             seconds = time.perf_counter() - t0

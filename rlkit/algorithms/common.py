@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 from rlkit.checkpoint import Checkpointer, ResumePoint, RunState
 from rlkit.config import RecipeConfig, StageConfig, checkpoint_name
 from rlkit.data import BatchSampler, Problem
+from rlkit.episodes import episode_sampler
 from rlkit.evaluate import evaluate, log_evaluation
 from rlkit.experience import ExperienceMaker, ExperienceSource, completion_rows
 from rlkit.lora import adapter_config
@@ -39,6 +40,7 @@ class StageContext:
     checkpointer: Checkpointer | None = None  # writes resume points (None: never)
     resume: ResumePoint | None = None  # a resume point inside this stage to continue from
     syncs_every_step: bool = False  # the engines follow the trainer after every step (rlkit.algorithms.STAGES)
+    episodes: Any = None  # rlkit.episodes.EpisodeSampler over the held-out set's renderer (None: single-turn)
     _bar: Any = None
     _table: list = field(default_factory=list)  # completions waiting for log_step
     _base_synced: bool = False  # trainer.lora_sync=adapter: the engines hold this stage's frozen base
@@ -82,9 +84,12 @@ class StageContext:
         return SyncStats(base.seconds + adapter.seconds, base.megabytes + adapter.megabytes)
 
     def experience_maker(self, pool=None) -> ExperienceMaker:
-        """Samples from the run's engines (or `pool`, distillation's teacher) scored by the recipe's rewards."""
-        return ExperienceMaker(pool or self.pool, self.scorer, self.cfg.reward.max_error_rate,
-                               f"stage {self.index} ({self.stage.kind})", self.engine_lock)
+        """Samples from the run's engines (or `pool`, distillation's teacher) scored by the recipe's rewards; with the
+        recipe's `env`, whole multi-turn episodes."""
+        pool = pool or self.pool
+        return ExperienceMaker(pool, self.scorer, self.cfg.reward.max_error_rate,
+                               f"stage {self.index} ({self.stage.kind})", self.engine_lock,
+                               episode_sampler(self.cfg, pool, self.data.renderer))
 
     def experience_source(self, produce, sampler: BatchSampler) -> ExperienceSource:
         """The stage's batches, on-policy or up to rollout.max_staleness policy versions ahead of the trainer."""
@@ -167,7 +172,7 @@ class StageContext:
         `log` is False."""
         with self.engine_lock:
             evaluation = evaluate(self.pool, self.scorer, self.held_out, self.cfg.logging,
-                                  self.cfg.reward.max_error_rate)
+                                  self.cfg.reward.max_error_rate, episodes=self.episodes)
         return log_evaluation(self.logger, evaluation, self.cfg.logging.table_rows) if log else evaluation.metrics
 
     def maybe_evaluate(self, step: int) -> None:

@@ -55,10 +55,10 @@ def train(ctx: StageContext) -> None:
             # excludes (reward.on_error) drop out of the loss and of their group's statistics
             exp = source.get(step)  # B prompts x G samples
             timer.seconds |= maker.take_seconds()
-            ctx.log_completions(step, exp.samples(), exp.scored)
+            ctx.log_completions(step, exp.table_samples(), exp.scored)
             rewards, scorable = exp.rewards, exp.scorable  # (B*G,)
             if algo.overlong_buffer:  # DAPO: discourage running into the length limit before it truncates
-                rewards = rewards + overlong_penalty(exp.lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer,
+                rewards = rewards + overlong_penalty(exp.lengths, cfg.rollout.episode_tokens, algo.overlong_buffer,
                                                      algo.overlong_penalty)
             uniform = uniform_groups(rewards, group, scorable)  # (B*G,) groups with nothing to compare
             valid = scorable & ~uniform if algo.drop_uniform_groups else scorable  # DAPO dynamic sampling: filter

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import torch
 
+from rlkit.episodes import episode_metrics
 from rlkit.experience import Experience, ExperienceSource
 from rlkit.losses import token_normalizer
 from rlkit.trainer import PolicyBatch, TokenBatch
@@ -35,7 +36,7 @@ def policy_batch(cfg, exp: Experience, tokens: TokenBatch, mask: torch.Tensor, o
     """The update's batch: (B*G, L-1) tensors; the normaliser is over the whole step batch (losses.py)."""
     return PolicyBatch(
         tokens, mask, old_logprobs, ref_logprobs, exp.rollout_logprobs(mask.shape[1]), advantages,
-        normalizer=float(token_normalizer(mask, cfg.algo.loss_agg, cfg.rollout.max_new_tokens)),
+        normalizer=float(token_normalizer(mask, cfg.algo.loss_agg, cfg.rollout.episode_tokens)),
         kl_coef=cfg.ref.kl_coef if cfg.ref.kl_in == "loss" else 0.0, temperature=cfg.rollout.temperature,
     )
 
@@ -56,7 +57,7 @@ def minibatch_rows(rows: int, count: int, generator: torch.Generator | None) -> 
 def minibatch(cfg, batch: PolicyBatch, rows: torch.Tensor) -> PolicyBatch:
     """Rows of the step batch as an optimizer step of their own: the normaliser is over these rows."""
     mb = batch.select(rows)
-    return replace(mb, normalizer=float(token_normalizer(mb.mask, cfg.algo.loss_agg, cfg.rollout.max_new_tokens)))
+    return replace(mb, normalizer=float(token_normalizer(mb.mask, cfg.algo.loss_agg, cfg.rollout.episode_tokens)))
 
 
 def update_policy(ctx, batch: PolicyBatch, step: int, value_step=None) -> dict[str, float]:
@@ -108,6 +109,8 @@ def sync_and_log(ctx, step: int, exp: Experience, source: ExperienceSource, metr
     metrics |= {f"reward/{k}": v for k, v in exp.scored.stats.items()}
     metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s,
                 "weight_sync/megabytes": sync.megabytes}
+    if ctx.cfg.env.enabled:  # multi-turn: turns, tool calls and errors, time in tools
+        metrics |= episode_metrics(exp.completions)
     if ctx.cfg.rollout.max_staleness:
         metrics |= {"async/staleness": float(step - exp.version), "async/wait_seconds": source.wait_seconds}
     ctx.log_step(step, metrics, timer.metrics(ctx.prefix))

@@ -86,7 +86,7 @@ def train(ctx: StageContext) -> None:
             # generate and score
             exp = source.get(step)  # B prompts x 1 sample
             timer.seconds |= maker.take_seconds()
-            ctx.log_completions(step, exp.samples(), exp.scored)
+            ctx.log_completions(step, exp.table_samples(), exp.scored)
             scores, valid = exp.rewards, exp.scorable.float()  # (B,)
             tokens = exp.token_batch(ctx.data.renderer.pad_id)
             mask = tokens.response_mask * valid[:, None]  # (B, L-1)

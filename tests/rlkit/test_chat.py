@@ -90,3 +90,34 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tok):
              {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"})
     with pytest.raises(RecipeError, match="does not render the start of a conversation as a prefix"):
         Renderer(tok, DataConfig()).example(Conversation(turns))
+
+
+def test_environment_turns_are_the_templates_text_after_the_sampled_stop_token(tok):
+    # ChatML renders "<|im_end|>\n" after an assistant turn; the engine stops at <|im_end|>, so the "\n" is the
+    # environment's, then the tool turn, then the next generation prompt
+    r = Renderer(tok, DataConfig())
+    history = [{"role": "user", "content": "37*58?"}, {"role": "assistant", "content": "<tool_call>{}</tool_call>"}]
+    env = r.env_ids(history, [{"role": "tool", "content": "2146"}])
+    assert env == ids(tok, "\n<|im_start|>tool\n2146<|im_end|>\n<|im_start|>assistant\n")
+    reply = r.assistant_ids(history[:1], history[1]["content"])
+    assert reply == ids(tok, "<tool_call>{}</tool_call><|im_end|>")
+
+
+def test_plain_environment_turns_are_wrapped_on_their_own_lines():
+    tok = build_char_tokenizer()
+    r = Renderer(tok, DataConfig(chat_template="none"))
+    env = r.env_ids([], [{"role": "tool", "content": "2146"}, {"role": "user", "content": "and?"}])
+    assert tok.decode(env) == "\n<tool_response>2146</tool_response>\nand?\n"
+    assert r.assistant_ids([], "12") == ids(tok, "12") + [tok.eos_token_id]
+
+
+def test_environment_turns_under_a_template_that_rewrites_earlier_turns_are_refused():
+    tok = build_tokenizer()  # drops the tool turn's content once an assistant follows: not a prefix
+    tok.chat_template = (
+        "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + (m['content'] if loop.last or "
+        "m['role'] != 'tool' else '') + '<|im_end|>\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    trace = ({"role": "assistant", "content": "call"}, {"role": "tool", "content": "4"},
+             {"role": "assistant", "content": "4"})
+    with pytest.raises(RecipeError, match="does not render the start of a conversation as a prefix"):
+        Renderer(tok, DataConfig()).episode_example(Problem("2+2?", "4", "4"), trace)

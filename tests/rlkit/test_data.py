@@ -102,3 +102,18 @@ def test_select_names_its_own_flags_for_a_bad_input_file(tmp_path, capsys):
     assert "--input:" in err and "columns question, answer" in err and "set --prompt-key" in err
     assert main(["--model", str(tmp_path), "--input", str(tmp_path / "nope.jsonl"), "--output", "x"]) == 2
     assert "--input: file" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
+
+
+def test_tool_traces_call_the_calculator_on_training_problems_only():
+    from envs.tools import parse_tool_calls
+    from rlkit.data import tool_trace
+
+    train, held = synthetic_splits(DataConfig(tasks=["mul_hard"], max_digits=2, num_train=50, num_eval=20,
+                                              tool_traces=True))
+    assert all(p.trace for p in train) and not any(p.trace for p in held)
+    for p in train:
+        call, response, answer = p.trace
+        [parsed] = parse_tool_calls(call["content"])
+        assert parsed.arguments == {"expression": p.prompt[:-1]}  # "37*58=" -> "37*58"
+        assert (response["role"], response["content"], answer["content"]) == ("tool", p.answer, p.answer)
+    assert tool_trace(make_problem(random.Random(0), "add", 2))[1]["content"].isdigit()

@@ -172,3 +172,30 @@ def test_every_stage_kind_a_recipe_may_name_has_a_runner_entry():
 
     assert set(STAGES) == set(STAGE_KINDS)
     assert {k for k, s in STAGES.items() if s.syncs_every_step} == {"grpo", "ppo"}
+
+
+def test_episodes_are_scored_on_their_last_answer_plus_the_environments_parts():
+    """ExperienceMaker with a multi-turn sampler: the rewards score each episode's last answer (`text`), the
+    environment's reward parts are added (an excluded sample keeps its placeholder) and logged as reward/env/*."""
+    from rlkit.experience import ExperienceMaker
+
+    @dataclass(frozen=True)
+    class Episode(ToolEpisode):
+        reward_parts: dict = None
+        prompt_ids: tuple = ()
+
+    def episodes(problems, n, temperature, seed):
+        return [[Episode((7, 50, 8), (-0.1, 0.0, -0.2), "42", True, (1, 0, 1), {"tool_error": -0.5 * j})
+                 for j in range(n)] for _ in problems]
+
+    class Scorer:
+        def score(self, samples):
+            assert [s.completion for s in samples] == ["42"] * 4  # the last answer, not the transcript
+            return ScoreOutput([1.0, 1.0, 0.0, 1.0], [RewardResult(1.0, Verdict.CORRECT)] * 4,
+                               [True, True, False, True])
+
+    problems = [Problem("6*7=", "42", "42", prompt_ids=(1, 2)), Problem("2*21=", "42", "42", prompt_ids=(1, 3))]
+    exp = ExperienceMaker(None, Scorer(), 1.0, "test", episodes=episodes).make(problems, 2, 1.0, seed=0)
+    assert exp.scored.scores == [1.0, 0.5, 0.0, 0.5]
+    assert exp.scored.stats["env/tool_error"] == pytest.approx(-0.25)
+    assert exp.token_batch(0).response_mask.tolist()[0] == [0, 1, 0, 1]  # the tool's token (50) leaves the loss
