@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from rlkit.config import RecipeError, load_recipe, to_yaml
@@ -27,8 +28,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # flags may come before, between or after overrides
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (a scheduler's stop, `timeout`, `kill`) ends the run as Ctrl-C does: by an exception, so the runner's
+    cleanup closes the engines, the reward workers and the logger instead of leaving vLLM's processes behind."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_recipe(args.recipe, args.overrides)

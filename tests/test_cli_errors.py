@@ -66,3 +66,24 @@ def test_fuzzed_numeric_fields_fail_in_one_line_naming_the_key(capsys, tmp_path)
         code, errors, out = run_main(capsys, tmp_path, f"{key}={value}")
         assert code == 2 and len(errors) == 1 and key in errors[0], (key, value, errors)
         assert not out.exists()
+
+
+def test_sigterm_ends_the_run_by_an_exception_so_its_cleanup_runs():
+    """`kill`/`timeout`/a scheduler send SIGTERM; the run must unwind (closing vLLM's processes), not vanish."""
+    import os
+    import signal
+
+    from rlkit.run import exit_on_sigterm
+
+    previous = signal.getsignal(signal.SIGTERM)
+    cleaned = []
+    try:
+        exit_on_sigterm()
+        with pytest.raises(SystemExit) as stop:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode
+            finally:
+                cleaned.append(True)
+        assert stop.value.code == 128 + signal.SIGTERM and cleaned == [True]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
