@@ -83,7 +83,7 @@ def main() -> None:
         results[name] = {"sft_seconds": train_s, **held_out_accuracy(out / "checkpoints" / "01_sft", overrides)}
         print(json.dumps({name: results[name]}, indent=1), flush=True)
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"| | held-out accuracy | SFT seconds | turns/episode | tool calls/episode | tool error rate |")
+    print("| | held-out accuracy | SFT seconds | turns/episode | tool calls/episode | tool error rate |")
     for name, r in results.items():
         print(f"| {name} | {r['accuracy']:.3f} | {r['sft_seconds'] or 0:.0f} | {r['episode/turns']:.2f} | "
               f"{r['episode/tool_calls']:.2f} | {r['episode/tool_error_rate']:.3f} |")

@@ -57,7 +57,8 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     """1 - Var(returns - values) / Var(returns) over the counted tokens: 1 is a perfect critic, 0 one no better than
     the mean, negative a worse one (cleanrl's ppo.py logs it). NaN when the returns do not vary.
 
-    >>> explained_variance(torch.tensor([[1.0, 3.0, 0.0]]), torch.tensor([[2.0, 4.0, 9.0]]), torch.tensor([[1.0, 1.0, 0.0]]))
+    >>> mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding
+    >>> explained_variance(torch.tensor([[1.0, 3.0, 0.0]]), torch.tensor([[2.0, 4.0, 9.0]]), mask)
     1.0
     >>> explained_variance(torch.tensor([[3.0, 3.0]]), torch.tensor([[2.0, 4.0]]), torch.ones(1, 2))
     0.0

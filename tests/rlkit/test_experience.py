@@ -160,7 +160,8 @@ def test_target_kl_stops_the_update_at_the_first_minibatch_past_it():
 
 
 def test_padding_fraction_and_update_speed():
-    tokens = experience([Completion((5, 5, 5), (0.0,) * 3, "x", True), Completion((5,), (0.0,), "y", True)]).token_batch(0)
+    rows = [Completion((5, 5, 5), (0.0,) * 3, "x", True), Completion((5,), (0.0,), "y", True)]
+    tokens = experience(rows).token_batch(0)
     metrics = onpolicy.token_metrics(tokens, train_seconds=2.0)  # rows of 5 and 3 real tokens, width 5
     assert metrics["tokens/padding_fraction"] == pytest.approx(2 / 10)
     assert metrics["perf/update_tokens_per_s"] == pytest.approx(4.0)
