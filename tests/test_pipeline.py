@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlkit.data import make_problem
+from rlkit.select import main as select_main
 from tests.test_quickstart import REPO, read_metrics, run
 
 STAGES = (
@@ -103,7 +104,7 @@ def direct_loss(model, tokenizer, prompt: str, answer: str) -> float:
 
 
 @pytest.mark.slow
-def test_select_ranks_by_ifd_with_its_guards(pipeline, tmp_path):
+def test_select_ranks_by_ifd_with_its_guards(pipeline, tmp_path, capsys):
     """`python -m rlkit.select` on the SFT checkpoint: IFD from the model's own losses, highest first, at most
     1 (a prompt that makes its answer less likely is dropped), the loss guards, and a bad --model path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -126,15 +127,17 @@ def test_select_ranks_by_ifd_with_its_guards(pipeline, tmp_path):
         alone = direct_loss(model, tok, "", row["answer"])
         assert row["loss_conditioned"] == pytest.approx(conditioned, rel=1e-4)
         assert row["ifd"] == pytest.approx(conditioned / alone, rel=1e-4)
-    # the guards: a scorer that finds everything noise keeps nothing, and says so
-    out = subprocess.run([sys.executable, "-m", "rlkit.select", "--model", str(scorer), "--input",
-                          str(tmp_path / "pool.jsonl"), "--output", str(tmp_path / "none.jsonl"), "--max-loss", "0.001",
-                          "--min-loss", "0"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "wrote 0" in out.stdout and "fewer eligible" in out.stderr
-    bad = subprocess.run([sys.executable, "-m", "rlkit.select", "--model", str(tmp_path), "--input",
-                          str(tmp_path / "pool.jsonl"), "--output", str(tmp_path / "x.jsonl")],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "--model" in bad.stderr and "config.json" in bad.stderr
+    # the guards: a scorer that finds everything noise keeps nothing, and says so (the command line ran above; these
+    # call its main() in this process, which returns the exit code, instead of paying for another interpreter)
+    capsys.readouterr()
+    code = select_main(["--model", str(scorer), "--input", str(tmp_path / "pool.jsonl"), "--output",
+                        str(tmp_path / "none.jsonl"), "--max-loss", "0.001", "--min-loss", "0"])
+    out = capsys.readouterr()
+    assert code == 0 and "wrote 0" in out.out and "fewer eligible" in out.err
+    code = select_main(["--model", str(tmp_path), "--input", str(tmp_path / "pool.jsonl"), "--output",
+                        str(tmp_path / "x.jsonl")])
+    bad = capsys.readouterr()
+    assert code == 2 and "--model" in bad.err and "config.json" in bad.err
 
 
 @pytest.mark.slow
