@@ -85,6 +85,12 @@ class VllmRollout:
         self._lora_count = 0
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        else:
+            # A prompt prefilled in chunks has its sampled token discarded and its seeded generator rewound, which
+            # a CPU generator cannot do ("CPU Generator does not use offset": the engine dies). Seeded batches whose
+            # prompts pass the step's token budget (long multi-turn contexts, large GRPO batches) hit it, so on a
+            # CPU every prompt is prefilled whole.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len))
         t0 = time.perf_counter()
         before = shm_segments()
         self.llm = LLM(**kwargs)

