@@ -682,12 +682,11 @@ def check_env(cfg: RecipeConfig) -> None:
         raise RecipeError(f"rollout.max_episode_tokens: an episode of {rollout.episode_tokens} tokens leaves no room "
                           f"for its prompt in model.max_seq_len={cfg.model.max_seq_len}; lower it (or "
                           "rollout.max_new_tokens x rollout.max_turns), or raise model.max_seq_len")
-    sampled = [f"stages.{i}" for i, s in enumerate(cfg.stages)
-               if s.kind in ("rft", "distill") or (s.kind == "dpo" and s.pairs != "dataset")]
+    sampled = [f"stages.{i}" for i, s in enumerate(cfg.stages) if s.kind == "dpo" and s.pairs != "dataset"]
     if env.enabled and sampled:
-        raise RecipeError(f"env: multi-turn episodes train GRPO and PPO stages; {', '.join(sampled)} would turn "
-                          "sampled episodes into SFT or DPO examples with the environment's tokens in them. Run them "
-                          "in a recipe without env, or use GRPO/PPO")
+        raise RecipeError(f"env: multi-turn episodes train GRPO, PPO, RFT and distill stages; {', '.join(sampled)} "
+                          "would pair whole episodes for DPO with the environment's tokens in them. Use "
+                          "pairs: dataset, or run it in a recipe without env")
     if cfg.data.tool_traces and (cfg.data.source != "synthetic" or cfg.data.verification):
         raise RecipeError("data.tool_traces: tool-use traces are built from the synthetic tasks; set "
                           "data.source=synthetic (and verification=false)")

@@ -40,6 +40,26 @@ def accept(texts: list[str], scores: list[float], verdicts: list[Verdict], valid
     return [i for i in ok if not (texts[i] in seen or seen.add(texts[i]))]
 
 
+def sampled_example(prompt: list[int], completion, eos_id: int) -> sft.Example:
+    """A kept sample as an SFT example: its reply trained, or of a multi-turn episode only the sampled tokens (the
+    environment's stay masked, as in GRPO), with EOS appended when it was cut short.
+
+    >>> from rollout.vllm_engine import Completion
+    >>> sampled_example([1, 2], Completion((7, 8), (-0.1, -0.2), "78", False), eos_id=0)
+    ([1, 2, 7, 8, 0], [0, 0, 1, 1, 1])
+    >>> from types import SimpleNamespace  # an episode: a tool call (7), the tool's reply (50), the answer (8)
+    >>> sampled_example([1], SimpleNamespace(token_ids=(7, 50, 8), loss_mask=(1, 0, 1), finished=True), eos_id=0)
+    ([1, 7, 50, 8], [0, 1, 0, 1])
+    """
+    mask = getattr(completion, "loss_mask", None)
+    if mask is None:
+        return sft.prompt_reply(prompt, sampled_reply(completion, eos_id))
+    ids, mask = list(completion.token_ids), list(mask)
+    if not completion.finished:
+        ids, mask = ids + [eos_id], mask + [1]
+    return list(prompt) + ids, [0] * len(prompt) + mask
+
+
 def collect(ctx: StageContext, pool) -> tuple[list[sft.Example], dict[str, float]]:
     """Sample from `pool`, score with the recipe's rewards and keep the accepted completions."""
     stage, train = ctx.stage, ctx.data.problems
@@ -54,7 +74,7 @@ def collect(ctx: StageContext, pool) -> tuple[list[sft.Example], dict[str, float
         kept = accept(texts[span], scored.scores[span], verdicts[span], scored.valid[span], stage.keep)
         covered += bool(kept)
         for j in kept:
-            examples.append(sft.prompt_reply(exp.prompt_ids[i], sampled_reply(exp.completions[span][j], eos)))
+            examples.append(sampled_example(exp.repeated_prompts()[span][j], exp.completions[span][j], eos))
             rows.append({"prompt": problem.prompt, "gold": problem.answer, "completion": texts[span][j]})
     with open(ctx.logger.run_dir / f"{ctx.checkpoint_name}.examples.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)

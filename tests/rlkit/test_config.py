@@ -67,6 +67,7 @@ def test_yaml_then_overrides_in_order(tmp_path):
          "algo.ppo_minibatches: 6 rows per step of stages.0 do not split into 4 minibatches"),
         (["algo.target_kl=-0.1"], "algo.target_kl: must be >= 0"),
         (["stages=[{kind: dpo}]", "trainer.micro_batch_size=3"], "DPO keeps each pair in one micro-batch"),
+        (["env.name=tools", "stages=[{kind: dpo}]"], "stages.0 would pair whole episodes for DPO"),
         (["stages=[{kind: sft}, {kind: average, source: sfft}]"],
          "stages.1.source: 'sfft' is not an earlier stage; expected one of ['01_sft']"),
     ],
