@@ -142,7 +142,8 @@ class ExperienceMaker:
 
     def __init__(self, pool, scorer, max_error_rate: float, where: str, lock: threading.Lock | None = None,
                  episodes: Callable | None = None):
-        """`lock` is held while the engines sample (StageContext.engine_lock: syncs and evaluations take it too)."""
+        """`lock` is held while the engines sample and the rewards score (StageContext.engine_lock: syncs and
+        evaluations take it too)."""
         self.pool, self.scorer, self.max_error_rate, self.where = pool, scorer, max_error_rate, where
         self.lock = lock or threading.Lock()
         self.episodes = episodes
@@ -151,15 +152,15 @@ class ExperienceMaker:
     def make(self, problems: list[Problem], n: int, temperature: float, seed: int, version: int = 0) -> Experience:
         """n samples per prompt from the pool's current weights, each scored by the rewards."""
         prompt_ids = [list(p.prompt_ids) for p in problems]  # rendered once, when the data was prepared
-        with self.lock:
+        with self.lock:  # the scorer too: an evaluation in the loop's thread uses it under the same lock
             t0 = time.perf_counter()
             if self.episodes is None:
                 groups = self.pool.generate(prompt_ids, n=n, temperature=temperature, seed=seed)
             else:
                 groups = self.episodes(problems, n, temperature, seed)
-        t1 = time.perf_counter()
-        completions = [c for g in groups for c in g]
-        scored = self.scorer.score(to_samples(problems, [c.text for c in completions], n))
+            t1 = time.perf_counter()
+            completions = [c for g in groups for c in g]
+            scored = self.scorer.score(to_samples(problems, [c.text for c in completions], n))
         self._add("generate", t1 - t0)
         self._add("score", time.perf_counter() - t1)
         check_error_rate(scored, self.max_error_rate, self.where)
