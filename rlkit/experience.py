@@ -85,11 +85,12 @@ class Experience:
     def token_batch(self, pad_id: int) -> TokenBatch:
         """Prompt + completion rows (B*G, L); the response mask is 0 on environment tokens (tool output), which the
         policy did not sample and the loss must not train on."""
-        tokens = pack_sequences(self.repeated_prompts(), [list(c.token_ids) for c in self.completions], pad_id)
+        prompts = self.repeated_prompts()
+        tokens = pack_sequences(prompts, [list(c.token_ids) for c in self.completions], pad_id)
         if not any(getattr(c, "loss_mask", None) is not None for c in self.completions):
             return tokens
         mask = tokens.response_mask.clone()
-        for i, (prompt, c) in enumerate(zip(self.repeated_prompts(), self.completions)):
+        for i, (prompt, c) in enumerate(zip(prompts, self.completions)):
             if getattr(c, "loss_mask", None) is not None:
                 start = len(prompt) - 1
                 mask[i, start : start + len(c.loss_mask)] = torch.tensor(c.loss_mask, dtype=mask.dtype)

@@ -66,7 +66,7 @@ def collect(ctx: StageContext, pool) -> tuple[list[sft.Example], dict[str, float
     problems = random.Random(ctx.seed()).sample(train, min(stage.steps * stage.batch_size, len(train)))
     n, eos = stage.samples, ctx.data.renderer.eos_id
     exp = ctx.experience_maker(pool).make(problems, n, ctx.cfg.rollout.temperature, ctx.seed())  # P x n
-    texts, scored = exp.texts, exp.scored
+    texts, scored, prompts = exp.texts, exp.scored, exp.repeated_prompts()  # (P*n,) each
     verdicts = [r.verdict for r in scored.results]
     examples, rows, covered = [], [], 0
     for i, problem in enumerate(problems):
@@ -74,7 +74,7 @@ def collect(ctx: StageContext, pool) -> tuple[list[sft.Example], dict[str, float
         kept = accept(texts[span], scored.scores[span], verdicts[span], scored.valid[span], stage.keep)
         covered += bool(kept)
         for j in kept:
-            examples.append(sampled_example(exp.repeated_prompts()[span][j], exp.completions[span][j], eos))
+            examples.append(sampled_example(prompts[span][j], exp.completions[span][j], eos))
             rows.append({"prompt": problem.prompt, "gold": problem.answer, "completion": texts[span][j]})
     with open(ctx.logger.run_dir / f"{ctx.checkpoint_name}.examples.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
