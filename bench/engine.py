@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from rlkit.config import AlgoConfig, ModelConfig, RefConfig, TrainerConfig
+    from rlkit.config import ModelConfig, TrainerConfig
     from rlkit.modeling import init_model, save_checkpoint
     from rlkit.trainer import ShardedTrainer
 
@@ -96,8 +96,7 @@ def main() -> None:
                 engine.close()
             rows.append((name, decode, time.perf_counter() - t0))
 
-        trainer = ShardedTrainer(TrainerConfig(lora_rank=8, lora_sync="adapter"), AlgoConfig(), RefConfig(),
-                                 str(path), 1e-4, 1)
+        trainer = ShardedTrainer(TrainerConfig(lora_rank=8, lora_sync="adapter"), str(path), 1e-4, 1)
         engine = make_engine(path, None, lora_rank=8)
         merged = sync_seconds(engine, trainer, args.repeats, adapter=False)
         adapter = sync_seconds(engine, trainer, args.repeats, adapter=True)

@@ -8,14 +8,18 @@ Lengths: a byte-level BPE (vocabulary 2048) is trained at run time on the shippe
 those of GSM8K worked answers drawn at random (completions of one prompt differ in length, as sampled ones do);
 rows are prompt-major, as GRPO builds them. Token ids are random: the update's cost does not depend on them.
 Model: a randomly initialised Llama (`--hidden`, `--layers`), float32. Each configuration runs
-`ShardedTrainer.policy_step` (on-policy GRPO, token-mean) in a process of its own, one warm-up update and then
+`ShardedTrainer.step` (on-policy GRPO's PolicyLoss, token-mean) in a process of its own, one warm-up update and then
 `--repeats` timed ones:
 - padded: micro-batches of `--micro-batch` consecutive rows (trainer.micro_batch_size, 64 by default: the whole
   step batch), each right-padded to its longest row;
 - budget: trainer.micro_batch_tokens `--budget` as well: rows binned by length (first-fit decreasing), so each
   micro-batch holds rows of similar length, then right-padded;
-- packed: trainer.packing, each micro-batch's rows as one sequence (sdpa: a dense mask over its tokens);
-- packed + budget: both.
+- packed: trainer.packing, each micro-batch's rows as one sequence, attention within each row (rlkit.attention's
+  per-row sdpa, what trainer.packing loads with sdpa);
+- packed + budget: both;
+- "(dense mask)": the same packed rows through transformers' own sdpa, which attends over a dense (T, T)
+  block-diagonal mask of the micro-batch's T tokens (what trainer.packing ran before rlkit.attention): the baseline
+  of the per-row attention, same run.
 tokens/s counts real (prompt + completion) tokens per second of update, median. Memory: peak resident memory
 during the timed updates minus the resident memory just before them (Linux: VmHWM reset via /proc/self/clear_refs;
 glibc's mmap threshold pinned at 64 KiB so a freed tensor leaves the resident set): the update's activations,
@@ -45,7 +49,9 @@ CONFIGS = {  # name -> TrainerConfig fields beyond micro_batch_size ("budget" is
     "padded": {},
     "budget": {"micro_batch_tokens": "budget"},
     "packed": {"packing": True},
+    "packed (dense mask)": {"packing": True, "dense_mask": True},
     "packed + budget": {"packing": True, "micro_batch_tokens": "budget"},
+    "packed + budget (dense mask)": {"packing": True, "micro_batch_tokens": "budget", "dense_mask": True},
 }
 
 
@@ -115,15 +121,26 @@ def policy_batch(lengths: list):
     tokens = pack_sequences([rand(p) for p, _ in lengths], [rand(c) for _, c in lengths], pad_id=0)
     mask = tokens.response_mask
     return PolicyBatch(tokens, mask, None, None, torch.zeros(mask.shape), torch.randn(len(tokens), generator=g),
-                       float(token_normalizer(mask, "token-mean", 0)), 0.0, 1.0)
+                       float(token_normalizer(mask, "token-mean", 0)))
+
+
+def grpo_loss():
+    """On-policy GRPO's loss as the recipe's defaults make it (no reference: ref.kl_coef 0)."""
+    from rlkit.losses import PolicyLoss
+
+    return PolicyLoss()
 
 
 def make_trainer(fields: dict, model: str):
-    from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
+    from rlkit.config import TrainerConfig
     from rlkit.trainer import ShardedTrainer
 
-    return ShardedTrainer(TrainerConfig(**fields, logprob_impl="torch"), AlgoConfig(), RefConfig(), model, lr=1e-6,
-                          warmup_steps=1)
+    fields = dict(fields)
+    dense = fields.pop("dense_mask", False)
+    trainer = ShardedTrainer(TrainerConfig(**fields, logprob_impl="torch"), model, lr=1e-6, warmup_steps=1)
+    if dense:  # the same packed rows through transformers' sdpa, over its dense (T, T) block-diagonal mask
+        trainer.model.lm.set_attn_implementation("sdpa")
+    return trainer
 
 
 def run_interleaved(job: dict) -> list[dict]:
@@ -135,10 +152,10 @@ def run_interleaved(job: dict) -> list[dict]:
     for r in range(job["repeats"] + 1):  # round 0 warms up (and compiles)
         for trainer, seconds in zip(trainers, times):
             t0 = time.perf_counter()
-            trainer.policy_step(batch)
+            trainer.step(grpo_loss(), batch)
             seconds.append(time.perf_counter() - t0)
     return [{"seconds": statistics.median(t[1:]), "first": t[0], "peak_mb": float("nan"),
-             "micro_batches": len(tr.micro_batches(batch)), "tokens": int(batch.tokens.attention_mask.sum()),
+             "micro_batches": len(tr.micro_batches(batch.tokens)), "tokens": int(batch.tokens.attention_mask.sum()),
              "computed": computed_tokens(tr, batch)} for tr, t in zip(trainers, times)]
 
 
@@ -146,7 +163,7 @@ def run_one(job: dict) -> dict:
     batch, trainer = policy_batch(job["lengths"]), make_trainer(job["trainer"], job["model"])
     tokens = batch.tokens
     t0 = time.perf_counter()
-    trainer.policy_step(batch)  # warm-up: optimizer state allocated, and trainer.compile's compile paid
+    trainer.step(grpo_loss(), batch)  # warm-up: optimizer state allocated, and trainer.compile's compile paid
     first = time.perf_counter() - t0
     trainer.optimizer.zero_grad(set_to_none=True)
     before = rss_mb("VmRSS")
@@ -154,17 +171,17 @@ def run_one(job: dict) -> dict:
     times = []
     for _ in range(job["repeats"]):
         t0 = time.perf_counter()
-        trainer.policy_step(batch)
+        trainer.step(grpo_loss(), batch)
         times.append(time.perf_counter() - t0)
     return {"seconds": statistics.median(times), "first": first, "peak_mb": rss_mb("VmHWM") - before,
-            "micro_batches": len(trainer.micro_batches(batch)), "tokens": int(tokens.attention_mask.sum()),
+            "micro_batches": len(trainer.micro_batches(batch.tokens)), "tokens": int(tokens.attention_mask.sum()),
             "computed": computed_tokens(trainer, batch)}
 
 
 def computed_tokens(trainer, batch) -> int:
     """Token positions the model runs over, padding included (packed: the real tokens alone)."""
     lengths = batch.tokens.attention_mask.sum(-1)
-    plans = trainer.micro_batches(batch)
+    plans = trainer.micro_batches(batch.tokens)
     if trainer.cfg.packing:
         return int(lengths.sum())
     return int(sum(len(rows) * lengths[rows].max() for rows in plans))

@@ -2,24 +2,32 @@
 
     python bench/packing.py [--model DIR] [--attn sdpa] [--dtype bfloat16] [--repeats 3]
 
-Packed (trainer.packing: true): the rows as one (1, T) sequence, position_ids restarting per row, through
-transformers' packed-sequence path. Padded (false): (B, W) rows with an attention mask, W the longest row. Rows have
-lengths drawn uniformly from [L/2, L], as sampled completions do. With a varlen kernel (flash_attention_2 on CUDA)
-packing computes attention within rows only; with sdpa or eager transformers builds a dense (T, T) block-diagonal
-mask, so attention grows with the square of the micro-batch's total tokens. The table prints medians and
-packed / padded ratios; only ratios from the same run compare (this machine's speed varies by day).
+Packed (trainer.packing: true): the rows as one (1, T) sequence, position_ids restarting per row, through the
+attention trainer.packing loads (rlkit.attention.model_attn_implementation): with sdpa, rlkit.attention's per-row
+sdpa (attention within each row, no mask); flash_attention_2 (CUDA) is varlen itself. Padded (false): (B, W) rows
+with an attention mask, W the longest row, through the same model (padded forwards run transformers' sdpa). Rows
+have lengths drawn uniformly from [L/2, L], as sampled completions do. With sdpa the table also times the packed rows
+through transformers' own sdpa ("dense mask"): a (T, T) block-diagonal mask, attention growing with the square of
+the micro-batch's total tokens (what packing ran before rlkit.attention); eager always builds that mask. The table
+prints medians and ratios to padded; only ratios from the same run compare (this machine's speed varies by day).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rlkit.attention import model_attn_implementation  # noqa: E402
+
 
 def build(model: str, attn: str, dtype: torch.dtype):
+    attn = model_attn_implementation(attn, packing=True)  # as the trainer loads it with packing
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if model:
@@ -63,18 +71,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     lm = build(args.model, args.attn, getattr(torch, args.dtype))
-    print(f"| rows x max length | tokens | padded s | packed s | packed / padded |  ({args.attn}, {args.dtype}, "
-          f"{torch.get_num_threads()} threads)")
-    print("|---|---|---|---|---|")
+    loaded = lm.config._attn_implementation
+    dense = args.attn == "sdpa"  # also time the packed rows through transformers' sdpa, over the dense mask
+    print("| rows x max length | tokens | padded s | packed s | packed / padded |"
+          + (" dense mask s | dense mask / padded |" if dense else "")
+          + f"  ({loaded}, {args.dtype}, {torch.get_num_threads()} threads)")
+    print("|---|---|---|---|---|" + ("---|---|" if dense else ""))
     for batch, length in ((8, 80), (32, 80), (64, 80), (8, 300)):
         ids, mask = rows(batch, length, lm.config.vocab_size)
-        times = {False: [], True: []}
+        times = {"padded": [], "packed": [], "dense": []}
         for _ in range(args.repeats):
-            for packed in (False, True):
+            for name in times if dense else ("padded", "packed"):
+                lm.set_attn_implementation("sdpa" if name == "dense" else loaded)
                 lm.zero_grad(set_to_none=True)
-                times[packed].append(step(lm, ids, mask, packed))
-        pad, pack = statistics.median(times[False]), statistics.median(times[True])
-        print(f"| {batch} x {length} | {int(mask.sum())} | {pad:.2f} | {pack:.2f} | {pack / pad:.2f} |", flush=True)
+                times[name].append(step(lm, ids, mask, packed=name != "padded"))
+        pad, pack = statistics.median(times["padded"]), statistics.median(times["packed"])
+        line = f"| {batch} x {length} | {int(mask.sum())} | {pad:.2f} | {pack:.2f} | {pack / pad:.2f} |"
+        if dense:
+            line += f" {statistics.median(times['dense']):.2f} | {statistics.median(times['dense']) / pad:.2f} |"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

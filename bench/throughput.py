@@ -32,8 +32,8 @@ float32 there).
 bfloat16), the same GRPO settings otherwise. `--lengths gsm8k` swaps the arithmetic prompts for GSM8K questions
 (data/gsm8k_test.jsonl) under a byte-level BPE (vocabulary 2048) trained on that file at run time, the model
 built with that tokenizer (same shape), up to `--new-tokens` (default 256) completion tokens, and rlkit bins each
-update's rows by length (`trainer.micro_batch_tokens` GSM8K_BUDGET; packing stays off: with sdpa on CPU it is the
-slower path, bench/lengths.py). TRL's GRPOTrainer has no padding-free option (GRPOConfig has no `padding_free`
+update's rows by length (`trainer.micro_batch_tokens` GSM8K_BUDGET; packing stays off, as in the run the README
+reports; since rlkit.attention, trainer.packing would cut the update further, bench/lengths.py). TRL's GRPOTrainer has no padding-free option (GRPOConfig has no `padding_free`
 in TRL 1.16, only its SFT and DPO configs do), so it runs padded. The random model seldom samples its end token,
 so completions run to the limit on both sides: the length mix is in the prompts (`len` shows it).
 """

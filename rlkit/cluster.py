@@ -18,8 +18,10 @@ from typing import Any, Callable
 import torch
 
 from rlkit.config import RecipeConfig, RolloutConfig
+from rlkit.packing import balance_rows
+from rlkit.rank import Update
 from rlkit.score import build_scorer, scorer_config
-from rlkit.trainer import PairBatch, PolicyBatch, TokenBatch
+from rlkit.trainer import TokenBatch
 from rewards.scorer import Scorer
 from rollout import EngineConfig
 
@@ -30,10 +32,10 @@ class _Remote:
     """An actor handle whose methods are called like a local object's and return object refs."""
 
     def __init__(self, handle: Any):
-        self._handle = handle
+        self.actor = handle  # the Ray actor handle, which Cluster.release kills
 
     def __getattr__(self, name: str) -> Callable:
-        return getattr(self._handle, name).remote
+        return getattr(self.actor, name).remote
 
 
 def _local_resolve(values: list) -> list:
@@ -41,7 +43,8 @@ def _local_resolve(values: list) -> list:
 
 
 class TrainerGroup:
-    """W trainer ranks; each batch's rows are split evenly across them (FSDP2 needs equal work per rank)."""
+    """W trainer ranks; each batch's rows are split across them in equal counts with balanced token loads (FSDP2
+    ranks meet at every collective, so the step runs at the pace of the busiest)."""
 
     def __init__(self, workers: list, resolve: Callable[[list], list] = _local_resolve):
         self.workers, self._resolve = workers, resolve
@@ -50,33 +53,42 @@ class TrainerGroup:
     def world_size(self) -> int:
         return len(self.workers)
 
-    def _split(self, batch) -> list:
-        rows = len(batch) // self.world_size
-        if rows * self.world_size != len(batch):
-            raise ValueError(f"{len(batch)} rows do not split evenly over {self.world_size} trainer ranks")
-        return [batch.select(slice(r * rows, (r + 1) * rows)) for r in range(self.world_size)]
+    def _split(self, batch) -> list[torch.Tensor] | None:
+        """Row indices (b,) of each rank's share of `batch` (a step batch or a TokenBatch): equal counts, token loads
+        balanced (rlkit.packing.balance_rows). Rows come prompt-major, so contiguous shares could give one rank all
+        the long samples while the others wait on it at every FSDP2 collective. Any assignment gives the same update:
+        the losses divide by a normaliser over the whole step batch. None on one rank: it takes the batch as it is."""
+        if self.world_size == 1:
+            return None
+        tokens = getattr(batch, "tokens", batch)  # (B, L) TokenBatch
+        lengths = tokens.attention_mask.sum(-1).tolist()  # (B,) real tokens per row
+        shares = balance_rows(lengths, self.world_size, getattr(batch, "rows_per_unit", 1))
+        return [torch.tensor(rows, dtype=torch.long) for rows in shares]
 
-    def _each(self, batch, call: Callable) -> list:
-        """call(worker, its rows) on every rank at once; the ranks' results in rank order."""
-        return self._resolve([call(w, rows) for w, rows in zip(self.workers, self._split(batch))])
+    def _each(self, batch, call: Callable, shares: list[torch.Tensor] | None) -> list:
+        """call(worker, its rows) on every rank at once (`shares` from `_split`); the ranks' results in rank order."""
+        parts = [batch] if shares is None else [batch.select(rows) for rows in shares]
+        return self._resolve([call(w, part) for w, part in zip(self.workers, parts)])
+
+    def _each_row(self, batch, call: Callable) -> torch.Tensor:
+        """call's per-row results (b, ...) from every rank as one (B, ...) tensor, in the batch's own row order."""
+        shares = self._split(batch)
+        out = torch.cat(self._each(batch, call, shares))  # (B, ...) in rank order
+        if shares is None:
+            return out
+        restored = torch.empty_like(out)
+        restored[torch.cat(shares)] = out  # out's row k is the batch's row cat(shares)[k]
+        return restored
 
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
-        return torch.cat(self._each(batch, lambda w, rows: w.logprobs(rows, temperature)))
+        return self._each_row(batch, lambda w, rows: w.logprobs(rows, temperature))
 
-    def sft_step(self, batch: TokenBatch, normalizer: float) -> dict[str, float]:
-        return _merge(self._each(batch, lambda w, rows: w.sft_step(rows, normalizer)))
-
-    def dpo_step(self, batch: PairBatch) -> dict[str, float]:
-        return _merge(self._each(batch, lambda w, rows: w.dpo_step(rows)))
-
-    def policy_step(self, batch: PolicyBatch) -> dict[str, float]:
-        return _merge(self._each(batch, lambda w, rows: w.policy_step(rows)))
+    def step(self, loss, batch) -> Update:
+        """One optimizer update of `loss` (rlkit.losses) over the step batch, its rows split across the ranks."""
+        return Update.merge(self._each(batch, lambda w, rows: w.step(loss, rows), self._split(batch)))
 
     def values(self, batch: TokenBatch) -> torch.Tensor:  # critic groups
-        return torch.cat(self._each(batch, lambda w, rows: w.values(rows)))
-
-    def value_step(self, batch) -> dict[str, float]:  # critic groups
-        return _merge(self._each(batch, lambda w, rows: w.value_step(rows)))
+        return self._each_row(batch, lambda w, rows: w.values(rows))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights; every rank takes part in the gather."""
@@ -99,13 +111,6 @@ class TrainerGroup:
 
     def load_state(self, path: str) -> None:
         self._resolve([w.load_state(path) for w in self.workers])
-
-
-def _merge(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Sum the ranks' normalised partial sums; grad norm and learning rate are the same on every rank."""
-    merged = {k: sum(m[k] for m in per_rank) for k in per_rank[0]}
-    merged["grad_norm"], merged["lr"] = per_rank[0]["grad_norm"], per_rank[0]["lr"]
-    return merged
 
 
 class RolloutPool:
@@ -183,14 +188,13 @@ class Cluster:
     def trainer_group(self, model_path: str, lr: float, warmup_steps: int) -> TrainerGroup:
         from rlkit.trainer import ShardedTrainer
 
-        cfg = self.cfg
-        return self._group(ShardedTrainer, (cfg.trainer, cfg.algo, cfg.ref, model_path, lr, warmup_steps))
+        return self._group(ShardedTrainer, (self.cfg.trainer, model_path, lr, warmup_steps))
 
     def critic_group(self, model_path: str, lr: float, warmup_steps: int) -> TrainerGroup:
         """The PPO critic, sharded like the policy (its ranks form their own process group)."""
         from rlkit.critic import CriticTrainer
 
-        return self._group(CriticTrainer, (self.cfg.trainer, self.cfg.algo, model_path, lr, warmup_steps))
+        return self._group(CriticTrainer, (self.cfg.trainer, model_path, lr, warmup_steps))
 
     def _group(self, cls: type, args: tuple) -> TrainerGroup:
         """`cluster.trainer_ranks` ranks of `cls`, each told its rank and the rendezvous address."""
@@ -228,7 +232,7 @@ class Cluster:
             if w is None:  # a worker the stage did not need (GRPO without a reference)
                 continue
             for handle in getattr(w, "workers", None) or getattr(w, "engines", None) or [w]:
-                self.ray.kill(handle._handle)
+                self.ray.kill(handle.actor)
 
     def shutdown(self) -> None:
         if self.ray is not None:
@@ -243,7 +247,7 @@ class _Blocking(_Remote):
         self._get = get
 
     def __getattr__(self, name: str) -> Callable:
-        method = getattr(self._handle, name).remote
+        method = getattr(self.actor, name).remote
         return lambda *args, **kwargs: self._get(method(*args, **kwargs))
 
 

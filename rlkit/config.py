@@ -18,9 +18,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-
-class RecipeError(ValueError):
-    """Bad input in a recipe, an override or a file it names; the message names the field and the fix."""
+from rlkit.errors import RecipeError
+from rlkit.stage_kinds import check_stage, one_of as _one_of
 
 
 @dataclass(frozen=True)
@@ -165,9 +164,9 @@ class TrainerConfig:
     # (and micro_batch_size rows); a row longer than the budget runs alone. The update does not change (rlkit.losses)
     micro_batch_tokens: int = 0
     # a micro-batch's rows run as one sequence (position_ids restart per row, attention stays within a row): no
-    # compute on padding. It pays with a varlen kernel (attn_implementation flash_attention_2); with sdpa or eager
-    # transformers builds a dense (T, T) mask over the micro-batch's T tokens, so attention grows with T squared
-    # and packed runs slower than padded (bench/packing.py). False right-pads each micro-batch to its longest row
+    # compute on padding. Attention is varlen with sdpa (rlkit.attention: SDPA row by row, no mask) and
+    # flash_attention_2; eager gets a dense (T, T) mask over the micro-batch's T tokens, so its attention grows with
+    # T squared (bench/lengths.py, bench/packing.py). False right-pads each micro-batch to its longest row
     packing: bool = False
     # "sdpa", "eager" or "flash_attention_2" (needs flash-attn and the model on CUDA; packed rows then run varlen)
     attn_implementation: str = "sdpa"
@@ -276,7 +275,7 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class StageConfig:
-    kind: str = "sft"  # one of STAGE_KINDS
+    kind: str = "sft"  # one of rlkit.stage_kinds.STAGE_KINDS
     name: str = ""  # checkpoint folder name; defaults to "<index>_<kind>"
     steps: int = 100
     batch_size: int = 64  # sequences (SFT, RFT, distill), pairs (DPO) or prompts (GRPO/PPO) per step
@@ -302,8 +301,6 @@ class StageConfig:
 
 
 MAX_ENGINE_LORA_RANK = 512  # the largest adapter rank vLLM serves
-
-STAGE_KINDS = ("sft", "dpo", "grpo", "ppo", "rft", "distill", "average")
 
 
 @dataclass(frozen=True)
@@ -471,44 +468,6 @@ def to_yaml(cfg: RecipeConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise RecipeError(f"{name}: '{value}' is not one of {', '.join(allowed)}")
-
-
-def _check_stage_options(i: int, stage: StageConfig) -> None:
-    _one_of(f"stages.{i}.keep", stage.keep, ("best", "all"))
-    _one_of(f"stages.{i}.pairs", stage.pairs, ("policy", "online", "dataset"))
-    _one_of(f"stages.{i}.method", stage.method, ("uniform", "ema"))
-    if stage.save_every < 0 or stage.samples < 1 or stage.rounds < 1 or stage.last < 1:
-        raise RecipeError(f"stages.{i}: save_every must be >= 0, and samples, rounds and last >= 1")
-    if not 0.0 < stage.ema_decay < 1.0:
-        raise RecipeError(f"stages.{i}.ema_decay: must be in (0, 1), got {stage.ema_decay}")
-    if stage.kind == "dpo" and stage.pairs == "online" and (stage.samples < 2 or stage.steps < stage.rounds):
-        raise RecipeError(f"stages.{i}: online DPO needs samples >= 2 and at least one step per round "
-                          f"(steps={stage.steps}, rounds={stage.rounds})")
-    if stage.kind == "distill":
-        teacher = Path(stage.teacher)
-        if not stage.teacher or not (teacher / "config.json").is_file():
-            raise RecipeError(f"stages.{i}.teacher: '{stage.teacher}' is not a Hugging Face checkpoint folder "
-                              "(config.json, weights, tokenizer); give the teacher model's local path")
-    if stage.kind == "average" and i == 0 and not stage.source:
-        raise RecipeError(f"stages.{i}: an average stage needs an earlier stage (with save_every) to average")
-
-
-def checkpoint_name(stage: StageConfig, index: int) -> str:
-    """The stage's checkpoint folder under RUN_DIR/checkpoints: its name, or `<index + 1>_<kind>`."""
-    return stage.name or f"{index + 1:02d}_{stage.kind}"
-
-
-def check_average_source(cfg: "RecipeConfig", i: int) -> None:
-    """An average stage's source names an earlier stage (its name or checkpoint folder), checked at load."""
-    stage = cfg.stages[i]
-    earlier = [checkpoint_name(s, j) for j, s in enumerate(cfg.stages[:i])]
-    if stage.source and stage.source not in earlier + [s.name for s in cfg.stages[:i] if s.name]:
-        raise RecipeError(f"stages.{i}.source: '{stage.source}' is not an earlier stage; expected one of {earlier}")
-
-
 # The range of every numeric field a user sets (the data section's are in check_data, a stage's in validate).
 NUMERIC_RANGES = {
     "> 0": ["model.hidden_size", "model.intermediate_size", "model.num_layers", "model.num_heads", "model.max_seq_len",
@@ -554,15 +513,8 @@ def validate(cfg: RecipeConfig) -> None:
     check_ranges(cfg)
     if not cfg.stages:
         raise RecipeError("stages: the recipe has no stages; add at least one, e.g. [{kind: sft}]")
-    for i, stage in enumerate(cfg.stages):
-        _one_of(f"stages.{i}.kind", stage.kind, STAGE_KINDS)
-        if stage.steps < 0:
-            raise RecipeError(f"stages.{i}.steps: must be >= 0, got {stage.steps}")
-        if stage.batch_size <= 0:
-            raise RecipeError(f"stages.{i}.batch_size: must be > 0, got {stage.batch_size}")
-        _check_stage_options(i, stage)
-        if stage.kind == "average":
-            check_average_source(cfg, i)
+    for i in range(len(cfg.stages)):
+        check_stage(cfg, i)  # its kind's fields and checks (rlkit.stage_kinds)
     _one_of("rollout.dtype", cfg.rollout.dtype, ("auto", "float32", "bfloat16", "float16"))
     _one_of("ref.kl_estimator", cfg.ref.kl_estimator, ("k1", "k2", "k3"))
     _one_of("ref.kl_in", cfg.ref.kl_in, ("loss", "reward"))
@@ -610,10 +562,6 @@ def validate(cfg: RecipeConfig) -> None:
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
         raise RecipeError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
     _one_of("reward.on_error", cfg.reward.on_error, ("exclude", "score", "fail"))
-    if cfg.trainer.micro_batch_size % 2 and any(s.kind == "dpo" for s in cfg.stages):
-        raise RecipeError("trainer.micro_batch_size: DPO keeps each pair in one micro-batch, so it must be even")
-    if cfg.algo.group_size < 2 and any(s.kind == "grpo" for s in cfg.stages):
-        raise RecipeError(f"algo.group_size: GRPO needs at least 2 samples per prompt, got {cfg.algo.group_size}")
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise RecipeError(
             f"model.hidden_size: {cfg.model.hidden_size} is not divisible by model.num_heads={cfg.model.num_heads}"
@@ -628,19 +576,6 @@ def validate(cfg: RecipeConfig) -> None:
         raise RecipeError("cluster.trainer_ranks: more than one rank needs cluster.backend=ray")
     if cfg.cluster.rollout_engines > 1 and cfg.cluster.backend != "ray":
         raise RecipeError("cluster.rollout_engines: more than one engine needs cluster.backend=ray")
-    for i, stage in enumerate(cfg.stages):
-        rows = {"grpo": stage.batch_size * cfg.algo.group_size, "dpo": stage.batch_size}.get(stage.kind, stage.batch_size)
-        if rows % cfg.cluster.trainer_ranks:
-            raise RecipeError(
-                f"stages.{i}.batch_size: {rows} rows per step do not split evenly over "
-                f"cluster.trainer_ranks={cfg.cluster.trainer_ranks}"
-            )
-        if stage.kind in ("grpo", "ppo") and rows % (cfg.algo.ppo_minibatches * cfg.cluster.trainer_ranks):
-            raise RecipeError(
-                f"algo.ppo_minibatches: {rows} rows per step of stages.{i} do not split into "
-                f"{cfg.algo.ppo_minibatches} minibatches x cluster.trainer_ranks={cfg.cluster.trainer_ranks}; "
-                "choose a divisor of the rows"
-            )
     if cfg.rollout.max_staleness and not cfg.algo.tis_cap:
         raise RecipeError(
             f"rollout.max_staleness: {cfg.rollout.max_staleness} trains on samples from older weights, which the "
@@ -682,11 +617,6 @@ def check_env(cfg: RecipeConfig) -> None:
         raise RecipeError(f"rollout.max_episode_tokens: an episode of {rollout.episode_tokens} tokens leaves no room "
                           f"for its prompt in model.max_seq_len={cfg.model.max_seq_len}; lower it (or "
                           "rollout.max_new_tokens x rollout.max_turns), or raise model.max_seq_len")
-    sampled = [f"stages.{i}" for i, s in enumerate(cfg.stages) if s.kind == "dpo" and s.pairs != "dataset"]
-    if env.enabled and sampled:
-        raise RecipeError(f"env: multi-turn episodes train GRPO, PPO, RFT and distill stages; {', '.join(sampled)} "
-                          "would pair whole episodes for DPO with the environment's tokens in them. Use "
-                          "pairs: dataset, or run it in a recipe without env")
     if cfg.data.tool_traces and (cfg.data.source != "synthetic" or cfg.data.verification):
         raise RecipeError("data.tool_traces: tool-use traces are built from the synthetic tasks; set "
                           "data.source=synthetic (and verification=false)")

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlkit.config import AlgoConfig, TrainerConfig
-from rlkit.losses import value_loss
+from rlkit.attention import model_attn_implementation
+from rlkit.config import TrainerConfig
 from rlkit.packing import layout_rows
 from rlkit.rank import RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch
 from rlkit.trainer import TokenBatch
@@ -49,14 +49,13 @@ class ValueModel(torch.nn.Module):
 class CriticTrainer(RankWorker):
     """One rank of the critic, initialised from the policy checkpoint's transformer body."""
 
-    def __init__(self, cfg: TrainerConfig, algo: AlgoConfig, model_path: str, lr: float, warmup_steps: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: TrainerConfig, model_path: str, lr: float, warmup_steps: int, rank: int = 0,
+                 world_size: int = 1):
         from transformers import AutoModel
 
         prepare_torch(cfg)
-        self.algo = algo
-        body = AutoModel.from_pretrained(model_path, dtype=getattr(torch, cfg.param_dtype),
-                                         attn_implementation=cfg.attn_implementation)
+        attn = model_attn_implementation(cfg.attn_implementation, cfg.packing)  # packed rows: per-row sdpa
+        body = AutoModel.from_pretrained(model_path, dtype=getattr(torch, cfg.param_dtype), attn_implementation=attn)
         enable_gradient_checkpointing(body, cfg)
         compile_blocks(list(body.layers), cfg.compile)
         model = ValueModel(body, cfg.packing, autocast_dtype(cfg, world_size))
@@ -71,10 +70,6 @@ class CriticTrainer(RankWorker):
             out[rows] = self.model(batch.select(rows))
         return out
 
-    def value_step(self, batch: ValueBatch) -> dict[str, float]:
-        def micro_loss(mb: ValueBatch):
-            loss, clipped = value_loss(self.model(mb.tokens), mb.old_values, mb.returns, mb.mask,
-                                       self.algo.value_clip, mb.normalizer)
-            return loss, {"value_loss": loss.detach(), "value_clip_fraction": clipped.sum() / mb.normalizer}
-
-        return self._step(micro_loss, batch)
+    def forward(self, loss, batch: ValueBatch) -> torch.Tensor:
+        """A micro-batch's (b, L-1) values, for `step` (rlkit.losses.ValueLoss)."""
+        return self.model(batch.tokens)

@@ -2,11 +2,13 @@
 and how they go through the model (packed into one sequence, or right-padded).
 
 Packing (trainer.packing): a micro-batch's rows are concatenated into one (1, T) sequence, T their real tokens, with
-`position_ids` restarting at 0 on each row and no attention mask. transformers (>= 5) then confines attention to each
-row: `masking_utils.find_packed_sequence_indices` reads the restarts for sdpa/eager, and flash-attention takes the
-same position_ids as varlen boundaries. It does so only without a KV cache (with one, the rows silently attend to
-each other), so every forward here passes use_cache=False. No compute is spent on padding, and the log-prob kernel
-and the critic's head read the response positions alone; the losses see the usual (B, L-1) tables, zero elsewhere.
+`position_ids` restarting at 0 on each row and no attention mask. Attention stays within each row, read from those
+restarts: under sdpa the loaders pick rlkit.attention's per-row sdpa (causal SDPA on each row, rows of one length
+batched, no mask: it costs the rows' sum of L_i^2), flash-attention takes the position_ids as varlen boundaries, and
+eager gets transformers' dense (T, T) block-diagonal mask (`masking_utils.find_packed_sequence_indices`). transformers
+reads the restarts only without a KV cache (with one, the rows silently attend to each other), so every forward here
+passes use_cache=False. No compute is spent on padding, and the log-prob kernel and the critic's head read the
+response positions alone; the losses see the usual (B, L-1) tables, zero elsewhere.
 """
 
 from __future__ import annotations
@@ -135,3 +137,29 @@ def split_micro_batches(lengths: list[int], max_rows: int, budget: int = 0, unit
     units = [sum(lengths[i : i + unit]) for i in range(0, len(lengths), unit)]
     plan = token_budget_split(units, budget, max(1, max_rows // unit), min_count)
     return [[u * unit + j for u in mb for j in range(unit)] for mb in plan]
+
+
+def balance_rows(lengths: list[int], ranks: int, unit: int = 1) -> list[list[int]]:
+    """Row indices of each of `ranks` trainer ranks: the same number of rows each, token loads balanced.
+
+    FSDP2 ranks meet at every collective, so the step runs at the pace of the rank with the most tokens; and a
+    step batch comes prompt-major (B prompts x G samples), so contiguous shares can give one rank all the long
+    ones. Units of `unit` consecutive rows (DPO's chosen/rejected pairs) go longest first to the least-loaded rank
+    that still has room (greedy LPT with equal counts, like verl's get_seqlen_balanced_partitions, which uses
+    Karmarkar-Karp). Each rank lists its rows in ascending order; one rank takes [0, n) as it is.
+
+    >>> balance_rows([9, 8, 1, 1], ranks=2)  # contiguous shares would carry 17 and 2 tokens
+    [[0, 3], [1, 2]]
+    """
+    if len(lengths) % (ranks * unit):
+        whole = f" (whole units of {unit} rows each)" if unit > 1 else ""
+        raise ValueError(f"{len(lengths)} rows do not split evenly over {ranks} trainer ranks{whole}")
+    room = len(lengths) // (ranks * unit)  # units per rank
+    units = [sum(lengths[i : i + unit]) for i in range(0, len(lengths), unit)]
+    shares: list[list[int]] = [[] for _ in range(ranks)]
+    loads = [0] * ranks
+    for u in sorted(range(len(units)), key=lambda u: (-units[u], u)):
+        r = min((r for r in range(ranks) if len(shares[r]) < room), key=lambda r: (loads[r], r))
+        shares[r].append(u)
+        loads[r] += units[u]
+    return [[u * unit + j for u in sorted(share) for j in range(unit)] for share in shares]

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generic, Optional, TypeVar
 
 import torch
 
 from rlkit.config import TrainerConfig
+from rlkit.losses import Stats
 from rlkit.packing import split_micro_batches
 
 log = logging.getLogger(__name__)
@@ -91,8 +93,37 @@ def shard_with_fsdp2(root: torch.nn.Module, blocks: list[torch.nn.Module], rank:
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
 
 
+S = TypeVar("S", bound=Stats)
+
+
+@dataclass(frozen=True)
+class Update(Generic[S]):
+    """What one optimizer update reports: its loss's stats over the whole step batch, and the optimizer's side."""
+
+    stats: S
+    grad_norm: float
+    lr: float
+    compile_seconds: Optional[float] = None  # trainer.compile: torch.compile time since the previous update
+
+    def metrics(self) -> dict[str, float]:
+        extra = {} if self.compile_seconds is None else {"perf/compile_seconds": self.compile_seconds}
+        return self.stats.metrics() | {"grad_norm": self.grad_norm, "lr": self.lr} | extra
+
+    @staticmethod
+    def merge(per_rank: list["Update[S]"]) -> "Update[S]":
+        """The ranks' updates as one: stats summed (each rank's are its rows' share), grad norm and learning rate
+        the same on every rank, compile time their mean."""
+        stats = per_rank[0].stats
+        for update in per_rank[1:]:
+            stats = stats + update.stats
+        seconds = [u.compile_seconds for u in per_rank if u.compile_seconds is not None]
+        return Update(stats, per_rank[0].grad_norm, per_rank[0].lr,
+                      sum(seconds) / len(seconds) if seconds else None)
+
+
 class RankWorker:
-    """What every trained model's rank shares: sharding, the optimizer and schedule, and the update loop."""
+    """What every trained model's rank shares: sharding, the optimizer and schedule, and the update loop.
+    A subclass says what its model computes for a loss on a micro-batch (`forward`)."""
 
     def __init__(self, cfg: TrainerConfig, model: torch.nn.Module, blocks: list, lr: float, warmup_steps: int,
                  rank: int, world_size: int):
@@ -107,14 +138,14 @@ class RankWorker:
         self.step_count = 0
         self._compile_clock = compile_seconds()  # the step's perf/compile_seconds count from here
 
-    def micro_batches(self, batch) -> list[torch.Tensor]:
-        """Row indices (b_i,) of each micro-batch of this rank's rows (trainer.micro_batch_size/_tokens).
+    def micro_batches(self, tokens, unit: int = 1) -> list[torch.Tensor]:
+        """Row indices (b_i,) of each micro-batch of this rank's rows, a TokenBatch (trainer.micro_batch_size/_tokens;
+        `unit` consecutive rows stay together: DPO's pairs).
 
         With a token budget the count depends on the rows, so the ranks agree on the largest (one all-reduce):
         FSDP2 gathers weights in every forward, and a rank that ran fewer would leave the others waiting."""
-        tokens = batch if hasattr(batch, "attention_mask") else batch.tokens
         lengths = tokens.attention_mask.sum(-1).tolist()
-        args = (lengths, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens, getattr(batch, "rows_per_unit", 1))
+        args = (lengths, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens, unit)
         plan = split_micro_batches(*args)
         if self.world_size > 1 and self.cfg.micro_batch_tokens:
             import torch.distributed as dist
@@ -124,16 +155,21 @@ class RankWorker:
             plan = split_micro_batches(*args, min_count=int(count))
         return [torch.tensor(rows) for rows in plan]
 
-    def _step(self, micro_loss: Callable, batch) -> dict[str, float]:
-        """One optimizer update over this rank's rows, micro-batch by micro-batch."""
+    def forward(self, loss, batch):
+        """What `loss` reads of the model on one micro-batch (each subclass: log-probs, values)."""
+        raise NotImplementedError
+
+    def step(self, loss, batch) -> Update:
+        """One optimizer update of `loss` (rlkit.losses: a loss object) over this rank's rows of the step batch,
+        micro-batch by micro-batch. Its stats are this rank's share of the step's (TrainerGroup sums the ranks')."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        for rows in self.micro_batches(batch):
-            loss, metrics = micro_loss(batch.select(rows))
-            loss.backward()
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+        stats = None
+        for rows in self.micro_batches(batch.tokens, getattr(batch, "rows_per_unit", 1)):
+            mb = batch.select(rows)
+            value, part = loss(self.forward(loss, mb), mb)
+            value.backward()
+            stats = part if stats is None else stats + part
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not math.isfinite(grad_norm):
@@ -141,19 +177,18 @@ class RankWorker:
         self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
-        return totals | {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]} | self._compile_metrics()
+        return Update(stats, grad_norm, self.scheduler.get_last_lr()[0], self._compile_seconds())
 
-    def _compile_metrics(self) -> dict[str, float]:
-        """perf/compile_seconds under trainer.compile: torch.compile time in this process since the previous step
-        (log-prob passes' compiles included), 0 once nothing recompiles. Every rank reports the key (the group sums
-        them), divided by the ranks: the sum is their mean."""
+    def _compile_seconds(self) -> float | None:
+        """trainer.compile: torch.compile time in this process since the previous update (log-prob passes' compiles
+        included), 0 once nothing recompiles; None without trainer.compile."""
         if not self.cfg.compile:
-            return {}
+            return None
         now = compile_seconds()
         spent, self._compile_clock = now - self._compile_clock, now
         if spent > 0:
             log.info("torch.compile: %.1f s before update %d ended", spent, self.step_count)
-        return {"perf/compile_seconds": spent / self.world_size}
+        return spent
 
     # -- resume points -----------------------------------------------------------------------------------
     def save_state(self, path: str) -> None:

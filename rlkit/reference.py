@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from rlkit.attention import model_attn_implementation
 from rlkit.config import RefConfig
 from rlkit.packing import split_micro_batches
 from rlkit.rank import compile_blocks
@@ -29,8 +30,8 @@ class ReferenceModel:
 
         self.cfg, self.impl = cfg, impl
         self.micro_batch_size, self.micro_batch_tokens = micro_batch_size, micro_batch_tokens
-        lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=reference_dtype(cfg),
-                                                  attn_implementation=attn_implementation)
+        attn = model_attn_implementation(attn_implementation, packing)  # packed rows: per-row sdpa
+        lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=reference_dtype(cfg), attn_implementation=attn)
         compile_blocks(list(getattr(lm, lm.base_model_prefix).layers), compile)
         self.model = LogprobModel(lm, packing).eval()
         for p in self.model.parameters():

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from rlkit.advantages import get_estimator
 from rlkit.algorithms import STAGES, average
-from rlkit.algorithms.common import StageContext
+from rlkit.algorithms.common import StageContext, Workers
 from rlkit.chat import stop_token_ids
 from rlkit.checkpoint import Checkpointer, ResumePoint, RunState, split_metrics
 from rlkit.cluster import Cluster
@@ -166,16 +166,16 @@ def run(cfg: RecipeConfig) -> dict:
             trainer = None if stage.kind == "average" else cluster.trainer_group(
                 state.model_path, cfg.stage_lr(index), cfg.stage_warmup(index))
             stage_data = data.stages[index]
-            ctx = StageContext(cfg, stage, index, state.model_path, stage_data, trainer, pool, scorer, cluster,
-                               logger, data.held_out, state, checkpointer,
-                               resume if resume is not None and resume.state.step and index == state.stage else None,
-                               syncs_every_step=STAGES[stage.kind].syncs_every_step, episodes=episodes)
-            if stage_data is not None and not ctx.resume:
+            ctx = StageContext(cfg, stage, index, state.model_path, stage_data,
+                               Workers(trainer, pool, scorer, cluster, cfg.trainer), logger, data.held_out, episodes,
+                               state, checkpointer,
+                               resume if resume is not None and resume.state.step and index == state.stage else None)
+            if stage_data is not None and not ctx.loop.resume:
                 logger.log({f"{ctx.prefix}/data/{k}": v for k, v in stage_data.stats.items()})
             model_path = run_stage(ctx, recipe_yaml)
             after = ctx.evaluate()
             after |= evaluate_sets(pool, scorer, data.evals, logger, cfg.logging, cfg.reward.max_error_rate, episodes)
-            if ctx.is_best(after):
+            if ctx.loop.is_best(after):
                 copy_checkpoint(Path(model_path), run_dir / "checkpoints" / "best")
             seconds = time.perf_counter() - t0
             print(f"stage {index} ({stage.kind}): held-out accuracy {accuracy_text(data.evals, state.before, after)} "
@@ -225,13 +225,13 @@ def copy_checkpoint(source: Path, target: Path) -> None:
 
 def run_stage(ctx: StageContext, recipe_yaml: str) -> str:
     """Train one stage from ctx.model_path; returns the path of its checkpoint."""
-    kind, trainer = ctx.stage.kind, ctx.trainer
+    kind, trainer = ctx.stage.kind, ctx.workers.trainer
     if kind == "average":  # no training: the average of earlier checkpoints
         return average.run(ctx, recipe_yaml)
-    STAGES[kind].train(ctx)  # validate() admits only the kinds STAGES holds
+    STAGES[kind](ctx)  # validate() admits only the kinds STAGES holds
     if not ctx.syncs_every_step:
-        ctx.sync_policy()
+        ctx.workers.sync_policy()
     path = trainer.save(str(ctx.logger.run_dir / "checkpoints" / ctx.checkpoint_name), ctx.model_path, recipe_yaml,
                         {"stage": ctx.index, "kind": kind})
-    ctx.cluster.release(trainer)
+    ctx.workers.cluster.release(trainer)
     return path

@@ -1,6 +1,7 @@
 """The trainer: one rank of a group that holds a causal LM sharded with FSDP2, its optimizer and schedule.
 
-Each rank gets a slice of the step batch's rows, splits it into micro-batches (by rows and, with
+Each rank gets a slice of the step batch's rows and a loss object (rlkit.losses) for `step(loss, batch)`; it splits
+the rows into micro-batches (by rows and, with
 trainer.micro_batch_tokens, by tokens; rows packed into one sequence: rlkit.packing) and accumulates gradients;
 FSDP2 reduces them across ranks (rlkit.rank). Losses are sums divided by a normaliser the controller computes
 over the whole step batch, so the update is the same for any number of ranks and any micro-batch size
@@ -18,9 +19,10 @@ from typing import ClassVar
 import torch
 
 from kernels import fused_logprobs
-from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
+from rlkit.attention import model_attn_implementation
+from rlkit.config import TrainerConfig
 from rlkit.lora import apply_lora, merge_lora_state_dict, peft_adapter_tensors
-from rlkit.losses import aggregate, cispo_loss, dpo_loss, kl_estimate, policy_loss, sequence_log_ratio, sft_loss
+from rlkit.losses import Forward
 from rlkit.packing import layout_rows
 from rlkit.rank import RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch
 
@@ -45,6 +47,20 @@ class TokenBatch:
 
 
 @dataclass(frozen=True)
+class SFTBatch:
+    """An SFT update: its response tokens are the targets."""
+
+    tokens: TokenBatch  # (B, L)
+    normalizer: float  # response tokens in the whole step batch (the loss divisor)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def select(self, rows: slice | torch.Tensor) -> "SFTBatch":
+        return SFTBatch(self.tokens.select(rows), self.normalizer)
+
+
+@dataclass(frozen=True)
 class PolicyBatch:
     """A GRPO/PPO update: sampled sequences with everything the clipped objective needs."""
 
@@ -55,8 +71,6 @@ class PolicyBatch:
     rollout_logprobs: torch.Tensor  # (B, L-1) the engine's log-probs of the sampled tokens
     advantages: torch.Tensor  # (B,) per sequence or (B, L-1) per token
     normalizer: float  # loss divisor over the whole step batch (tokens or sequences, by algo.loss_agg)
-    kl_coef: float  # KL-in-loss coefficient (0 when the KL is in the reward)
-    temperature: float
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -65,7 +79,7 @@ class PolicyBatch:
         return PolicyBatch(
             self.tokens.select(rows), self.mask[rows], None if self.old_logprobs is None else self.old_logprobs[rows],
             None if self.ref_logprobs is None else self.ref_logprobs[rows], self.rollout_logprobs[rows],
-            self.advantages[rows], self.normalizer, self.kl_coef, self.temperature,
+            self.advantages[rows], self.normalizer,
         )
 
 
@@ -158,19 +172,17 @@ def load_causal_lm(model_path: str, cfg: TrainerConfig) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     prepare_torch(cfg)
+    attn = model_attn_implementation(cfg.attn_implementation, cfg.packing)  # packed rows: per-row sdpa
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.param_dtype),
-                                                attn_implementation=cfg.attn_implementation)
+                                                attn_implementation=attn)
 
 
 class ShardedTrainer(RankWorker):
     """One rank of the policy. With world_size > 1 the model is sharded with FSDP2 (gloo on CPU, nccl on
     GPU); the caller (rlkit.cluster) starts one per rank and sets MASTER_ADDR/MASTER_PORT."""
 
-    def __init__(
-        self, cfg: TrainerConfig, algo: AlgoConfig, ref: RefConfig, model_path: str, lr: float, warmup_steps: int,
-        rank: int = 0, world_size: int = 1,
-    ):
-        self.algo, self.ref_cfg = algo, ref
+    def __init__(self, cfg: TrainerConfig, model_path: str, lr: float, warmup_steps: int, rank: int = 0,
+                 world_size: int = 1):
         lm = load_causal_lm(model_path, cfg)
         if cfg.lora_rank:
             lm = apply_lora(lm, cfg)
@@ -186,78 +198,10 @@ class ShardedTrainer(RankWorker):
         self.model.eval()
         return batched_logprobs(self.model, batch, self.micro_batches(batch), temperature, self.cfg.logprob_impl)
 
-    # -- updates: each returns metrics already normalised over the whole step batch (sum across ranks) ---
-    def sft_step(self, batch: TokenBatch, normalizer: float) -> dict[str, float]:
-        def micro_loss(mb: TokenBatch):
-            logprobs, _ = sequence_logprobs(self.model, mb, impl=self.cfg.logprob_impl)  # (b, L-1)
-            loss = sft_loss(logprobs, mb.response_mask, normalizer)
-            return loss, {"loss": loss.detach()}
-
-        return self._step(micro_loss, batch)
-
-    def dpo_step(self, batch: PairBatch) -> dict[str, float]:
-        algo = self.algo
-
-        def micro_loss(mb: PairBatch):
-            logprobs, _ = sequence_logprobs(self.model, mb.tokens, impl=self.cfg.logprob_impl)
-            seq = logprobs.sum(-1)  # (b,)
-            r, lengths = mb.ref_logps, mb.tokens.response_mask.sum(-1)  # (b,), (b,)
-            per_token = (lengths[0::2], lengths[1::2]) if algo.dpo_length_normalized else None
-            losses, margins = dpo_loss(seq[0::2], seq[1::2], r[0::2], r[1::2], algo.dpo_beta, algo.dpo_loss, per_token)
-            # NLL of the chosen response per token keeps its likelihood from sinking with the rejected one's.
-            chosen_nll = -seq[0::2] / lengths[0::2].clamp(min=1.0)  # (b/2,)
-            loss = (losses + algo.dpo_nll_coef * chosen_nll).sum() / mb.num_pairs
-            return loss, {
-                "loss": loss.detach(),
-                "reward_margin": margins.detach().sum() / mb.num_pairs,
-                "pair_accuracy": (margins > 0).float().sum() / mb.num_pairs,
-                "chosen_nll": chosen_nll.detach().sum() / mb.num_pairs,
-            }
-
-        return self._step(micro_loss, batch)
-
-    def policy_step(self, batch: PolicyBatch) -> dict[str, float]:
-        algo = self.algo
-
-        def micro_loss(mb: PolicyBatch):
-            logprobs, entropy = sequence_logprobs(
-                self.model, mb.tokens, mb.temperature, self.cfg.logprob_impl, return_entropy=True
-            )
-            # On-policy (one pass over fresh samples) the old policy is this very forward, detached: the ratio
-            # is 1 and its gradient the policy gradient, without a separate no-grad forward.
-            old_logprobs = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs
-            new, old = logprobs, old_logprobs
-            if algo.ratio_level == "sequence":  # GSPO: one clipped ratio per sequence, shared by its tokens
-                new = sequence_log_ratio(logprobs, old_logprobs, mb.mask)[:, None].expand_as(logprobs)
-                old = torch.zeros_like(new)
-            if algo.pg_loss == "cispo":  # MiniMax-M1: the detached importance weight is clipped, not the update
-                pg, clipped = cispo_loss(new, old, mb.advantages, mb.mask, 1.0 + algo.epsilon_high)
-            else:
-                pg, clipped = policy_loss(new, old, mb.advantages, mb.mask, algo.epsilon, algo.epsilon_high)
-            if algo.tis_cap > 0:  # truncated importance sampling: the engine, not the trainer, sampled the tokens
-                pg = pg * torch.exp(old_logprobs - mb.rollout_logprobs).clamp(max=algo.tis_cap)
-            per_token, stats = pg, {}
-            if mb.ref_logprobs is not None:  # None: no reference model (GRPO with ref.kl_coef 0), no KL to log
-                kl = kl_estimate(logprobs, mb.ref_logprobs, self.ref_cfg.kl_estimator)
-                per_token = per_token + mb.kl_coef * kl
-                stats["kl_sum"] = (kl.detach() * mb.mask).sum()
-            if algo.entropy_coef:  # an entropy bonus keeps the policy from collapsing early (TRL's entropy_coef)
-                per_token = per_token - algo.entropy_coef * entropy
-            loss = aggregate(per_token, mb.mask, algo.loss_agg, mb.normalizer)
-            log_ratio = (logprobs - old_logprobs).detach()  # (b, L-1)
-            return loss, {
-                "loss": loss.detach(),
-                **stats,
-                "entropy_sum": (entropy.detach() * mb.mask).sum(),
-                "clipped_sum": clipped.sum(),
-                # KL(old || new) per token, (r - 1) - log r: how far this update moved from the sampling policy
-                "approx_kl_sum": (((log_ratio.exp() - 1.0) - log_ratio) * mb.mask).sum(),
-                # KL(engine || trainer) on the engine's samples (k3): how far the two implementations disagree
-                "rollout_kl_sum": (kl_estimate(mb.rollout_logprobs, old_logprobs, "k3") * mb.mask).sum(),
-                "token_count": mb.mask.sum(),
-            }
-
-        return self._step(micro_loss, batch)
+    def forward(self, loss, batch) -> Forward:
+        """A micro-batch's log-probs (and entropy, when `loss` needs it) at the loss's temperature, for `step`."""
+        return Forward(*sequence_logprobs(self.model, batch.tokens, loss.temperature, self.cfg.logprob_impl,
+                                          return_entropy=loss.needs_entropy))
 
     # -- weights ---------------------------------------------------------------------------------------
     def full_state_dict(self, merged: bool = True) -> dict[str, torch.Tensor]:

@@ -19,10 +19,11 @@ import torch
 
 from rlkit.algorithms.sft import pack_examples
 from rlkit.chat import Renderer
-from rlkit.config import AlgoConfig, DataConfig, ModelConfig, RefConfig, TrainerConfig
+from rlkit.config import DataConfig, ModelConfig, TrainerConfig
 from rlkit.data import BatchSampler, Problem, make_problem
 from rlkit.modeling import init_model, save_checkpoint
-from rlkit.trainer import ShardedTrainer
+from rlkit.losses import SFTLoss
+from rlkit.trainer import SFTBatch, ShardedTrainer
 from tests.test_quickstart import REPO
 
 
@@ -30,11 +31,11 @@ def train_sft(model_path: str, problems: list[Problem], steps: int, lr: float, b
     from transformers import AutoTokenizer
 
     renderer = Renderer(AutoTokenizer.from_pretrained(model_path), DataConfig())
-    trainer = ShardedTrainer(TrainerConfig(), AlgoConfig(), RefConfig(), model_path, lr, 0)
+    trainer = ShardedTrainer(TrainerConfig(), model_path, lr, 0)
     sampler = BatchSampler([renderer.example(p) for p in problems], batch, seed=0)
     for _ in range(steps):
         tokens = pack_examples(sampler.next(), renderer.pad_id)
-        trainer.sft_step(tokens, float(tokens.response_mask.sum()))
+        trainer.step(SFTLoss(), SFTBatch(tokens, float(tokens.response_mask.sum())))
     return trainer.save(str(out), model_path, "")
 
 

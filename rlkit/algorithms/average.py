@@ -62,7 +62,7 @@ def run(ctx: StageContext, recipe_yaml: str) -> str:
         print(f"stage {ctx.index} (average): only {len(paths)} checkpoint of the source stage; set save_every on "
               "it to keep snapshots", flush=True)
     last = paths[-1]
-    ctx.pool.sync_weights(load_file(str(last / "model.safetensors")))
+    ctx.workers.pool.sync_weights(load_file(str(last / "model.safetensors")))
     last_metrics = ctx.evaluate(log=False)
     weights = mixing_weights(len(paths), ctx.stage.method, ctx.stage.ema_decay)
     averaged = average_state_dicts([load_file(str(p / "model.safetensors")) for p in paths], weights)
@@ -76,7 +76,7 @@ def run(ctx: StageContext, recipe_yaml: str) -> str:
                            ctx.checkpoint_name, recipe_yaml,
                            {"stage": ctx.index, "kind": "average", "averaged": [p.name for p in paths],
                             "weights": weights})
-    ctx.pool.sync_weights({k: v for k, v in model.state_dict().items()})
+    ctx.workers.pool.sync_weights({k: v for k, v in model.state_dict().items()})
     ctx.logger.log({f"{ctx.prefix}/num_averaged": len(paths)}
                    | {f"{ctx.prefix}/last/{k}": v for k, v in last_metrics.items()})
     print(f"stage {ctx.index} (average of {len(paths)}): last checkpoint held-out accuracy "

@@ -15,6 +15,7 @@ import random
 from rlkit.algorithms.common import StageContext
 from rlkit.config import RecipeError
 from rlkit.data import BatchSampler
+from rlkit.losses import DPOLoss
 from rlkit.trainer import PairBatch, TokenBatch, pack_sequences
 from rewards.base import Verdict
 
@@ -46,7 +47,7 @@ def pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], pad_id: int)
 def train(ctx: StageContext) -> None:
     """Pairs from the dataset or sampled once from the starting policy (`pairs: online` is online_dpo.train)."""
     stage = ctx.stage
-    pairs = ctx.restored("pairs")  # a resumed stage keeps the pairs sampled from its starting policy
+    pairs = ctx.loop.restored("pairs")  # a resumed stage keeps the pairs sampled from its starting policy
     if stage.pairs == "dataset":
         pairs = ctx.data.pairs  # rendered and length-checked when the data was prepared
     elif pairs is None:
@@ -54,16 +55,16 @@ def train(ctx: StageContext) -> None:
         if not pairs:
             raise RecipeError(f"stages.{ctx.index}: the policy answered every sampled prompt correctly; no DPO pairs")
         ctx.logger.log({f"{ctx.prefix}/num_pairs": len(pairs)})
-    ref = ctx.cluster.reference(ctx.model_path)
+    ref = ctx.workers.cluster.reference(ctx.model_path)
     sampler = BatchSampler(pairs, stage.batch_size, ctx.seed())
-    with ctx.releasing(ref):
-        for step in ctx.steps(sampler, extra={"pairs": pairs} if stage.pairs == "policy" else None):
+    with ctx.workers.releasing(ref):
+        for step in ctx.loop.steps(sampler, extra={"pairs": pairs} if stage.pairs == "policy" else None):
             train_step(ctx, ref, step, sampler.next())
 
 
 def train_step(ctx: StageContext, ref, step: int, pairs: list[tuple[list[int], list[int], list[int]]]) -> None:
     tokens = pack_pairs(pairs, ctx.data.renderer.pad_id)  # (2P, L)
     ref_logps = ref.logprobs(tokens).sum(-1)  # (2P,) summed response log-probs
-    metrics = ctx.trainer.dpo_step(PairBatch(tokens, ref_logps, len(tokens) // 2))
-    if ctx.log_step(step, metrics):
-        ctx.show(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['reward_margin']:.2f}")
+    update = ctx.workers.trainer.step(DPOLoss.from_config(ctx.cfg.algo), PairBatch(tokens, ref_logps, len(tokens) // 2))
+    if ctx.log.step(step, update.metrics()):
+        ctx.log.show(loss=f"{update.stats.loss:.3f}", margin=f"{update.stats.reward_margin:.2f}")

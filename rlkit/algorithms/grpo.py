@@ -39,7 +39,7 @@ def train(ctx: StageContext) -> None:
     group, temperature = algo.group_size, cfg.rollout.temperature
     estimator = get_estimator(algo.advantage_estimator)
     # ref.kl_coef 0 (DAPO, Dr.GRPO; TRL's default beta): no reference model is loaded and no KL computed
-    ref = ctx.cluster.reference(ctx.model_path) if cfg.ref.kl_coef else None
+    ref = ctx.workers.cluster.reference(ctx.model_path) if cfg.ref.kl_coef else None
     sampler = BatchSampler(ctx.data.problems, stage.batch_size, ctx.seed())
     maker = ctx.experience_maker()
     rounds = algo.resample_rounds if algo.drop_uniform_groups else 1
@@ -47,15 +47,15 @@ def train(ctx: StageContext) -> None:
     def produce(step: int, version: int):  # `group` samples per prompt from the engines' current weights
         return maker.make_groups(sampler, group, temperature, ctx.seed() + step, rounds, version)
 
-    with ctx.releasing(ref), ctx.experience_source(produce, sampler) as source:
-        for step in ctx.steps(sampler, position=lambda: source.position):
+    with ctx.workers.releasing(ref), ctx.experience_source(produce, sampler) as source:
+        for step in ctx.loop.steps(sampler, position=lambda: source.position):
             timer, started = Timer(), time.perf_counter()
 
             # generate and score (sampled ahead under rollout.max_staleness >= 1); samples the reward policy
             # excludes (reward.on_error) drop out of the loss and of their group's statistics
             exp = source.get(step)  # B prompts x G samples
             timer.seconds |= maker.take_seconds()
-            ctx.log_completions(step, exp.table_samples(), exp.scored)
+            ctx.log.completions(step, exp.table_samples(), exp.scored)
             rewards, scorable = exp.rewards, exp.scorable  # (B*G,)
             if algo.overlong_buffer:  # DAPO: discourage running into the length limit before it truncates
                 rewards = rewards + overlong_penalty(exp.lengths, cfg.rollout.episode_tokens, algo.overlong_buffer,
@@ -68,7 +68,7 @@ def train(ctx: StageContext) -> None:
             # reference and old log-probs: the anchor of the KL term and the denominator of the ratio. A single
             # on-policy pass with the KL in the loss needs no separate "old" forward (the trainer uses its own).
             with timer("reference"):
-                old_logprobs = ctx.trainer.logprobs(tokens, temperature) if needs_old_logprobs(cfg) else None
+                old_logprobs = ctx.workers.trainer.logprobs(tokens, temperature) if needs_old_logprobs(cfg) else None
                 ref_logprobs = ref.logprobs(tokens, temperature) if ref else None  # (B*G, L-1)
             if cfg.ref.kl_in == "reward" and ref:
                 kl_old = (kl_estimate(old_logprobs, ref_logprobs, cfg.ref.kl_estimator) * mask).sum(-1)  # (B*G,)

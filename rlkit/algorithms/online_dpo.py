@@ -78,12 +78,12 @@ def sample_pairs(ctx: StageContext, round_index: int, num_prompts: int) -> tuple
 
 def train(ctx: StageContext) -> None:
     stage = ctx.stage
-    state = {"pairs": ctx.restored("pairs") or [], "round": ctx.restored("round")}  # kept with resume points
+    state = {"pairs": ctx.loop.restored("pairs") or [], "round": ctx.loop.restored("round")}  # kept with resume points
     state["round"] = -1 if state["round"] is None else state["round"]
-    ref = ctx.cluster.reference(ctx.model_path)
+    ref = ctx.workers.cluster.reference(ctx.model_path)
     sampler = BatchSampler(state["pairs"] or [None], stage.batch_size, ctx.seed())
-    with ctx.releasing(ref):
-        for step in ctx.steps(sampler, extra=state):
+    with ctx.workers.releasing(ref):
+        for step in ctx.loop.steps(sampler, extra=state):
             r = round_of(step, stage.steps, stage.rounds)
             if r != state["round"]:
                 if state["round"] >= 0:
@@ -103,7 +103,7 @@ def train(ctx: StageContext) -> None:
 
 def end_round(ctx: StageContext, round_index: int) -> None:
     """Engines take the round's weights (the next round samples from them); held-out accuracy is logged."""
-    ctx.sync_policy()
+    ctx.workers.sync_policy()
     metrics = ctx.evaluate(log=False)
     ctx.logger.log({f"{ctx.prefix}/round/accuracy": metrics["accuracy"], f"{ctx.prefix}/round/index": round_index})
     print(f"stage {ctx.index} (online dpo): round {round_index} held-out accuracy {metrics['accuracy']:.3f}", flush=True)

@@ -18,7 +18,7 @@ import torch
 
 from rlkit.episodes import episode_metrics
 from rlkit.experience import Experience, ExperienceSource
-from rlkit.losses import token_normalizer
+from rlkit.losses import PolicyLoss, token_normalizer
 from rlkit.trainer import PolicyBatch, TokenBatch
 
 
@@ -37,7 +37,6 @@ def policy_batch(cfg, exp: Experience, tokens: TokenBatch, mask: torch.Tensor, o
     return PolicyBatch(
         tokens, mask, old_logprobs, ref_logprobs, exp.rollout_logprobs(mask.shape[1]), advantages,
         normalizer=float(token_normalizer(mask, cfg.algo.loss_agg, cfg.rollout.episode_tokens)),
-        kl_coef=cfg.ref.kl_coef if cfg.ref.kl_in == "loss" else 0.0, temperature=cfg.rollout.temperature,
     )
 
 
@@ -64,17 +63,19 @@ def update_policy(ctx, batch: PolicyBatch, step: int, value_step=None) -> dict[s
     """algo.ppo_epochs passes over the batch, each in algo.ppo_minibatches shuffled minibatches (one optimizer step
     each); stops early once a minibatch's approx_kl passes algo.target_kl (cleanrl's ppo.py). `value_step(rows)` also
     updates a critic on each minibatch's rows (PPO). Returns the mean of the minibatch steps' metrics."""
-    algo = ctx.cfg.algo
+    cfg, algo = ctx.cfg, ctx.cfg.algo
+    loss = PolicyLoss.from_config(algo, cfg.ref, cfg.rollout.temperature)
     generator = torch.Generator().manual_seed(ctx.seed() * 7_919 + step)
     steps: list[dict[str, float]] = []
     for _ in range(algo.ppo_epochs):
         for rows in minibatch_rows(len(batch), algo.ppo_minibatches, generator):
-            mb = batch if algo.ppo_minibatches == 1 else minibatch(ctx.cfg, batch, rows)
-            metrics = summarize(ctx.trainer.policy_step(mb))
+            mb = batch if algo.ppo_minibatches == 1 else minibatch(cfg, batch, rows)
+            update = ctx.workers.trainer.step(loss, mb)
+            metrics = update.metrics()
             if value_step is not None:
-                metrics |= {f"value/{k}": v for k, v in value_step(rows).items()}
+                metrics |= {f"value/{k}": v for k, v in value_step(rows).metrics().items()}
             steps.append(metrics)
-            if algo.target_kl and metrics.get("approx_kl", 0.0) > algo.target_kl:
+            if algo.target_kl and update.stats.mean(update.stats.approx_kl) > algo.target_kl:
                 return mean_metrics(steps) | {"update/minibatch_steps": len(steps), "update/early_stop": 1.0}
     return mean_metrics(steps) | ({"update/minibatch_steps": len(steps)} if len(steps) > 1 else {})
 
@@ -86,23 +87,12 @@ def mean_metrics(steps: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(float(m[k]) for m in steps) / len(steps) for k in steps[0]}
 
 
-def summarize(step_metrics: dict[str, float]) -> dict[str, float]:
-    """Per-token means from the trainer's summed metrics."""
-    out = dict(step_metrics)
-    tokens = max(float(out.pop("token_count")), 1.0)
-    for name, key in (("kl", "kl"), ("entropy", "entropy"), ("clipped", "clip_fraction"),
-                      ("rollout_kl", "rollout_kl"), ("approx_kl", "approx_kl")):
-        if f"{name}_sum" in out:  # no kl without a reference model
-            out[key] = out.pop(f"{name}_sum") / tokens
-    return out
-
-
 def sync_and_log(ctx, step: int, exp: Experience, source: ExperienceSource, metrics: dict, timer,
                  started: float, show: dict[str, str]) -> None:
     """The engines take the updated weights (the next batch is sampled from them, or within max_staleness of them);
     then the step's metrics are logged."""
     with timer("weight_sync"):
-        sync = ctx.sync_policy()
+        sync = ctx.workers.sync_policy()
     source.synced()
     seconds = time.perf_counter() - started
     metrics = metrics | rollout_metrics(exp, seconds) | reward_metrics(exp.rewards, exp.scorable)
@@ -113,8 +103,8 @@ def sync_and_log(ctx, step: int, exp: Experience, source: ExperienceSource, metr
         metrics |= episode_metrics(exp.completions)
     if ctx.cfg.rollout.max_staleness:
         metrics |= {"async/staleness": float(step - exp.version), "async/wait_seconds": source.wait_seconds}
-    ctx.log_step(step, metrics, timer.metrics(ctx.prefix))
-    ctx.show(**show)
+    ctx.log.step(step, metrics, timer.metrics(ctx.prefix))
+    ctx.log.show(**show)
 
 
 def token_metrics(tokens: TokenBatch, train_seconds: float) -> dict[str, float]:

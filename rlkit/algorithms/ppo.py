@@ -23,7 +23,7 @@ from rlkit.algorithms.common import StageContext, Timer
 from rlkit.algorithms.onpolicy import policy_batch, sync_and_log, token_metrics, update_policy
 from rlkit.critic import ValueBatch
 from rlkit.data import BatchSampler
-from rlkit.losses import kl_estimate, token_normalizer
+from rlkit.losses import ValueLoss, kl_estimate, token_normalizer
 
 
 def terminal_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -72,29 +72,30 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 def train(ctx: StageContext) -> None:
     cfg, stage, algo = ctx.cfg, ctx.stage, ctx.cfg.algo
     temperature = cfg.rollout.temperature
-    ref = ctx.cluster.reference(ctx.model_path)
-    critic = ctx.cluster.critic_group(ctx.model_path, ctx.lr, ctx.warmup_steps)
+    ref = ctx.workers.cluster.reference(ctx.model_path)
+    critic = ctx.workers.cluster.critic_group(ctx.model_path, ctx.lr, ctx.warmup_steps)
+    value_loss = ValueLoss(algo.value_clip)
     sampler = BatchSampler(ctx.data.problems, stage.batch_size, ctx.seed())
     maker = ctx.experience_maker()
 
     def produce(step: int, version: int):  # PPO: one sample per prompt
         return maker.make_groups(sampler, 1, temperature, ctx.seed() + step, 1, version)
 
-    with ctx.releasing(ref, critic), ctx.experience_source(produce, sampler) as source:
-        for step in ctx.steps(sampler, {"critic": critic}, position=lambda: source.position):
+    with ctx.workers.releasing(ref, critic), ctx.experience_source(produce, sampler) as source:
+        for step in ctx.loop.steps(sampler, {"critic": critic}, position=lambda: source.position):
             timer, started = Timer(), time.perf_counter()
 
             # generate and score
             exp = source.get(step)  # B prompts x 1 sample
             timer.seconds |= maker.take_seconds()
-            ctx.log_completions(step, exp.table_samples(), exp.scored)
+            ctx.log.completions(step, exp.table_samples(), exp.scored)
             scores, valid = exp.rewards, exp.scorable.float()  # (B,)
             tokens = exp.token_batch(ctx.data.renderer.pad_id)
             mask = tokens.response_mask * valid[:, None]  # (B, L-1)
 
             # reference, old log-probs and values
             with timer("reference"):
-                old_logprobs = ctx.trainer.logprobs(tokens, temperature)
+                old_logprobs = ctx.workers.trainer.logprobs(tokens, temperature)
                 ref_logprobs = ref.logprobs(tokens, temperature)
                 old_values = critic.values(tokens)  # (B, L-1)
 
@@ -110,9 +111,10 @@ def train(ctx: StageContext) -> None:
 
             def value_step(rows):  # the critic learns on the policy's minibatch rows
                 if algo.ppo_minibatches == 1:
-                    return critic.value_step(values)
+                    return critic.step(value_loss, values)
                 part = values.select(rows)
-                return critic.value_step(replace(part, normalizer=float(token_normalizer(part.mask, "token-mean"))))
+                part = replace(part, normalizer=float(token_normalizer(part.mask, "token-mean")))
+                return critic.step(value_loss, part)
 
             # update policy and critic: ppo_epochs x ppo_minibatches optimizer steps
             with timer("train"):

@@ -88,16 +88,16 @@ def collect(ctx: StageContext, pool) -> tuple[list[sft.Example], dict[str, float
 
 
 def train(ctx: StageContext) -> None:
-    examples = ctx.restored("examples")  # a resumed stage keeps the set it collected
+    examples = ctx.loop.restored("examples")  # a resumed stage keeps the set it collected
     if examples is None:
         if ctx.stage.kind == "distill":
-            teacher = ctx.cluster.rollout_pool(ctx.stage.teacher)
+            teacher = ctx.workers.cluster.rollout_pool(ctx.stage.teacher)
             try:
                 examples, metrics = collect(ctx, teacher)
             finally:
                 teacher.close()
         else:
-            examples, metrics = collect(ctx, ctx.pool)
+            examples, metrics = collect(ctx, ctx.workers.pool)
         ctx.logger.log({f"{ctx.prefix}/{k}": v for k, v in metrics.items()})
         print(f"stage {ctx.index} ({ctx.stage.kind}): kept {len(examples)} samples "
               f"(acceptance {metrics['acceptance_rate']:.3f}, prompts covered {metrics['prompt_coverage']:.3f})",

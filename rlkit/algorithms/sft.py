@@ -8,7 +8,10 @@ import torch
 from rlkit.algorithms.common import StageContext
 from rlkit.chat import Example
 from rlkit.data import BatchSampler
-from rlkit.trainer import TokenBatch
+from rlkit.losses import SFTLoss
+from rlkit.trainer import SFTBatch, TokenBatch
+
+SFT_LOSS = SFTLoss()
 
 
 def train(ctx: StageContext) -> None:
@@ -43,9 +46,9 @@ def fit(ctx: StageContext, examples: list[Example], extra: dict | None = None) -
     """stage.steps SFT steps of stage.batch_size examples, reshuffled each epoch. `extra` is kept with resume
     points (stages that built `examples` themselves store them there, so a resumed stage reuses them)."""
     sampler = BatchSampler(examples, ctx.stage.batch_size, ctx.seed())
-    for step in ctx.steps(sampler, extra=extra):
+    for step in ctx.loop.steps(sampler, extra=extra):
         batch = pack_examples(sampler.next(), ctx.data.renderer.pad_id)
         # every response token in the step batch weighs the same, whichever rank or micro-batch holds it
-        metrics = ctx.trainer.sft_step(batch, float(batch.response_mask.sum()))
-        if ctx.log_step(step, metrics):
-            ctx.show(loss=f"{metrics['loss']:.3f}")
+        update = ctx.workers.trainer.step(SFT_LOSS, SFTBatch(batch, float(batch.response_mask.sum())))
+        if ctx.log.step(step, update.metrics()):
+            ctx.log.show(loss=f"{update.stats.loss:.3f}")

@@ -9,9 +9,9 @@ import torch
 from rlkit.cluster import Cluster, TrainerGroup, engine_config
 from rlkit.config import (ClusterConfig, ModelConfig, RecipeConfig, RecipeError, RewardConfig, RewardSpec,
                           RolloutConfig, TrainerConfig)
-from rlkit.losses import token_normalizer
+from rlkit.losses import PolicyLoss, SFTLoss, token_normalizer
 from rlkit.modeling import init_model, save_checkpoint
-from rlkit.trainer import PolicyBatch
+from rlkit.trainer import PairBatch, PolicyBatch, SFTBatch, TokenBatch
 from rollout import EngineConfig
 from tests.rlkit.test_trainer import EMBED, HEAD, assert_saved_tied, random_batch
 
@@ -21,8 +21,8 @@ ray = pytest.importorskip("ray")
 @pytest.fixture(scope="module")
 def clusters():
     """The same trainer settings in this process (1 rank) and on Ray (2 ranks). The token budget cuts the test batch's
-    halves into 2 and 3 micro-batches, so the ranks must agree on 3; checkpointed blocks recompute under FSDP2."""
-    trainer = TrainerConfig(micro_batch_size=2, micro_batch_tokens=14, logprob_impl="torch", dtype="float64",
+    rank shares into 3 and 4 micro-batches, so the ranks must agree on 4; checkpointed blocks recompute under FSDP2."""
+    trainer = TrainerConfig(micro_batch_size=2, micro_batch_tokens=10, logprob_impl="torch", dtype="float64",
                             num_threads=1, gradient_checkpointing=True)
     local_cfg = RecipeConfig(trainer=trainer)
     ray_cfg = dataclasses.replace(local_cfg, cluster=ClusterConfig(backend="ray", trainer_ranks=2, cpus_per_trainer=0.5))
@@ -53,12 +53,16 @@ def test_two_ranks_equal_one_rank(groups):
     one, two = groups
     assert two.world_size == 2
     batch = random_batch(n=8, seed=3)
+    # rows of 9 6 7 4 | 7 10 5 6 tokens: contiguous halves carry 26 and 28; balanced shares 27 each, so the ranks'
+    # outputs come back permuted and the group must restore the batch's order
+    assert [s.tolist() for s in two._split(batch)] == [[3, 4, 5, 7], [0, 1, 2, 6]]
+    assert one._split(batch) is None
     assert torch.allclose(one.logprobs(batch), two.logprobs(batch), atol=1e-10)
 
-    m1 = one.sft_step(batch, float(batch.response_mask.sum()))
-    m2 = two.sft_step(batch, float(batch.response_mask.sum()))
-    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-9)
-    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-9)
+    sft = SFTBatch(batch, float(batch.response_mask.sum()))
+    u1, u2 = one.step(SFTLoss(), sft), two.step(SFTLoss(), sft)
+    assert u1.stats.loss == pytest.approx(u2.stats.loss, rel=1e-9)
+    assert u1.grad_norm == pytest.approx(u2.grad_norm, rel=1e-9)
     assert_same_weights(one, two)
 
     old = one.logprobs(batch)
@@ -66,11 +70,14 @@ def test_two_ranks_equal_one_rank(groups):
     noise = 0.05 * torch.randn(old.shape, generator=g, dtype=old.dtype) * batch.response_mask
     policy = PolicyBatch(
         batch, batch.response_mask, old, old + noise, old - noise, torch.randn(8, generator=g, dtype=old.dtype),
-        float(token_normalizer(batch.response_mask, "token-mean")), 0.1, 1.0,
+        float(token_normalizer(batch.response_mask, "token-mean")),
     )
+    loss = PolicyLoss(kl_coef=0.1)
     for _ in range(2):
-        m1, m2 = one.policy_step(policy), two.policy_step(policy)
-        assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-8, abs=1e-12)
+        m1, m2 = one.step(loss, policy).metrics(), two.step(loss, policy).metrics()
+        assert m1.keys() == m2.keys()
+        for key in m1:  # the ranks' stats add up to the 1-rank step's
+            assert m1[key] == pytest.approx(m2[key], rel=1e-8, abs=1e-12), key
     assert_same_weights(one, two)
 
 
@@ -83,7 +90,7 @@ def test_tied_embeddings_on_two_ranks_equal_one_rank_and_save_tied(clusters, cha
     try:
         batch = random_batch(n=8, seed=3)
         for group in (one, two):
-            group.sft_step(batch, float(batch.response_mask.sum()))
+            group.step(SFTLoss(), SFTBatch(batch, float(batch.response_mask.sum())))
         assert_same_weights(one, two)
         state = two.state_dict()
         assert torch.equal(state[HEAD], state[EMBED])
@@ -113,7 +120,7 @@ def test_lora_adapter_gathers_from_two_ranks_like_one(tmp_path):
         batch = random_batch(n=8, seed=5)
         for group in (one, two):
             for _ in range(2):
-                group.sft_step(batch, float(batch.response_mask.sum()))
+                group.step(SFTLoss(), SFTBatch(batch, float(batch.response_mask.sum())))
         a1, a2 = one.adapter_state_dict(), two.adapter_state_dict()
         assert a1.keys() == a2.keys() and a1
         for k in a1:
@@ -141,3 +148,27 @@ def test_a_reward_that_cannot_be_built_fails_the_local_scorer_as_a_recipe_error(
     cfg = RecipeConfig(reward=RewardConfig(rewards=[RewardSpec(name="mth")]))
     with pytest.raises(RecipeError, match=r"^reward.rewards\[0\].name: unknown reward 'mth'. Did you mean 'math'\?"):
         Cluster(cfg).scorer()
+
+
+def test_ranks_share_rows_by_tokens_and_results_come_back_in_order():
+    """In process, no Ray: a DPO batch's pairs go whole to balanced ranks, and per-row results return in order."""
+
+    class Echo:  # a rank whose log-prob table is its rows' first tokens
+        def logprobs(self, batch, temperature):
+            return batch.input_ids[:, :1].double()  # (b, 1)
+
+    # row i starts with token i; pairs of 12, 10, 2 and 4 tokens: contiguous shares carry 22 and 6 tokens.
+    # Pairs longest first: 12 -> A; 10 -> B; 4 -> B (14); 2 -> A (14).
+    lengths = torch.tensor([6, 6, 5, 5, 1, 1, 2, 2])
+    mask = (torch.arange(6) < lengths[:, None]).long()  # (8, 6)
+    tokens = TokenBatch(torch.arange(8)[:, None] * mask, mask, torch.zeros(8, 5))
+    pairs = PairBatch(tokens, torch.zeros(8), num_pairs=4)
+    group = TrainerGroup([Echo(), Echo()])
+    assert [s.tolist() for s in group._split(pairs)] == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    shares = group._each(pairs, lambda w, rows: rows, group._split(pairs))
+    assert [part.tokens.input_ids[:, 0].tolist() for part in shares] == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    # rows alone: 6 -> A; 6 -> B; 5 -> A (11); 5 -> B (11); 2 -> A (13); 2 -> B (13); 1 -> A; 1 -> B (14 each)
+    assert [s.tolist() for s in group._split(tokens)] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert group.logprobs(tokens)[:, 0].tolist() == list(range(8))  # back in the batch's order
+    with pytest.raises(ValueError, match=r"6 rows do not split evenly over 2 trainer ranks \(whole units of 2"):
+        group._split(pairs.select(slice(0, 6)))  # 3 pairs: a rank would cut one

@@ -10,11 +10,12 @@ import shutil
 import pytest
 import torch
 
-from rlkit.config import AlgoConfig, RecipeError, RefConfig, TrainerConfig, load_recipe
+from rlkit.config import RecipeError, RefConfig, TrainerConfig, load_recipe
 from rlkit.critic import CriticTrainer
+from rlkit.losses import SFTLoss
 from rlkit.rank import compile_blocks, compile_seconds
 from rlkit.reference import ReferenceModel
-from rlkit.trainer import LogprobModel, ShardedTrainer, load_causal_lm, pack_sequences
+from rlkit.trainer import LogprobModel, SFTBatch, ShardedTrainer, load_causal_lm, pack_sequences
 
 
 def batch_of(n: int, seed: int):
@@ -60,8 +61,8 @@ def compiled(module) -> bool:
 def test_policy_critic_and_reference_compile_their_blocks_only_when_asked(model_path):
     for flag in (False, True):
         cfg = TrainerConfig(compile=flag, gradient_checkpointing=True)
-        policy = ShardedTrainer(cfg, AlgoConfig(), RefConfig(), model_path, lr=1e-3, warmup_steps=1)
-        critic = CriticTrainer(cfg, AlgoConfig(), model_path, lr=1e-3, warmup_steps=1)
+        policy = ShardedTrainer(cfg, model_path, lr=1e-3, warmup_steps=1)
+        critic = CriticTrainer(cfg, model_path, lr=1e-3, warmup_steps=1)
         ref = ReferenceModel(RefConfig(), model_path, compile=flag)
         blocks = [*policy.model.lm.model.layers, *critic.model.body.layers, *ref.model.lm.model.layers]
         assert [compiled(b) for b in blocks] == [flag] * len(blocks)
@@ -74,11 +75,11 @@ def test_a_compiled_lora_trainer_with_packing_and_checkpointing_takes_the_eager_
     for flag in (False, True):
         cfg = TrainerConfig(micro_batch_size=4, logprob_impl="torch", lora_rank=4, packing=True,
                             gradient_checkpointing=True, compile=flag)
-        trainer = ShardedTrainer(cfg, AlgoConfig(), RefConfig(), model_path, lr=1e-2, warmup_steps=1)
+        trainer = ShardedTrainer(cfg, model_path, lr=1e-2, warmup_steps=1)
         metrics = []
         for seed in (0, 1):
             batch = batch_of(8, seed)
-            metrics.append(trainer.sft_step(batch, float(batch.response_mask.sum())))
+            metrics.append(trainer.step(SFTLoss(), SFTBatch(batch, float(batch.response_mask.sum()))).metrics())
         results.append(({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, metrics))
     (eager, eager_metrics), (state, metrics) = results
     assert "perf/compile_seconds" not in eager_metrics[0]

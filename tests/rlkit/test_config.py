@@ -70,6 +70,13 @@ def test_yaml_then_overrides_in_order(tmp_path):
         (["env.name=tools", "stages=[{kind: dpo}]"], "stages.0 would pair whole episodes for DPO"),
         (["stages=[{kind: sft}, {kind: average, source: sfft}]"],
          "stages.1.source: 'sfft' is not an earlier stage; expected one of ['01_sft']"),
+        # a field the stage's kind does not read (rlkit.stage_kinds) would be silently ignored
+        (["stages=[{kind: grpo, teacher: ckpt}]"],
+         "stages.0.teacher: grpo stages do not read it (only distill stages do); remove it"),
+        (["stages=[{kind: sft, pairs: online}]"], "stages.0.pairs: sft stages do not read it (only dpo stages do)"),
+        (["stages=[{kind: ppo, samples: 4}]"], "stages.0.samples: ppo stages do not read it (only dpo, rft, distill"),
+        (["stages=[{kind: dpo, batch_size: 3}]", "cluster.backend=ray", "cluster.trainer_ranks=2"],
+         "stages.0.batch_size: 3 rows per step do not split evenly over cluster.trainer_ranks=2"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, expected):

@@ -15,6 +15,8 @@ from rlkit.algorithms import onpolicy
 from rlkit.config import AlgoConfig, RecipeConfig, RolloutConfig
 from rlkit.data import Problem
 from rlkit.experience import Experience, ExperienceSource, RewardFailure, check_error_rate
+from rlkit.losses import PolicyStats
+from rlkit.rank import Update
 from rollout.vllm_engine import Completion
 
 
@@ -107,16 +109,15 @@ def test_an_error_in_the_sampler_thread_reaches_the_loop():
 
 
 class FakeTrainer:
-    """The trainer's policy_step: records each optimizer step's rows and normaliser; approx_kl grows per step."""
+    """The trainer's step: records each optimizer step's rows and normaliser; approx_kl grows per step."""
 
     def __init__(self):
         self.steps = []
 
-    def policy_step(self, batch):
+    def step(self, loss, batch):
         self.steps.append((batch.advantages.tolist(), batch.normalizer))
         tokens = float(batch.mask.sum())
-        return {"loss": 1.0, "token_count": tokens, "approx_kl_sum": 0.01 * len(self.steps) * tokens,
-                "clipped_sum": 0.0, "entropy_sum": 0.0, "rollout_kl_sum": 0.0, "grad_norm": 1.0, "lr": 0.1}
+        return Update(PolicyStats(1.0, tokens, 0.0, 0.0, 0.01 * len(self.steps) * tokens, 0.0), 1.0, 0.1)
 
 
 def policy_batch(rows=8):
@@ -128,8 +129,8 @@ def policy_batch(rows=8):
 
 def update(batch, **algo):
     trainer = FakeTrainer()
-    ctx = SimpleNamespace(cfg=RecipeConfig(algo=AlgoConfig(**algo), rollout=RolloutConfig()), trainer=trainer,
-                          seed=lambda: 0)
+    ctx = SimpleNamespace(cfg=RecipeConfig(algo=AlgoConfig(**algo), rollout=RolloutConfig()),
+                          workers=SimpleNamespace(trainer=trainer), seed=lambda: 0)
     return onpolicy.update_policy(ctx, batch, step=3), trainer.steps
 
 
@@ -169,10 +170,10 @@ def test_padding_fraction_and_update_speed():
 
 def test_every_stage_kind_a_recipe_may_name_has_a_runner_entry():
     from rlkit.algorithms import STAGES
-    from rlkit.config import STAGE_KINDS
+    from rlkit.stage_kinds import STAGE_KINDS
 
     assert set(STAGES) == set(STAGE_KINDS)
-    assert {k for k, s in STAGES.items() if s.syncs_every_step} == {"grpo", "ppo"}
+    assert {k for k, s in STAGE_KINDS.items() if s.syncs_every_step} == {"grpo", "ppo"}
 
 
 def test_episodes_are_scored_on_their_last_answer_plus_the_environments_parts():

@@ -1,7 +1,6 @@
 """GRPO's step (rlkit.algorithms.grpo.train) on fake workers: what reaches the trainer when the reward policy
 excludes samples, and that nothing changes when every sample is scored."""
 
-import contextlib
 import math
 from types import SimpleNamespace
 
@@ -12,9 +11,12 @@ from kernels import group_normalize
 from rewards.base import RewardResult, Verdict
 from rewards.scorer import ScoreOutput
 from rlkit.algorithms import grpo
+from rlkit.algorithms.common import Workers
 from rlkit.config import AlgoConfig, RecipeConfig, StageConfig
 from rlkit.data import Problem
 from rlkit.experience import ExperienceMaker, ExperienceSource
+from rlkit.losses import PolicyStats
+from rlkit.rank import Update
 from rollout.vllm_engine import Completion, SyncStats
 
 LENGTHS = [3, 2, 4, 1, 2, 3, 1, 4]  # completion tokens of the step's 2 prompts x 4 samples
@@ -40,10 +42,15 @@ class FakeWorkers:
     def logprobs(self, tokens, temperature=1.0):  # the trainer's and the reference's
         return torch.zeros(tokens.response_mask.shape)
 
-    def policy_step(self, batch):
-        self.batch = batch
-        return {"loss": 0.0, "token_count": float(batch.mask.sum()), "kl_sum": 0.0, "entropy_sum": 0.0,
-                "clipped_sum": 0.0, "rollout_kl_sum": 0.0}
+    def step(self, loss, batch):
+        self.batch, self.loss = batch, loss
+        return Update(PolicyStats(0.0, float(batch.mask.sum()), 0.0, 0.0, 0.0, 0.0, 0.0), 1.0, 0.1)
+
+    def state_dict(self):  # the trainer's weights, which the pool takes
+        return {}
+
+    def sync_weights(self, state):
+        return SyncStats(0.0, 0.0)
 
     def reference(self, model_path):  # the cluster
         return self
@@ -58,13 +65,12 @@ def run_step(rewards, **algo):
     problems = [Problem(f"{i}+1=", str(i + 1), "", prompt_ids=(1, 10 + i)) for i in range(2)]
     ctx = SimpleNamespace(
         cfg=cfg, stage=cfg.stages[0], data=SimpleNamespace(problems=problems, renderer=SimpleNamespace(pad_id=0)),
-        pool=workers, scorer=workers, trainer=workers, cluster=workers, model_path="", prefix="grpo", index=0,
-        steps=lambda sampler, position: range(1), seed=lambda: 0, sync_policy=lambda: SyncStats(0.0, 0.0),
+        workers=Workers(workers, workers, workers, workers, cfg.trainer), model_path="", prefix="grpo", index=0,
+        loop=SimpleNamespace(steps=lambda sampler, position: range(1)), seed=lambda: 0,
         experience_maker=lambda: ExperienceMaker(workers, workers, 0.5, "test"),
         experience_source=lambda produce, sampler: ExperienceSource(produce, 1, 0),
-        releasing=lambda *workers: contextlib.nullcontext(),
-        log_completions=lambda *a: None, log_step=lambda step, metrics, extra: workers.__setattr__("metrics", metrics),
-        show=lambda **kw: None)
+        log=SimpleNamespace(completions=lambda *a: None, show=lambda **kw: None,
+                            step=lambda step, metrics, extra: workers.__setattr__("metrics", metrics)))
     grpo.train(ctx)
     return workers.batch, workers.metrics
 

@@ -3,22 +3,23 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
-from rlkit.trainer import ShardedTrainer, batched_logprobs
+from rlkit.config import TrainerConfig
+from rlkit.losses import SFTLoss
+from rlkit.trainer import SFTBatch, ShardedTrainer, batched_logprobs
 from tests.rlkit.test_trainer import random_batch
 
 
 def test_lora_trains_adapters_and_merges_for_sync_and_save(model_path, tmp_path):
     cfg = TrainerConfig(micro_batch_size=4, logprob_impl="torch", lora_rank=4, lora_alpha=8.0, warmup_steps=1)
-    trainer = ShardedTrainer(cfg, AlgoConfig(), RefConfig(), model_path, lr=5e-2, warmup_steps=1)
+    trainer = ShardedTrainer(cfg, model_path, lr=5e-2, warmup_steps=1)
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
 
     base = AutoModelForCausalLM.from_pretrained(model_path)
     batch = random_batch()
-    first = trainer.sft_step(batch, float(batch.response_mask.sum()))["loss"]
+    first = trainer.step(SFTLoss(), SFTBatch(batch, float(batch.response_mask.sum()))).stats.loss
     for _ in range(5):
-        last = trainer.sft_step(batch, float(batch.response_mask.sum()))["loss"]
+        last = trainer.step(SFTLoss(), SFTBatch(batch, float(batch.response_mask.sum()))).stats.loss
     assert last < first
 
     merged = trainer.full_state_dict()
@@ -34,10 +35,10 @@ def test_lora_trains_adapters_and_merges_for_sync_and_save(model_path, tmp_path)
 
 def test_adapter_sync_sends_the_base_once_and_then_only_the_adapter(model_path):
     cfg = TrainerConfig(micro_batch_size=4, logprob_impl="torch", lora_rank=4, lora_alpha=8.0, warmup_steps=1)
-    trainer = ShardedTrainer(cfg, AlgoConfig(), RefConfig(), model_path, lr=5e-2, warmup_steps=1)
+    trainer = ShardedTrainer(cfg, model_path, lr=5e-2, warmup_steps=1)
     batch = random_batch()
     for _ in range(3):
-        trainer.sft_step(batch, float(batch.response_mask.sum()))
+        trainer.step(SFTLoss(), SFTBatch(batch, float(batch.response_mask.sum())))
 
     base = AutoModelForCausalLM.from_pretrained(model_path).state_dict()
     frozen = trainer.full_state_dict(merged=False)

@@ -1,11 +1,14 @@
 """Each loss against numbers worked out by hand in the comments."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from rlkit.losses import aggregate, cispo_loss, dpo_loss, kl_estimate, policy_loss, sft_loss, token_normalizer
+from rlkit.losses import (DPOLoss, DPOStats, Forward, PolicyStats, SFTLoss, SFTStats, aggregate, cispo_loss, dpo_loss,
+                          kl_estimate, policy_loss, sft_loss, token_normalizer)
+from rlkit.rank import Update
 
 
 def test_kl_estimators_by_hand():
@@ -157,3 +160,40 @@ def test_sequence_log_ratio_is_the_mean_over_response_tokens():
     logp = torch.tensor([[0.2, 0.4, 9.0], [1.0, 1.0, 1.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     assert sequence_log_ratio(logp, torch.zeros(2, 3), mask).tolist() == pytest.approx([0.3, 0.0])
+
+
+def test_stats_of_two_parts_add_up_and_policy_stats_log_per_token_means():
+    # two micro-batches (or ranks) of 2 and 6 tokens; each loss already divided by the step's normaliser
+    a = PolicyStats(loss=0.5, tokens=2.0, entropy=1.0, clipped=1.0, approx_kl=0.02, rollout_kl=0.0, kl=0.2)
+    b = PolicyStats(loss=0.25, tokens=6.0, entropy=3.0, clipped=0.0, approx_kl=0.06, rollout_kl=0.08, kl=0.6)
+    total = a + b  # 8 tokens: entropy 4/8, clipped 1/8, approx_kl 0.08/8, rollout_kl 0.08/8, kl 0.8/8
+    assert total.metrics() == pytest.approx(
+        {"loss": 0.75, "entropy": 0.5, "clip_fraction": 0.125, "approx_kl": 0.01, "rollout_kl": 0.01, "kl": 0.1})
+    no_ref = PolicyStats(0.5, 2.0, 1.0, 1.0, 0.02, 0.0) + PolicyStats(0.25, 6.0, 3.0, 0.0, 0.06, 0.08)
+    assert "kl" not in no_ref.metrics()  # no reference model, no KL to log
+    assert (DPOStats(0.5, 1.0, 0.5, 2.0) + DPOStats(0.25, 0.5, 0.5, 1.0)).metrics() == {
+        "loss": 0.75, "reward_margin": 1.5, "pair_accuracy": 1.0, "chosen_nll": 3.0}
+
+
+def test_ranks_updates_merge_into_the_steps():
+    ranks = [Update(SFTStats(0.5), grad_norm=2.0, lr=0.1, compile_seconds=3.0),
+             Update(SFTStats(0.25), grad_norm=2.0, lr=0.1, compile_seconds=1.0)]
+    merged = Update.merge(ranks)  # stats summed, the optimizer's values shared, compile time the ranks' mean
+    assert merged.metrics() == {"loss": 0.75, "grad_norm": 2.0, "lr": 0.1, "perf/compile_seconds": 2.0}
+    assert "perf/compile_seconds" not in Update.merge([Update(SFTStats(0.5), 1.0, 0.1)]).metrics()
+
+
+def test_sft_and_dpo_losses_on_hand_made_log_probs():
+    # SFT: response tokens -1 and -3 of 4 in the step batch -> (1 + 3) / 4
+    out = Forward(torch.tensor([[0.0, -1.0, -3.0]]), None)
+    tokens = SimpleNamespace(response_mask=torch.tensor([[0.0, 1.0, 1.0]]))
+    loss, stats = SFTLoss()(out, SimpleNamespace(tokens=tokens, normalizer=4.0))
+    assert float(loss) == stats.loss == 1.0
+    # DPO, one pair of 2-token responses, beta 1: h = (-2 - -3) - (-4 - -4) = 1, loss -log sigmoid(1); NLL 2 / 2
+    out = Forward(torch.tensor([[-1.0, -1.0], [-2.0, -2.0]]), None)
+    batch = SimpleNamespace(tokens=SimpleNamespace(response_mask=torch.ones(2, 2)), ref_logps=torch.tensor([-3.0, -4.0]),
+                            num_pairs=2)
+    loss, stats = DPOLoss(beta=1.0, nll_coef=0.5)(out, batch)
+    expected = (math.log1p(math.exp(-1.0)) + 0.5 * 1.0) / 2
+    assert float(loss) == pytest.approx(expected) and stats.loss == pytest.approx(expected)
+    assert stats.reward_margin == pytest.approx(0.5) and stats.pair_accuracy == 0.5 and stats.chosen_nll == 0.5

@@ -1,12 +1,14 @@
 """rlkit.packing: token-budget micro-batches worked out by hand, and packed rows that give exactly what padded rows
-give (log-probs, entropies, values, gradients) on a tiny Llama and a tiny tied Qwen2 in float64."""
+give (log-probs, entropies, values, gradients) on a tiny Llama and a tiny tied Qwen2 (GQA: 2 heads, 1 KV head) in
+float64, under transformers' sdpa (a dense block-diagonal mask) and rlkit.attention's per-row sdpa (no mask)."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from rlkit.attention import model_attn_implementation
 from rlkit.critic import ValueModel
-from rlkit.packing import pack_rows, pad_rows, split_micro_batches, token_budget_split
+from rlkit.packing import balance_rows, pack_rows, pad_rows, split_micro_batches, token_budget_split
 from rlkit.trainer import LogprobModel, pack_sequences
 
 
@@ -55,20 +57,25 @@ def test_pack_and_pad_layouts():
 
 
 # -- packed equals padded, exactly ---------------------------------------------------------------------------
-def tiny_llama():
+# the packed forward's attention: transformers' sdpa over a dense (T, T) mask, or per-row sdpa (what packing loads)
+ATTENTION = ["sdpa", model_attn_implementation("sdpa", packing=True)]
+
+
+def tiny_llama(attn: str = "sdpa"):
     return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=2, attn_implementation="sdpa"))
+                                        num_attention_heads=2, num_key_value_heads=2, attn_implementation=attn))
 
 
-def tiny_qwen2_tied():
+def tiny_qwen2_tied(attn: str = "sdpa"):
     return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                                        attn_implementation="sdpa"))
+                                        attn_implementation=attn))
 
 
 def ragged_batch():
     g = torch.Generator().manual_seed(0)
-    sizes = [(3, 4), (1, 1), (5, 2), (2, 6)]  # (prompt, response) tokens: rows of 7, 2, 7, 8 in a width of 8
+    # (prompt, response) tokens: rows of 7, 2, 7, 8 in a width of 8 (per-row sdpa runs the two 7s as one call)
+    sizes = [(3, 4), (1, 1), (5, 2), (2, 6)]
     draw = lambda n: torch.randint(3, 64, (n,), generator=g).tolist()  # noqa: E731
     return pack_sequences([draw(p) for p, _ in sizes], [draw(r) for _, r in sizes], pad_id=0)
 
@@ -79,11 +86,12 @@ def grads_of(model, outputs, weights):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2_tied])
 @pytest.mark.parametrize("train", [True, False])  # eval mode: the config's use_cache=True must not leak rows
-def test_packed_logprobs_entropy_and_gradients_equal_padded(build, train):
+def test_packed_logprobs_entropy_and_gradients_equal_padded(build, train, attn):
     torch.manual_seed(0)
-    lm = build().double().train(train)
+    lm = build(attn).double().train(train)  # one model runs both layouts, as a loaded trainer's does
     batch = ragged_batch()
     weights = [torch.randn(batch.response_mask.shape, dtype=torch.float64) for _ in range(2)]
     results = []
@@ -100,9 +108,10 @@ def test_packed_logprobs_entropy_and_gradients_equal_padded(build, train):
         torch.testing.assert_close(grads[name], grads_pad[name], rtol=0, atol=1e-12, msg=name)
 
 
-def test_packed_values_and_gradients_equal_padded():
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_packed_values_and_gradients_equal_padded(attn):
     torch.manual_seed(0)
-    body = tiny_llama().model.double()
+    body = tiny_llama(attn).model.double()
     batch = ragged_batch()
     weights = [torch.randn(batch.response_mask.shape, dtype=torch.float64)]
     model = ValueModel(body)
@@ -117,3 +126,53 @@ def test_packed_values_and_gradients_equal_padded():
     torch.testing.assert_close(v, v_pad, rtol=0, atol=1e-6)  # the head's values are float32
     for name in grads_pad:
         torch.testing.assert_close(grads[name], grads_pad[name], rtol=0, atol=1e-6, msg=name)
+
+
+# -- which rows go to which trainer rank ---------------------------------------------------------------------
+def test_balance_rows_evens_out_prompt_major_lengths():
+    # GRPO order, 2 prompts x 4 samples: the first prompt's samples are long. Contiguous shares carry 42 and 14
+    # tokens (3x). Longest first to the least-loaded rank with room: 12 -> A; 11 -> B; 10 -> B (21); 9 -> A (21);
+    # 5 -> A (tie, lower rank; 26); 4 -> B (25); 3 -> B (28, full); 2 -> A (28).
+    lengths = [12, 10, 11, 9, 3, 4, 2, 5]
+    shares = balance_rows(lengths, ranks=2)
+    assert shares == [[0, 3, 6, 7], [1, 2, 4, 5]]
+    assert [sum(lengths[i] for i in s) for s in shares] == [28, 28]
+
+
+def test_balance_rows_gives_every_rank_the_same_count():
+    # one 100-token row cannot be offset by rows, only by counts: its rank takes the last 1-token row, when the
+    # others are full (2 rows each): 100 -> A; 1s go B, C, B, C, then A.
+    assert balance_rows([100, 1, 1, 1, 1, 1], ranks=3) == [[0, 5], [1, 3], [2, 4]]
+
+
+def test_balance_rows_keeps_pairs_together_and_in_order():
+    # pairs (0-1: 11 tokens), (2-3: 2), (4-5: 14), (6-7: 4); contiguous shares carry 13 and 18.
+    # 14 -> A; 11 -> B; 4 -> B (15); 2 -> A (16).
+    assert balance_rows([5, 6, 1, 1, 7, 7, 2, 2], ranks=2, unit=2) == [[2, 3, 4, 5], [0, 1, 6, 7]]
+
+
+def test_balance_rows_on_one_rank_keeps_the_order():
+    assert balance_rows([3, 9, 1, 4], ranks=1) == [[0, 1, 2, 3]]
+    assert balance_rows([3, 9, 1, 4], ranks=1, unit=2) == [[0, 1, 2, 3]]
+
+
+def test_balance_rows_refuses_uneven_counts():
+    with pytest.raises(ValueError, match="3 rows do not split evenly over 2 trainer ranks"):
+        balance_rows([1, 2, 3], ranks=2)
+    with pytest.raises(ValueError, match=r"6 rows do not split evenly over 2 trainer ranks \(whole units of 2"):
+        balance_rows([1] * 6, ranks=2, unit=2)  # 3 pairs: one rank would split a pair
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_balance_rows_is_a_partition_into_equal_whole_units(seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 50, (24,), generator=g).tolist()
+    for ranks, unit in [(2, 1), (3, 2), (4, 3)]:
+        shares = balance_rows(lengths, ranks, unit)
+        assert sorted(i for s in shares for i in s) == list(range(24))
+        assert {len(s) for s in shares} == {24 // ranks}
+        for s in shares:  # ascending, in whole units: each starts at a multiple of `unit`, its rows consecutive
+            assert s == sorted(s)
+            starts = s[0::unit]
+            assert all(i % unit == 0 and s[k * unit : (k + 1) * unit] == list(range(i, i + unit))
+                       for k, i in enumerate(starts))

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
+from rlkit.config import RefConfig, TrainerConfig
 from rlkit.critic import CriticTrainer, ValueBatch
-from rlkit.losses import token_normalizer
+from rlkit.losses import DPOLoss, PolicyLoss, SFTLoss, ValueLoss, token_normalizer
 from rlkit.reference import ReferenceModel
-from rlkit.trainer import PairBatch, PolicyBatch, ShardedTrainer, pack_sequences
+from rlkit.trainer import PairBatch, PolicyBatch, SFTBatch, ShardedTrainer, pack_sequences
 
 
 def make_trainer(model_path, micro_batch_size, lora_rank=0, **options):
@@ -21,7 +21,7 @@ def make_trainer(model_path, micro_batch_size, lora_rank=0, **options):
     # flip signs and hide a real difference; in float64 any mismatch beyond 1e-9 is a bug.
     cfg = TrainerConfig(micro_batch_size=micro_batch_size, logprob_impl="torch", warmup_steps=1, lora_rank=lora_rank,
                         **{"dtype": "float64"} | options)
-    return ShardedTrainer(cfg, AlgoConfig(), RefConfig(), model_path, lr=1e-2, warmup_steps=1)
+    return ShardedTrainer(cfg, model_path, lr=1e-2, warmup_steps=1)
 
 
 def random_batch(n=8, seed=0):
@@ -67,8 +67,8 @@ def test_sft_update_is_invariant_to_micro_batch_size(model_path):
         trainer = make_trainer(model_path, mb, micro_batch_tokens=tokens, packing=packing)
         if tokens:
             assert len(trainer.micro_batches(batch)) > 1
-        metrics = trainer.sft_step(batch, float(batch.response_mask.sum()))
-        results.append((params(trainer), metrics["loss"]))
+        update = sft(trainer, batch)
+        results.append((params(trainer), update.stats.loss))
     for p, loss in results[1:]:
         assert_same(results[0][0], p)
         assert loss == pytest.approx(results[0][1], rel=1e-5)
@@ -91,16 +91,20 @@ def test_policy_update_is_invariant_to_micro_batch_size(model_path, loss_agg, ra
     noise = 0.1 * torch.randn(old.shape, generator=g, dtype=old.dtype) * batch.response_mask
     policy = PolicyBatch(
         batch, batch.response_mask, None if on_policy else old, old + noise, old - noise,
-        torch.randn(8, generator=g, dtype=old.dtype), float(token_normalizer(batch.response_mask, loss_agg)), 0.05, 1.0,
+        torch.randn(8, generator=g, dtype=old.dtype), float(token_normalizer(batch.response_mask, loss_agg)),
     )
-    results = []
+    loss = PolicyLoss(kl_coef=0.05, loss_agg=loss_agg, ratio_level=ratio_level, tis_cap=tis)
+    results, logged = [], []
     for mb, tokens in ((8, 0), (2, 0), (8, 12)):
         trainer = make_trainer(model_path, mb, micro_batch_tokens=tokens)
-        trainer.algo = AlgoConfig(loss_agg=loss_agg, ratio_level=ratio_level, tis_cap=tis)
-        trainer.policy_step(policy)
+        logged.append(trainer.step(loss, policy).metrics())
         results.append(params(trainer))
     assert_same(results[0], results[1])
     assert_same(results[0], results[2])
+    for metrics in logged[1:]:  # the micro-batches' stats add up to the whole batch's
+        assert metrics.keys() == logged[0].keys()
+        for key in ("loss", "kl", "entropy", "clip_fraction", "approx_kl", "rollout_kl"):
+            assert metrics[key] == pytest.approx(logged[0][key], rel=1e-9, abs=1e-12), key
 
 
 def test_on_policy_step_equals_a_step_with_the_recomputed_old_logprobs(model_path):
@@ -112,8 +116,8 @@ def test_on_policy_step_equals_a_step_with_the_recomputed_old_logprobs(model_pat
     results = []
     for given in (old, None):
         trainer = make_trainer(model_path, 4)
-        trainer.policy_step(PolicyBatch(batch, batch.response_mask, given, old, old, adv,
-                                        float(batch.response_mask.sum()), 0.05, 1.0))
+        trainer.step(PolicyLoss(kl_coef=0.05), PolicyBatch(batch, batch.response_mask, given, old, old, adv,
+                                                           float(batch.response_mask.sum())))
         results.append(params(trainer))
     assert_same(results[0], results[1])
 
@@ -127,10 +131,10 @@ def test_without_a_reference_the_step_is_the_step_with_no_kl_term(model_path):
     results, logged = [], []
     for ref in (old + 0.3 * batch.response_mask, None):
         trainer = make_trainer(model_path, 4)
-        metrics = trainer.policy_step(PolicyBatch(batch, batch.response_mask, None, ref, old, adv,
-                                                  float(batch.response_mask.sum()), 0.0, 1.0))
+        update = trainer.step(PolicyLoss(), PolicyBatch(batch, batch.response_mask, None, ref, old, adv,
+                                                        float(batch.response_mask.sum())))
         results.append(params(trainer))
-        logged.append("kl_sum" in metrics)
+        logged.append("kl" in update.metrics())
     assert_same(results[0], results[1])
     assert logged == [True, False]
 
@@ -140,8 +144,8 @@ def test_dpo_step_raises_the_chosen_margin(model_path):
     trainer = make_trainer(model_path, 4)
     ref = trainer.logprobs(chosen_rejected).sum(-1)
     for _ in range(5):
-        metrics = trainer.dpo_step(PairBatch(chosen_rejected, ref, 2))
-    assert metrics["reward_margin"] > 0 and metrics["pair_accuracy"] == 1.0
+        stats = trainer.step(DPOLoss(beta=0.1), PairBatch(chosen_rejected, ref, 2)).stats
+    assert stats.reward_margin > 0 and stats.pair_accuracy == 1.0
 
 
 def test_dpo_update_is_invariant_to_a_token_budget(model_path):
@@ -151,8 +155,8 @@ def test_dpo_update_is_invariant_to_a_token_budget(model_path):
     results = []
     for tokens in (0, 25):  # pairs of 14, 12, 11 and 13 tokens: two micro-batches of 25
         trainer = make_trainer(model_path, 8, micro_batch_tokens=tokens)
-        metrics = trainer.dpo_step(PairBatch(batch, ref, 4))
-        results.append((params(trainer), metrics["loss"], len(trainer.micro_batches(PairBatch(batch, ref, 4)))))
+        update = trainer.step(DPOLoss(beta=0.1), PairBatch(batch, ref, 4))
+        results.append((params(trainer), update.stats.loss, len(trainer.micro_batches(batch, unit=2))))
     assert results[1][2] == 2
     assert_same(results[0][0], results[1][0])
     assert results[1][1] == pytest.approx(results[0][1], rel=1e-12)
@@ -175,7 +179,7 @@ def assert_saved_tied(path, expected_embedding):
 
 
 def sft(trainer, batch):
-    return trainer.sft_step(batch, float(batch.response_mask.sum()))
+    return trainer.step(SFTLoss(), SFTBatch(batch, float(batch.response_mask.sum())))
 
 
 def test_tied_embeddings_stay_one_tensor_through_a_step_a_save_and_a_resume(chat_model_path, tmp_path):
@@ -195,7 +199,7 @@ def test_tied_embeddings_stay_one_tensor_through_a_step_a_save_and_a_resume(chat
     assert_same(params(trainer), params(resumed), tol=0)
     # the next step, Adam moments and schedule included, is the one the uninterrupted trainer takes
     batch = random_batch(seed=1)
-    assert sft(resumed, batch)["loss"] == sft(trainer, batch)["loss"]
+    assert sft(resumed, batch).stats.loss == sft(trainer, batch).stats.loss
     assert_same(params(trainer), params(resumed), tol=0)
     assert_tied(resumed.model.lm)
 
@@ -244,10 +248,10 @@ def test_gradient_checkpointing_leaves_the_critic_update_unchanged(model_path):
     results = []
     for checkpointing in (False, True):
         cfg = TrainerConfig(micro_batch_size=4, dtype="float64", gradient_checkpointing=checkpointing)
-        critic = CriticTrainer(cfg, AlgoConfig(value_clip=10.0), model_path, lr=1e-2, warmup_steps=1)
+        critic = CriticTrainer(cfg, model_path, lr=1e-2, warmup_steps=1)
         calls = count_calls(critic.model.body.layers[0].mlp)
         for _ in range(2):  # the zero-initialised head passes the body a gradient from the second step on
-            critic.value_step(values)
+            critic.step(ValueLoss(clip=10.0), values)
         assert critic.values(batch).shape == mask.shape
         results.append({k: v.detach().clone() for k, v in critic.model.state_dict().items()})
     assert len(calls) == 2 * 2 * 2 + 2  # 2 steps x 2 micro-batches x (forward, recompute), then values()

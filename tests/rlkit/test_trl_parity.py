@@ -7,7 +7,7 @@ function hands back the test's rewards, None for an unscorable sample). Losses c
 called on a stand-in model micro-batch by micro-batch and backpropagated as transformers' `Trainer.training_step`
 does (`trl_backward`). Set by hand on these real objects: `current_gradient_accumulation_steps` (the training loop
 sets it), DPO's `ref_model` (a stand-in table), and GRPO's `use_vllm` in the truncated-IS test.
-rlkit side: the real `ShardedTrainer.policy_step` / `dpo_step` (two micro-batches, gradient accumulation) on an
+rlkit side: the real `ShardedTrainer.step` with `PolicyLoss` / `DPOLoss` (two micro-batches, gradient accumulation) on an
 object made with `object.__new__` and `RankWorker.__init__`, so that its model is a stand-in, not a checkpoint.
 
 The stand-in model on both sides is a float64 table of per-token log-probs (and entropies), a parameter looked
@@ -25,7 +25,7 @@ from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, RLOOConfig, RLOO
 
 from rlkit.advantages import compute_advantages, get_estimator
 from rlkit.config import AlgoConfig, RefConfig, TrainerConfig
-from rlkit.losses import token_normalizer
+from rlkit.losses import DPOLoss, PolicyLoss, token_normalizer
 from rlkit.trainer import LogprobModel, PairBatch, PolicyBatch, RankWorker, ShardedTrainer, pack_sequences
 
 P, C = 2, 5  # prompt tokens (row id, filler) and completion budget (TRL's max_completion_length)
@@ -64,10 +64,9 @@ class TrlTable(torch.nn.Module):
                                is_top1=torch.zeros_like(target, dtype=torch.bool), aux_loss=None)
 
 
-def rlkit_trainer(algo, micro_batch_size, model, kl_estimator="k3"):
+def rlkit_trainer(micro_batch_size, model):
     """The real ShardedTrainer step around a stand-in model (built without loading a checkpoint)."""
     trainer = object.__new__(ShardedTrainer)
-    trainer.algo, trainer.ref_cfg = algo, RefConfig(kl_estimator=kl_estimator)
     cfg = TrainerConfig(micro_batch_size=micro_batch_size, grad_clip=1e12, dtype="float64")
     RankWorker.__init__(trainer, cfg, model, [], lr=0.0, warmup_steps=1, rank=0, world_size=1)
     return trainer
@@ -107,10 +106,11 @@ def rlkit_policy_grad(x, algo, kl_coef, on_policy=False, micro_batch_size=N // 2
     tokens = pack_sequences([[i, 5] for i in range(N)], [[7] * n for n in LENGTHS], pad_id=0)
     assert torch.equal(tokens.response_mask, x.mask.float())
     batch = PolicyBatch(tokens, x.mask, None if on_policy else x.old, x.ref, x.rollout, x.adv,
-                        float(token_normalizer(x.mask, algo.loss_agg, C)), kl_coef, 1.0)
+                        float(token_normalizer(x.mask, algo.loss_agg, C)))
+    loss = PolicyLoss.from_config(algo, RefConfig(kl_coef=kl_coef), temperature=1.0)
     model = RlkitTable(x.logp, x.entropy)
-    metrics = rlkit_trainer(algo, micro_batch_size, model).policy_step(batch)  # two micro-batches by default
-    return model.logp.grad, metrics["loss"]
+    update = rlkit_trainer(micro_batch_size, model).step(loss, batch)  # two micro-batches by default
+    return model.logp.grad, update.stats.loss
 
 
 PROMPTS = Dataset.from_dict({"prompt": ["1+1="]})  # what the trainers' samplers would draw from; unused here
@@ -283,9 +283,10 @@ def pair_inputs():
 def rlkit_dpo_grad(x, **algo):
     tokens = pack_sequences([[row, 5] for row in range(len(x.mask))], [[7] * int(n) for n in x.mask.sum(-1)], pad_id=0)
     model = RlkitTable(x.logp, torch.zeros_like(x.logp))
-    metrics = rlkit_trainer(AlgoConfig(dpo_beta=0.1, **algo), 4, model).dpo_step(
-        PairBatch(tokens, x.ref.sum(-1), len(PAIR_LENGTHS)))  # two micro-batches of two pairs
-    return model.logp.grad, metrics["loss"]
+    loss = DPOLoss.from_config(AlgoConfig(dpo_beta=0.1, **algo))
+    batch = PairBatch(tokens, x.ref.sum(-1), len(PAIR_LENGTHS))
+    update = rlkit_trainer(4, model).step(loss, batch)  # two micro-batches of two pairs
+    return model.logp.grad, update.stats.loss
 
 
 def trl_dpo_grad(model_path, tmp_path, x, loss_type, loss_weights=None):
