@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from rlkit.config import RecipeConfig, RolloutConfig
+from rlkit.config import RecipeConfig, RecipeError, RolloutConfig
 from rlkit.packing import balance_rows
 from rlkit.rank import Update
 from rlkit.score import build_scorer, scorer_config
@@ -222,7 +222,12 @@ class Cluster:
             return build_scorer(self.cfg.reward)  # a reward that cannot be built is a RecipeError
         c = self.cfg.cluster  # a batched reward's engine (the LLM judge) becomes an actor of its own
         make_engine = functools.partial(judge_engine_actor, c.gpus_per_engine)
-        return _Blocking(self._actor(Scorer, 1, 0).remote(scorer_config(self.cfg.reward), make_engine), self.ray.get)
+        handle = self._actor(Scorer, 1, 0).remote(scorer_config(self.cfg.reward), make_engine)
+        try:  # the rewards are built in the actor's constructor: a bad one fails here, not at the first score
+            self.ray.get(handle.__ray_ready__.remote())
+        except self.ray.exceptions.RayActorError as e:
+            raise RecipeError(creation_error(str(e))) from e
+        return _Blocking(handle, self.ray.get)
 
     def release(self, *workers) -> None:
         """Stop actors of a finished stage (local workers are simply dropped)."""
@@ -257,6 +262,21 @@ def engine_config(rollout: RolloutConfig) -> EngineConfig:
                         dtype=rollout.dtype, kv_cache_gib=rollout.kv_cache_gib,
                         gpu_memory_utilization=rollout.gpu_memory_utilization, enforce_eager=rollout.enforce_eager,
                         sync_dir=rollout.sync_dir, sync_timeout_s=rollout.sync_timeout_s)
+
+
+def creation_error(text: str) -> str:
+    """The one line a user needs from a Ray actor's creation failure (`text`: the error's message, which ends with
+    the constructor's exception as `Type: message`): a reward's own RewardConfigError as it is (it names the field
+    and the fix), anything else prefixed with where it happened.
+
+    >>> creation_error("The actor died ...\\n  File x\\nrewards.registry.RewardConfigError: reward.rewards[0].name: bad")
+    'reward.rewards[0].name: bad'
+    """
+    last = text.strip().splitlines()[-1] if text.strip() else text
+    kind, _, message = last.partition(": ")
+    if kind.endswith("RewardConfigError") and message:
+        return message
+    return f"reward: the scorer could not start ({last})"
 
 
 def judge_engine_actor(num_gpus: float, *engine_args):

@@ -172,3 +172,11 @@ def test_ranks_share_rows_by_tokens_and_results_come_back_in_order():
     assert group.logprobs(tokens)[:, 0].tolist() == list(range(8))  # back in the batch's order
     with pytest.raises(ValueError, match=r"6 rows do not split evenly over 2 trainer ranks \(whole units of 2"):
         group._split(pairs.select(slice(0, 6)))  # 3 pairs: a rank would cut one
+
+
+def test_a_reward_that_cannot_be_built_fails_the_ray_scorer_as_a_recipe_error(clusters):
+    """On Ray the rewards are built in the scorer actor: the same one line as locally, when the actor starts."""
+    _, cluster = clusters
+    cfg = dataclasses.replace(cluster.cfg, reward=RewardConfig(rewards=[RewardSpec(name="mth")]))
+    with pytest.raises(RecipeError, match=r"^reward.rewards\[0\].name: unknown reward 'mth'. Did you mean 'math'\?"):
+        Cluster(cfg).scorer()
