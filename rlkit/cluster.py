@@ -185,16 +185,17 @@ class Cluster:
                    for i in range(c.rollout_engines)]
         return RolloutPool(engines, self._resolve())
 
-    def trainer_group(self, model_path: str, lr: float, warmup_steps: int) -> TrainerGroup:
+    def trainer_group(self, model_path: str, lr: float, warmup_steps: int, total_steps: int = 0) -> TrainerGroup:
+        """The policy's ranks; the learning rate follows trainer.lr_schedule over `total_steps` optimizer steps."""
         from rlkit.trainer import ShardedTrainer
 
-        return self._group(ShardedTrainer, (self.cfg.trainer, model_path, lr, warmup_steps))
+        return self._group(ShardedTrainer, (self.cfg.trainer, model_path, lr, warmup_steps, total_steps))
 
-    def critic_group(self, model_path: str, lr: float, warmup_steps: int) -> TrainerGroup:
+    def critic_group(self, model_path: str, lr: float, warmup_steps: int, total_steps: int = 0) -> TrainerGroup:
         """The PPO critic, sharded like the policy (its ranks form their own process group)."""
         from rlkit.critic import CriticTrainer
 
-        return self._group(CriticTrainer, (self.cfg.trainer, model_path, lr, warmup_steps))
+        return self._group(CriticTrainer, (self.cfg.trainer, model_path, lr, warmup_steps, total_steps))
 
     def _group(self, cls: type, args: tuple) -> TrainerGroup:
         """`cluster.trainer_ranks` ranks of `cls`, each told its rank and the rendezvous address."""

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from rlkit.errors import RecipeError
-from rlkit.stage_kinds import check_stage, one_of as _one_of
+from rlkit.stage_kinds import STAGE_KINDS, check_stage, one_of as _one_of
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,9 @@ class TrainerConfig:
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 10
+    # after warmup: "constant", or decaying to 0 at a stage's last optimizer step, "linear" or "cosine" (a half
+    # cosine; transformers' get_linear/cosine_schedule_with_warmup). Each stage runs its own schedule.
+    lr_schedule: str = "constant"
     grad_clip: float = 1.0
     micro_batch_size: int = 64  # most sequences per forward/backward; gradients accumulate across micro-batches
     # most real tokens per micro-batch (0: no token cap): rows are sorted by length and binned up to this budget
@@ -353,6 +356,12 @@ class RecipeConfig:
         warmup = self.stages[index].warmup_steps
         return self.trainer.warmup_steps if warmup is None else warmup
 
+    def stage_updates(self, index: int) -> int:
+        """Optimizer steps a stage takes (where trainer.lr_schedule decays to 0): its steps, times the optimizer
+        steps of each (GRPO and PPO: ppo_epochs x ppo_minibatches; a target_kl early stop takes fewer)."""
+        stage = self.stages[index]
+        return stage.steps * STAGE_KINDS[stage.kind].updates_per_step(self)
+
 
 def _merge_data(base: DataConfig, overrides: Dict[str, Any], where: str) -> DataConfig:
     if not overrides:
@@ -538,6 +547,7 @@ def validate(cfg: RecipeConfig) -> None:
     _one_of("trainer.attn_implementation", cfg.trainer.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
     _one_of("ref.dtype", cfg.ref.dtype, ("auto", "float32", "bfloat16", "float64"))
     _one_of("trainer.lora_sync", cfg.trainer.lora_sync, ("merged", "adapter"))
+    _one_of("trainer.lr_schedule", cfg.trainer.lr_schedule, ("constant", "linear", "cosine"))
     if cfg.trainer.lora_sync == "adapter" and not 0 < cfg.trainer.lora_rank <= MAX_ENGINE_LORA_RANK:
         raise RecipeError(f"trainer.lora_sync: 'adapter' needs trainer.lora_rank between 1 and {MAX_ENGINE_LORA_RANK} "
                           f"(vLLM's limit), got {cfg.trainer.lora_rank}")

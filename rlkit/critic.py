@@ -49,8 +49,8 @@ class ValueModel(torch.nn.Module):
 class CriticTrainer(RankWorker):
     """One rank of the critic, initialised from the policy checkpoint's transformer body."""
 
-    def __init__(self, cfg: TrainerConfig, model_path: str, lr: float, warmup_steps: int, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(self, cfg: TrainerConfig, model_path: str, lr: float, warmup_steps: int, total_steps: int = 0,
+                 rank: int = 0, world_size: int = 1):
         from transformers import AutoModel
 
         prepare_torch(cfg)
@@ -59,7 +59,7 @@ class CriticTrainer(RankWorker):
         enable_gradient_checkpointing(body, cfg)
         compile_blocks(list(body.layers), cfg.compile)
         model = ValueModel(body, cfg.packing, autocast_dtype(cfg, world_size))
-        super().__init__(cfg, model, list(body.layers), lr, warmup_steps, rank, world_size)
+        super().__init__(cfg, model, list(body.layers), lr, warmup_steps, rank, world_size, total_steps)
 
     @torch.no_grad()
     def values(self, batch: TokenBatch) -> torch.Tensor:

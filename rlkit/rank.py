@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Generic, Optional, TypeVar
+from typing import Generic, Optional, TypeVar
 
 import torch
 
@@ -24,9 +24,24 @@ from rlkit.packing import split_micro_batches
 log = logging.getLogger(__name__)
 
 
-def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
-    """Linear warmup to the base learning rate, then constant."""
-    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (from 0) over the base rate: linear warmup over `warmup_steps`,
+    then constant, or decaying to 0 at `total_steps`, linearly or along a half cosine (as transformers'
+    get_linear/cosine_schedule_with_warmup after warmup). Unknown `total_steps` (0): constant after warmup.
+
+    >>> [lr_factor(s, "linear", 2, 6) for s in range(6)]  # warmup 1/2, 2/2; then (6 - s) / (6 - 2)
+    [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    >>> [round(lr_factor(s, "cosine", 0, 4), 3) for s in range(4)]  # (1 + cos(pi * s / 4)) / 2
+    [1.0, 0.854, 0.5, 0.146]
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))  # 0 after warmup, 1 at the end
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def prepare_torch(cfg: TrainerConfig) -> None:
@@ -126,7 +141,7 @@ class RankWorker:
     A subclass says what its model computes for a loss on a micro-batch (`forward`)."""
 
     def __init__(self, cfg: TrainerConfig, model: torch.nn.Module, blocks: list, lr: float, warmup_steps: int,
-                 rank: int, world_size: int):
+                 rank: int, world_size: int, total_steps: int = 0):
         self.cfg, self.model, self.rank, self.world_size = cfg, model, rank, world_size
         if world_size > 1:
             shard_with_fsdp2(model, blocks, rank, world_size, cfg)
@@ -134,7 +149,8 @@ class RankWorker:
             [p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(cfg.betas),
             weight_decay=cfg.weight_decay,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(warmup_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, cfg.lr_schedule, warmup_steps, total_steps))
         self.step_count = 0
         self._compile_clock = compile_seconds()  # the step's perf/compile_seconds count from here
 
@@ -174,10 +190,11 @@ class RankWorker:
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {self.step_count}; lower the learning rate")
+        lr = self.optimizer.param_groups[0]["lr"]  # this update's (the scheduler then sets the next one's)
         self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
-        return Update(stats, grad_norm, self.scheduler.get_last_lr()[0], self._compile_seconds())
+        return Update(stats, grad_norm, lr, self._compile_seconds())
 
     def _compile_seconds(self) -> float | None:
         """trainer.compile: torch.compile time in this process since the previous update (log-prob passes' compiles

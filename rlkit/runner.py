@@ -164,7 +164,7 @@ def run(cfg: RecipeConfig) -> dict:
         for index in range(state.stage, len(cfg.stages)):
             stage, t0 = cfg.stages[index], time.perf_counter()
             trainer = None if stage.kind == "average" else cluster.trainer_group(
-                state.model_path, cfg.stage_lr(index), cfg.stage_warmup(index))
+                state.model_path, cfg.stage_lr(index), cfg.stage_warmup(index), cfg.stage_updates(index))
             stage_data = data.stages[index]
             ctx = StageContext(cfg, stage, index, state.model_path, stage_data,
                                Workers(trainer, pool, scorer, cluster, cfg.trainer), logger, data.held_out, episodes,

@@ -26,6 +26,14 @@ def _batch(cfg: "RecipeConfig", stage: "StageConfig") -> int:
     return stage.batch_size
 
 
+def _one(cfg: "RecipeConfig") -> int:
+    return 1
+
+
+def _minibatch_steps(cfg: "RecipeConfig") -> int:  # grpo, ppo
+    return cfg.algo.ppo_epochs * cfg.algo.ppo_minibatches
+
+
 @dataclass(frozen=True)
 class StageKind:
     fields: tuple[str, ...] = ()  # the StageConfig fields beyond COMMON_FIELDS that the kind reads
@@ -33,6 +41,7 @@ class StageKind:
     # never split)
     rows: Callable[["RecipeConfig", "StageConfig"], int] = _batch
     syncs_every_step: bool = False  # the engines take the weights after every step (else once, at the stage's end)
+    updates_per_step: Callable[["RecipeConfig"], int] = _one  # optimizer steps of one stage step
     check: Optional[Callable[["RecipeConfig", int], None]] = None  # the kind's own checks of stages.<i>
 
 
@@ -97,8 +106,8 @@ STAGE_KINDS = {
     "sft": StageKind(),
     "dpo": StageKind(("pairs", "rounds", "samples"), check=_check_dpo),
     "grpo": StageKind(rows=lambda cfg, stage: stage.batch_size * cfg.algo.group_size, syncs_every_step=True,
-                      check=_check_minibatches),
-    "ppo": StageKind(syncs_every_step=True, check=_check_minibatches),
+                      updates_per_step=_minibatch_steps, check=_check_minibatches),
+    "ppo": StageKind(syncs_every_step=True, updates_per_step=_minibatch_steps, check=_check_minibatches),
     "rft": StageKind(("samples", "keep"), check=_check_sampling),
     "distill": StageKind(("samples", "keep", "teacher"), check=_check_sampling),
     "average": StageKind(("source", "last", "method", "ema_decay"), check=_check_average),

@@ -181,8 +181,8 @@ class ShardedTrainer(RankWorker):
     """One rank of the policy. With world_size > 1 the model is sharded with FSDP2 (gloo on CPU, nccl on
     GPU); the caller (rlkit.cluster) starts one per rank and sets MASTER_ADDR/MASTER_PORT."""
 
-    def __init__(self, cfg: TrainerConfig, model_path: str, lr: float, warmup_steps: int, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(self, cfg: TrainerConfig, model_path: str, lr: float, warmup_steps: int, total_steps: int = 0,
+                 rank: int = 0, world_size: int = 1):
         lm = load_causal_lm(model_path, cfg)
         if cfg.lora_rank:
             lm = apply_lora(lm, cfg)
@@ -190,7 +190,7 @@ class ShardedTrainer(RankWorker):
         blocks = list(getattr(lm, lm.base_model_prefix).layers)
         compile_blocks(blocks, cfg.compile)
         model = LogprobModel(lm, cfg.packing, autocast_dtype(cfg, world_size))
-        super().__init__(cfg, model, blocks, lr, warmup_steps, rank, world_size)
+        super().__init__(cfg, model, blocks, lr, warmup_steps, rank, world_size, total_steps)
 
     # -- log-probs -------------------------------------------------------------------------------------
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:

@@ -73,7 +73,8 @@ def train(ctx: StageContext) -> None:
     cfg, stage, algo = ctx.cfg, ctx.stage, ctx.cfg.algo
     temperature = cfg.rollout.temperature
     ref = ctx.workers.cluster.reference(ctx.model_path)
-    critic = ctx.workers.cluster.critic_group(ctx.model_path, ctx.lr, ctx.warmup_steps)
+    critic = ctx.workers.cluster.critic_group(ctx.model_path, ctx.lr, ctx.warmup_steps,
+                                              ctx.cfg.stage_updates(ctx.index))
     value_loss = ValueLoss(algo.value_clip)
     sampler = BatchSampler(ctx.data.problems, stage.batch_size, ctx.seed())
     maker = ctx.experience_maker()

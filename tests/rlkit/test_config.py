@@ -70,6 +70,7 @@ def test_yaml_then_overrides_in_order(tmp_path):
         (["env.name=tools", "stages=[{kind: dpo}]"], "stages.0 would pair whole episodes for DPO"),
         (["stages=[{kind: sft}, {kind: average, source: sfft}]"],
          "stages.1.source: 'sfft' is not an earlier stage; expected one of ['01_sft']"),
+        (["trainer.lr_schedule=exp"], "trainer.lr_schedule: 'exp' is not one of constant, linear, cosine"),
         # a field the stage's kind does not read (rlkit.stage_kinds) would be silently ignored
         (["stages=[{kind: grpo, teacher: ckpt}]"],
          "stages.0.teacher: grpo stages do not read it (only distill stages do); remove it"),
@@ -160,3 +161,9 @@ def test_gspo_dr_grpo_and_dpo_length_normalisation_load():
     assert not load_recipe(None, ["algo.dpo_loss=ipo", "algo.dpo_length_normalize=false"]).algo.dpo_length_normalized
     assert not load_recipe().algo.dpo_length_normalized
     assert load_recipe(None, ["algo.dpo_length_normalize=true"]).algo.dpo_length_normalized
+
+
+def test_a_stage_schedules_its_learning_rate_over_its_optimizer_steps():
+    cfg = load_recipe(None, ["algo.ppo_epochs=2", "algo.ppo_minibatches=2",
+                             "stages=[{kind: sft, steps: 5}, {kind: grpo, steps: 5, batch_size: 4}]"])
+    assert [cfg.stage_updates(i) for i in range(2)] == [5, 20]  # GRPO: 2 epochs x 2 minibatches per step

@@ -317,3 +317,16 @@ def test_sharded_bfloat16_computes_in_bf16_and_reduces_into_float32_shards(model
     assert not torch.equal(logprobs.detach(), expected) and torch.allclose(logprobs.detach(), expected, atol=0.05)
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, name
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]),  # warmup 2 steps: (s + 1) / 2, then the base rate
+    ("linear", [0.5, 1.0, 1.0, 2 / 3, 1 / 3]),  # then (5 - s) / (5 - 2)
+    ("cosine", [0.5, 1.0, 1.0, 0.75, 0.25]),  # then (1 + cos(pi (s - 2) / 3)) / 2
+])
+def test_each_update_logs_the_learning_rate_its_schedule_gives_it(model_path, schedule, expected):
+    cfg = TrainerConfig(micro_batch_size=8, logprob_impl="torch", lr_schedule=schedule)
+    trainer = ShardedTrainer(cfg, model_path, lr=1e-3, warmup_steps=2, total_steps=5)
+    batch = random_batch()
+    lrs = [sft(trainer, batch).lr for _ in range(5)]
+    assert lrs == pytest.approx([1e-3 * f for f in expected])
