@@ -9,7 +9,8 @@ import torch
 from rlkit.attention import model_attn_implementation
 from rlkit.config import TrainerConfig
 from rlkit.packing import layout_rows
-from rlkit.rank import RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch
+from rlkit.rank import (RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch,
+                        to_device)
 from rlkit.trainer import TokenBatch
 
 
@@ -65,9 +66,9 @@ class CriticTrainer(RankWorker):
     def values(self, batch: TokenBatch) -> torch.Tensor:
         """(b, L-1) values of this rank's rows, zero off the response."""
         self.model.eval()
-        out = torch.zeros(batch.response_mask.shape)  # float32, as the head's values
+        out = torch.zeros(batch.response_mask.shape)  # float32, as the head's values, on the CPU
         for rows in self.micro_batches(batch):
-            out[rows] = self.model(batch.select(rows))
+            out[rows] = self.model(to_device(batch.select(rows), self.device)).cpu()
         return out
 
     def forward(self, loss, batch: ValueBatch) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Generic, Optional, TypeVar
 
@@ -42,6 +42,30 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> 
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def default_device() -> torch.device:
+    """Where a rank's model lives: its GPU when it has one (a Ray actor sees only the GPUs it was given), else the
+    CPU. The controller's batches and the results it gets back stay on the CPU (`to_device`, `.cpu()`)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def to_device(batch, device: torch.device):
+    """A batch dataclass with its tensors, and its nested batches' tensors, on `device` (itself when there already).
+
+    >>> from rlkit.trainer import SFTBatch, pack_sequences
+    >>> moved = to_device(SFTBatch(pack_sequences([[1]], [[2]], 0), 1.0), torch.device("meta"))
+    >>> moved.tokens.input_ids.device.type, moved.normalizer
+    ('meta', 1.0)
+    """
+    changes = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor) and value.device != device:
+            changes[f.name] = value.to(device, non_blocking=True)
+        elif is_dataclass(value):
+            changes[f.name] = to_device(value, device)
+    return replace(batch, **changes) if changes else batch
 
 
 def prepare_torch(cfg: TrainerConfig) -> None:
@@ -143,6 +167,8 @@ class RankWorker:
     def __init__(self, cfg: TrainerConfig, model: torch.nn.Module, blocks: list, lr: float, warmup_steps: int,
                  rank: int, world_size: int, total_steps: int = 0):
         self.cfg, self.model, self.rank, self.world_size = cfg, model, rank, world_size
+        self.device = default_device()
+        model.to(self.device)  # before sharding: FSDP2 shards what is on the device
         if world_size > 1:
             shard_with_fsdp2(model, blocks, rank, world_size, cfg)
         self.optimizer = torch.optim.AdamW(
@@ -182,7 +208,7 @@ class RankWorker:
         self.optimizer.zero_grad(set_to_none=True)
         stats = None
         for rows in self.micro_batches(batch.tokens, getattr(batch, "rows_per_unit", 1)):
-            mb = batch.select(rows)
+            mb = to_device(batch.select(rows), self.device)
             value, part = loss(self.forward(loss, mb), mb)
             value.backward()
             stats = part if stats is None else stats + part

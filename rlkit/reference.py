@@ -7,7 +7,7 @@ import torch
 from rlkit.attention import model_attn_implementation
 from rlkit.config import RefConfig
 from rlkit.packing import split_micro_batches
-from rlkit.rank import compile_blocks
+from rlkit.rank import compile_blocks, default_device, to_device
 from rlkit.trainer import LogprobModel, TokenBatch, batched_logprobs
 
 
@@ -33,7 +33,8 @@ class ReferenceModel:
         attn = model_attn_implementation(attn_implementation, packing)  # packed rows: per-row sdpa
         lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=reference_dtype(cfg), attn_implementation=attn)
         compile_blocks(list(getattr(lm, lm.base_model_prefix).layers), compile)
-        self.model = LogprobModel(lm, packing).eval()
+        self.device = default_device()
+        self.model = LogprobModel(lm, packing).to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -41,4 +42,5 @@ class ReferenceModel:
         """(B, L-1) reference log-probs of the response tokens (zero elsewhere)."""
         lengths = batch.attention_mask.sum(-1).tolist()
         plan = split_micro_batches(lengths, self.micro_batch_size, self.micro_batch_tokens)
-        return batched_logprobs(self.model, batch, [torch.tensor(rows) for rows in plan], temperature, self.impl)
+        return batched_logprobs(self.model, to_device(batch, self.device), [torch.tensor(rows) for rows in plan],
+                                temperature, self.impl).cpu()  # (B, L-1) on the CPU, for the controller

@@ -24,7 +24,8 @@ from rlkit.config import TrainerConfig
 from rlkit.lora import apply_lora, merge_lora_state_dict, peft_adapter_tensors
 from rlkit.losses import Forward
 from rlkit.packing import layout_rows
-from rlkit.rank import RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch
+from rlkit.rank import (RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch,
+                        to_device)
 
 __all__ = ["RankWorker", "prepare_torch"]  # re-exported: the rank machinery lives in rlkit.rank
 
@@ -196,7 +197,9 @@ class ShardedTrainer(RankWorker):
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
         """(b, L-1) log-probs of this rank's rows without gradients."""
         self.model.eval()
-        return batched_logprobs(self.model, batch, self.micro_batches(batch), temperature, self.cfg.logprob_impl)
+        plan = self.micro_batches(batch)
+        return batched_logprobs(self.model, to_device(batch, self.device), plan, temperature,
+                                self.cfg.logprob_impl).cpu()
 
     def forward(self, loss, batch) -> Forward:
         """A micro-batch's log-probs (and entropy, when `loss` needs it) at the loss's temperature, for `step`."""
@@ -208,7 +211,7 @@ class ShardedTrainer(RankWorker):
         """The unsharded weights on CPU under the model's own names, LoRA merged, or with `merged=False` the
         frozen base alone (every rank must call it)."""
         if self.world_size == 1:
-            state = {k: v.detach() for k, v in self.model.lm.state_dict().items()}
+            state = {k: v.detach().cpu() for k, v in self.model.lm.state_dict().items()}
         else:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
