@@ -2,6 +2,7 @@
 (and with `--compile`, trainer.compile), one run, ratios against the padded update.
 
     python bench/lengths.py [--prompts 8] [--group 8] [--micro-batch 64] [--budget 4096] [--repeats 3] [--compile]
+                            [--device cpu|cuda]
 
 Lengths: a byte-level BPE (vocabulary 2048) is trained at run time on the shipped GSM8K file
 (data/gsm8k_test.jsonl). A step batch is `--prompts` questions, each with `--group` completions whose lengths are
@@ -23,7 +24,8 @@ Model: a randomly initialised Llama (`--hidden`, `--layers`), float32. Each conf
 tokens/s counts real (prompt + completion) tokens per second of update, median. Memory: peak resident memory
 during the timed updates minus the resident memory just before them (Linux: VmHWM reset via /proc/self/clear_refs;
 glibc's mmap threshold pinned at 64 KiB so a freed tensor leaves the resident set): the update's activations,
-gradients and temporaries; weights and optimizer state are resident before. Only ratios from one run compare: this
+gradients and temporaries; weights and optimizer state are resident before. `--device cuda` runs the trainer on the
+GPU (the Triton log-prob kernel) and takes the CUDA allocator's peak above what it held before the timed updates. Only ratios from one run compare: this
 machine's speed varies with its load. `--interleave` times every configuration in one process, their updates in
 turn round after round, so a change of load falls on all alike (no memory column then).
 """
@@ -137,7 +139,8 @@ def make_trainer(fields: dict, model: str):
 
     fields = dict(fields)
     dense = fields.pop("dense_mask", False)
-    trainer = ShardedTrainer(TrainerConfig(**fields, logprob_impl="torch"), model, lr=1e-6, warmup_steps=1)
+    impl = "auto" if device() == "cuda" else "torch"  # the Triton kernel on CUDA, the chunked one on CPU
+    trainer = ShardedTrainer(TrainerConfig(**fields, logprob_impl=impl), model, lr=1e-6, warmup_steps=1)
     if dense:  # the same packed rows through transformers' sdpa, over its dense (T, T) block-diagonal mask
         trainer.model.lm.set_attn_implementation("sdpa")
     return trainer
@@ -159,21 +162,42 @@ def run_interleaved(job: dict) -> list[dict]:
              "computed": computed_tokens(tr, batch)} for tr, t in zip(trainers, times)]
 
 
+def device() -> str:
+    """Where the trainer runs: "cuda" when the parent's --device cuda left a GPU visible (the trainer takes it)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def timed_step(trainer, batch) -> float:
+    import torch
+
+    t0 = time.perf_counter()
+    trainer.step(grpo_loss(), batch)  # returns floats, so the GPU has finished by then; synchronize anyway
+    if device() == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def run_one(job: dict) -> dict:
+    """One configuration: a warm-up update, then `repeats` timed ones. Peak memory: the resident set's on CPU,
+    the CUDA allocator's on a GPU, each above what was held before the timed updates."""
+    import torch
+
     batch, trainer = policy_batch(job["lengths"]), make_trainer(job["trainer"], job["model"])
     tokens = batch.tokens
-    t0 = time.perf_counter()
-    trainer.step(grpo_loss(), batch)  # warm-up: optimizer state allocated, and trainer.compile's compile paid
-    first = time.perf_counter() - t0
+    first = timed_step(trainer, batch)  # warm-up: optimizer state allocated, and trainer.compile's compile paid
     trainer.optimizer.zero_grad(set_to_none=True)
-    before = rss_mb("VmRSS")
-    peak_rss_reset()
-    times = []
-    for _ in range(job["repeats"]):
-        t0 = time.perf_counter()
-        trainer.step(grpo_loss(), batch)
-        times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "first": first, "peak_mb": rss_mb("VmHWM") - before,
+    cuda = device() == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        before = rss_mb("VmRSS")
+        peak_rss_reset()
+    times = [timed_step(trainer, batch) for _ in range(job["repeats"])]
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb("VmHWM")
+    return {"seconds": statistics.median(times), "first": first, "peak_mb": peak - before,
             "micro_batches": len(trainer.micro_batches(batch.tokens)), "tokens": int(tokens.attention_mask.sum()),
             "computed": computed_tokens(trainer, batch)}
 
@@ -189,6 +213,8 @@ def computed_tokens(trainer, batch) -> int:
 
 def spawn(job: dict) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # a pinned threshold: freed tensors leave the RSS
+    if job["device"] == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the trainer takes a GPU whenever it sees one
     proc = subprocess.run([sys.executable, __file__, "--job", json.dumps(job)], capture_output=True, text=True,
                           env=env, cwd=REPO)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -210,12 +236,19 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="which of them, comma-separated (padded first)")
     parser.add_argument("--interleave", action="store_true",
                         help="time all configurations in one process, in turn (no memory column)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the trainer on the GPU (Triton log-prob kernel; peak memory from the CUDA allocator)")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
         job = json.loads(args.job)
         print("RESULT", json.dumps(run_interleaved(job) if "variants" in job else run_one(job)), flush=True)
         return
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible")
     questions, answers = gsm8k_lengths()
     lengths = step_lengths(questions, answers, args.prompts, args.group)
     rows = [p + c for p, c in lengths]
@@ -224,7 +257,7 @@ def main() -> None:
           f"median {statistics.median(answers)}; step batch {args.prompts} x {args.group} rows of {min(rows)}-"
           f"{max(rows)} tokens (mean {statistics.mean(rows):.0f}); micro-batch {args.micro_batch} rows, token "
           f"budget {budget}; Llama {args.hidden} wide x {args.layers} layers, float32, sdpa, "
-          f"{os.cpu_count()} CPUs; median of {args.repeats} updates")
+          f"{'CUDA' if args.device == 'cuda' else f'{os.cpu_count()} CPUs'}; median of {args.repeats} updates")
     names = args.configs.split(",")
     variants = [(name, CONFIGS[name], ckpt, False) for ckpt in (False, True) for name in names]
     if args.compile:
@@ -234,7 +267,7 @@ def main() -> None:
         trainers = [{k: budget if v == "budget" else v for k, v in fields.items()}
                     | {"micro_batch_size": args.micro_batch, "gradient_checkpointing": ckpt, "compile": comp}
                     for _, fields, ckpt, comp in variants]
-        base = {"lengths": lengths, "model": model, "repeats": args.repeats}
+        base = {"lengths": lengths, "model": model, "repeats": args.repeats, "device": args.device}
         if args.interleave:
             out = spawn(base | {"variants": trainers, "trainer": "all"})
         else:
