@@ -32,9 +32,10 @@ float32 there).
 bfloat16), the same GRPO settings otherwise. `--lengths gsm8k` swaps the arithmetic prompts for GSM8K questions
 (data/gsm8k_test.jsonl) under a byte-level BPE (vocabulary 2048) trained on that file at run time, the model
 built with that tokenizer (same shape), up to `--new-tokens` (default 256) completion tokens, and rlkit bins each
-update's rows by length (`trainer.micro_batch_tokens` GSM8K_BUDGET; packing stays off, as in the run the README
-reports; since rlkit.attention, trainer.packing would cut the update further, bench/lengths.py). TRL's GRPOTrainer has no padding-free option (GRPOConfig has no `padding_free`
-in TRL 1.16, only its SFT and DPO configs do), so it runs padded. The random model seldom samples its end token,
+update's rows by length and packs them (`trainer.micro_batch_tokens` GSM8K_BUDGET, `trainer.packing`: each
+micro-batch's rows as one sequence, attention row by row, rlkit.attention; bench/lengths.py). TRL's GRPOTrainer has
+no padding-free option (GRPOConfig has no `padding_free` in TRL 1.16, only its SFT and DPO configs do), so it runs
+padded. The random model seldom samples its end token,
 so completions run to the limit on both sides: the length mix is in the prompts (`len` shows it).
 """
 
@@ -106,9 +107,9 @@ def rlkit_overrides(s: Setup, run_dir: Path, rollout_dtype: str, steps: int) -> 
     ]
     if s.chat or s.bf16:
         out += ["trainer.dtype=bfloat16", "ref.dtype=bfloat16"]
-    if s.gsm8k:  # rows binned by length: less padding per micro-batch (bench/lengths.py)
+    if s.gsm8k:  # rows binned by length and packed: no compute on padding (bench/lengths.py)
         out += [f"data.source={s.gsm8k}", "data.num_train=1200", "data.chat_template=none",
-                f"trainer.micro_batch_tokens={GSM8K_BUDGET}"]
+                f"trainer.micro_batch_tokens={GSM8K_BUDGET}", "trainer.packing=true"]
     elif s.chat:  # a JSON string is a YAML double-quoted one: the template's newline survives the override parser
         out += [f"data.tasks=[{','.join(s.data['tasks'])}]", f"data.prompt_template={json.dumps(PROMPT_TEMPLATE)}"]
     return out
@@ -290,7 +291,7 @@ def report(s: Setup, warmup: int, rollout_dtype: str, ours: dict, theirs: dict, 
     print(f"GRPO, {s.prompts} prompts x {s.group} samples, <= {s.new_tokens} new tokens, model {model}, "
           f"rlkit rollout.dtype={rollout_dtype}")
     if s.gsm8k:
-        print(f"GSM8K questions (byte-level BPE trained here); rlkit trainer.micro_batch_tokens={GSM8K_BUDGET}; "
+        print(f"GSM8K questions (byte-level BPE trained here); rlkit trainer.micro_batch_tokens={GSM8K_BUDGET}, packed; "
               "TRL padded (GRPOTrainer has no padding-free option)")
     if s.chat or s.bf16:
         print(f"rlkit trainer.dtype=bfloat16 (float32 master weights), ref.dtype=bfloat16; TRL {theirs['precision']}")
