@@ -69,47 +69,66 @@ def _check_dpo(cfg: "RecipeConfig", i: int) -> None:
                           "it in a recipe without env")
 
 
-def _check_sampling(cfg: "RecipeConfig", i: int) -> None:  # rft, distill
-    stage = cfg.stages[i]
-    one_of(f"stages.{i}.keep", stage.keep, ("best", "all"))
-    if stage.kind == "distill":
-        teacher = Path(stage.teacher)
-        if not stage.teacher or not (teacher / "config.json").is_file():
-            raise RecipeError(f"stages.{i}.teacher: '{stage.teacher}' is not a Hugging Face checkpoint folder "
-                              "(config.json, weights, tokenizer); give the teacher model's local path")
+def _check_sampling(cfg: "RecipeConfig", i: int) -> None:  # rft (and distill)
+    one_of(f"stages.{i}.keep", cfg.stages[i].keep, ("best", "all"))
 
 
-def _check_minibatches(cfg: "RecipeConfig", i: int) -> None:  # grpo, ppo
+def _check_distill(cfg: "RecipeConfig", i: int) -> None:
+    _check_sampling(cfg, i)
+    teacher = cfg.stages[i].teacher
+    if not teacher or not (Path(teacher) / "config.json").is_file():
+        raise RecipeError(f"stages.{i}.teacher: '{teacher}' is not a Hugging Face checkpoint folder "
+                          "(config.json, weights, tokenizer); give the teacher model's local path")
+
+
+def _check_minibatches(cfg: "RecipeConfig", i: int) -> None:  # ppo (and grpo)
     rows = STAGE_KINDS[cfg.stages[i].kind].rows(cfg, cfg.stages[i])
     ranks, minibatches = cfg.cluster.trainer_ranks, cfg.algo.ppo_minibatches
-    if cfg.stages[i].kind == "grpo" and cfg.algo.group_size < 2:
-        raise RecipeError(f"algo.group_size: GRPO needs at least 2 samples per prompt, got {cfg.algo.group_size}")
     if rows % (minibatches * ranks):
         raise RecipeError(f"algo.ppo_minibatches: {rows} rows per step of stages.{i} do not split into {minibatches} "
                           f"minibatches x cluster.trainer_ranks={ranks}; choose a divisor of the rows")
 
 
+def _check_grpo(cfg: "RecipeConfig", i: int) -> None:
+    if cfg.algo.group_size < 2:
+        raise RecipeError(f"algo.group_size: GRPO needs at least 2 samples per prompt, got {cfg.algo.group_size}")
+    _check_minibatches(cfg, i)
+
+
+def average_source(stages: list["StageConfig"], i: int) -> str | None:
+    """The checkpoint folder average stage `i` averages: the earlier stage its `source` names (by name or
+    checkpoint folder), else the previous stage's; None when there is no such stage."""
+    earlier = [(checkpoint_name(s, j), s.name) for j, s in enumerate(stages[:i])]
+    source = stages[i].source
+    if not source:
+        return earlier[-1][0] if earlier else None
+    return next((folder for folder, name in earlier if source in (folder, name)), None)
+
+
+def unknown_source_error(stages: list["StageConfig"], i: int) -> RecipeError:
+    earlier = [checkpoint_name(s, j) for j, s in enumerate(stages[:i])]
+    return RecipeError(f"stages.{i}.source: '{stages[i].source}' is not an earlier stage; expected one of {earlier}")
+
+
 def _check_average(cfg: "RecipeConfig", i: int) -> None:
-    """The source names an earlier stage (its name or checkpoint folder); without one, the previous stage."""
     stage = cfg.stages[i]
     one_of(f"stages.{i}.method", stage.method, ("uniform", "ema"))
     if not 0.0 < stage.ema_decay < 1.0:
         raise RecipeError(f"stages.{i}.ema_decay: must be in (0, 1), got {stage.ema_decay}")
     if i == 0 and not stage.source:
         raise RecipeError(f"stages.{i}: an average stage needs an earlier stage (with save_every) to average")
-    earlier = [checkpoint_name(s, j) for j, s in enumerate(cfg.stages[:i])]
-    if stage.source and stage.source not in earlier + [s.name for s in cfg.stages[:i] if s.name]:
-        raise RecipeError(f"stages.{i}.source: '{stage.source}' is not an earlier stage; expected one of {earlier}")
+    if average_source(cfg.stages, i) is None:
+        raise unknown_source_error(cfg.stages, i)
 
 
 STAGE_KINDS = {
     "sft": StageKind(),
     "dpo": StageKind(("pairs", "rounds", "samples"), check=_check_dpo),
     "grpo": StageKind(rows=lambda cfg, stage: stage.batch_size * cfg.algo.group_size, syncs_every_step=True,
-                      updates_per_step=_minibatch_steps, check=_check_minibatches),
+                      updates_per_step=_minibatch_steps, check=_check_grpo),
     "ppo": StageKind(syncs_every_step=True, updates_per_step=_minibatch_steps, check=_check_minibatches),
     "rft": StageKind(("samples", "keep"), check=_check_sampling),
-    "distill": StageKind(("samples", "keep", "teacher"), check=_check_sampling),
+    "distill": StageKind(("samples", "keep", "teacher"), check=_check_distill),
     "average": StageKind(("source", "last", "method", "ema_decay"), check=_check_average),
 }
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from rlkit.algorithms.common import StageContext, checkpoint_name
+from rlkit.algorithms.common import StageContext
 from rlkit.config import RecipeError
+from rlkit.stage_kinds import average_source, unknown_source_error
 
 
 def mixing_weights(n: int, method: str, decay: float) -> list[float]:
@@ -40,15 +41,12 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]], weights: list[flo
 
 def source_checkpoints(ctx: StageContext) -> list[Path]:
     """The source stage's snapshots then its final checkpoint, oldest first."""
-    names = [checkpoint_name(s, i) for i, s in enumerate(ctx.cfg.stages[: ctx.index])]
-    given = {checkpoint_name(s, i): s.name for i, s in enumerate(ctx.cfg.stages[: ctx.index])}
-    source = ctx.stage.source or names[-1]
-    match = [n for n in names if source in (n, given[n])]
-    if not match:
-        raise RecipeError(f"stages.{ctx.index}.source: '{source}' is not an earlier stage; expected one of {names}")
+    folder = average_source(ctx.cfg.stages, ctx.index)  # validated when the recipe loaded
+    if folder is None:
+        raise unknown_source_error(ctx.cfg.stages, ctx.index)
     root = ctx.logger.run_dir / "checkpoints"
-    snapshots = sorted((root / f"{match[0]}.snapshots").glob("step_*"))
-    return [p for p in snapshots if (p / "model.safetensors").exists()] + [root / match[0]]
+    snapshots = sorted((root / f"{folder}.snapshots").glob("step_*"))
+    return [p for p in snapshots if (p / "model.safetensors").exists()] + [root / folder]
 
 
 def run(ctx: StageContext, recipe_yaml: str) -> str:
