@@ -1,11 +1,13 @@
 """Benchmark fused_logprobs (forward + backward) against naive log_softmax and a bare-GEMM floor.
 
     python bench/kernels.py               # CUDA: N=16384 tokens, (H, V) in {(896, 151936), (3584, 152064)}, bf16
+    python bench/kernels.py --cpu         # CPU: N=2048, (H, V) in {(256, 2048), (576, 49152), (896, 151936)}, float32
     python bench/kernels.py --cpu-smoke   # tiny float32 shapes on CPU, to check the script runs
 
 Rows: naive = log_softmax((h @ W.T).float()).gather (log-probs only, full (N, V) logits); torch / triton =
 fused_logprobs(..., return_entropy=True, impl=...) with a loss on log-probs *and* entropy; gemm floor = the
-three bare GEMMs any method needs (h @ W.T, dlogits @ W, dlogits.T @ h) and nothing else. "extra" is the peak
+three bare GEMMs any method needs (h @ W.T, dlogits @ W, dlogits.T @ h) and nothing else; "bytes" (--cpu) = the
+torch path with chunks of CHUNK_BYTES of logits whatever their row count, as before kernels.logprobs.CHUNK_ROWS. "extra" is the peak
 allocated memory during forward + backward above the inputs, not counting the gradients returned. Errors are
 max |log p - reference| and max |entropy - reference| against float64 over the same (rounded) inputs.
 """
@@ -22,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from kernels import fused_logprobs  # noqa: E402
+from kernels.logprobs import CHUNK_BYTES  # noqa: E402
 
 TARGET_MS = {896: 30.0, 3584: 110.0}  # triton path, H100, forward + backward at N = 16384
 TARGET_EXTRA_GIB = 0.5
@@ -35,6 +38,12 @@ def naive(h, w, t):
 
 def fused(impl):
     return lambda h, w, t: fused_logprobs(h, w, t, return_entropy=True, impl=impl)
+
+
+def bytes_chunks(h, w, t):
+    """The torch path chunked by CHUNK_BYTES of float32 logits alone (its default before CHUNK_ROWS)."""
+    rows = max(1, CHUNK_BYTES // (4 * w.shape[0]))
+    return fused_logprobs(h, w, t, return_entropy=True, impl="torch", chunk_size=rows)
 
 
 def gemm_floor(h, w, t):
@@ -150,6 +159,7 @@ def check_targets(hdim, rows):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="float32 on CPU, the torch path's chunking against bytes")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny float32 shapes on CPU")
     parser.add_argument("--tokens", type=int, default=None, help="N (default 16384, or 256 with --cpu-smoke)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (median reported)")
@@ -163,6 +173,10 @@ def main() -> None:
 
         if interpreting():  # the Triton kernels on CPU, through the interpreter (slow, smoke only)
             impls.insert(2, ("triton", fused("triton")))
+    elif args.cpu:
+        device, dtype, shapes = torch.device("cpu"), torch.float32, [(256, 2048), (576, 49152), (896, 151936)]
+        n, reps = args.tokens or 2048, args.reps or 3
+        impls = [("naive", naive), ("bytes", bytes_chunks), ("torch", fused("torch")), ("gemm", gemm_floor)]
     else:
         if not torch.cuda.is_available():
             sys.exit("bench/kernels.py needs a CUDA GPU; use --cpu-smoke to check it runs")
