@@ -21,11 +21,14 @@ Model: a randomly initialised Llama (`--hidden`, `--layers`), float32. Each conf
 - "(dense mask)": the same packed rows through transformers' own sdpa, which attends over a dense (T, T)
   block-diagonal mask of the micro-batch's T tokens (what trainer.packing ran before rlkit.attention): the baseline
   of the per-row attention, same run.
-tokens/s counts real (prompt + completion) tokens per second of update, median. Memory: peak resident memory
-during the timed updates minus the resident memory just before them (Linux: VmHWM reset via /proc/self/clear_refs;
+tokens/s counts real (prompt + completion) tokens per second of update, median, under glibc's default allocator
+(as a trainer runs). Memory is measured in a second process per configuration: the peak resident memory of one
+update after the warm-up minus the resident memory just before it (Linux: VmHWM reset via /proc/self/clear_refs;
 glibc's mmap threshold pinned at 64 KiB so a freed tensor leaves the resident set): the update's activations,
-gradients and temporaries; weights and optimizer state are resident before. `--device cuda` runs the trainer on the
-GPU (the Triton log-prob kernel) and takes the CUDA allocator's peak above what it held before the timed updates. Only ratios from one run compare: this
+gradients and temporaries; weights and optimizer state are resident before. The pinned threshold costs a page fault
+per page of every large allocation (1.25-1.7x the update's time here, more for some layouts than others), so no
+update is timed under it. `--device cuda` runs the trainer on the GPU (the Triton log-prob kernel) and takes the CUDA
+allocator's peak above what it held before that update. Only ratios from one run compare: this
 machine's speed varies with its load. `--interleave` times every configuration in one process, their updates in
 turn round after round, so a change of load falls on all alike (no memory column then).
 """
@@ -180,13 +183,18 @@ def timed_step(trainer, batch) -> float:
 
 
 def run_one(job: dict) -> dict:
-    """One configuration: a warm-up update, then `repeats` timed ones. Peak memory: the resident set's on CPU,
-    the CUDA allocator's on a GPU, each above what was held before the timed updates."""
+    """One configuration: a warm-up update, then `repeats` timed ones; or with job["memory"], one measured update
+    after the warm-up. Peak memory: the resident set's on CPU, the CUDA allocator's on a GPU, each above what was
+    held before that update."""
     import torch
 
     batch, trainer = policy_batch(job["lengths"]), make_trainer(job["trainer"], job["model"])
-    tokens = batch.tokens
     first = timed_step(trainer, batch)  # warm-up: optimizer state allocated, and trainer.compile's compile paid
+    if not job.get("memory"):
+        times = [timed_step(trainer, batch) for _ in range(job["repeats"])]
+        return {"seconds": statistics.median(times), "first": first,
+                "micro_batches": len(trainer.micro_batches(batch.tokens)),
+                "tokens": int(batch.tokens.attention_mask.sum()), "computed": computed_tokens(trainer, batch)}
     trainer.optimizer.zero_grad(set_to_none=True)
     cuda = device() == "cuda"
     if cuda:
@@ -195,11 +203,8 @@ def run_one(job: dict) -> dict:
     else:
         before = rss_mb("VmRSS")
         peak_rss_reset()
-    times = [timed_step(trainer, batch) for _ in range(job["repeats"])]
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb("VmHWM")
-    return {"seconds": statistics.median(times), "first": first, "peak_mb": peak - before,
-            "micro_batches": len(trainer.micro_batches(batch.tokens)), "tokens": int(tokens.attention_mask.sum()),
-            "computed": computed_tokens(trainer, batch)}
+    timed_step(trainer, batch)
+    return {"peak_mb": (torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb("VmHWM")) - before}
 
 
 def computed_tokens(trainer, batch) -> int:
@@ -212,7 +217,9 @@ def computed_tokens(trainer, batch) -> int:
 
 
 def spawn(job: dict) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # a pinned threshold: freed tensors leave the RSS
+    env = dict(os.environ)
+    if job.get("memory"):
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # a pinned threshold: freed tensors leave the resident set
     if job["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the trainer takes a GPU whenever it sees one
     proc = subprocess.run([sys.executable, __file__, "--job", json.dumps(job)], capture_output=True, text=True,
@@ -271,7 +278,7 @@ def main() -> None:
         if args.interleave:
             out = spawn(base | {"variants": trainers, "trainer": "all"})
         else:
-            out = [spawn(base | {"trainer": t}) for t in trainers]
+            out = [spawn(base | {"trainer": t}) | spawn(base | {"trainer": t, "memory": True}) for t in trainers]
         results = [(name, ckpt, comp, r) for (name, _, ckpt, comp), r in zip(variants, out)]
     report(results)
 
