@@ -9,8 +9,10 @@ function cuts query, key and value at the row boundaries and runs causal SDPA on
 flash-attention path runs varlen on the same position_ids. A padded forward (a 2D attention_mask), a batch of more
 than one row or a forward with a KV cache goes to transformers' sdpa unchanged, so one model serves both layouts.
 
-`model_attn_implementation(trainer.attn_implementation, trainer.packing)` is the name every loader passes to
+`model_attn_implementation(trainer.attn_implementation, trainer.packing, dtype)` is the name every loader passes to
 from_pretrained (policy, critic, reference). flash_attention_2 is varlen already and eager keeps its dense mask.
+"auto", the default, is the fastest that runs: flash_attention_2 on a CUDA device with flash-attn installed and
+half-precision compute, else sdpa.
 """
 
 from __future__ import annotations
@@ -21,16 +23,31 @@ import torch.nn.functional as F
 VARLEN_SDPA = "rlkit_varlen_sdpa"
 
 
-def model_attn_implementation(attn_implementation: str, packing: bool) -> str:
-    """The attn_implementation to load a model with: the per-row sdpa when rows are packed under sdpa, else as set.
+def model_attn_implementation(attn_implementation: str, packing: bool, dtype: torch.dtype = torch.float32) -> str:
+    """The attn_implementation to load a model with, whose forward computes in `dtype`: "auto" resolved
+    (`flash_attention_runs`), and the per-row sdpa when rows are packed under sdpa.
 
     >>> model_attn_implementation("sdpa", packing=True), model_attn_implementation("sdpa", packing=False)
     ('rlkit_varlen_sdpa', 'sdpa')
+    >>> model_attn_implementation("auto", packing=False, dtype=torch.float32)  # flash-attn takes half precision only
+    'sdpa'
     """
+    if attn_implementation == "auto":
+        attn_implementation = "flash_attention_2" if flash_attention_runs(dtype) else "sdpa"
     if packing and attn_implementation == "sdpa":
         register_varlen_sdpa()
         return VARLEN_SDPA
     return attn_implementation
+
+
+def flash_attention_runs(dtype: torch.dtype) -> bool:
+    """Whether flash-attention 2 can run a forward computing in `dtype`: half precision (flash-attn has no float32
+    kernels), and flash-attn >= 2.3.3 installed beside a CUDA device (transformers' own check)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
 
 
 def register_varlen_sdpa() -> None:

@@ -171,8 +171,9 @@ class TrainerConfig:
     # flash_attention_2; eager gets a dense (T, T) mask over the micro-batch's T tokens, so its attention grows with
     # T squared (bench/lengths.py, bench/packing.py). False right-pads each micro-batch to its longest row
     packing: bool = False
-    # "sdpa", "eager" or "flash_attention_2" (needs flash-attn and the model on CUDA; packed rows then run varlen)
-    attn_implementation: str = "sdpa"
+    # "auto", "sdpa", "eager" or "flash_attention_2" (needs flash-attn, the model on CUDA and bf16/fp16 compute;
+    # packed rows then run varlen). "auto": flash_attention_2 where it runs, else sdpa (rlkit.attention)
+    attn_implementation: str = "auto"
     # recompute each transformer block in the backward (non-reentrant) instead of keeping its activations:
     # about a third more compute for activation memory of one block; policy and critic, with or without LoRA
     gradient_checkpointing: bool = False
@@ -544,7 +545,8 @@ def validate(cfg: RecipeConfig) -> None:
         raise RecipeError(f"algo.resample_rounds: must be >= 1, got {cfg.algo.resample_rounds}")
     _one_of("algo.dpo_loss", cfg.algo.dpo_loss, ("sigmoid", "ipo"))
     _one_of("trainer.dtype", cfg.trainer.dtype, ("float32", "bfloat16", "float64"))
-    _one_of("trainer.attn_implementation", cfg.trainer.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+    _one_of("trainer.attn_implementation", cfg.trainer.attn_implementation,
+            ("auto", "sdpa", "eager", "flash_attention_2"))
     _one_of("ref.dtype", cfg.ref.dtype, ("auto", "float32", "bfloat16", "float64"))
     _one_of("trainer.lora_sync", cfg.trainer.lora_sync, ("merged", "adapter"))
     _one_of("trainer.lr_schedule", cfg.trainer.lr_schedule, ("constant", "linear", "cosine"))

@@ -55,7 +55,7 @@ class CriticTrainer(RankWorker):
         from transformers import AutoModel
 
         prepare_torch(cfg)
-        attn = model_attn_implementation(cfg.attn_implementation, cfg.packing)  # packed rows: per-row sdpa
+        attn = model_attn_implementation(cfg.attn_implementation, cfg.packing, getattr(torch, cfg.dtype))
         body = AutoModel.from_pretrained(model_path, dtype=getattr(torch, cfg.param_dtype), attn_implementation=attn)
         enable_gradient_checkpointing(body, cfg)
         compile_blocks(list(body.layers), cfg.compile)

@@ -24,14 +24,15 @@ class ReferenceModel:
     so does `compile` (trainer.compile: its blocks' forward through torch.compile)."""
 
     def __init__(self, cfg: RefConfig, model_path: str, micro_batch_size: int = 64, impl: str = "auto",
-                 micro_batch_tokens: int = 0, packing: bool = False, attn_implementation: str = "sdpa",
+                 micro_batch_tokens: int = 0, packing: bool = False, attn_implementation: str = "auto",
                  compile: bool = False):
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.impl = cfg, impl
         self.micro_batch_size, self.micro_batch_tokens = micro_batch_size, micro_batch_tokens
-        attn = model_attn_implementation(attn_implementation, packing)  # packed rows: per-row sdpa
-        lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=reference_dtype(cfg), attn_implementation=attn)
+        dtype = reference_dtype(cfg)
+        attn = model_attn_implementation(attn_implementation, packing, dtype)
+        lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
         compile_blocks(list(getattr(lm, lm.base_model_prefix).layers), compile)
         self.device = default_device()
         self.model = LogprobModel(lm, packing).to(self.device).eval()

@@ -173,7 +173,7 @@ def load_causal_lm(model_path: str, cfg: TrainerConfig) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     prepare_torch(cfg)
-    attn = model_attn_implementation(cfg.attn_implementation, cfg.packing)  # packed rows: per-row sdpa
+    attn = model_attn_implementation(cfg.attn_implementation, cfg.packing, getattr(torch, cfg.dtype))
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.param_dtype),
                                                 attn_implementation=attn)
 

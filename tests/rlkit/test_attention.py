@@ -112,3 +112,13 @@ def test_loaders_pick_per_row_sdpa_for_packed_rows_only(model_path):
         lm = load_causal_lm(model_path, TrainerConfig(packing=packing))
         ref = ReferenceModel(RefConfig(), model_path, packing=packing)
         assert lm.config._attn_implementation == ref.model.lm.config._attn_implementation == name
+
+
+def test_auto_takes_flash_attention_where_it_runs(monkeypatch):
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)  # as on CUDA with flash-attn
+    assert model_attn_implementation("auto", True, torch.bfloat16) == "flash_attention_2"
+    assert model_attn_implementation("auto", True, torch.float32) == VARLEN_SDPA  # flash-attn has no float32 kernels
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    assert model_attn_implementation("auto", False, torch.bfloat16) == "sdpa"

@@ -50,7 +50,7 @@ def test_yaml_then_overrides_in_order(tmp_path):
         (["rollout.dtype=fp8"], "rollout.dtype: 'fp8' is not one of auto, float32, bfloat16, float16"),
         (["trainer.lora_sync=adapters"], "trainer.lora_sync: 'adapters' is not one of merged, adapter"),
         (["trainer.micro_batch_tokens=-1"], "trainer.micro_batch_tokens: must be >= 0, got -1"),
-        (["trainer.attn_implementation=flash"], "trainer.attn_implementation: 'flash' is not one of sdpa, eager"),
+        (["trainer.attn_implementation=flash"], "trainer.attn_implementation: 'flash' is not one of auto, sdpa, eager"),
         (["ref.dtype=fp8"], "ref.dtype: 'fp8' is not one of auto, float32, bfloat16, float64"),
         (["trainer.lora_sync=adapter"], "trainer.lora_sync: 'adapter' needs trainer.lora_rank between 1 and 512"),
         # algorithm mixes that are not their paper's
