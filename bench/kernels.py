@@ -9,8 +9,8 @@ fused_logprobs(..., return_entropy=True, impl=...) with a loss on log-probs *and
 three bare GEMMs any method needs (h @ W.T, dlogits @ W, dlogits.T @ h) and nothing else; "bytes" (--cpu) = the
 torch path with chunks of CHUNK_BYTES of logits whatever their row count (as before kernels.logprobs.CHUNK_ROWS).
 "extra" is the peak allocated memory during forward + backward above the inputs, not counting the gradients
-returned. Errors are
-max |log p - reference| and max |entropy - reference| against float64 over the same (rounded) inputs.
+returned. Errors are max |log p - reference| and max |entropy - reference| against float64 over the same (rounded)
+inputs.
 """
 
 from __future__ import annotations
