@@ -16,13 +16,13 @@ own sample instead of n copies), and the environments step in a thread pool. The
 from __future__ import annotations
 
 import concurrent.futures
-import importlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 from envs.base import Environment, Message, StepResult
 from envs.tools import ToolEnv, build_tools
+from rewards.registry import RewardConfigError, load_class
 from rlkit.config import EnvConfig, RecipeError
 
 ENV_THREADS = 8  # environments stepping at once (a python tool call is a sandboxed process)
@@ -217,10 +217,9 @@ def make_env_factory(cfg: EnvConfig) -> Callable[[], Environment] | None:
         except TypeError as e:
             raise RecipeError(f"env.kwargs / env.tool_options: {e}") from e
         return lambda: env
-    module_name, _, attr = cfg.import_path.partition(":")
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise RecipeError(f"env.import_path: cannot load '{cfg.import_path}': {e}") from e
+        cls = load_class(cfg.import_path, "env.import_path")  # the loader user rewards go through
+    except RewardConfigError as e:
+        raise RecipeError(str(e)) from e
     kwargs = dict(cfg.kwargs)
     return lambda: cls(**kwargs)

@@ -9,9 +9,9 @@ import pytest
 from envs.base import Environment, StepResult
 from envs.tools import Calculator, ToolEnv, format_tool_call
 from rlkit.chat import Renderer
-from rlkit.config import DataConfig
+from rlkit.config import DataConfig, EnvConfig, RecipeError
 from rlkit.data import Problem, tool_trace
-from rlkit.episodes import episode_metrics, run_episodes
+from rlkit.episodes import episode_metrics, make_env_factory, run_episodes
 from rlkit.modeling import build_char_tokenizer
 from tests.chat_model import build_tokenizer
 
@@ -166,6 +166,15 @@ def test_an_environment_may_open_the_episode_and_add_reward_parts():
     [[ep]] = run_episodes(pool, renderer, Opener, [problem], 1, 1.0, 0, max_turns=3, max_episode_tokens=40)
     assert ep.prompt_ids == tuple([tok.bos_token_id] + tok("Q: 37*58=", add_special_tokens=False).input_ids)
     assert ep.transcript == "no</s>\nsure?\nyes</s>" and ep.reward_parts == {"nudge": 1.0} and ep.finished
+
+
+def test_env_import_path_loads_the_class_or_names_the_field():
+    factory = make_env_factory(EnvConfig(import_path="tests.rlkit.test_episodes:Opener"))
+    assert isinstance(factory(), Opener) and factory() is not factory()  # a new environment per episode
+    for path, error in (("tests.rlkit.no_such_module:Opener", "cannot import module 'tests.rlkit.no_such_module'"),
+                        ("tests.rlkit.test_episodes:Closer", "module 'tests.rlkit.test_episodes' has no attribute")):
+        with pytest.raises(RecipeError, match=f"^env.import_path: {error}"):
+            make_env_factory(EnvConfig(import_path=path))
 
 
 class KeepGoing(Environment):
