@@ -157,12 +157,9 @@ def run_interleaved(job: dict) -> list[dict]:
     times = [[] for _ in trainers]
     for r in range(job["repeats"] + 1):  # round 0 warms up (and compiles)
         for trainer, seconds in zip(trainers, times):
-            t0 = time.perf_counter()
-            trainer.step(grpo_loss(), batch)
-            seconds.append(time.perf_counter() - t0)
-    return [{"seconds": statistics.median(t[1:]), "first": t[0], "peak_mb": float("nan"),
-             "micro_batches": len(tr.micro_batches(batch.tokens)), "tokens": int(batch.tokens.attention_mask.sum()),
-             "computed": computed_tokens(tr, batch)} for tr, t in zip(trainers, times)]
+            seconds.append(timed_step(trainer, batch))
+    return [{"seconds": statistics.median(t[1:]), "first": t[0], "peak_mb": float("nan")} | token_counts(tr, batch)
+            for tr, t in zip(trainers, times)]
 
 
 def device() -> str:
@@ -192,9 +189,7 @@ def run_one(job: dict) -> dict:
     first = timed_step(trainer, batch)  # warm-up: optimizer state allocated, and trainer.compile's compile paid
     if not job.get("memory"):
         times = [timed_step(trainer, batch) for _ in range(job["repeats"])]
-        return {"seconds": statistics.median(times), "first": first,
-                "micro_batches": len(trainer.micro_batches(batch.tokens)),
-                "tokens": int(batch.tokens.attention_mask.sum()), "computed": computed_tokens(trainer, batch)}
+        return {"seconds": statistics.median(times), "first": first} | token_counts(trainer, batch)
     trainer.optimizer.zero_grad(set_to_none=True)
     cuda = device() == "cuda"
     if cuda:
@@ -207,13 +202,13 @@ def run_one(job: dict) -> dict:
     return {"peak_mb": (torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb("VmHWM")) - before}
 
 
-def computed_tokens(trainer, batch) -> int:
-    """Token positions the model runs over, padding included (packed: the real tokens alone)."""
+def token_counts(trainer, batch) -> dict:
+    """The trainer's micro-batches of `batch`, its real tokens, and the token positions the model runs over
+    (padding included; packed: the real tokens alone)."""
     lengths = batch.tokens.attention_mask.sum(-1)
     plans = trainer.micro_batches(batch.tokens)
-    if trainer.cfg.packing:
-        return int(lengths.sum())
-    return int(sum(len(rows) * lengths[rows].max() for rows in plans))
+    computed = lengths.sum() if trainer.cfg.packing else sum(len(rows) * lengths[rows].max() for rows in plans)
+    return {"micro_batches": len(plans), "tokens": int(lengths.sum()), "computed": int(computed)}
 
 
 def spawn(job: dict) -> dict:
