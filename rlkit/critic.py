@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rlkit.attention import model_attn_implementation
 from rlkit.config import TrainerConfig
 from rlkit.packing import layout_rows
 from rlkit.rank import (RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch,
-                        to_device)
+                        pretrained_kwargs, to_device)
 from rlkit.trainer import TokenBatch
 
 
@@ -55,8 +54,7 @@ class CriticTrainer(RankWorker):
         from transformers import AutoModel
 
         prepare_torch(cfg)
-        attn = model_attn_implementation(cfg.attn_implementation, cfg.packing, getattr(torch, cfg.dtype))
-        body = AutoModel.from_pretrained(model_path, dtype=getattr(torch, cfg.param_dtype), attn_implementation=attn)
+        body = AutoModel.from_pretrained(model_path, **pretrained_kwargs(cfg))
         enable_gradient_checkpointing(body, cfg)
         compile_blocks(list(body.layers), cfg.compile)
         model = ValueModel(body, cfg.packing, autocast_dtype(cfg, world_size))

@@ -17,6 +17,7 @@ from typing import Generic, Optional, TypeVar
 
 import torch
 
+from rlkit.attention import model_attn_implementation
 from rlkit.config import TrainerConfig
 from rlkit.losses import Stats
 from rlkit.packing import split_micro_batches
@@ -73,6 +74,13 @@ def prepare_torch(cfg: TrainerConfig) -> None:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
+
+
+def pretrained_kwargs(cfg: TrainerConfig) -> dict:
+    """from_pretrained's dtype and attention for a trained model (policy, critic): weights in trainer.param_dtype
+    (float32 under bf16 mixed precision), attention chosen for the trainer.dtype it computes in."""
+    attn = model_attn_implementation(cfg.attn_implementation, cfg.packing, getattr(torch, cfg.dtype))
+    return {"dtype": getattr(torch, cfg.param_dtype), "attn_implementation": attn}
 
 
 def autocast_dtype(cfg: TrainerConfig, world_size: int) -> torch.dtype | None:

@@ -19,13 +19,12 @@ from typing import ClassVar
 import torch
 
 from kernels import fused_logprobs
-from rlkit.attention import model_attn_implementation
 from rlkit.config import TrainerConfig
 from rlkit.lora import apply_lora, merge_lora_state_dict, peft_adapter_tensors
 from rlkit.losses import Forward
 from rlkit.packing import layout_rows
 from rlkit.rank import (RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch,
-                        to_device)
+                        pretrained_kwargs, to_device)
 
 __all__ = ["RankWorker", "prepare_torch"]  # re-exported: the rank machinery lives in rlkit.rank
 
@@ -173,9 +172,7 @@ def load_causal_lm(model_path: str, cfg: TrainerConfig) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     prepare_torch(cfg)
-    attn = model_attn_implementation(cfg.attn_implementation, cfg.packing, getattr(torch, cfg.dtype))
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.param_dtype),
-                                                attn_implementation=attn)
+    return AutoModelForCausalLM.from_pretrained(model_path, **pretrained_kwargs(cfg))
 
 
 class ShardedTrainer(RankWorker):
