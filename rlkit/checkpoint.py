@@ -3,9 +3,11 @@
 A resume point is a folder `checkpoints/resume/step_<global step>` holding
 - `state.json`: the controller's `RunState` (stage, step, global step, metrics so far, best value, W&B run id);
 - `controller.pt`: the controller's RNG states and the stage's own extra state (e.g. DPO's pairs);
-- `policy/` (and `critic/` for PPO): each trainer group's weights, optimizer, schedule and per-rank RNG.
+- `policy/` (and `critic/` for PPO): each trainer group's weights and optimizer as torch.distributed.checkpoint
+  shards (`dcp/`, one file per rank, nothing gathered), and per rank its schedule and RNG (rlkit.rank).
 
-It is written under a `.tmp` name and renamed when complete; `latest` names the newest complete point and is
+The run folder is on storage every node sees (rlkit.placement checks it at start). The driver writes the point
+under a `.tmp` name and renames it only after every rank has returned from writing and it sees each rank's files; `latest` names the newest complete point and is
 itself replaced atomically. A crash mid-write leaves the previous point intact; older points beyond
 `checkpoint.keep` are deleted only after the new one is in place.
 """
@@ -74,8 +76,8 @@ class Checkpointer:
         final, tmp = self.root / name, self.root / (name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for group_name, group in (groups or {}).items():
-            group.save_state(str(tmp / group_name))
+        for group_name, group in (groups or {}).items():  # returns once every rank has written
+            check_written(tmp / group_name, group.save_state(str(tmp / group_name)))
         torch.save({"rng": _get_rng(), "extra": extra or {}}, tmp / "controller.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
         if final.exists():  # the same step written again (a resumed run passing the same point)
@@ -92,6 +94,15 @@ class Checkpointer:
             shutil.rmtree(old)
         for partial in (p for p in points if p.name.endswith(".tmp")):  # left by a crash mid-write
             shutil.rmtree(partial)
+
+
+def check_written(folder: Path, names: list[str]) -> None:
+    """Refuse to commit a resume point whose ranks wrote files this process does not see (a rank on a node
+    whose `folder` is another disk): resuming from it would fail, or silently load old state."""
+    missing = [name for name in names if not (folder / name).exists()]
+    if missing:
+        raise RuntimeError(f"resume point: {', '.join(missing)} written by the trainer ranks are not in {folder} "
+                           "on the driver's node; logging.output_dir must be storage every node sees")
 
 
 def _write_atomic(path: Path, text: str) -> None:

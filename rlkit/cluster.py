@@ -1,4 +1,5 @@
-"""Wiring workers into groups, in this process or as Ray actors. The only module that imports ray.
+"""Wiring workers into groups, in this process or as Ray actors. The only module that imports ray (with
+rlkit.placement, its helper for clusters of several nodes: joining, placement groups, rendezvous, shared storage).
 
 Workers are plain classes (rollout.VllmRollout, rewards.Scorer, rlkit.reference.ReferenceModel,
 rlkit.trainer.ShardedTrainer). Here they are made remote with `ray.remote(...)(Cls)`; the groups below give
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import socket
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from rlkit import placement
 from rlkit.config import RecipeConfig, RecipeError, RolloutConfig
 from rlkit.packing import balance_rows
 from rlkit.rank import Update
@@ -48,6 +50,7 @@ class TrainerGroup:
 
     def __init__(self, workers: list, resolve: Callable[[list], list] = _local_resolve):
         self.workers, self._resolve = workers, resolve
+        self.placement_group = None  # on Ray: the group's reservation, removed with its actors
 
     @property
     def world_size(self) -> int:
@@ -105,9 +108,10 @@ class TrainerGroup:
     def save(self, path: str, tokenizer_path: str, recipe_yaml: str, extra: dict | None = None) -> str:
         return self._resolve([w.save(path, tokenizer_path, recipe_yaml, extra) for w in self.workers])[0]
 
-    def save_state(self, path: str) -> None:
-        """Weights, optimizer, schedule and RNG for a resume point (needs `path` on a filesystem all ranks see)."""
-        self._resolve([w.save_state(path) for w in self.workers])
+    def save_state(self, path: str) -> list[str]:
+        """Weights, optimizer, schedule and RNG for a resume point, each rank its own shard (`path` on storage every
+        rank's node sees); the files the ranks wrote, relative to `path`."""
+        return [name for names in self._resolve([w.save_state(path) for w in self.workers]) for name in names]
 
     def load_state(self, path: str) -> None:
         self._resolve([w.load_state(path) for w in self.workers])
@@ -118,6 +122,7 @@ class RolloutPool:
 
     def __init__(self, engines: list, resolve: Callable[[list], list] = _local_resolve):
         self.engines, self._resolve = engines, resolve
+        self.placement_group = None  # on Ray: the pool's reservation (engines spread over the nodes)
 
     def generate(self, prompt_ids: list[list[int]], n: int = 1, temperature=None, max_new_tokens=None, seed=None):
         k = len(self.engines)
@@ -154,20 +159,25 @@ class Cluster:
 
             if not ray.is_initialized():
                 c = cfg.cluster
-                if os.environ.get("RAY_ADDRESS"):  # join the running cluster
-                    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-                else:
-                    # A local cluster advertises enough CPUs for every actor of the recipe even on a small
-                    # machine: the actors mostly wait on one another, so oversubscribing is what we want.
-                    wanted = c.trainer_ranks * c.cpus_per_trainer + c.rollout_engines * c.cpus_per_engine + 2
-                    ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False)
+                wanted = c.trainer_ranks * c.cpus_per_trainer + c.rollout_engines * c.cpus_per_engine + 2
+                placement.init_ray(ray, c, wanted)
             self.ray = ray
+
+    def check_storage(self, run_dir: Path) -> None:
+        """On Ray: every node must see the run folder (logging.output_dir), before any worker starts; a node that
+        cannot fails the run in one line naming it. Checkpoints, resume points and the first model are read there."""
+        if self.ray is not None:
+            placement.check_shared_storage(self.ray, run_dir)
 
     def _actor(self, cls: type, num_cpus: float, num_gpus: float, env: dict | None = None):
         options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-        if env:
+        if env:  # merged into cluster.runtime_env's env_vars by Ray
             options["runtime_env"] = {"env_vars": env}
         return self.ray.remote(**options)(cls)
+
+    def _place(self, what: str, count: int, cpus: float, gpus: float, strategy: str):
+        return placement.place(self.ray, what, count, placement.bundle(cpus, gpus), strategy,
+                               self.cfg.cluster.placement_timeout_s)
 
     def _resolve(self) -> Callable[[list], list]:
         return self.ray.get if self.ray else _local_resolve
@@ -180,10 +190,14 @@ class Cluster:
         args = (engine_config(cfg.rollout), model_path, cfg.model.max_seq_len)
         if self.ray is None:
             return RolloutPool([VllmRollout(*args, seed=cfg.trainer.seed, lora_rank=lora_rank)])
+        group = self._place("rollout engines (cluster.rollout_engines)", c.rollout_engines, c.cpus_per_engine,
+                            c.gpus_per_engine, "spread")
         actor = self._actor(VllmRollout, c.cpus_per_engine, c.gpus_per_engine)
-        engines = [_Remote(actor.remote(*args, seed=cfg.trainer.seed + i, lora_rank=lora_rank))
-                   for i in range(c.rollout_engines)]
-        return RolloutPool(engines, self._resolve())
+        engines = [_Remote(actor.options(**placement.in_bundle(group, i)).remote(
+            *args, seed=cfg.trainer.seed + i, lora_rank=lora_rank)) for i in range(c.rollout_engines)]
+        pool = RolloutPool(engines, self._resolve())
+        pool.placement_group = group
+        return pool
 
     def trainer_group(self, model_path: str, lr: float, warmup_steps: int, total_steps: int = 0) -> TrainerGroup:
         """The policy's ranks; the learning rate follows trainer.lr_schedule over `total_steps` optimizer steps."""
@@ -202,10 +216,15 @@ class Cluster:
         c = self.cfg.cluster
         if self.ray is None:
             return TrainerGroup([cls(*args)])
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+        group = self._place(f"{cls.__name__} group (cluster.trainer_ranks)", c.trainer_ranks, c.cpus_per_trainer,
+                            c.gpus_per_trainer, c.placement)
+        env = placement.rendezvous(self.ray, group)  # rank 0's node and a port free there
         actor = self._actor(cls, c.cpus_per_trainer, c.gpus_per_trainer, env)
-        workers = [_Remote(actor.remote(*args, rank=r, world_size=c.trainer_ranks)) for r in range(c.trainer_ranks)]
-        return TrainerGroup(workers, self._resolve())
+        workers = [_Remote(actor.options(**placement.in_bundle(group, r)).remote(
+            *args, rank=r, world_size=c.trainer_ranks)) for r in range(c.trainer_ranks)]
+        trainers = TrainerGroup(workers, self._resolve())
+        trainers.placement_group = group
+        return trainers
 
     def reference(self, model_path: str):
         from rlkit.reference import ReferenceModel
@@ -239,6 +258,10 @@ class Cluster:
                 continue
             for handle in getattr(w, "workers", None) or getattr(w, "engines", None) or [w]:
                 self.ray.kill(handle.actor)
+            if getattr(w, "placement_group", None) is not None:  # its reservation goes with its actors
+                from ray.util.placement_group import remove_placement_group
+
+                remove_placement_group(w.placement_group)
 
     def shutdown(self) -> None:
         if self.ray is not None:
@@ -291,7 +314,9 @@ def judge_engine_actor(num_gpus: float, *engine_args):
     return _Blocking(handle, ray.get)
 
 
+
 def _free_port() -> int:
+    """A loopback port free now (one-process groups in tests; a cluster's rendezvous is rlkit.placement's)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -275,6 +275,16 @@ class ClusterConfig:
     gpus_per_trainer: float = 0.0
     cpus_per_engine: float = 1.0
     gpus_per_engine: float = 0.0
+    # "": start a Ray on this machine (or join the cluster RAY_ADDRESS names, as `ray job submit` sets it);
+    # "auto" or "host:port": join that running cluster (started with `ray start`), taking its resources as they are
+    address: str = ""
+    # Ray's runtime_env for every actor of the run, e.g. {env_vars: {HF_HOME: /shared/hf}, working_dir: .}
+    runtime_env: Dict[str, Any] = field(default_factory=dict)
+    # the trainer ranks' placement group: "pack" (as few nodes as they fit on: FSDP2's collectives stay local),
+    # "spread" (one per node where possible), or "strict_pack" / "strict_spread" (all on one node / each its own);
+    # the engines are always spread
+    placement: str = "pack"
+    placement_timeout_s: float = 300.0  # a worker group not placed whole by then fails the run, naming the group
 
 
 @dataclass(frozen=True)
@@ -303,6 +313,9 @@ class StageConfig:
     # this stage's own data: any DataConfig keys, overriding the recipe's `data` section (e.g. {source: sft.jsonl})
     data: Dict[str, Any] = field(default_factory=dict)
 
+
+PLACEMENTS = ("pack", "spread", "strict_pack", "strict_spread")  # cluster.placement: Ray's strategies, lower-case
+RUNTIME_ENV_KEYS = ("env_vars", "working_dir", "py_modules", "pip", "uv", "conda", "excludes", "config")
 
 MAX_ENGINE_LORA_RANK = 512  # the largest adapter rank vLLM serves
 
@@ -485,7 +498,8 @@ NUMERIC_RANGES = {
             "trainer.grad_clip", "trainer.micro_batch_size", "trainer.lora_alpha", "algo.group_size",
             "algo.epsilon_high", "algo.ppo_epochs", "algo.ppo_minibatches", "algo.dpo_beta", "algo.value_clip",
             "cluster.rollout_engines",
-            "cluster.trainer_ranks", "reward.num_workers", "reward.timeout_s", "logging.log_every"],
+            "cluster.trainer_ranks", "reward.num_workers", "reward.timeout_s", "logging.log_every",
+            "cluster.placement_timeout_s"],
     ">= 0": ["rollout.temperature", "ref.kl_coef", "trainer.weight_decay", "trainer.warmup_steps",
              "trainer.num_threads", "trainer.lora_rank", "trainer.micro_batch_tokens", "algo.tis_cap",
              "algo.overlong_buffer", "algo.overlong_penalty", "algo.dpo_nll_coef", "algo.value_coef",
@@ -588,6 +602,15 @@ def validate(cfg: RecipeConfig) -> None:
         raise RecipeError("cluster.trainer_ranks: more than one rank needs cluster.backend=ray")
     if cfg.cluster.rollout_engines > 1 and cfg.cluster.backend != "ray":
         raise RecipeError("cluster.rollout_engines: more than one engine needs cluster.backend=ray")
+    _one_of("cluster.placement", cfg.cluster.placement, PLACEMENTS)
+    for key, value in (("address", cfg.cluster.address), ("runtime_env", cfg.cluster.runtime_env)):
+        if value and cfg.cluster.backend != "ray":
+            raise RecipeError(f"cluster.{key}: only a Ray run joins a cluster or takes a runtime_env; set "
+                              "cluster.backend=ray or remove it")
+    unknown = sorted(set(cfg.cluster.runtime_env) - set(RUNTIME_ENV_KEYS))
+    if unknown:
+        raise RecipeError(f"cluster.runtime_env: unknown key '{unknown[0]}'; rlkit passes on "
+                          f"{', '.join(RUNTIME_ENV_KEYS)}")
     if cfg.rollout.max_staleness and not cfg.algo.tis_cap:
         raise RecipeError(
             f"rollout.max_staleness: {cfg.rollout.max_staleness} trains on samples from older weights, which the "

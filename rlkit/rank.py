@@ -242,34 +242,41 @@ class RankWorker:
         return spent
 
     # -- resume points -----------------------------------------------------------------------------------
-    def save_state(self, path: str) -> None:
-        """Weights, optimizer, schedule and RNG of this rank under `path` (every rank must call it).
+    def save_state(self, path: str) -> list[str]:
+        """Weights, optimizer, schedule and RNG of this rank under `path` (every rank must call it, at once).
 
-        Rank 0 writes the full, unsharded tensors keyed by parameter name (the held float32 weights under mixed
-        precision), so a resume may use another number of ranks; each rank writes its own RNG state.
+        Sharded with torch.distributed.checkpoint: each rank writes the shards it holds (FSDP2's DTensors; the float32
+        weights under mixed precision), nothing gathered, and rank 0 DCP's metadata, all under `dcp/`. Beside them
+        `rank<r>.pt`: this rank's schedule, step count, RNG and the world size. Returns the files this rank wrote
+        (relative to `path`), which the driver checks it sees before it commits the resume point.
         """
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(
-            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
-            torch.save({"model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
-                        "step_count": self.step_count}, folder / "trainer.pt")
-        torch.save(torch.get_rng_state(), folder / f"rng_rank{self.rank}.pt")
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=folder / "dcp",
+                 no_dist=self.world_size == 1)
+        torch.save({"scheduler": self.scheduler.state_dict(), "step_count": self.step_count,
+                    "rng": torch.get_rng_state(), "world_size": self.world_size}, folder / f"rank{self.rank}.pt")
+        return [f"rank{self.rank}.pt"] + (["dcp/.metadata"] if self.rank == 0 else [])
 
     def load_state(self, path: str) -> None:
-        """Continue from `save_state`'s files (every rank must call it)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        """Continue from `save_state`'s files, on the same number of ranks (every rank must call it, at once)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         folder = Path(path)
-        saved = torch.load(folder / "trainer.pt", weights_only=False)
-        set_state_dict(self.model, self.optimizer, model_state_dict=saved["model"],
-                       optim_state_dict=saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+        saved = torch.load(folder / f"rank{self.rank}.pt", weights_only=False)
+        if saved["world_size"] != self.world_size:
+            raise RuntimeError(f"{folder} was written by {saved['world_size']} trainer ranks, not "
+                               f"{self.world_size}; resume with the cluster.trainer_ranks it was written with")
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)  # this rank's shards, to fill in
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=folder / "dcp", no_dist=self.world_size == 1)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.step_count = saved["step_count"]
-        rng = folder / f"rng_rank{self.rank}.pt"
-        if rng.exists():  # a resume with more ranks than the save keeps the new ranks' fresh seeds
-            torch.set_rng_state(torch.load(rng))
+        torch.set_rng_state(saved["rng"])

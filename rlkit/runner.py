@@ -124,14 +124,16 @@ def run(cfg: RecipeConfig) -> dict:
     scorer = pool = logger = None
     started = time.perf_counter() - (resume.state.seconds if resume else 0.0)
     try:
-        scorer = cluster.scorer()  # unknown rewards or import paths fail here, before anything is written
-        checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep)
         if resume is None:
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise RecipeError(f"logging.output_dir: cannot create '{run_dir}' ({e.strerror}); choose a folder "
                                   "you can write to") from e
+        cluster.check_storage(run_dir)  # every node must see the run folder, before any worker starts
+        scorer = cluster.scorer()  # unknown rewards or import paths fail here, before anything is written
+        checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep)
+        if resume is None:
             (run_dir / "recipe.yaml").write_text(recipe_yaml)
             (run_dir / "data.json").write_text(json.dumps(describe(data), indent=2))
             state = RunState(model_path=str(save_checkpoint(model, tokenizer, run_dir / "checkpoints" / "00_init",

@@ -180,3 +180,55 @@ def test_a_reward_that_cannot_be_built_fails_the_ray_scorer_as_a_recipe_error(cl
     cfg = dataclasses.replace(cluster.cfg, reward=RewardConfig(rewards=[RewardSpec(name="mth")]))
     with pytest.raises(RecipeError, match=r"^reward.rewards\[0\].name: unknown reward 'mth'. Did you mean 'math'\?"):
         Cluster(cfg).scorer()
+
+
+def test_two_ranks_resume_from_their_own_shards(groups, tmp_path):
+    """Resume points are torch.distributed.checkpoint shards, one file per rank: loading them back and repeating a
+    step repeats it exactly (weights, Adam moments, schedule); a 2-rank point refuses a 1-rank group."""
+    one, two = groups
+    batch = random_batch(n=8, seed=4)
+    sft = SFTBatch(batch, float(batch.response_mask.sum()))
+    written = {}
+    for name, group in (("one", one), ("two", two)):
+        written[name] = group.save_state(str(tmp_path / name))
+    assert sorted(written["two"]) == ["dcp/.metadata", "rank0.pt", "rank1.pt"]
+    assert sorted(p.name for p in (tmp_path / "two" / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    first = {name: (group.step(SFTLoss(), sft).stats.loss, group.state_dict())
+             for name, group in (("one", one), ("two", two))}
+    for name, group in (("one", one), ("two", two)):
+        group.load_state(str(tmp_path / name))
+        assert group.step(SFTLoss(), sft).stats.loss == first[name][0]
+        again = group.state_dict()
+        assert all(torch.equal(again[k], first[name][1][k]) for k in again), name
+    assert_same_weights(one, two)
+    with pytest.raises(RuntimeError, match="written by 2 trainer ranks, not 1"):
+        one.load_state(str(tmp_path / "two"))
+
+
+def test_ranks_are_placed_together_and_meet_at_rank0s_node(groups):
+    """The ranks' placement group is reserved whole; their rendezvous is rank 0's node IP as Ray knows it (never
+    127.0.0.1) and a port found free there."""
+    _, two = groups
+    from ray.util.placement_group import placement_group_table
+
+    table = placement_group_table(two.placement_group)
+    assert table["strategy"] == "PACK" and len(table["bundles"]) == 2 and table["state"] == "CREATED"
+    env = ray.get(two.workers[0].actor.__ray_call__.remote(
+        lambda self: {k: __import__("os").environ[k] for k in ("MASTER_ADDR", "MASTER_PORT")}))
+    (node,) = [n for n in ray.nodes() if n["Alive"]]
+    assert env["MASTER_ADDR"] == node["NodeManagerAddress"] and int(env["MASTER_PORT"]) > 0
+
+
+def test_a_group_that_cannot_be_placed_fails_in_one_line_naming_it(clusters):
+    _, cluster = clusters
+    cfg = dataclasses.replace(cluster.cfg, cluster=dataclasses.replace(
+        cluster.cfg.cluster, gpus_per_trainer=1.0, placement_timeout_s=1.0))
+    with pytest.raises(RecipeError, match=r"^cluster: could not place the ShardedTrainer group \(cluster.trainer_"
+                                          r"ranks\): 2 x \{'CPU': 0.5, 'GPU': 1.0\} with strategy pack"):
+        Cluster(cfg).trainer_group("unused", lr=1e-2, warmup_steps=1)
+
+
+def test_the_storage_check_passes_on_one_node_and_leaves_nothing(clusters, tmp_path):
+    _, cluster = clusters
+    cluster.check_storage(tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -78,6 +78,12 @@ def test_yaml_then_overrides_in_order(tmp_path):
         (["stages=[{kind: ppo, samples: 4}]"], "stages.0.samples: ppo stages do not read it (only dpo, rft, distill"),
         (["stages=[{kind: dpo, batch_size: 3}]", "cluster.backend=ray", "cluster.trainer_ranks=2"],
          "stages.0.batch_size: 3 rows per step do not split evenly over cluster.trainer_ranks=2"),
+        # joining a cluster
+        (["cluster.backend=ray", "cluster.placement=packed"],
+         "cluster.placement: 'packed' is not one of pack, spread, strict_pack, strict_spread"),
+        (["cluster.address=auto"], "cluster.address: only a Ray run joins a cluster"),
+        (["cluster.backend=ray", "cluster.runtime_env={env_var: {A: 1}}"], "cluster.runtime_env: unknown key 'env_var'"),
+        (["cluster.placement_timeout_s=0"], "cluster.placement_timeout_s: must be > 0"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, expected):
