@@ -44,20 +44,21 @@ class Node:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self.pid = _child_pid(self.unshare.pid)  # the node's pid 1, as the host sees it
 
-    def enter(self, cmd: list[str]) -> list[str]:
-        """`cmd` run inside this node (its network, files and processes)."""
-        return ["nsenter", "-t", str(self.pid), "--net", "--mount", "--pid", "--uts", f"--wd={os.getcwd()}", "env",
-                *(f"{k}={v}" for k, v in self.env.items()), *cmd]
+    def enter(self, cmd: list[str], cwd: str | os.PathLike | None = None) -> list[str]:
+        """`cmd` run inside this node (its network, files and processes), in `cwd` (default: ours)."""
+        return ["nsenter", "-t", str(self.pid), "--net", "--mount", "--pid", "--uts", f"--wd={cwd or os.getcwd()}",
+                "env", *(f"{k}={v}" for k, v in self.env.items()), *cmd]
 
-    def run(self, cmd: list[str], timeout: float = 60, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    def run(self, cmd: list[str], timeout: float = 60, check: bool = True, cwd=None,
+            **kwargs) -> subprocess.CompletedProcess:
         kwargs.setdefault("capture_output", True)
-        proc = subprocess.run(self.enter(cmd), timeout=timeout, text=True, **kwargs)
+        proc = subprocess.run(self.enter(cmd, cwd), timeout=timeout, text=True, **kwargs)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{self.name}: {' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
         return proc
 
-    def popen(self, cmd: list[str], **kwargs) -> subprocess.Popen:
-        return subprocess.Popen(self.enter(cmd), text=True, **kwargs)
+    def popen(self, cmd: list[str], cwd=None, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(self.enter(cmd, cwd), text=True, **kwargs)
 
     def sh(self, script: str, timeout: float = 60) -> str:
         return self.run(["sh", "-euc", script], timeout=timeout).stdout

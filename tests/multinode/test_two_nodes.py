@@ -1,0 +1,105 @@
+"""rlkit on a Ray cluster of two nodes (tests/multinode/world.py): the driver on the head joins the cluster by
+cluster.address, the worker node has its own network, /tmp and /dev/shm, and sees only the shared run storage.
+
+What the world showed of rlkit before it could run on several nodes (each fixed, and tested here or in
+tests/rlkit/test_cluster.py): a rank on the worker node, told MASTER_ADDR=127.0.0.1, dialled its own loopback
+and the group hung until the timeout; a rank on the worker node given the driver's node-local checkpoint
+(`checkpoints/00_init` under a /tmp run folder) failed in transformers ("Repo id must be in the form ..."), as it
+took the missing path for a hub id; `ray.init(num_cpus=...)` on the head, without RAY_ADDRESS, started a second,
+one-node Ray of its own beside the running cluster instead of joining it.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_quickstart import REPO, read_metrics, run
+from tests.test_resume import latest_point
+
+FAST = ["logging.wandb_mode=disabled", "data.num_eval=20",
+        "stages=[{kind: sft, steps: 2, batch_size: 8}]"]
+
+
+def rlkit_run(world, *args, timeout=600):
+    return world.head.run([sys.executable, "-m", "rlkit.run", "recipes/quickstart_ray.yaml",
+                           f"cluster.address={world.address}", *args], cwd=REPO, timeout=timeout, check=False)
+
+
+def test_world_nodes_are_apart(world):
+    """The worker node has its own loopback, hostname and /tmp: the head's node-local folder is not there, the
+    shared storage is."""
+    (world.local / "mark").write_text("head")
+    (world.shared / "mark").write_text("shared")
+    seen = world.worker.sh(f"hostname; cat {world.shared}/mark; echo; test -e {world.local}/mark || echo no-local; "
+                           f"ip -o -4 addr show scope global | wc -l")
+    assert seen.split() == ["rkworker", "shared", "no-local", "1"]
+
+
+def test_an_output_dir_the_worker_node_cannot_see_fails_in_one_line(world):
+    run_dir = world.local / "run"
+    proc = rlkit_run(world, f"logging.output_dir={run_dir}", *FAST, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: logging.output_dir: node {world.worker.ip} (rkworker) does not see '{run_dir}'"), \
+        proc.stderr[-3000:]
+    assert not run_dir.exists()  # nothing left behind
+
+
+GRPO_STEPS = 6  # killed at step 2 or later (a resume point every 2 steps): at least 2 steps run after the resume
+SHOW = ["logging.wandb_mode=disabled", "logging.log_every=1", "data.num_eval=20", "checkpoint.every=2",
+        "cluster.placement=spread",  # one trainer rank and one engine per node (one node: both on it)
+        "stages=[{kind: sft, steps: 20, batch_size: 32, lr: 1.0e-3}, {kind: dpo, steps: 2, batch_size: 8, lr: 1.0e-4},"
+        f" {{kind: grpo, steps: {GRPO_STEPS}, batch_size: 4, lr: 1.0e-4}}]"]
+
+
+def kill_in_grpo(world, run_dir, min_step: int) -> subprocess.Popen:
+    """Start the run on the head and SIGKILL the driver once a resume point inside GRPO (stage 2) exists."""
+    proc = world.head.popen([sys.executable, "-m", "rlkit.run", "recipes/quickstart_ray.yaml",
+                             f"cluster.address={world.address}", f"logging.output_dir={run_dir}", *SHOW], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None:
+        state = latest_point(run_dir)
+        if state and state["stage"] == 2 and state["step"] >= min_step:
+            os.killpg(proc.pid, signal.SIGKILL)  # nsenter and the driver under it
+            break
+        time.sleep(0.05)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    return proc
+
+
+@pytest.mark.slow
+def test_two_nodes_end_like_one_node_after_a_driver_kill_and_resume(world, tmp_path):
+    """The Ray quickstart on two nodes (a trainer rank and an engine on each: cluster.placement=spread), its driver
+    SIGKILLed mid-GRPO and rerun with resume=auto, ends with the held-out accuracies and per-step losses of the
+    same recipe run uninterrupted on one node; its run folder is complete on the shared storage."""
+    run_dir = world.shared / "two"
+    killed = kill_in_grpo(world, run_dir, min_step=2)
+    assert killed.returncode == -signal.SIGKILL, f"not killed mid-GRPO: {killed.stderr.read()[-3000:]}"
+    point = latest_point(run_dir)
+    resumed = rlkit_run(world, f"logging.output_dir={run_dir}", *SHOW, "resume=auto", timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resuming {run_dir} at stage 2, step {point['step']}" in resumed.stdout
+    for worker in ("ShardedTrainer", "VllmRollout"):  # Ray prefixes a remote node's actor lines with its IP
+        assert f"({worker} pid=" in resumed.stderr and f"ip={world.worker.ip})" in resumed.stderr, worker
+    for name in ("00_init", "01_sft", "02_dpo", "03_grpo"):
+        assert (run_dir / "checkpoints" / name / "model.safetensors").exists(), name
+    assert not list(run_dir.glob(".rlkit-storage-*"))
+
+    one_dir = tmp_path / "one"
+    one = run("recipes/quickstart_ray.yaml", f"logging.output_dir={one_dir}", *SHOW)
+    assert one.returncode == 0, one.stderr[-4000:]
+    summaries = [json.loads((d / "summary.json").read_text())["stages"] for d in (one_dir, run_dir)]
+    assert [s["after"] for s in summaries[0]] == [s["after"] for s in summaries[1]]
+    losses = [{(m["step"], k): v for m in read_metrics(d) for k, v in m.items() if k.endswith("loss")}
+              for d in (one_dir, run_dir)]
+    assert losses[0].keys() == losses[1].keys() and any(k.startswith("grpo/") for _, k in losses[0])
+    for key, value in losses[0].items():
+        assert losses[1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
