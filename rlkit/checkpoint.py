@@ -7,9 +7,9 @@ A resume point is a folder `checkpoints/resume/step_<global step>` holding
   shards (`dcp/`, one file per rank, nothing gathered), and per rank its schedule and RNG (rlkit.rank).
 
 The run folder is on storage every node sees (rlkit.placement checks it at start). The driver writes the point
-under a `.tmp` name and renames it only after every rank has returned from writing and it sees each rank's files; `latest` names the newest complete point and is
-itself replaced atomically. A crash mid-write leaves the previous point intact; older points beyond
-`checkpoint.keep` are deleted only after the new one is in place.
+under a `.tmp` name and renames it only after every rank has returned from writing and it sees each rank's files;
+`latest` names the newest complete point and is itself replaced atomically. A crash mid-write leaves the previous
+point intact; older points beyond `checkpoint.keep` are deleted only after the new one is in place.
 """
 
 from __future__ import annotations

@@ -159,7 +159,8 @@ class Cluster:
 
             if not ray.is_initialized():
                 c = cfg.cluster
-                wanted = c.trainer_ranks * c.cpus_per_trainer + c.rollout_engines * c.cpus_per_engine + 2
+                wanted = (c.trainer_ranks * c.cpus_per_trainer + c.rollout_engines * c.cpus_per_engine + 1
+                          + cfg.reward.num_workers)  # + the reference and the scorer's worker processes
                 placement.init_ray(ray, c, wanted)
             self.ray = ray
 
@@ -242,7 +243,8 @@ class Cluster:
             return build_scorer(self.cfg.reward)  # a reward that cannot be built is a RecipeError
         c = self.cfg.cluster  # a batched reward's engine (the LLM judge) becomes an actor of its own
         make_engine = functools.partial(judge_engine_actor, c.gpus_per_engine)
-        handle = self._actor(Scorer, 1, 0).remote(scorer_config(self.cfg.reward), make_engine)
+        # it reserves the CPUs its worker processes (reward.num_workers) use: Ray would not count them otherwise
+        handle = self._actor(Scorer, self.cfg.reward.num_workers, 0).remote(scorer_config(self.cfg.reward), make_engine)
         try:  # the rewards are built in the actor's constructor: a bad one fails here, not at the first score
             self.ray.get(handle.__ray_ready__.remote())
         except self.ray.exceptions.RayActorError as e:

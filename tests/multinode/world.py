@@ -8,8 +8,9 @@ Each node is a process tree in its own namespaces (`unshare --net --mount --pid 
 - files: each node has its own /dev/shm (Ray's object store, vLLM's weight-sync folder) and Ray temp folder. The
   worker also has its own /tmp, over which only `shared` (the run storage every node sees, like an NFS mount) is
   mounted back; any other /tmp path the driver writes (`local`) is node-local: the worker does not see it.
-- processes: each node's pid 1 is `sleep`; killing it makes the kernel kill every process of the node, so
-  stopping leaves no Ray process behind, and the namespaces and their mounts vanish with their last process.
+- processes: each node's pid 1 is a bounded `sleep`, which dies with the test process; killing it makes the
+  kernel kill every process of the node, so stopping (or a killed test run) leaves no Ray process behind, and the
+  namespaces and their mounts vanish with their last process.
 
 The driver (`python -m rlkit.run`, or any command) runs on the head node through `World.head.run`/`popen`.
 Every wait is bounded. `World.check()` says in one line why the machine cannot host the world (not root, no
@@ -18,6 +19,7 @@ Every wait is bounded. `World.check()` says in one line why the machine cannot h
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import shutil
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 SUBNET = "10.213.7"  # private addresses, assigned only inside the namespaces this module makes
+LIFETIME_S = 3 * 3600  # a node outlives no test session: its pid 1 is a bounded sleep
 RAY_PORT = 6379  # each node's network namespace has its own ports: no clash with a Ray on the host
 HOSTS = f"127.0.0.1 localhost\n{SUBNET}.1 rkhead\n{SUBNET}.2 rkworker\n"
 
@@ -40,8 +43,8 @@ class Node:
         self.name, self.ip, self.env = name, ip, env
         self.unshare = subprocess.Popen(
             ["unshare", "--net", "--mount", "--pid", "--uts", "--fork", "--kill-child", "--propagation", "private",
-             "--mount-proc", "sleep", "86400"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+             "--mount-proc", "sleep", str(LIFETIME_S)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         self.pid = _child_pid(self.unshare.pid)  # the node's pid 1, as the host sees it
 
     def enter(self, cmd: list[str], cwd: str | os.PathLike | None = None) -> list[str]:
@@ -74,6 +77,12 @@ class Node:
         except subprocess.TimeoutExpired:
             self.unshare.kill()
             self.unshare.wait(timeout=30)
+
+
+def _die_with_parent() -> None:
+    """In the forked `unshare`: SIGKILL it if the test process dies (PR_SET_PDEATHSIG); --kill-child passes that on
+    to the node's pid 1, and the kernel to every process in the node. A killed test run leaves no node behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def _child_pid(pid: int, timeout: float = 10.0) -> int:
@@ -141,8 +150,8 @@ class World:
         env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         self.nodes = [Node("rkhead", f"{SUBNET}.1", env), Node("rkworker", f"{SUBNET}.2", env)]
         # the link: made in the head's namespace, its other end moved into the worker's
-        subprocess.run(["nsenter", "-t", str(self.head.pid), "--net", "ip", "link", "add", "rk0", "type", "veth", "peer",
-                        "name", "rk1", "netns", str(self.worker.pid)], check=True, timeout=30)  # host pids: no --pid
+        subprocess.run(["nsenter", "-t", str(self.head.pid), "--net", "ip", "link", "add", "rk0", "type", "veth",
+                        "peer", "name", "rk1", "netns", str(self.worker.pid)], check=True, timeout=30)  # host pids
         for node, dev in ((self.head, "rk0"), (self.worker, "rk1")):
             node.sh(f"hostname {node.name}; ip link set lo up; ip addr add {node.ip}/24 dev {dev}; "
                     f"ip link set {dev} up; mount --bind {self.root}/hosts /etc/hosts; "
