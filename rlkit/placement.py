@@ -47,10 +47,10 @@ def placement_error(what: str, count: int, one: dict, strategy: str, timeout_s: 
                     nodes: int) -> str:
     """The one line a group that could not be placed fails with.
 
-    >>> placement_error("trainer group (cluster.trainer_ranks)", 2, {"GPU": 1}, "pack", 300, {"CPU": 4.0}, 2)
-    "cluster: could not place the trainer group (cluster.trainer_ranks): 2 x {'GPU': 1} with strategy pack, not \
-placed within 300 s; the cluster's 2 node(s) have free CPU 4, GPU 0; ask for less, add nodes, or raise \
-cluster.placement_timeout_s"
+    >>> print(placement_error("trainer group (cluster.trainer_ranks)", 2, {"GPU": 1}, "pack", 300, {"CPU": 4.0}, 2))
+    cluster: could not place the trainer group (cluster.trainer_ranks): 2 x {'GPU': 1} with strategy pack, not
+    placed within 300 s; the cluster's 2 node(s) have free CPU 4, GPU 0; ask for less, add nodes, or raise
+    cluster.placement_timeout_s
     """
     have = ", ".join(f"{key} {free.get(key, 0):g}" for key in ("CPU", "GPU"))
     return (f"cluster: could not place the {what}: {count} x {one} with strategy {strategy}, not placed within "
