@@ -98,7 +98,7 @@ def kill_in_grpo(world, run_dir, min_step: int) -> subprocess.Popen:
             os.killpg(proc.pid, signal.SIGKILL)  # nsenter and the driver under it
             break
         time.sleep(0.05)
-    else:
+    if proc.poll() is None and time.monotonic() >= deadline:  # never reached GRPO: stop it, the test fails
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     return proc
