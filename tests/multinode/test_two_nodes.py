@@ -86,11 +86,12 @@ SHOW = ["logging.wandb_mode=disabled", "logging.log_every=1", "data.num_eval=20"
         "batch_size: 4, lr: 1.0e-4}]"]
 
 
-def kill_in_grpo(world, run_dir, min_step: int) -> subprocess.Popen:
-    """Start the run on the head and SIGKILL the driver once a resume point inside GRPO (stage 1) exists."""
+def kill_in_grpo(world, run_dir, min_step: int, log) -> subprocess.Popen:
+    """Start the run on the head and SIGKILL the driver once a resume point inside GRPO (stage 1) exists. Its console
+    goes to the file `log` (a pipe nobody reads would fill up and stall it)."""
     proc = world.head.popen([sys.executable, "-m", "rlkit.run", "recipes/quickstart_ray.yaml",
                              f"cluster.address={world.address}", f"logging.output_dir={run_dir}", *SHOW], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline and proc.poll() is None:
         state = latest_point(run_dir)
@@ -110,8 +111,10 @@ def test_two_nodes_end_like_one_node_after_a_driver_kill_and_resume(world, tmp_p
     SIGKILLed mid-GRPO and rerun with resume=auto, ends with the held-out accuracies and per-step losses of the
     same recipe run uninterrupted on one node; its run folder is complete on the shared storage."""
     run_dir = world.shared / "two"
-    killed = kill_in_grpo(world, run_dir, min_step=2)
-    assert killed.returncode == -signal.SIGKILL, f"not killed mid-GRPO: {killed.stderr.read()[-3000:]}"
+    with open(tmp_path / "killed.log", "w") as log:
+        killed = kill_in_grpo(world, run_dir, 2, log)
+    console = (tmp_path / "killed.log").read_text()
+    assert killed.returncode == -signal.SIGKILL, f"not killed mid-GRPO: {console[-3000:]}"
     point = latest_point(run_dir)
     resumed = rlkit_run(world, f"logging.output_dir={run_dir}", *SHOW, "resume=auto", timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
