@@ -9,8 +9,10 @@ one rank. The log-prob kernel runs outside autocast and accumulates in float32 e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import warnings
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Generic, Optional, TypeVar
@@ -256,8 +258,9 @@ class RankWorker:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=folder / "dcp",
-                 no_dist=self.world_size == 1)
+        with _one_process_dcp():
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=folder / "dcp",
+                     no_dist=self.world_size == 1)
         torch.save({"scheduler": self.scheduler.state_dict(), "step_count": self.step_count,
                     "rng": torch.get_rng_state(), "world_size": self.world_size}, folder / f"rank{self.rank}.pt")
         return [f"rank{self.rank}.pt"] + (["dcp/.metadata"] if self.rank == 0 else [])
@@ -274,9 +277,18 @@ class RankWorker:
                                f"{self.world_size}; resume with the cluster.trainer_ranks it was written with")
         model_state, optim_state = get_state_dict(self.model, self.optimizer)  # this rank's shards, to fill in
         state = {"model": model_state, "optimizer": optim_state}
-        dcp.load(state, checkpoint_id=folder / "dcp", no_dist=self.world_size == 1)
+        with _one_process_dcp():
+            dcp.load(state, checkpoint_id=folder / "dcp", no_dist=self.world_size == 1)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.step_count = saved["step_count"]
         torch.set_rng_state(saved["rng"])
+
+
+@contextlib.contextmanager
+def _one_process_dcp():
+    """DCP warns on every save and load without a process group, which one rank never has, by design."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
