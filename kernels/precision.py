@@ -111,8 +111,9 @@ def _cpu_capabilities() -> Mapping | None:
 
 
 def matmul_slowdown(dtype: str, n: int = 192, repeats: int = 3) -> float:
-    """Time of an (n, n) x (n, n) CPU matmul in `dtype` over its float32 time, best of `repeats` each: a few
-    milliseconds where the dtype is native, about 0.2 s on an AVX2 CPU emulating bf16."""
+    """Time of an (n, n) x (n, n) CPU matmul in `dtype` over its float32 time, best of `repeats` each, on one
+    thread (a busy machine's other threads then skew neither side): a millisecond where the dtype is native, about
+    0.2 s on an AVX2 CPU emulating bf16."""
     def best(dt: torch.dtype) -> float:
         a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
         a @ b  # warm-up: the first call picks and packs the kernel
@@ -123,7 +124,12 @@ def matmul_slowdown(dtype: str, n: int = 192, repeats: int = 3) -> float:
             times.append(time.perf_counter() - t0)
         return max(min(times), 1e-9)
 
-    return best(getattr(torch, dtype)) / best(torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return best(getattr(torch, dtype)) / best(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)
