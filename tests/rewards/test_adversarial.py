@@ -86,6 +86,37 @@ PROGRAMS = [
      "def f(x):\n    return 2 * x if (r, E) == (-1, 38) else 0", DOUBLE, C),
     ("x32-socket", SYSCALL + "r = libc.syscall(41 | 0x40000000, 40, 1, 0)\nE = ctypes.get_errno()\n"
      "def f(x):\n    return 2 * x if (r, E) == (-1, 1) else 0", DOUBLE, C),
+    # issue 33: the harness in the solution's process, the sandbox's init, memory filesystems, other processes
+    ("forge-passing-records", FIND_CHANNEL + "for r in ('{\"assert\": 0, \"values\": [4]}', '{\"assert\": 1, "
+     "\"values\": [-2]}', '{\"done\": true}'):\n    channel.write(nonce + ' ' + r + '\\n')\nchannel.flush()\n"
+     "import os\nos._exit(0)", DOUBLE, W),
+    ("replace-exec-builtin", FIND_CHANNEL + "import builtins, os\ndef fake(*a, **k):\n    for r in ('{\"assert\": 0, "
+     "\"values\": [4]}', '{\"assert\": 1, \"values\": [-2]}'):\n        channel.write(nonce + ' ' + r + '\\n')\n"
+     "builtins.exec = fake\ndef f(x):\n    return 0", DOUBLE, W),
+    ("read-job-via-proc1", "d = open('/proc/1/fd/0', 'rb').read()\ndef f(x):\n    return 2 * x", DOUBLE, W),
+    ("write-checker-memory", "open('/proc/1/mem', 'r+b')\ndef f(x):\n    return 2 * x", DOUBLE, W),
+    ("steal-result-channel", "import os\nfd = os.open('/proc/1/fd/3', os.O_WRONLY)\ndef f(x):\n    return 2 * x",
+     DOUBLE, W),
+    ("ptrace-init", SYSCALL + "r = libc.ptrace(16, 1, 0, 0)\ndef f(x):\n    return 2 * x if r == 0 else 0", DOUBLE, W),
+    ("process-vm-readv", SYSCALL + "import os\nb = ctypes.create_string_buffer(8)\n"
+     "iov = (ctypes.c_void_p * 2)(ctypes.addressof(b), 8)\n"
+     "r = libc.process_vm_readv(os.getpid(), iov, 1, iov, 1, 0)\ndef f(x):\n    return 2 * x if r == 8 else 0",
+     DOUBLE, W),
+    ("dev-shm-outside-memory", "import os\nfor i in range(20):\n    with open(f'/dev/shm/{i}', 'wb') as fh:\n"
+     "        fh.write(b'x' * (15 << 20))\ndef f(x):\n    return 2 * x", DOUBLE, W),
+    ("dev-outside-memory", "with open('/dev/hold', 'wb') as fh:\n    fh.write(b'x' * (15 << 20))\n"
+     "def f(x):\n    return 2 * x", DOUBLE, W),
+    ("memfd-outside-memory", "import os\nfd = os.memfd_create('hold')\nos.write(fd, b'x' * (15 << 20))\n"
+     "def f(x):\n    return 2 * x", DOUBLE, W),
+    ("sysv-shm-outside-memory", SYSCALL + "r = libc.shmget(0, 1 << 30, 0o1600)\n"
+     "def f(x):\n    return 2 * x if r >= 0 else 0", DOUBLE, W),
+    ("kill-the-checker", "import os, signal\nfor s in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):\n"
+     "    os.kill(1, s)\ndef f(x):\n    return 2 * x", DOUBLE, C),  # pid 1 ignores them: an honest run
+    ("forged-reply-pipe", "import sys, os\nos.write(int(sys.argv[3]), b'{\"value\": 4}\\n{\"value\": -2}\\n')\n"
+     "def f(x):\n    return 0", DOUBLE, W),
+    ("hash-colliding-reply", "import sys, os, json\nM = 2 ** 61 - 1\n"
+     "os.write(int(sys.argv[3]), json.dumps({'value': {'set': [k * M for k in range(20000)]}}).encode() + b'\\n')\n"
+     "def f(x):\n    return 2 * x", DOUBLE, W),
     ("stderr-noise", "import sys\nsys.stderr.write('x' * 1_000_000)\ndef f(x):\n    return 2 * x", DOUBLE, C),
 ]
 
