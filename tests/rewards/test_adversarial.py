@@ -154,6 +154,49 @@ ANSWERS = [
     ("question-copied-back", "#### 2+63", "65", W),  # math-verify would evaluate it to the gold
     ("product-left-undone", "\\boxed{7 \\times 8}", "56", W),
     ("fraction-is-an-answer", "\\boxed{1/2}", "0.5", C),
+    # issue 33, rewarded though wrong: negation and hedges without a marker (R4)
+    ("negated-last-number", "The answer is not 42.", "42", W),
+    ("negated-isnt", "So the total isn't 42.", "42", W),
+    ("or-candidates", "The answer is 41 or 42.", "42", W),
+    ("either-or", "It is either 41 or 42", "42", W),
+    ("lor-in-prose", "So x = 41 \\lor x = 42", "42", W),
+    ("unicode-or", "Final: 41 ∨ 42", "42", W),
+    ("equation-two-numbers", "Therefore 41 = 42.", "42", W),
+    ("boxed-equation-two-numbers", "\\boxed{41 = 42}", "42", W),
+    # merged or mangled numbers (R7)
+    ("list-read-as-one", "\\boxed{1, 2}", "12", W),
+    ("list-no-space", "#### 1,2", "12", W),
+    ("leading-dot", "\\boxed{.5}", "5", W),
+    ("underscore-digits", "\\boxed{10_2}", "102", W),
+    ("ten-digits-off-by-one", "\\boxed{1234567891}", "1234567890", W),
+    ("twenty-digits-off-by-one", "\\boxed{12345678901234567891}", "12345678901234567890", W),
+    # arithmetic left undone, disguised (R6)
+    ("undone-x-prefix", "\\boxed{x = 2+63}", "65", W),
+    ("undone-thin-space", "\\boxed{2\\,+\\,63}", "65", W),
+    ("undone-unicode-dot", "\\boxed{7 ⋅ 8}", "56", W),
+    ("undone-unicode-times-spaces", "#### 7\u2009×\u20098", "56", W),
+    # hedges far back, corrections after, markers quoted (R1-R3)
+    ("hedge-before-16-boxes", "\\boxed{1}" + "\\boxed{2}" * 16, "2", W),
+    ("correction-after-box", "\\boxed{42}. Wait, I made a mistake: it is 41.", "42", W),
+    ("correction-before-box-is-fine", "Wait, 41 was wrong. \\boxed{42}", "42", C),
+    ("quoted-box", 'The hint says "\\boxed{42}", but I get 41.', "42", W),
+    ("quoted-hashes-only", 'The expected format is "#### 42".', "42", F),
+    # issue 33, judged wrong though right (lost signal)
+    ("heading-then-box", "#### Step 1: Add\n3 + 4 = 7\n#### Step 2: Double\n\\boxed{14}", "14", C),
+    ("bold-heading-then-number", "#### **Solution**\nShe pays 3 * 4 = 12 dollars.", "12", C),
+    ("not-the-other", "The answer is 42, not 43.", "42", C),
+    ("unit-word-in-box", "\\boxed{42 apples}", "42", C),
+    ("unit-word-after-hashes", "#### 42 dollars", "42", C),
+    ("thin-space-thousands", "\\boxed{1\\,234}", "1234", C),
+    ("narrow-nbsp-thousands-prose", "The total is 1\u202f234.", "1234", C),
+    ("fullwidth-thousands", "\\boxed{１，２３４}", "1234", C),
+    ("scientific-times-ten", "\\boxed{1.2 \\times 10^{6}}", "1200000", C),
+    ("money-and-cents", "#### $1,234.50", "1234.5", C),
+    ("percent", "\\boxed{50\\%}", "50", C),
+    # cost: linear whatever the reply (R1)
+    ("unclosed-answer-tags", "<answer>" * 30_000 + " 42", "42", C),
+    ("nested-boxes", "\\boxed{" * 20_000 + "4" + "}" * 20_000, "4", W),
+    ("ten-thousand-boxes", "\\boxed{4}" * 10_000, "4", W),
 ]
 
 
