@@ -5,7 +5,7 @@ thousands separators only in groups of three (",", a thin or no-break space, LaT
 number), a decimal point, a leading dot (".5" is 0.5), a sign (also U+2212), a fraction (3/4, \\frac{3}{4}),
 scientific notation (1.2e6, 1.2 \\times 10^{6}), a currency sign before, a percent sign or unit words after,
 full-width and other Unicode digits. Nothing else: no underscores ("10_2"), no merged lists ("1, 2").
-`numbers_equal` compares exactly when the gold is an integer, else within a relative 1e-6.
+`numbers_equal` compares exactly when the gold has a finite decimal form, else within a relative 1e-6.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import unicodedata
 from fractions import Fraction
 
 MAX_EXPONENT = 400  # |n| in 10^n; beyond, no answer a reward compares is meant
-REL_TOL = Fraction(1, 10**6)  # for non-integer golds only
+REL_TOL = Fraction(1, 10**6)  # only for golds without a finite decimal form (1/3)
 
 THIN = "\ue000"  # every thin or no-break space, and LaTeX's spacing commands, become this (NFKC-stable) character
 _SPACES = re.compile(r"\\[,;:! ]|~|[\u00a0\u2007\u2009\u202f\u2002-\u2006\u2008\u200a]")
@@ -112,11 +112,18 @@ def _decimal(digits: str) -> Fraction:
 
 
 def numbers_equal(predicted: Fraction, gold: Fraction) -> bool:
-    """Exact for an integer gold; within a relative REL_TOL for any other.
+    """Exact for a gold with a finite decimal form (integers, 12.25); within a relative REL_TOL for any other
+    (1/3, which no decimal answer can equal exactly).
 
     >>> numbers_equal(Fraction(1234567891), Fraction(1234567890)), numbers_equal(Fraction("0.3333334"), Fraction(1, 3))
     (False, True)
+    >>> numbers_equal(Fraction(10000), Fraction("10000.01")), numbers_equal(Fraction("12.250"), Fraction("12.25"))
+    (False, True)
     """
-    if gold.denominator == 1:
+    denominator = gold.denominator
+    for factor in (2, 5):
+        while denominator % factor == 0:
+            denominator //= factor
+    if denominator == 1:
         return predicted == gold
     return abs(predicted - gold) <= REL_TOL * max(1, abs(gold))
