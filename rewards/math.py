@@ -46,7 +46,7 @@ _NUMBER = re.compile(
     rf"|\d{{1,3}}(?:{_SEP}\d{{3}})+(?:\.\d+)?(?!\d)"
     r"|\d+(?:\.\d+)?|(?<!\d)\.\d+)"
 )
-_NEGATION = re.compile(r"\b(?:not|never|no|isn't|aren't|wasn't|cannot|can't|won't)\b[^\d]{0,24}$", re.IGNORECASE)
+_NEGATION = re.compile(r"\b(?:not|never|isn't|aren't|wasn't|cannot|can't|won't)\b[^\d]{0,16}$", re.IGNORECASE)
 _OR = re.compile(r"(?<![\\a-zA-Z])(?:or|either)(?![a-zA-Z])|\\lor(?![a-zA-Z])|\\vee(?![a-zA-Z])|∨", re.IGNORECASE)
 _CORRECTION = re.compile(r"\b(?:wait|actually|correction|mistake|oops|sorry|instead|rather|i meant|scratch that|"
                          r"on second thought|hmm|no,)", re.IGNORECASE)

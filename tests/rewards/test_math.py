@@ -137,6 +137,8 @@ RULES = {
         ("So 3 + 4 = 7.", "7", C),
         ("2 hours = 120 minutes", "120", C),  # a unit between: not two bare numbers
         ("It is 8 or 9. Then the total is 7.", "7", C),  # only the final statement counts
+        ("I have no doubt that the answer is 7.", "7", C),  # "no" is no negation of the number
+        ("The answer is not equal to 7.", "7", W),
     ],
     "R5-nothing": [("I cannot tell.", "7", F), ("", "7", F)],
     "R6-unread": [
