@@ -31,6 +31,7 @@ from rlkit.config import RecipeConfig, RecipeError, to_yaml
 from rlkit.evaluate import evaluate, evaluate_sets, log_evaluation
 from rlkit.modeling import build_char_tokenizer, check_context, init_model, load_tokenizer, quiet_checkpoint_bars, \
     resolve_model_path, save_checkpoint
+from rlkit.precision import resolve_recipe
 from rlkit.prepare import EvalSet, describe, prepare_run_data
 from rlkit.tracking import RunLogger
 
@@ -99,6 +100,7 @@ def run(cfg: RecipeConfig) -> dict:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.trainer.seed)
+    cfg = resolve_recipe(cfg)  # `auto` dtypes decided once, for the devices the workers use; logged with the reason
     recipe_yaml = to_yaml(cfg)
     if any(s.kind == "grpo" for s in cfg.stages):
         get_estimator(cfg.algo.advantage_estimator)  # an unknown estimator or import path fails here too

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["rewards.math", "rewards.honesty", "rewards.code", "rewards.logic", "rewards.format", "rewards.judge"]
+MODULES = ["rewards.math", "rewards.numeric", "rewards.honesty", "rewards.code", "rewards.logic", "rewards.format", "rewards.judge"]
 
 
 @pytest.mark.parametrize("name", MODULES)
