@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.test_quickstart import REPO, read_metrics, run
+from tests.test_quickstart import FLOAT32, REPO, read_metrics, run
 from tests.test_resume import latest_point
 
 FAST = ["logging.wandb_mode=disabled", "data.num_eval=20",
@@ -80,7 +80,7 @@ def test_an_output_dir_the_worker_node_cannot_see_fails_in_one_line(world):
 
 GRPO_STEPS = 4  # killed at step 2 (a resume point every 2 steps): 2 steps run after the resume
 # short stages: the runs are compared with each other, not with a bar (most of their time is starting engines)
-SHOW = ["logging.wandb_mode=disabled", "logging.log_every=1", "data.num_eval=20", "checkpoint.every=2",
+SHOW = [*FLOAT32, "logging.wandb_mode=disabled", "logging.log_every=1", "data.num_eval=20", "checkpoint.every=2",
         "cluster.placement=spread",  # one trainer rank and one engine per node (one node: both on it)
         f"stages=[{{kind: sft, steps: 16, batch_size: 32, lr: 1.0e-3}}, {{kind: grpo, steps: {GRPO_STEPS}, "
         "batch_size: 4, lr: 1.0e-4}]"]
