@@ -159,8 +159,9 @@ class Cluster:
 
             if not ray.is_initialized():
                 c = cfg.cluster
-                wanted = (c.trainer_ranks * c.cpus_per_trainer + c.rollout_engines * c.cpus_per_engine + 1
-                          + cfg.reward.num_workers)  # + the reference and the scorer's worker processes
+                # the policy's and a critic's ranks, the engines, the reference and the scorer's worker processes
+                wanted = (2 * c.trainer_ranks * c.cpus_per_trainer + c.rollout_engines * c.cpus_per_engine + 1
+                          + cfg.reward.num_workers)
                 placement.init_ray(ray, c, wanted)
             self.ray = ray
 
@@ -243,8 +244,12 @@ class Cluster:
             return build_scorer(self.cfg.reward)  # a reward that cannot be built is a RecipeError
         c = self.cfg.cluster  # a batched reward's engine (the LLM judge) becomes an actor of its own
         make_engine = functools.partial(judge_engine_actor, c.gpus_per_engine)
-        # it reserves the CPUs its worker processes (reward.num_workers) use: Ray would not count them otherwise
-        handle = self._actor(Scorer, self.cfg.reward.num_workers, 0).remote(scorer_config(self.cfg.reward), make_engine)
+        # it reserves the CPUs its worker processes use (Ray would not count them), in a placement group of its own:
+        # a cluster without a node that has them fails here in one line, rather than waiting for ever
+        cpus = self.cfg.reward.num_workers
+        group = self._place("reward scorer (reward.num_workers CPUs on one node)", 1, cpus, 0, "pack")
+        handle = self._actor(Scorer, cpus, 0).options(**placement.in_bundle(group, 0)).remote(
+            scorer_config(self.cfg.reward), make_engine)
         try:  # the rewards are built in the actor's constructor: a bad one fails here, not at the first score
             self.ray.get(handle.__ray_ready__.remote())
         except self.ray.exceptions.RayActorError as e:

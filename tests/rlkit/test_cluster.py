@@ -232,3 +232,13 @@ def test_the_storage_check_passes_on_one_node_and_leaves_nothing(clusters, tmp_p
     _, cluster = clusters
     cluster.check_storage(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scorer_no_node_can_hold_fails_in_one_line_naming_it(clusters):
+    """The scorer reserves its worker processes' CPUs in a placement group: more than any node has fails, not waits."""
+    _, cluster = clusters
+    cfg = dataclasses.replace(cluster.cfg, reward=RewardConfig(num_workers=64),
+                              cluster=dataclasses.replace(cluster.cfg.cluster, placement_timeout_s=1.0))
+    with pytest.raises(RecipeError, match=r"^cluster: could not place the reward scorer \(reward.num_workers CPUs on "
+                                          r"one node\): 1 x \{'CPU': 64\}"):
+        Cluster(cfg).scorer()
