@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from rewards.base import RewardResult, Sample, Verdict
+from rlkit.rewards.base import RewardResult, Sample, Verdict
 
 # A sign only where it cannot be a minus between two terms ("10-7" ends in 7, not -7); thousands separators
 # only in groups of three, so "3,4,5" is not read as 345.

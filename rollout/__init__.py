@@ -1,8 +1,8 @@
 """Rollout engines: sampling completions with log-probs, and taking weights from the trainer.
 
 `EngineConfig` is what an engine needs, and lives here (torch-free) so that a reward describing its own engine
-(rewards.judge) imports no engine code. rlkit turns its recipe's `rollout` section into one
-(rlkit.cluster.engine_config); this package imports nothing of rlkit.
+(rlkit.rewards.judge) imports no engine code. rlkit turns its recipe's `rollout` section into one
+(rlkit.runtime.cluster.engine_config); this package imports nothing of rlkit.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """The settings of one `rollout.vllm_engine.VllmRollout`. The defaults equal the recipe's `rollout` section
-    (tests/rlkit/test_cluster.py checks that they agree); see rlkit.config.RolloutConfig for each field's story."""
+    """The settings of one `rlkit.rollout.vllm_engine.VllmRollout`. The defaults equal the recipe's `rollout` section
+    (tests/runtime/test_cluster.py checks that they agree); see rlkit.recipe.RolloutConfig for each field's story."""
 
     temperature: float = 1.0  # default sampling temperature of `generate`
     top_p: float = 1.0  # nucleus sampling when temperature > 0

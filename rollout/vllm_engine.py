@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from rollout import EngineConfig
-from rollout.vllm_console import quiet_vllm_console, remove_segments, shm_segments
+from rlkit.rollout import EngineConfig
+from rlkit.rollout.vllm_console import quiet_vllm_console, remove_segments, shm_segments
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Stage algorithms: each module has `train(ctx)` that runs one stage of a recipe; `STAGES` maps each kind to it.
 What a kind is to a recipe (its fields, rows per step, checks, whether it syncs every step) is
-rlkit.stage_kinds.STAGE_KINDS; a test holds the two tables to the same kinds."""
+rlkit.recipe.stage_kinds.STAGE_KINDS; a test holds the two tables to the same kinds."""
 
 from __future__ import annotations
 

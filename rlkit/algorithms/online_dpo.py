@@ -13,8 +13,8 @@ import random
 
 from rlkit.algorithms.common import StageContext, sampled_reply
 from rlkit.algorithms.dpo import train_step
-from rlkit.data import BatchSampler
-from rewards.base import Verdict
+from rlkit.data.tasks import BatchSampler
+from rlkit.rewards.base import Verdict
 
 
 def pick_pair(texts: list[str], scores: list[float], verdicts: list[Verdict], valid: list[bool]):
