@@ -24,6 +24,8 @@ from rlkit.envs.base import Environment, Message, StepResult
 from rlkit.envs.tools import ToolEnv, build_tools
 from rlkit.rewards.registry import RewardConfigError, load_class
 from rlkit.recipe import EnvConfig, RecipeError
+from rlkit.recipe import names
+from rlkit.recipe.names import Registry
 
 ENV_THREADS = 8  # environments stepping at once (a python tool call is a sandboxed process)
 
@@ -206,17 +208,27 @@ def episode_sampler(cfg, pool, renderer) -> EpisodeSampler | None:
                           cfg.rollout.max_new_tokens)
 
 
+# env.name: name -> f(env section) -> a factory of a new environment per episode (env.import_path: a user's class)
+ENVIRONMENTS: Registry[Callable[[EnvConfig], Callable[[], Environment]]] = Registry("env.name", names.ENVIRONMENTS)
+
+
+@ENVIRONMENTS.register("tools")
+def tool_env(cfg: EnvConfig) -> Callable[[], Environment]:
+    """Built-in tools (rlkit.envs.tools), made once and shared: ToolEnv keeps no state between steps."""
+    try:
+        env = ToolEnv(build_tools(cfg.tools, cfg.tool_options), **cfg.kwargs)
+    except TypeError as e:
+        raise RecipeError(f"env.kwargs / env.tool_options: {e}") from e
+    return lambda: env
+
+
 def make_env_factory(cfg: EnvConfig) -> Callable[[], Environment] | None:
-    """A new environment per episode from the recipe's `env` section (None without one). Built-in tools are made
-    once and shared: ToolEnv keeps no state between steps."""
+    """A new environment per episode from the recipe's `env` section (None without one): a built-in by name
+    (ENVIRONMENTS), or the class at env.import_path."""
     if not cfg.enabled:
         return None
-    if cfg.name == "tools":
-        try:
-            env = ToolEnv(build_tools(cfg.tools, cfg.tool_options), **cfg.kwargs)
-        except TypeError as e:
-            raise RecipeError(f"env.kwargs / env.tool_options: {e}") from e
-        return lambda: env
+    if cfg.name:
+        return ENVIRONMENTS.get(cfg.name)(cfg)
     try:
         cls = load_class(cfg.import_path, "env.import_path")  # the loader user rewards go through
     except RewardConfigError as e:

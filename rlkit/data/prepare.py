@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from rlkit.data.chat import Example, Pair, Renderer
 from rlkit.recipe import DataConfig, RecipeConfig, RecipeError, looks_local
 from rlkit.data.tasks import Preference, Problem, synthetic_splits
+from rlkit.recipe.stage_kinds import STAGE_KINDS
 from rlkit.data.sources import read_rows, to_records
 
 log = logging.getLogger(__name__)
@@ -60,15 +61,8 @@ class RunData:
 
 
 def needs(cfg: RecipeConfig, index: int) -> str:
-    """What stage `index` trains on: "problems", "examples", "pairs" or "" (nothing)."""
-    stage = cfg.stages[index]
-    if stage.kind == "average":
-        return ""
-    if stage.kind == "sft":
-        return "examples"
-    if stage.kind == "dpo" and stage.pairs == "dataset":
-        return "pairs"
-    return "problems"
+    """What stage `index` trains on: "problems", "examples", "pairs" or "" (nothing); its kind's record says."""
+    return STAGE_KINDS[cfg.stages[index].kind].data(cfg.stages[index])
 
 
 class _Rows:

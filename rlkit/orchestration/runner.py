@@ -21,14 +21,15 @@ import yaml
 from omegaconf import OmegaConf
 
 from rlkit.algorithms.advantages import get_estimator
-from rlkit.algorithms import STAGES, average
 from rlkit.algorithms.common import StageContext, Workers
 from rlkit.data.chat import stop_token_ids
 from rlkit.runtime.checkpoint import Checkpointer, ResumePoint, RunState, split_metrics
 from rlkit.runtime.cluster import Cluster
 from rlkit.algorithms.episodes import episode_sampler
 from rlkit.recipe import RecipeConfig, RecipeError, stage_updates, to_yaml
+from rlkit.recipe.stage_kinds import STAGE_KINDS
 from rlkit.algorithms.evaluate import evaluate, evaluate_sets, log_evaluation
+from rlkit.training.losses import resolve_switches
 from rlkit.training.modeling import build_char_tokenizer, check_context, init_model, load_tokenizer, quiet_checkpoint_bars, \
     resolve_model_path, save_checkpoint
 from rlkit.data.prepare import EvalSet, describe, prepare_run_data
@@ -100,8 +101,9 @@ def run(cfg: RecipeConfig) -> dict:
         torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.trainer.seed)
     recipe_yaml = to_yaml(cfg)
-    if any(s.kind == "grpo" for s in cfg.stages):
+    if any(STAGE_KINDS[s.kind].uses_advantage_estimator for s in cfg.stages):
         get_estimator(cfg.algo.advantage_estimator)  # an unknown estimator or import path fails here too
+    resolve_switches(cfg.algo, cfg.ref)  # and so does a loss switch's import path
     resume = find_resume_point(cfg, recipe_yaml)
     if resume is not None and resume.state.stage >= len(cfg.stages):
         print(f"{cfg.logging.output_dir}: the run has already finished; nothing to resume", flush=True)
@@ -163,7 +165,7 @@ def run(cfg: RecipeConfig) -> dict:
         print(f"held-out accuracy before stage {state.stage}: {accuracy_text(data.evals, state.before)}", flush=True)
         for index in range(state.stage, len(cfg.stages)):
             stage, t0 = cfg.stages[index], time.perf_counter()
-            trainer = None if stage.kind == "average" else cluster.trainer_group(
+            trainer = None if not STAGE_KINDS[stage.kind].trains_model else cluster.trainer_group(
                 state.model_path, cfg.stage_lr(index), cfg.stage_warmup(index), stage_updates(cfg, index))
             stage_data = data.stages[index]
             ctx = StageContext(cfg, stage, index, state.model_path, stage_data,
@@ -225,13 +227,14 @@ def copy_checkpoint(source: Path, target: Path) -> None:
 
 def run_stage(ctx: StageContext, recipe_yaml: str) -> str:
     """Train one stage from ctx.model_path; returns the path of its checkpoint."""
-    kind, trainer = ctx.stage.kind, ctx.workers.trainer
-    if kind == "average":  # no training: the average of earlier checkpoints
-        return average.run(ctx, recipe_yaml)
-    STAGES[kind](ctx)  # validate() admits only the kinds STAGES holds
+    kind, trainer = STAGE_KINDS[ctx.stage.kind], ctx.workers.trainer  # validate() admits only STAGE_KINDS' kinds
+    train = kind.load_train()
+    if not kind.trains_model:  # e.g. average: a checkpoint made from earlier ones
+        return train(ctx, recipe_yaml)
+    train(ctx)
     if not ctx.syncs_every_step:
         ctx.workers.sync_policy()
     path = trainer.save(str(ctx.logger.run_dir / "checkpoints" / ctx.checkpoint_name), ctx.model_path, recipe_yaml,
-                        {"stage": ctx.index, "kind": kind})
+                        {"stage": ctx.index, "kind": ctx.stage.kind})
     ctx.workers.cluster.release(trainer)
     return path

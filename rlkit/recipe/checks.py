@@ -8,9 +8,11 @@ import math
 import re
 from pathlib import Path
 
-from rlkit.recipe.config import (DATA_FORMATS, ENV_NAMES, EVAL_SET_NAME, MAX_ENGINE_LORA_RANK, RESERVED_EVAL_NAMES,
+from rlkit.recipe import names
+from rlkit.recipe.config import (DATA_FORMATS, EVAL_SET_NAME, MAX_ENGINE_LORA_RANK, RESERVED_EVAL_NAMES,
                                  DataConfig, RecipeConfig, looks_local)
 from rlkit.recipe.errors import RecipeError
+from rlkit.recipe.names import check_switch
 from rlkit.recipe.stage_kinds import check_stage, one_of as _one_of
 
 
@@ -24,7 +26,7 @@ NUMERIC_RANGES = {
             "cluster.trainer_ranks", "reward.num_workers", "reward.timeout_s", "logging.log_every"],
     ">= 0": ["rollout.temperature", "ref.kl_coef", "trainer.weight_decay", "trainer.warmup_steps",
              "trainer.num_threads", "trainer.lora_rank", "trainer.micro_batch_tokens", "algo.tis_cap",
-             "algo.overlong_buffer", "algo.overlong_penalty", "algo.dpo_nll_coef", "algo.value_coef",
+             "algo.overlong_buffer", "algo.overlong_penalty", "algo.dpo_nll_coef",
              "algo.entropy_coef", "algo.target_kl", "rollout.max_staleness",
              "logging.eval_temperature", "logging.eval_sample_temperature", "cluster.cpus_per_trainer",
              "cluster.gpus_per_trainer", "cluster.cpus_per_engine", "cluster.gpus_per_engine", "checkpoint.every"],
@@ -57,18 +59,43 @@ def check_ranges(cfg: RecipeConfig) -> None:
 
 
 def validate(cfg: RecipeConfig) -> None:
-    """Checks that span fields or sections; each names the field and the fix."""
+    """Checks that span fields or sections; each names the field and the fix. In this order, so a recipe with
+    several faults reports the same first one whatever changes elsewhere."""
     check_ranges(cfg)
     if not cfg.stages:
         raise RecipeError("stages: the recipe has no stages; add at least one, e.g. [{kind: sft}]")
     for i in range(len(cfg.stages)):
         check_stage(cfg, i)  # its kind's fields and checks (rlkit.recipe.stage_kinds)
+    check_algorithm(cfg)
+    check_trainer(cfg)
+    check_logging(cfg)
+    _one_of("resume", cfg.resume, ("never", "auto"))
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
+        raise RecipeError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+    _one_of("reward.on_error", cfg.reward.on_error, ("exclude", "score", "fail"))
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise RecipeError(
+            f"model.hidden_size: {cfg.model.hidden_size} is not divisible by model.num_heads={cfg.model.num_heads}"
+        )
+    check_data("data", cfg.data)
+    for i, stage in enumerate(cfg.stages):
+        if stage.data:
+            check_data(f"stages.{i}.data", cfg.stage_data(i))
+    check_eval_sets(cfg)
+    check_cluster(cfg)
+    check_env(cfg)
+    check_rewards(cfg)
+
+
+def check_algorithm(cfg: RecipeConfig) -> None:
+    """The engines' dtype, the named switches of ref and algo (a built-in name from rlkit.recipe.names, or an import
+    path), and how they combine."""
     _one_of("rollout.dtype", cfg.rollout.dtype, ("auto", "float32", "bfloat16", "float16"))
-    _one_of("ref.kl_estimator", cfg.ref.kl_estimator, ("k1", "k2", "k3"))
+    check_switch("ref.kl_estimator", cfg.ref.kl_estimator, names.KL_ESTIMATORS)
     _one_of("ref.kl_in", cfg.ref.kl_in, ("loss", "reward"))
-    _one_of("algo.loss_agg", cfg.algo.loss_agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+    check_switch("algo.loss_agg", cfg.algo.loss_agg, names.LOSS_AGGREGATIONS)
     _one_of("algo.ratio_level", cfg.algo.ratio_level, ("token", "sequence"))
-    _one_of("algo.pg_loss", cfg.algo.pg_loss, ("clip", "cispo"))
+    check_switch("algo.pg_loss", cfg.algo.pg_loss, names.POLICY_LOSSES)
     if cfg.algo.ratio_level == "sequence" and (cfg.algo.loss_agg, cfg.algo.pg_loss) != ("seq-mean-token-mean", "clip"):
         raise RecipeError(
             f"algo.ratio_level: 'sequence' is GSPO, whose clipped objective averages each sequence, then the "
@@ -81,7 +108,11 @@ def validate(cfg: RecipeConfig) -> None:
         )
     if cfg.algo.resample_rounds < 1:
         raise RecipeError(f"algo.resample_rounds: must be >= 1, got {cfg.algo.resample_rounds}")
-    _one_of("algo.dpo_loss", cfg.algo.dpo_loss, ("sigmoid", "ipo"))
+    check_switch("algo.dpo_loss", cfg.algo.dpo_loss, names.DPO_LOSSES)
+
+
+def check_trainer(cfg: RecipeConfig) -> None:
+    """Precision, attention, LoRA, schedule and compile settings of the trainer and the reference."""
     _one_of("trainer.dtype", cfg.trainer.dtype, ("float32", "bfloat16", "float64"))
     _one_of("trainer.attn_implementation", cfg.trainer.attn_implementation,
             ("auto", "sdpa", "eager", "flash_attention_2"))
@@ -98,6 +129,9 @@ def validate(cfg: RecipeConfig) -> None:
         if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
             raise RecipeError("trainer.compile: torch.compile's Inductor needs a C++ compiler and none (g++, c++, "
                               "clang++) is on PATH; install one (apt-get install g++) or set trainer.compile=false")
+
+
+def check_logging(cfg: RecipeConfig) -> None:
     _one_of("logging.best_metric", cfg.logging.best_metric, ("accuracy", "mean_reward"))
     if cfg.logging.eval_every < 0 or cfg.logging.log_every < 1:
         raise RecipeError("logging.eval_every must be >= 0 and logging.log_every >= 1")
@@ -108,19 +142,10 @@ def validate(cfg: RecipeConfig) -> None:
                           f"({lg.eval_samples}), got {list(lg.eval_pass_k)}")
     if lg.eval_samples < 0 or lg.table_rows < 0 or lg.completions_every < 0:
         raise RecipeError("logging.eval_samples, logging.table_rows and logging.completions_every must be >= 0")
-    _one_of("resume", cfg.resume, ("never", "auto"))
-    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
-        raise RecipeError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
-    _one_of("reward.on_error", cfg.reward.on_error, ("exclude", "score", "fail"))
-    if cfg.model.hidden_size % cfg.model.num_heads:
-        raise RecipeError(
-            f"model.hidden_size: {cfg.model.hidden_size} is not divisible by model.num_heads={cfg.model.num_heads}"
-        )
-    check_data("data", cfg.data)
-    for i, stage in enumerate(cfg.stages):
-        if stage.data:
-            check_data(f"stages.{i}.data", cfg.stage_data(i))
-    check_eval_sets(cfg)
+
+
+def check_cluster(cfg: RecipeConfig) -> None:
+    """The backend, and asynchronous sampling's need for the decoupled objective."""
     _one_of("cluster.backend", cfg.cluster.backend, ("local", "ray"))
     if cfg.cluster.trainer_ranks > 1 and cfg.cluster.backend != "ray":
         raise RecipeError("cluster.trainer_ranks: more than one rank needs cluster.backend=ray")
@@ -131,7 +156,9 @@ def validate(cfg: RecipeConfig) -> None:
             f"rollout.max_staleness: {cfg.rollout.max_staleness} trains on samples from older weights, which the "
             "decoupled objective corrects with truncated importance weights; set algo.tis_cap (e.g. 2.0)"
         )
-    check_env(cfg)
+
+
+def check_rewards(cfg: RecipeConfig) -> None:
     if not cfg.reward.rewards:
         raise RecipeError("reward.rewards: empty; name at least one reward, e.g. [{name: math}]")
     for i, spec in enumerate(cfg.reward.rewards):
@@ -144,8 +171,8 @@ def validate(cfg: RecipeConfig) -> None:
 def check_env(cfg: RecipeConfig) -> None:
     """The env section and the episode limits: a known environment, turns and a token budget that fit the context."""
     env, rollout = cfg.env, cfg.rollout
-    if env.name not in ENV_NAMES:
-        raise RecipeError(f"env.name: '{env.name}' is not one of tools, '' (no environment); "
+    if env.name and env.name not in names.ENVIRONMENTS:
+        raise RecipeError(f"env.name: '{env.name}' is not one of {', '.join(names.ENVIRONMENTS)}, '' (no environment); "
                           "your own environment comes in by env.import_path")
     if env.name and env.import_path:
         raise RecipeError(f"env: give a built-in name or an import_path, not both (got '{env.name}' and "

@@ -113,9 +113,6 @@ class EnvConfig:
         return bool(self.name or self.import_path)
 
 
-ENV_NAMES = ("", "tools")
-
-
 @dataclass(frozen=True)
 class RewardSpec:
     name: str = ""  # built-in: math, honesty, code, logic, format; or the logged label of an `import_path` class
@@ -230,7 +227,6 @@ class AlgoConfig:
     dpo_length_normalize: Optional[bool] = None
     gamma: float = 1.0  # PPO discount
     gae_lambda: float = 0.95  # PPO GAE lambda
-    value_coef: float = 0.5
     value_clip: float = 0.2
 
     @property

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from rlkit.recipe.config import RecipeConfig, StageConfig
 from rlkit.recipe.errors import RecipeError
+from rlkit.recipe.names import load_object
 
 # StageConfig fields every kind reads (an average stage ignores steps and batch_size: it trains nothing)
 COMMON_FIELDS = ("kind", "name", "steps", "batch_size", "lr", "warmup_steps", "save_every", "data")
@@ -32,15 +33,32 @@ def _minibatch_steps(cfg: RecipeConfig) -> int:  # grpo, ppo
     return cfg.algo.ppo_epochs * cfg.algo.ppo_minibatches
 
 
+def _problems(stage: StageConfig) -> str:  # the stages that sample: prompts with gold answers
+    return "problems"
+
+
 @dataclass(frozen=True)
 class StageKind:
+    # "pkg.module:function", the kind's train(ctx): it trains ctx.workers.trainer from ctx.model_path; the runner then
+    # syncs the engines (unless syncs_every_step did) and saves the stage's checkpoint. A kind that trains no model
+    # (trains_model False) has train(ctx, recipe_yaml) -> the checkpoint folder it wrote
+    train: str
+    # what it trains on, given its stage: "problems" (prompts with gold answers), "examples" (SFT targets), "pairs"
+    # (a preference dataset) or "" (nothing); rlkit.data.prepare reads and checks it at load
+    data: Callable[[StageConfig], str] = _problems
     fields: tuple[str, ...] = ()  # the StageConfig fields beyond COMMON_FIELDS that the kind reads
     # rows of one step that stay together on one trainer rank: sequences, or DPO pairs (a pair's two sequences are
     # never split)
     rows: Callable[[RecipeConfig, StageConfig], int] = _batch
+    trains_model: bool = True  # False: no trainer group is made (average: a checkpoint from earlier ones)
     syncs_every_step: bool = False  # the engines take the weights after every step (else once, at the stage's end)
+    uses_advantage_estimator: bool = False  # algo.advantage_estimator is resolved before the run starts
     updates_per_step: Callable[[RecipeConfig], int] = _one  # optimizer steps of one stage step
     check: Optional[Callable[[RecipeConfig, int], None]] = None  # the kind's own checks of stages.<i>
+
+    def load_train(self) -> Callable:
+        """The kind's train function, imported now (torch and the algorithm's modules load here, not at recipe load)."""
+        return load_object(self.train, "stage kind train")
 
 
 def checkpoint_name(stage: StageConfig, index: int) -> str:
@@ -120,14 +138,18 @@ def _check_average(cfg: RecipeConfig, i: int) -> None:
 
 
 STAGE_KINDS = {
-    "sft": StageKind(),
-    "dpo": StageKind(("pairs", "rounds", "samples"), check=_check_dpo),
-    "grpo": StageKind(rows=lambda cfg, stage: stage.batch_size * cfg.algo.group_size, syncs_every_step=True,
-                      updates_per_step=_minibatch_steps, check=_check_grpo),
-    "ppo": StageKind(syncs_every_step=True, updates_per_step=_minibatch_steps, check=_check_minibatches),
-    "rft": StageKind(("samples", "keep"), check=_check_sampling),
-    "distill": StageKind(("samples", "keep", "teacher"), check=_check_distill),
-    "average": StageKind(("source", "last", "method", "ema_decay"), check=_check_average),
+    "sft": StageKind("rlkit.algorithms.sft:train", data=lambda stage: "examples"),
+    "dpo": StageKind("rlkit.algorithms.online_dpo:train_dpo", fields=("pairs", "rounds", "samples"), check=_check_dpo,
+                     data=lambda stage: "pairs" if stage.pairs == "dataset" else "problems"),
+    "grpo": StageKind("rlkit.algorithms.grpo:train", rows=lambda cfg, stage: stage.batch_size * cfg.algo.group_size,
+                      syncs_every_step=True, uses_advantage_estimator=True, updates_per_step=_minibatch_steps,
+                      check=_check_grpo),
+    "ppo": StageKind("rlkit.algorithms.ppo:train", syncs_every_step=True, updates_per_step=_minibatch_steps,
+                     check=_check_minibatches),
+    "rft": StageKind("rlkit.algorithms.rft:train", fields=("samples", "keep"), check=_check_sampling),
+    "distill": StageKind("rlkit.algorithms.rft:train", fields=("samples", "keep", "teacher"), check=_check_distill),
+    "average": StageKind("rlkit.algorithms.average:run", data=lambda stage: "", trains_model=False,
+                         fields=("source", "last", "method", "ema_decay"), check=_check_average),
 }
 
 

@@ -1,5 +1,9 @@
 """Losses and KL estimators: small pure functions (torch only), and the losses the trainer runs as objects.
 
+Each named switch of the recipe has one registry here (rlkit.recipe.names.Registry): POLICY_LOSSES (algo.pg_loss),
+KL_ESTIMATORS (ref.kl_estimator), DPO_LOSSES (algo.dpo_loss) and LOSS_AGGREGATIONS (algo.loss_agg). Built-ins register
+by name beside their code; a recipe may name its own function by "pkg.module:name" instead.
+
 A loss object holds its settings (built once from the recipe, `from_config`) and has one signature:
 `loss(out, batch) -> (scalar, stats)` on one micro-batch, `out` being the model's forward of its rows (`Forward`
 for the policy, values for the critic). Its stats are a typed frozen dataclass (torchtune's `PPOStats` style) whose
@@ -16,13 +20,20 @@ Shapes: B sequences, T target positions; `mask` is 1.0 on positions that count (
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 
 from rlkit.recipe import AlgoConfig, RefConfig
+from rlkit.recipe import names
+from rlkit.recipe.names import Registry
 from rlkit.training.batches import PairBatch, PolicyBatch, SFTBatch, ValueBatch
+
+
+# ref.kl_estimator: name -> f(logprobs, ref_logprobs) -> (B, T) per-token estimate of KL(pi || ref)
+KL_ESTIMATORS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("ref.kl_estimator",
+                                                                                        names.KL_ESTIMATORS)
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3") -> torch.Tensor:
@@ -30,34 +41,67 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
 
     With log-ratio r = ref - logp: k1 = -r, k2 = r^2 / 2, k3 = exp(r) - 1 - r (unbiased and >= 0).
     """
+    return KL_ESTIMATORS.get(kind)(logprobs, ref_logprobs)
+
+
+@KL_ESTIMATORS.register("k1")
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    return -(ref_logprobs - logprobs)
+
+
+@KL_ESTIMATORS.register("k2")
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (ref_logprobs - logprobs) ** 2
+
+
+@KL_ESTIMATORS.register("k3")
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     log_ratio = ref_logprobs - logprobs  # (B, T)
-    if kind == "k1":
-        return -log_ratio
-    if kind == "k2":
-        return 0.5 * log_ratio**2
-    if kind == "k3":
-        # Clamp guards exp overflow when the policy has drifted far; the value is then huge anyway.
-        return torch.exp(log_ratio.clamp(max=20.0)) - 1.0 - log_ratio
-    raise ValueError(f"kl estimator '{kind}' is not one of k1, k2, k3")
+    # Clamp guards exp overflow when the policy has drifted far; the value is then huge anyway.
+    return torch.exp(log_ratio.clamp(max=20.0)) - 1.0 - log_ratio
 
 
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+@dataclass(frozen=True)
+class LossAggregation:
+    """How a (B, T) per-token loss becomes the step's scalar: `normalizer(mask, max_tokens)` over the whole step
+    batch, and `aggregate(loss, mask, normalizer)` on each micro-batch (sums, so micro-batches add up)."""
+
+    normalizer: Callable[[torch.Tensor, int], torch.Tensor]
+    aggregate: Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | float"], torch.Tensor]
+
+
+def _sum_tokens(loss: torch.Tensor, mask: torch.Tensor, normalizer: torch.Tensor | float) -> torch.Tensor:
+    return (loss * mask).sum() / normalizer
+
+
+def _mean_tokens_per_sequence(loss: torch.Tensor, mask: torch.Tensor, normalizer: torch.Tensor | float) -> torch.Tensor:
+    per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
+    return per_seq.sum() / normalizer
+
+
+def _generation_budget(mask: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    if max_tokens < 1:
+        raise ValueError(f"loss aggregation 'seq-mean-token-sum-norm' needs the generation budget max_tokens >= 1, "
+                         f"got {max_tokens}")
+    return torch.tensor(float(mask.shape[0] * max_tokens), device=mask.device)
+
+
+# algo.loss_agg: name -> LossAggregation. token-mean (DAPO) divides by the step batch's tokens; seq-mean-token-mean
+# (GRPO) averages each sequence over its own tokens, then over the sequences; seq-mean-token-sum-norm (Dr.GRPO, Liu
+# et al. 2025, "Understanding R1-Zero-Like Training") sums every token and divides by sequences x the generation
+# budget, a constant that removes the per-sequence length normalisation (TRL's `dr_grpo`: B x max_completion_length)
+LOSS_AGGREGATIONS: Registry[LossAggregation] = Registry("algo.loss_agg", names.LOSS_AGGREGATIONS)
+LOSS_AGGREGATIONS.register("token-mean")(LossAggregation(lambda mask, max_tokens: mask.sum().clamp(min=1.0),
+                                                         _sum_tokens))
+LOSS_AGGREGATIONS.register("seq-mean-token-mean")(LossAggregation(
+    lambda mask, max_tokens: torch.tensor(float(mask.shape[0]), device=mask.device), _mean_tokens_per_sequence))
+LOSS_AGGREGATIONS.register("seq-mean-token-sum-norm")(LossAggregation(_generation_budget, _sum_tokens))
 
 
 def token_normalizer(mask: torch.Tensor, mode: str, max_tokens: int = 0) -> torch.Tensor:
-    """The divisor for `aggregate` over the whole step batch (B, T) `mask`: its tokens (token-mean, DAPO), its
-    sequences (seq-mean-token-mean, GRPO), or sequences x `max_tokens`, the generation budget
-    (seq-mean-token-sum-norm: Dr.GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training", whose constant
-    divisor removes the per-sequence length normalisation; TRL's `dr_grpo` divides by B x max_completion_length)."""
-    if mode == "token-mean":
-        return mask.sum().clamp(min=1.0)
-    if mode == "seq-mean-token-mean":
-        return torch.tensor(float(mask.shape[0]), device=mask.device)
-    if mode == "seq-mean-token-sum-norm":
-        if max_tokens < 1:
-            raise ValueError(f"loss aggregation '{mode}' needs the generation budget max_tokens >= 1, got {max_tokens}")
-        return torch.tensor(float(mask.shape[0] * max_tokens), device=mask.device)
-    raise ValueError(f"loss aggregation '{mode}' is not one of {', '.join(LOSS_AGGREGATIONS)}")
+    """The divisor for `aggregate` over the whole step batch (B, T) `mask`: its tokens (token-mean), its sequences
+    (seq-mean-token-mean), or sequences x `max_tokens`, the generation budget (seq-mean-token-sum-norm)."""
+    return LOSS_AGGREGATIONS.get(mode).normalizer(mask, max_tokens)
 
 
 def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: torch.Tensor | float) -> torch.Tensor:
@@ -66,10 +110,7 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: tor
     seq-mean-token-mean first averages each sequence over its own tokens, so long and short answers weigh the same;
     token-mean and seq-mean-token-sum-norm sum every token, and differ only in the normaliser.
     """
-    if mode == "seq-mean-token-mean":
-        per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
-        return per_seq.sum() / normalizer
-    return (loss * mask).sum() / normalizer
+    return LOSS_AGGREGATIONS.get(mode).aggregate(loss, mask, normalizer)
 
 
 def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, normalizer: torch.Tensor | float) -> torch.Tensor:
@@ -119,6 +160,20 @@ def cispo_loss(
     return loss, ((ratio > cap) & (advantages > 0)).float() * mask
 
 
+# algo.pg_loss: name -> f(logprobs, old_logprobs, advantages, mask, epsilon, epsilon_high) -> (per-token loss (B, T),
+# per-token clipped indicator (B, T)); PolicyLoss adds the importance weight, KL and entropy terms around it
+POLICY_LOSSES: Registry[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = Registry("algo.pg_loss",
+                                                                                     names.POLICY_LOSSES)
+POLICY_LOSSES.register("clip")(policy_loss)
+
+
+@POLICY_LOSSES.register("cispo")
+def cispo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                      epsilon: float, epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """CISPO with its weight capped at 1 + epsilon_high (`cispo_loss`)."""
+    return cispo_loss(logprobs, old_logprobs, advantages, mask, 1.0 + epsilon_high)
+
+
 def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """GSPO's length-normalised sequence log-ratio (Zheng et al. 2025): mean over response tokens of
     log pi - log pi_old. (B, T) -> (B,)."""
@@ -144,13 +199,21 @@ def dpo_loss(
     if lengths is not None:
         chosen, rejected = chosen / lengths[0].clamp(min=1.0), rejected / lengths[1].clamp(min=1.0)
     h = chosen - rejected  # (B,)
-    if kind == "sigmoid":
-        loss = -F.logsigmoid(beta * h)
-    elif kind == "ipo":
-        loss = (h - 1.0 / (2.0 * beta)) ** 2
-    else:
-        raise ValueError(f"dpo loss '{kind}' is not one of sigmoid, ipo")
-    return loss, beta * h
+    return DPO_LOSSES.get(kind)(h, beta), beta * h
+
+
+# algo.dpo_loss: name -> f(h, beta) -> (B,) per-pair loss of the log-ratio margin h (`dpo_loss`)
+DPO_LOSSES: Registry[Callable[[torch.Tensor, float], torch.Tensor]] = Registry("algo.dpo_loss", names.DPO_LOSSES)
+
+
+@DPO_LOSSES.register("sigmoid")
+def dpo_sigmoid(h: torch.Tensor, beta: float) -> torch.Tensor:
+    return -F.logsigmoid(beta * h)
+
+
+@DPO_LOSSES.register("ipo")
+def dpo_ipo(h: torch.Tensor, beta: float) -> torch.Tensor:
+    return (h - 1.0 / (2.0 * beta)) ** 2
 
 
 def value_loss(
@@ -287,7 +350,7 @@ class PolicyLoss:
 
     epsilon: float = 0.2
     epsilon_high: float = 0.2
-    kind: str = "clip"  # or "cispo"
+    kind: str = "clip"  # a name of POLICY_LOSSES (clip, cispo) or "pkg.module:function"
     ratio_level: str = "token"  # or "sequence" (GSPO)
     tis_cap: float = 0.0
     kl_coef: float = 0.0  # 0 when the KL goes into the reward (ref.kl_in: reward); it is still logged
@@ -310,10 +373,7 @@ class PolicyLoss:
         if self.ratio_level == "sequence":  # one clipped ratio per sequence, shared by its tokens
             new = sequence_log_ratio(logprobs, old_logprobs, mask)[:, None].expand_as(logprobs)
             old = torch.zeros_like(new)
-        if self.kind == "cispo":
-            pg, clipped = cispo_loss(new, old, batch.advantages, mask, 1.0 + self.epsilon_high)
-        else:
-            pg, clipped = policy_loss(new, old, batch.advantages, mask, self.epsilon, self.epsilon_high)
+        pg, clipped = POLICY_LOSSES.get(self.kind)(new, old, batch.advantages, mask, self.epsilon, self.epsilon_high)
         if self.tis_cap > 0:  # the engine, not the trainer, sampled the tokens (and up to max_staleness ago)
             pg = pg * torch.exp(old_logprobs - batch.rollout_logprobs).clamp(max=self.tis_cap)
         per_token, kl_sum = pg, None
@@ -340,3 +400,12 @@ class ValueLoss:
     def __call__(self, out: torch.Tensor, batch: "ValueBatch") -> tuple[torch.Tensor, ValueStats]:
         loss, clipped = value_loss(out, batch.old_values, batch.returns, batch.mask, self.clip, batch.normalizer)
         return loss, ValueStats(float(loss.detach()), float(clipped.sum()) / batch.normalizer)
+
+
+def resolve_switches(algo: AlgoConfig, ref: RefConfig) -> None:
+    """Each loss switch's implementation, imported now: a recipe's import path that cannot load fails before the run
+    writes anything (the recipe check only saw its form)."""
+    POLICY_LOSSES.get(algo.pg_loss)
+    KL_ESTIMATORS.get(ref.kl_estimator)
+    DPO_LOSSES.get(algo.dpo_loss)
+    LOSS_AGGREGATIONS.get(algo.loss_agg)

@@ -168,14 +168,6 @@ def test_padding_fraction_and_update_speed():
     assert metrics["perf/update_tokens_per_s"] == pytest.approx(4.0)
 
 
-def test_every_stage_kind_a_recipe_may_name_has_a_runner_entry():
-    from rlkit.algorithms import STAGES
-    from rlkit.recipe.stage_kinds import STAGE_KINDS
-
-    assert set(STAGES) == set(STAGE_KINDS)
-    assert {k for k, s in STAGE_KINDS.items() if s.syncs_every_step} == {"grpo", "ppo"}
-
-
 def test_episodes_are_scored_on_their_last_answer_plus_the_environments_parts():
     """ExperienceMaker with a multi-turn sampler: the rewards score each episode's last answer (`text`), the
     environment's reward parts are added (an excluded sample keeps its placeholder) and logged as reward/env/*."""
