@@ -14,7 +14,9 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -32,7 +34,7 @@ from rlkit.algorithms.evaluate import evaluate, evaluate_sets, log_evaluation
 from rlkit.training.losses import resolve_switches
 from rlkit.training.modeling import build_char_tokenizer, check_context, init_model, load_tokenizer, quiet_checkpoint_bars, \
     resolve_model_path, save_checkpoint
-from rlkit.data.prepare import EvalSet, describe, prepare_run_data
+from rlkit.data.prepare import EvalSet, RunData, describe, prepare_run_data
 from rlkit.runtime.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -106,12 +108,57 @@ def run(cfg: RecipeConfig) -> dict:
     resolve_switches(cfg.algo, cfg.ref)  # and so does a loss switch's import path
     resume = find_resume_point(cfg, recipe_yaml)
     if resume is not None and resume.state.stage >= len(cfg.stages):
-        print(f"{cfg.logging.output_dir}: the run has already finished; nothing to resume", flush=True)
-        summary_file = Path(cfg.logging.output_dir) / "summary.json"
-        if not summary_file.exists():  # killed between the last resume point and the summary
-            summary_file.write_text(json.dumps(resume.state.summary | {"seconds": resume.state.seconds}, indent=2))
-        return json.loads(summary_file.read_text())
-    # the model and every stage's data, checked before anything is written or started
+        return finished_summary(cfg, resume)
+    live = start(cfg, recipe_yaml, resume)
+    try:
+        state = live.state
+        print(f"held-out accuracy before stage {state.stage}: {accuracy_text(live.data.evals, state.before)}",
+              flush=True)
+        for index in range(state.stage, len(cfg.stages)):
+            train_stage(live, index, resume if resume is not None and resume.state.step and index == state.stage
+                        else None)
+        summary = state.summary | {"seconds": time.perf_counter() - live.started}
+        (live.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        live.logger.summary({f"final/{k}": v for k, v in state.before.items()})
+    finally:
+        live.close()
+    return summary
+
+
+def finished_summary(cfg: RecipeConfig, resume: ResumePoint) -> dict:
+    """The summary of a run that has already finished (`resume: auto` on it), written again if it was lost."""
+    print(f"{cfg.logging.output_dir}: the run has already finished; nothing to resume", flush=True)
+    summary_file = Path(cfg.logging.output_dir) / "summary.json"
+    if not summary_file.exists():  # killed between the last resume point and the summary
+        summary_file.write_text(json.dumps(resume.state.summary | {"seconds": resume.state.seconds}, indent=2))
+    return json.loads(summary_file.read_text())
+
+
+@dataclass
+class LiveRun:
+    """A started run: its workers, logger, data and controller state, for the stages to train on."""
+
+    cfg: RecipeConfig
+    recipe_yaml: str
+    run_dir: Path
+    data: RunData
+    cluster: Cluster
+    scorer: Any
+    pool: Any
+    logger: RunLogger
+    checkpointer: Checkpointer
+    state: RunState
+    episodes: Any  # the multi-turn sampler, or None
+    started: float  # perf_counter at the (first) start, less the seconds a resumed run had run
+
+    def close(self) -> None:
+        _close(self.pool, self.scorer, self.logger, self.cluster)
+
+
+def start(cfg: RecipeConfig, recipe_yaml: str, resume: ResumePoint | None) -> LiveRun:
+    """Check the model and every stage's data before anything is written, then make the run folder, the workers
+    and the logger, and evaluate the starting model (a fresh run). A failure before the first resume point closes
+    what started and removes the run folder this run made."""
     run_dir = Path(cfg.logging.output_dir) if resume else check_run_dir(cfg)
     folder = resume.state.model_path if resume else ""
     if not resume and cfg.model.path:
@@ -129,15 +176,7 @@ def run(cfg: RecipeConfig) -> dict:
         scorer = cluster.scorer()  # unknown rewards or import paths fail here, before anything is written
         checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep)
         if resume is None:
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise RecipeError(f"logging.output_dir: cannot create '{run_dir}' ({e.strerror}); choose a folder "
-                                  "you can write to") from e
-            (run_dir / "recipe.yaml").write_text(recipe_yaml)
-            (run_dir / "data.json").write_text(json.dumps(describe(data), indent=2))
-            state = RunState(model_path=str(save_checkpoint(model, tokenizer, run_dir / "checkpoints" / "00_init",
-                                                            recipe_yaml)))
+            state = new_run_dir(run_dir, recipe_yaml, data, model, tokenizer)
             del model  # from here on the trainer group owns the weights
         else:
             state = resume.state
@@ -161,38 +200,49 @@ def run(cfg: RecipeConfig) -> dict:
         if resume is None:
             remove_new_run_dir(run_dir, existed)
         raise
+    return LiveRun(cfg, recipe_yaml, run_dir, data, cluster, scorer, pool, logger, checkpointer, state, episodes,
+                   started)
+
+
+def new_run_dir(run_dir: Path, recipe_yaml: str, data: RunData, model, tokenizer) -> RunState:
+    """The run folder with the resolved recipe, the data description and the starting checkpoint (00_init)."""
     try:
-        print(f"held-out accuracy before stage {state.stage}: {accuracy_text(data.evals, state.before)}", flush=True)
-        for index in range(state.stage, len(cfg.stages)):
-            stage, t0 = cfg.stages[index], time.perf_counter()
-            trainer = None if not STAGE_KINDS[stage.kind].trains_model else cluster.trainer_group(
-                state.model_path, cfg.stage_lr(index), cfg.stage_warmup(index), stage_updates(cfg, index))
-            stage_data = data.stages[index]
-            ctx = StageContext(cfg, stage, index, state.model_path, stage_data,
-                               Workers(trainer, pool, scorer, cluster, cfg.trainer), logger, data.held_out, episodes,
-                               state, checkpointer,
-                               resume if resume is not None and resume.state.step and index == state.stage else None)
-            if stage_data is not None and not ctx.loop.resume:
-                logger.log({f"{ctx.prefix}/data/{k}": v for k, v in stage_data.stats.items()})
-            model_path = run_stage(ctx, recipe_yaml)
-            after = ctx.evaluate()
-            after |= evaluate_sets(pool, scorer, data.evals, logger, cfg.logging, cfg.reward.max_error_rate, episodes)
-            if ctx.loop.is_best(after):
-                copy_checkpoint(Path(model_path), run_dir / "checkpoints" / "best")
-            seconds = time.perf_counter() - t0
-            print(f"stage {index} ({stage.kind}): held-out accuracy {accuracy_text(data.evals, state.before, after)} "
-                  f"({seconds:.0f}s)", flush=True)
-            state.summary["stages"].append({"name": Path(model_path).name, "kind": stage.kind,
-                                            "before": state.before, "after": after, "seconds": seconds})
-            state.stage, state.step, state.model_path, state.before = index + 1, 0, model_path, after
-            state.global_step, state.seconds = logger.global_step, time.perf_counter() - started
-            checkpointer.save(state)  # between stages: the next one starts from model_path
-        summary = state.summary | {"seconds": time.perf_counter() - started}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        logger.summary({f"final/{k}": v for k, v in state.before.items()})
-    finally:
-        _close(pool, scorer, logger, cluster)
-    return summary
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RecipeError(f"logging.output_dir: cannot create '{run_dir}' ({e.strerror}); choose a folder "
+                          "you can write to") from e
+    (run_dir / "recipe.yaml").write_text(recipe_yaml)
+    (run_dir / "data.json").write_text(json.dumps(describe(data), indent=2))
+    return RunState(model_path=str(save_checkpoint(model, tokenizer, run_dir / "checkpoints" / "00_init", recipe_yaml)))
+
+
+def train_stage(live: LiveRun, index: int, resume: ResumePoint | None) -> None:
+    """Stage `index`: train it from the current model, evaluate, keep the best checkpoint, log, and write the resume
+    point the next stage starts from. `resume`: the point inside this stage to continue from."""
+    cfg, state, data, logger = live.cfg, live.state, live.data, live.logger
+    stage, t0 = cfg.stages[index], time.perf_counter()
+    trainer = None if not STAGE_KINDS[stage.kind].trains_model else live.cluster.trainer_group(
+        state.model_path, cfg.stage_lr(index), cfg.stage_warmup(index), stage_updates(cfg, index))
+    stage_data = data.stages[index]
+    ctx = StageContext(cfg, stage, index, state.model_path, stage_data,
+                       Workers(trainer, live.pool, live.scorer, live.cluster, cfg.trainer), logger, data.held_out,
+                       live.episodes, state, live.checkpointer, resume)
+    if stage_data is not None and not ctx.loop.resume:
+        logger.log({f"{ctx.prefix}/data/{k}": v for k, v in stage_data.stats.items()})
+    model_path = run_stage(ctx, live.recipe_yaml)
+    after = ctx.evaluate()
+    after |= evaluate_sets(live.pool, live.scorer, data.evals, logger, cfg.logging, cfg.reward.max_error_rate,
+                           live.episodes)
+    if ctx.loop.is_best(after):
+        copy_checkpoint(Path(model_path), live.run_dir / "checkpoints" / "best")
+    seconds = time.perf_counter() - t0
+    print(f"stage {index} ({stage.kind}): held-out accuracy {accuracy_text(data.evals, state.before, after)} "
+          f"({seconds:.0f}s)", flush=True)
+    state.summary["stages"].append({"name": Path(model_path).name, "kind": stage.kind,
+                                    "before": state.before, "after": after, "seconds": seconds})
+    state.stage, state.step, state.model_path, state.before = index + 1, 0, model_path, after
+    state.global_step, state.seconds = logger.global_step, time.perf_counter() - live.started
+    live.checkpointer.save(state)  # between stages: the next one starts from model_path
 
 
 def accuracy_text(sets: list[EvalSet], *metrics: dict) -> str:
