@@ -75,6 +75,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    from rlkit.kernels.precision import describe_machine
+
+    print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
 
     from rlkit.recipe import ModelConfig, TrainerConfig
     from rlkit.training.modeling import init_model, save_checkpoint

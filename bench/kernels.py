@@ -165,6 +165,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None, help="N (default 16384, or 256 with --cpu-smoke)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (median reported)")
     args = parser.parse_args()
+    from rlkit.kernels.precision import describe_machine
+
+    print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
     if args.cpu_smoke:
         torch.set_num_threads(1)
         device, dtype, shapes = torch.device("cpu"), torch.float32, [(64, 1001), (96, 517)]

@@ -246,6 +246,9 @@ def main() -> None:
         job = json.loads(args.job)
         print("RESULT", json.dumps(run_interleaved(job) if "variants" in job else run_one(job)), flush=True)
         return
+    from rlkit.kernels.precision import describe_machine
+
+    print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
     if args.device == "cuda":
         import torch
 

@@ -1,6 +1,6 @@
 """Packed vs padded micro-batches: forward + backward time of one micro-batch, same rows, same model, one run.
 
-    python bench/packing.py [--model DIR] [--attn sdpa] [--dtype bfloat16] [--repeats 3]
+    python bench/packing.py [--model DIR] [--attn sdpa] [--dtype auto] [--repeats 3]
 
 Packed (trainer.packing: true): the rows as one (1, T) sequence, position_ids restarting per row, through the
 attention trainer.packing loads (rlkit.training.attention.model_attn_implementation): with sdpa, rlkit.training.attention's per-row
@@ -67,9 +67,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="a Hugging Face folder (default: SmolLM2-135M's shape, random)")
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                        help="auto: bfloat16 where this CPU computes it natively, else float32 (rlkit.kernels.precision)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    from rlkit.kernels.precision import auto_dtype, describe_machine
+
+    print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
+    if args.dtype == "auto":
+        args.dtype = auto_dtype("cpu")[0]
     lm = build(args.model, args.attn, getattr(torch, args.dtype))
     loaded = lm.config._attn_implementation
     dense = args.attn == "sdpa"  # also time the packed rows through transformers' sdpa, over the dense mask

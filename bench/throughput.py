@@ -2,14 +2,20 @@
 
     pip install trl            # only for this benchmark
     python bench/throughput.py [--steps 8] [--warmup 2] [--prompts 8] [--group 8]
-    python bench/throughput.py --model runs/smollm2-135m-instruct   # a real chat model, bf16 on both sides
-    python bench/throughput.py --lengths gsm8k --precision bf16      # GSM8K prompts, bf16 mixed precision
+    python bench/throughput.py --model runs/smollm2-135m-instruct   # a real chat model
+    python bench/throughput.py --lengths gsm8k                      # GSM8K prompts
+    python bench/throughput.py --precision fp32|bf16                # instead of auto (the default)
+
+`--precision auto` (default) is bf16 mixed precision on both sides where this machine computes bf16 natively (a
+CPU with AVX512-BF16 or AMX, a GPU from sm_80; rlkit.kernels.precision) and float32 elsewhere: on an AVX2 CPU a bf16
+matmul runs about 500x slower than float32, and a bf16 run would not finish. The header says which it chose and
+why, with the CPU's capability.
 
 Without `--model`, both sides train the same randomly initialised 512-wide, 8-layer Llama (character tokenizer)
 in float32 on plain-text prompts. With `--model DIR` (a local Hugging Face folder; nothing is fetched) both load
 DIR and run two-digit addition (`add_hard`) with prompts rendered by the model's chat template (the same token
 ids on both sides), completions as long as the model makes them up to the limit, ending at its own end-of-turn
-token, and bf16 on both sides:
+token. In bf16 (`--precision`) both sides run:
 - rlkit: `trainer.dtype=bfloat16` (bf16 autocast over float32 master weights and optimizer), the vLLM engine and
   the reference model hold bf16 weights (`rollout.dtype`, `ref.dtype`);
 - TRL: `bf16=True` with the model loaded in float32, TRL's default and its only bf16 that trains properly here
@@ -27,9 +33,9 @@ scoring and weight sync cost nothing (the reference forward and the policy updat
 sides). `--rollout-dtype bfloat16` runs rlkit's engine in bfloat16 without `--model` (TRL still generates in
 float32 there).
 
-`--precision bf16` runs the embedded model as `--model` runs its chat model: bf16 mixed precision on both sides
-(TRL's own default, `bf16=True` over float32 weights; rlkit `trainer.dtype`, `ref.dtype` and `rollout.dtype`
-bfloat16), the same GRPO settings otherwise. `--lengths gsm8k` swaps the arithmetic prompts for GSM8K questions
+bf16 (`--precision bf16`, or auto on native bf16) is mixed precision on both sides (TRL's own default,
+`bf16=True` over float32 weights; rlkit `trainer.dtype`, `ref.dtype` and `rollout.dtype` bfloat16), the same GRPO
+settings otherwise; fp32 is float32 on both sides (rlkit's dtypes set to float32, TRL `bf16=False`). `--lengths gsm8k` swaps the arithmetic prompts for GSM8K questions
 (data/gsm8k_test.jsonl) under a byte-level BPE (vocabulary 2048) trained on that file at run time, the model
 built with that tokenizer (same shape), up to `--new-tokens` (default 256) completion tokens, and rlkit bins each
 update's rows by length and packs them (`trainer.micro_batch_tokens` GSM8K_BUDGET, `trainer.packing`: each
@@ -68,8 +74,8 @@ class Setup:
     """The GRPO run both sides make."""
 
     model_path: str
-    chat: bool = False  # a real chat model (--model): bf16, chat-template prompts, add_hard
-    bf16: bool = False  # bf16 mixed precision on both sides (always with a chat model)
+    chat: bool = False  # a real chat model (--model): chat-template prompts, add_hard
+    bf16: bool = False  # bf16 mixed precision on both sides (--precision), else float32
     gsm8k: str = ""  # a prompt/answer .jsonl of GSM8K questions (--lengths gsm8k) instead of arithmetic
     prompts: int = 8  # prompts per step
     group: int = 8  # samples per prompt
@@ -91,9 +97,11 @@ class Setup:
 def rlkit_overrides(s: Setup, run_dir: Path, rollout_dtype: str, steps: int) -> list[str]:
     """rlkit.run overrides of recipes/quickstart.yaml for `s`.
 
-    >>> o = rlkit_overrides(Setup("m", chat=True), Path("r"), "bfloat16", 3)
+    >>> o = rlkit_overrides(Setup("m", chat=True, bf16=True), Path("r"), "bfloat16", 3)
     >>> [x for x in o if x.startswith(("trainer.", "ref.dtype"))]
     ['trainer.dtype=bfloat16', 'ref.dtype=bfloat16']
+    >>> [x for x in rlkit_overrides(Setup("m"), Path("r"), "float32", 3) if x.startswith(("trainer.", "ref.dtype"))]
+    ['trainer.dtype=float32', 'ref.dtype=float32']
     >>> o[-1]
     'data.prompt_template="{prompt}?\\\\nPut the final answer after ####."'
     """
@@ -105,8 +113,8 @@ def rlkit_overrides(s: Setup, run_dir: Path, rollout_dtype: str, steps: int) -> 
         f"ref.kl_coef={s.beta}", f"rollout.dtype={rollout_dtype}", f"rollout.temperature={s.temperature}",
         f"stages=[{{kind: grpo, steps: {steps}, batch_size: {s.prompts}, lr: {s.lr}}}]",
     ]
-    if s.chat or s.bf16:
-        out += ["trainer.dtype=bfloat16", "ref.dtype=bfloat16"]
+    dtype = "bfloat16" if s.bf16 else "float32"  # explicit: rlkit's own `auto` is not the benchmark's choice
+    out += [f"trainer.dtype={dtype}", f"ref.dtype={dtype}"]
     if s.gsm8k:  # rows binned by length and packed: no compute on padding (bench/lengths.py)
         out += [f"data.source={s.gsm8k}", "data.num_train=1200", "data.chat_template=none",
                 f"trainer.micro_batch_tokens={GSM8K_BUDGET}", "trainer.packing=true"]
@@ -119,7 +127,7 @@ def trl_args(s: Setup, out: Path, steps: int) -> dict:
     """GRPOConfig keyword arguments for `s`; TRL's defaults already match rlkit's loss (token-mean, "dapo"),
     reward scaling (group std), clip range (0.2) and top-p/top-k (off).
 
-    >>> a = trl_args(Setup("m", chat=True), Path("o"), 3)
+    >>> a = trl_args(Setup("m", chat=True, bf16=True), Path("o"), 3)
     >>> a["bf16"], a["model_init_kwargs"], a["gradient_checkpointing"], a["per_device_train_batch_size"]
     (True, {'dtype': 'float32'}, False, 64)
     >>> trl_args(Setup("m"), Path("o"), 3)["bf16"], trl_args(Setup("m"), Path("o"), 3)["gradient_checkpointing"]
@@ -130,7 +138,7 @@ def trl_args(s: Setup, out: Path, steps: int) -> dict:
                 temperature=s.temperature, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
                 save_strategy="no", seed=0,
                 gradient_checkpointing=False)  # GRPOConfig's default is on, rlkit's off: same arithmetic on both
-    if s.chat or s.bf16:  # bf16 mixed precision over float32 weights, like rlkit's trainer.dtype=bfloat16
+    if s.bf16:  # bf16 mixed precision over float32 weights, like rlkit's trainer.dtype=bfloat16
         args.update(bf16=True, model_init_kwargs={"dtype": "float32"})
     return args
 
@@ -251,15 +259,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--group", type=int, default=8, help="samples per prompt")
-    parser.add_argument("--model", default="", help="a local Hugging Face chat model folder (bf16 on both sides)")
+    parser.add_argument("--model", default="", help="a local Hugging Face chat model folder")
     parser.add_argument("--lengths", default="arith", choices=("arith", "gsm8k"),
                         help="prompts: two-digit arithmetic, or GSM8K questions under a BPE trained here")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                        help="bf16: mixed precision on both sides (TRL's default), with --model always")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="bf16: mixed precision on both sides (TRL's default); auto: bf16 where this machine "
+                             "computes it natively, else fp32")
     parser.add_argument("--new-tokens", type=int, default=0, help="most completion tokens (0: 64, gsm8k 256)")
     parser.add_argument("--rollout-dtype", default=None,
-                        help="rlkit's engine dtype (default: auto, float32 on CPU, the precision TRL generates in "
-                             "here; bfloat16 with --model)")
+                        help="rlkit's engine dtype (default: the benchmark's precision, which TRL generates in)")
     args = parser.parse_args()
     try:
         import trl  # noqa: F401
@@ -267,8 +275,11 @@ def main() -> None:
         raise SystemExit("TRL is the baseline: pip install trl")
     if args.model and args.lengths == "gsm8k":
         raise SystemExit("--lengths gsm8k builds its own model (a BPE trained on GSM8K); drop --model")
-    bf16 = bool(args.model) or args.precision == "bf16"
-    rollout_dtype = args.rollout_dtype or ("bfloat16" if bf16 else "auto")
+    from rlkit.kernels.precision import auto_dtype, describe_machine
+
+    print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and auto_dtype("cpu")[0] == "bfloat16")
+    rollout_dtype = args.rollout_dtype or ("bfloat16" if bf16 else "float32")
     new_tokens = args.new_tokens or (256 if args.lengths == "gsm8k" else 64)
     with tempfile.TemporaryDirectory() as tmp:
         work, gsm8k = Path(tmp), ""
@@ -293,8 +304,10 @@ def report(s: Setup, warmup: int, rollout_dtype: str, ours: dict, theirs: dict, 
     if s.gsm8k:
         print(f"GSM8K questions (byte-level BPE trained here); rlkit trainer.micro_batch_tokens={GSM8K_BUDGET}, packed; "
               "TRL padded (GRPOTrainer has no padding-free option)")
-    if s.chat or s.bf16:
+    if s.bf16:
         print(f"rlkit trainer.dtype=bfloat16 (float32 master weights), ref.dtype=bfloat16; TRL {theirs['precision']}")
+    else:
+        print(f"rlkit trainer.dtype=float32, ref.dtype=float32; TRL {theirs['precision']}")
     print(f"median of {ours['steps']} (rlkit) and {theirs['steps']} (TRL) steps after {warmup} warm-up steps")
     print(f"{'':10s} {'samples/s':>10s} {'tokens/s':>10s} {'len':>6s} {'wall s':>8s}")
     print(f"{'TRL':10s} {theirs['samples_per_s']:10.2f} {theirs['tokens_per_s']:10.1f} {theirs['length']:6.1f} "

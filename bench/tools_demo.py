@@ -76,6 +76,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/tools_demo")
     parser.add_argument("--skip-train", action="store_true", help="evaluate the checkpoints already in --out")
     args = parser.parse_args()
+    from rlkit.kernels.precision import describe_machine
+
+    print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
     results = {}
     for name, overrides in (("tools", []), ("bare", BARE)):
         out = Path(args.out) / name

@@ -2,7 +2,7 @@
 
 `EngineConfig` is what an engine needs, and lives here (torch-free) so that a reward describing its own engine
 (rlkit.rewards.judge) imports no engine code. rlkit turns its recipe's `rollout` section into one
-(rlkit.runtime.cluster.engine_config); this package imports nothing of rlkit.
+(rlkit.runtime.cluster.engine_config); this package imports only rlkit.kernels (its precision probe) of rlkit.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ class EngineConfig:
     temperature: float = 1.0  # default sampling temperature of `generate`
     top_p: float = 1.0  # nucleus sampling when temperature > 0
     max_new_tokens: int = 12  # default completion length of `generate`
-    dtype: str = "auto"  # served weights: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"
+    # served weights: "auto" (bfloat16 where the device computes it natively, else float32: rlkit.kernels.precision),
+    # "float32", "bfloat16", "float16"
+    dtype: str = "auto"
     kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
     gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU (weights and KV cache)
     enforce_eager: bool = True  # no CUDA graphs: a faster start, for short runs

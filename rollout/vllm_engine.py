@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from rlkit.kernels.precision import auto_dtype
 from rlkit.rollout import EngineConfig
 from rlkit.rollout.vllm_console import quiet_vllm_console, remove_segments, shm_segments
 
@@ -224,11 +225,12 @@ def _write_tensors(state_dict: dict[str, torch.Tensor], path: Path) -> float:
 
 
 def engine_dtype(requested: str, on_gpu: bool) -> str:
-    """rollout.dtype for vLLM: "auto" is bfloat16 on a GPU and float32 on a CPU (exact parity with the trainer).
+    """rollout.dtype for vLLM: "auto" is bfloat16 where the engine's device computes it natively, else float32
+    (rlkit.kernels.precision; a run passes the dtype it resolved at start, so this decides only for engines built alone).
 
-    >>> engine_dtype("auto", True), engine_dtype("auto", False), engine_dtype("bfloat16", False)
-    ('bfloat16', 'float32', 'bfloat16')
+    >>> engine_dtype("float32", True), engine_dtype("bfloat16", False)
+    ('float32', 'bfloat16')
     """
     if requested != "auto":
         return requested
-    return "bfloat16" if on_gpu else "float32"
+    return auto_dtype("cuda" if on_gpu else "cpu")[0]

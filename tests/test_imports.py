@@ -23,7 +23,7 @@ _LEAF_PACKAGES = {f"rlkit.{leaf}" for leaf in LEAVES}
 # what each package may import of rlkit besides itself ("rlkit": the command-line tools, rlkit's top-level modules)
 ALLOWED = {
     "rlkit.kernels": set(),
-    "rlkit.rollout": set(),
+    "rlkit.rollout": {"rlkit.kernels"},  # kernels.precision: the engine's auto dtype
     "rlkit.rewards": {"rlkit.rollout"},
     "rlkit.envs": {"rlkit.rewards"},
     "rlkit.recipe": set(),

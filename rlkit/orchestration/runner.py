@@ -35,6 +35,7 @@ from rlkit.training.losses import resolve_switches
 from rlkit.training.modeling import build_char_tokenizer, check_context, init_model, load_tokenizer, quiet_checkpoint_bars, \
     resolve_model_path, save_checkpoint
 from rlkit.data.prepare import EvalSet, RunData, describe, prepare_run_data
+from rlkit.training.precision import resolve_recipe
 from rlkit.runtime.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def run(cfg: RecipeConfig) -> dict:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.trainer.seed)
+    cfg = resolve_recipe(cfg)  # `auto` dtypes decided once, for the devices the workers use; logged with the reason
     recipe_yaml = to_yaml(cfg)
     if any(STAGE_KINDS[s.kind].uses_advantage_estimator for s in cfg.stages):
         get_estimator(cfg.algo.advantage_estimator)  # an unknown estimator or import path fails here too

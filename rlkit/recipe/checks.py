@@ -113,7 +113,7 @@ def check_algorithm(cfg: RecipeConfig) -> None:
 
 def check_trainer(cfg: RecipeConfig) -> None:
     """Precision, attention, LoRA, schedule and compile settings of the trainer and the reference."""
-    _one_of("trainer.dtype", cfg.trainer.dtype, ("float32", "bfloat16", "float64"))
+    _one_of("trainer.dtype", cfg.trainer.dtype, ("auto", "float32", "bfloat16", "float64"))
     _one_of("trainer.attn_implementation", cfg.trainer.attn_implementation,
             ("auto", "sdpa", "eager", "flash_attention_2"))
     _one_of("ref.dtype", cfg.ref.dtype, ("auto", "float32", "bfloat16", "float64"))

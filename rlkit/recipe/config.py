@@ -75,7 +75,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 12
-    dtype: str = "auto"  # engine weights: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"
+    # engine weights: "auto" (bfloat16 where the engine's device computes it natively, else float32; rlkit.training.precision),
+    # "float32", "bfloat16", "float16"
+    dtype: str = "auto"
     kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True
@@ -140,8 +142,8 @@ class RefConfig:
     kl_estimator: str = "k3"  # k1 (log-ratio), k2 (squared log-ratio / 2) or k3 (Schulman's unbiased, >= 0)
     kl_coef: float = 0.02
     kl_in: str = "loss"  # "loss" (GRPO style) or "reward" (PPO style, per-token penalty)
-    # the frozen reference's weights: "auto" (bfloat16 when CUDA is available, else float32), "float32", "bfloat16"
-    # or "float64" (exact tests)
+    # the frozen reference's weights: "auto" (bfloat16 where its device computes it natively, else float32;
+    # rlkit.training.precision), "float32", "bfloat16" or "float64" (exact tests)
     dtype: str = "auto"
 
 
@@ -175,9 +177,10 @@ class TrainerConfig:
     # The first step pays the compile (perf/compile_seconds)
     compile: bool = False
     logprob_impl: str = "auto"  # "auto", "torch" or "triton" (see kernels.fused_logprobs)
-    # compute dtype of the trained model: "float32"; "bfloat16": mixed precision, bf16 forward/backward over float32
-    # weights and optimizer state (see param_dtype); "float64": everything in float64 (exact tests)
-    dtype: str = "float32"
+    # compute dtype of the trained model: "auto" (bfloat16 where the trainer's device computes it natively, else
+    # float32; decided at start, rlkit.training.precision); "float32"; "bfloat16": mixed precision, bf16 forward/backward over
+    # float32 weights and optimizer state (see param_dtype); "float64": everything in float64 (exact tests)
+    dtype: str = "auto"
     seed: int = 0
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     lora_rank: int = 0  # > 0 trains LoRA adapters (peft) of this rank instead of all weights
@@ -192,8 +195,9 @@ class TrainerConfig:
     @property
     def param_dtype(self) -> str:
         """The dtype of the held (master) weights, their gradients and the optimizer state: float32 under bfloat16
-        mixed precision, else `dtype`. Hugging Face checkpoints are still written in `dtype`."""
-        return "float32" if self.dtype == "bfloat16" else self.dtype
+        mixed precision (and under `auto`, which is bfloat16 or float32), else `dtype`. Hugging Face checkpoints are
+        still written in `dtype`."""
+        return "float32" if self.dtype in ("bfloat16", "auto") else self.dtype
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import torch
 from rlkit.recipe import TrainerConfig
 from rlkit.training.packing import layout_rows
 from rlkit.training.rank import (RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch,
-                        pretrained_kwargs, to_device)
+                        pretrained_kwargs, resolve_dtype, to_device)
 from rlkit.training.batches import TokenBatch, ValueBatch
 
 
@@ -36,6 +36,7 @@ class CriticTrainer(RankWorker):
         from transformers import AutoModel
 
         prepare_torch(cfg)
+        cfg = resolve_dtype(cfg)
         body = AutoModel.from_pretrained(model_path, **pretrained_kwargs(cfg))
         enable_gradient_checkpointing(body, cfg)
         compile_blocks(list(body.layers), cfg.compile)

@@ -21,6 +21,7 @@ from rlkit.training.attention import model_attn_implementation
 from rlkit.recipe import TrainerConfig
 from rlkit.training.losses import Stats
 from rlkit.training.packing import split_micro_batches
+from rlkit.training.precision import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,14 @@ def prepare_torch(cfg: TrainerConfig) -> None:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
+
+
+def resolve_dtype(cfg: TrainerConfig) -> TrainerConfig:
+    """`cfg` with trainer.dtype `auto` resolved on this rank's device (a run resolves it at start, in the driver; a
+    worker built on its own resolves it here, the same way: rlkit.training.precision)."""
+    if cfg.dtype != "auto":
+        return cfg
+    return replace(cfg, dtype=str(torch_dtype(cfg.dtype, default_device())).removeprefix("torch."))
 
 
 def pretrained_kwargs(cfg: TrainerConfig) -> dict:

@@ -7,16 +7,15 @@ import torch
 from rlkit.training.attention import model_attn_implementation
 from rlkit.recipe import RefConfig
 from rlkit.training.packing import split_micro_batches
+from rlkit.training.precision import torch_dtype
 from rlkit.training.rank import compile_blocks, default_device, to_device
 from rlkit.training.trainer import LogprobModel, batched_logprobs
 from rlkit.training.batches import TokenBatch
 
 
 def reference_dtype(cfg: RefConfig) -> torch.dtype:
-    """ref.dtype, "auto" being bfloat16 when CUDA is available and float32 otherwise (CPU bf16 is slow)."""
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, cfg.dtype)
+    """ref.dtype on this worker's device, "auto" being bfloat16 where it is native, else float32 (rlkit.training.precision)."""
+    return torch_dtype(cfg.dtype, default_device())
 
 
 class ReferenceModel:

@@ -23,7 +23,7 @@ from rlkit.training.batches import TokenBatch
 from rlkit.training.losses import Forward
 from rlkit.training.packing import layout_rows
 from rlkit.training.rank import (RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch,
-                        pretrained_kwargs, to_device)
+                        pretrained_kwargs, resolve_dtype, to_device)
 
 __all__ = ["RankWorker", "prepare_torch"]  # re-exported: the rank machinery lives in rlkit.training.rank
 
@@ -88,7 +88,7 @@ def load_causal_lm(model_path: str, cfg: TrainerConfig) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     prepare_torch(cfg)
-    return AutoModelForCausalLM.from_pretrained(model_path, **pretrained_kwargs(cfg))
+    return AutoModelForCausalLM.from_pretrained(model_path, **pretrained_kwargs(resolve_dtype(cfg)))
 
 
 class ShardedTrainer(RankWorker):
@@ -97,6 +97,7 @@ class ShardedTrainer(RankWorker):
 
     def __init__(self, cfg: TrainerConfig, model_path: str, lr: float, warmup_steps: int, total_steps: int = 0,
                  rank: int = 0, world_size: int = 1):
+        cfg = resolve_dtype(cfg)
         lm = load_causal_lm(model_path, cfg)
         if cfg.lora_rank:
             lm = apply_lora(lm, cfg)
