@@ -11,7 +11,7 @@ import os
 
 import torch
 
-log = logging.getLogger("kernels")
+log = logging.getLogger("rlkit.kernels")
 _logged: set[tuple[str, str]] = set()
 
 

@@ -176,7 +176,7 @@ def test_choice_is_logged_once(caplog):
 
     _dispatch._logged.discard(("fused_logprobs", "torch"))
     h, w, t = torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1])
-    with caplog.at_level("INFO", logger="kernels"):
+    with caplog.at_level("INFO", logger="rlkit.kernels"):
         fused_logprobs(h, w, t)
         fused_logprobs(h, w, t)
     assert [r.getMessage() for r in caplog.records] == ["fused_logprobs: using the torch implementation"]
