@@ -13,6 +13,7 @@ Python's resource tracker would otherwise report as leaked at exit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -80,9 +81,13 @@ def quiet_vllm_console() -> None:
         return
     level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if "VLLM_LOGGING_CONFIG_PATH" not in os.environ:
-        path = Path(tempfile.gettempdir()) / f"rlkit_vllm_logging_{os.getuid()}_{level}.json"
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # rewritten each time (an older rlkit's may be there), atomically
-        tmp.write_text(json.dumps(logging_config(level)))
+        # named by its content: runs of rlkit versions whose filter lives at another import path (installed side by
+        # side, or a checkout beside an install) never read each other's file, even while both are running
+        text = json.dumps(logging_config(level))
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        path = Path(tempfile.gettempdir()) / f"rlkit_vllm_logging_{os.getuid()}_{level}_{digest}.json"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # rewritten each time, atomically
+        tmp.write_text(text)
         tmp.replace(path)
         os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)
     # vLLM's workers: the C++ NUMA-binding notice and a torch deprecation raised inside vLLM's Triton dispatcher

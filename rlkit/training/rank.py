@@ -88,12 +88,14 @@ def resolve_dtype(cfg: TrainerConfig) -> TrainerConfig:
 def pretrained_kwargs(cfg: TrainerConfig) -> dict:
     """from_pretrained's dtype and attention for a trained model (policy, critic): weights in trainer.param_dtype
     (float32 under bf16 mixed precision), attention chosen for the trainer.dtype it computes in."""
+    cfg = resolve_dtype(cfg)
     attn = model_attn_implementation(cfg.attn_implementation, cfg.packing, getattr(torch, cfg.dtype))
     return {"dtype": getattr(torch, cfg.param_dtype), "attn_implementation": attn}
 
 
 def autocast_dtype(cfg: TrainerConfig, world_size: int) -> torch.dtype | None:
     """The dtype a 1-rank model's forward autocasts to: bf16 under mixed precision (FSDP2 casts when sharded)."""
+    cfg = resolve_dtype(cfg)
     return torch.bfloat16 if cfg.dtype != cfg.param_dtype and world_size == 1 else None
 
 
@@ -135,7 +137,7 @@ def shard_with_fsdp2(root: torch.nn.Module, blocks: list[torch.nn.Module], rank:
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world_size)
-    policy = MixedPrecisionPolicy()
+    policy, cfg = MixedPrecisionPolicy(), resolve_dtype(cfg)
     if cfg.dtype != cfg.param_dtype:  # bf16 gathers and compute, float32 gradient reduction into float32 shards
         policy = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.dtype), reduce_dtype=torch.float32)
     for block in blocks:  # gathered just in time for its forward/backward, freed after

@@ -64,8 +64,10 @@ def setup(request, tmp_path_factory):
         path, model, tok, ids, max_len = char_model(tmp_path_factory)
     else:
         path, model, tok, ids, max_len = chat_model(request.getfixturevalue("chat_model_path"))
-    # LoRA-enabled (rank <= 8): without an adapter it serves the plain weights, which the first tests check
-    engine = VllmRollout(EngineConfig(max_new_tokens=8, sync_timeout_s=30), str(path), max_model_len=max_len,
+    # LoRA-enabled (rank <= 8): without an adapter it serves the plain weights, which the first tests check.
+    # float32: exact parity with the float32 model (auto would be bf16 on a CPU with native bf16)
+    engine = VllmRollout(EngineConfig(max_new_tokens=8, sync_timeout_s=30, dtype="float32"), str(path),
+                         max_model_len=max_len,
                          lora_rank=8)
     yield Served(model, tok, engine, ids)
     engine.close()
@@ -133,7 +135,7 @@ def test_engine_decodes_on_every_allowed_core(setup):
 def test_engine_serves_the_trainers_adapter_over_its_base(setup):
     model, engine = setup.model, setup.engine
     engine.sync_weights(model.state_dict())  # the base
-    cfg = TrainerConfig(lora_rank=4, lora_alpha=8.0)
+    cfg = TrainerConfig(lora_rank=4, lora_alpha=8.0, dtype="float32")
     tuned = apply_lora(copy.deepcopy(model), cfg)
     for round_ in range(2):  # a second adapter replaces the first
         with torch.no_grad():
@@ -151,7 +153,7 @@ def test_engine_serves_the_trainers_adapter_over_its_base(setup):
 
 def test_a_bad_adapter_fails_the_sync(setup):
     model, engine = setup.model, setup.engine
-    cfg = TrainerConfig(lora_rank=16)  # above the rank the engine was made for
+    cfg = TrainerConfig(lora_rank=16, dtype="float32")  # above the rank the engine was made for
     tensors = peft_adapter_tensors(apply_lora(copy.deepcopy(model), cfg).state_dict())
     with pytest.raises(WeightSyncError, match="weight sync failed"):
         engine.sync_adapter(tensors, adapter_config(cfg))

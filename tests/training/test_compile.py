@@ -39,7 +39,7 @@ def logprobs_and_grads(model: LogprobModel, batch):
 
 
 def test_compiled_blocks_give_the_eager_logprobs_and_gradients_at_any_length(model_path):
-    cfg = TrainerConfig(logprob_impl="torch")
+    cfg = TrainerConfig(logprob_impl="torch", dtype="float32")
     eager, compiled = LogprobModel(load_causal_lm(model_path, cfg)), LogprobModel(load_causal_lm(model_path, cfg))
     compile_blocks(list(compiled.lm.model.layers), True)
     before = compile_seconds()
@@ -61,10 +61,10 @@ def compiled(module) -> bool:
 
 def test_policy_critic_and_reference_compile_their_blocks_only_when_asked(model_path):
     for flag in (False, True):
-        cfg = TrainerConfig(compile=flag, gradient_checkpointing=True)
+        cfg = TrainerConfig(compile=flag, gradient_checkpointing=True, dtype="float32")
         policy = ShardedTrainer(cfg, model_path, lr=1e-3, warmup_steps=1)
         critic = CriticTrainer(cfg, model_path, lr=1e-3, warmup_steps=1)
-        ref = ReferenceModel(RefConfig(), model_path, compile=flag)
+        ref = ReferenceModel(RefConfig(dtype="float32"), model_path, compile=flag)
         blocks = [*policy.model.lm.model.layers, *critic.model.body.layers, *ref.model.lm.model.layers]
         assert [compiled(b) for b in blocks] == [flag] * len(blocks)
         assert not compiled(policy.model.lm.model.embed_tokens)  # the embedding, mask building and head stay eager
@@ -75,7 +75,7 @@ def test_a_compiled_lora_trainer_with_packing_and_checkpointing_takes_the_eager_
     results = []
     for flag in (False, True):
         cfg = TrainerConfig(micro_batch_size=4, logprob_impl="torch", lora_rank=4, packing=True,
-                            gradient_checkpointing=True, compile=flag)
+                            gradient_checkpointing=True, compile=flag, dtype="float32")
         trainer = ShardedTrainer(cfg, model_path, lr=1e-2, warmup_steps=1)
         metrics = []
         for seed in (0, 1):
@@ -109,7 +109,7 @@ def test_compiled_blocks_under_fsdp2_give_the_eager_logprobs_and_gradients(model
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    cfg = TrainerConfig(logprob_impl="torch", gradient_checkpointing=True, compile=True)
+    cfg = TrainerConfig(logprob_impl="torch", gradient_checkpointing=True, compile=True, dtype="float32")
     eager, lm = LogprobModel(load_causal_lm(model_path, cfg)), load_causal_lm(model_path, cfg)
     enable_gradient_checkpointing(lm, cfg)
     compile_blocks(list(lm.model.layers), True)

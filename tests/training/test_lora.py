@@ -11,7 +11,8 @@ from tests.training.test_trainer import random_batch
 
 
 def test_lora_trains_adapters_and_merges_for_sync_and_save(model_path, tmp_path):
-    cfg = TrainerConfig(micro_batch_size=4, logprob_impl="torch", lora_rank=4, lora_alpha=8.0, warmup_steps=1)
+    cfg = TrainerConfig(micro_batch_size=4, logprob_impl="torch", lora_rank=4, lora_alpha=8.0, warmup_steps=1,
+                        dtype="float32")
     trainer = ShardedTrainer(cfg, model_path, lr=5e-2, warmup_steps=1)
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
@@ -35,7 +36,8 @@ def test_lora_trains_adapters_and_merges_for_sync_and_save(model_path, tmp_path)
 
 
 def test_adapter_sync_sends_the_base_once_and_then_only_the_adapter(model_path):
-    cfg = TrainerConfig(micro_batch_size=4, logprob_impl="torch", lora_rank=4, lora_alpha=8.0, warmup_steps=1)
+    cfg = TrainerConfig(micro_batch_size=4, logprob_impl="torch", lora_rank=4, lora_alpha=8.0, warmup_steps=1,
+                        dtype="float32")
     trainer = ShardedTrainer(cfg, model_path, lr=5e-2, warmup_steps=1)
     batch = random_batch()
     for _ in range(3):

@@ -305,7 +305,7 @@ def test_sharded_bfloat16_computes_in_bf16_and_reduces_into_float32_shards(model
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     cfg = TrainerConfig(dtype="bfloat16", logprob_impl="torch")
     batch = random_batch()
-    expected, _ = sequence_logprobs(load_causal_lm(model_path, TrainerConfig()), batch, impl="torch")
+    expected, _ = sequence_logprobs(load_causal_lm(model_path, TrainerConfig(dtype="float32")), batch, impl="torch")
     lm = load_causal_lm(model_path, cfg)
     model = LogprobModel(lm)
     shard_with_fsdp2(model, list(lm.model.layers), 0, 1, cfg)
