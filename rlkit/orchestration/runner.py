@@ -85,8 +85,13 @@ def find_resume_point(cfg: RecipeConfig, recipe_yaml: str) -> ResumePoint | None
 
 
 def recipe_changes(old_yaml: str, new_yaml: str) -> list[str]:
-    """Dotted keys whose values differ between two resolved recipes, ignoring those a resume may change and
-    keys the old recipe lacks (fields a newer rlkit added, at their defaults)."""
+    """Dotted keys whose values differ between two resolved recipes, ignoring those a resume may change, keys the
+    old recipe lacks (fields a newer rlkit added, at their defaults) and keys the new one lacks (fields a newer rlkit
+    removed, such as algo.value_coef, which nothing read).
+
+    >>> recipe_changes("{algo: {epsilon: 0.2, value_coef: 0.5}, resume: never}", "{algo: {epsilon: 0.3}, resume: auto}")
+    ['algo.epsilon']
+    """
     def flat(node, prefix=""):
         if isinstance(node, dict):
             return {k: v for key, sub in node.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
@@ -94,7 +99,7 @@ def recipe_changes(old_yaml: str, new_yaml: str) -> list[str]:
 
     old, new = flat(yaml.safe_load(old_yaml)), flat(yaml.safe_load(new_yaml))
     free = {"resume", "logging.overwrite"}
-    return sorted(k for k in old if k not in free and old[k] != new.get(k))
+    return sorted(k for k in old if k not in free and k in new and old[k] != new[k])
 
 
 def run(cfg: RecipeConfig) -> dict:
