@@ -1,22 +1,43 @@
 """The program that runs inside the sandbox (standard library only; passed to the interpreter with -c).
 
-It reads the job (JSON) from stdin, sets the resource limits, runs the solution and reports *values* on the
-result channel (its original stdout; the solution's own prints go to stderr). It never decides pass or fail:
-the expected values stay outside, and the parent compares. Each record is one line, "<nonce> <json>", so text
-the solution writes cannot pass for a record; the last one is {"done": true}, and a run without it (os._exit,
-a crash, a kill) counts as failed.
+Two processes, as contest judges run them, so that nothing the solution can write decides a verdict:
+- the checker (this program's main role, the sandbox's pid 1): reads the job (JSON) from stdin, sets the
+  resource limits, makes itself non-dumpable (so its memory, descriptors and environment cannot be opened
+  through /proc by a process of the same user), starts the solution process and runs the tests. Every call
+  of the entry point in the tests goes over a pipe to the solution process, which answers with the return
+  value as tagged JSON data; the checker decodes it to plain data and reports the asserts' operand values on
+  the result channel (its original stdout, which the solution process never holds). It never decides pass or
+  fail: the expected values stay in the parent, which compares.
+- the solution process (role "solution": the same source, started with that argument): defines the solution,
+  then serves calls. It can write anything to its reply pipe; the checker reads it as untrusted data (bounded
+  size, bounded depth), so a forged reply can only make a call fail.
+Each record is one line, "<nonce> <json>"; the last one is {"done": true}, and a run without it (a crash, a
+kill) counts as failed. The job's helpers from the prompt (trusted data, `prefix`) run in the checker too, so
+expected values a test computes with them do not depend on the solution.
 """
 
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 
-# Bound before the solution runs, so its monkeypatching of builtins or json cannot change how values are sent.
-_type, _repr, _len, _dumps = type, repr, len, json.dumps
+_type = type
 _PLAIN = (int, float, str, bool, type(None))
 MAX_DEPTH = 64
+
+
+class Opaque:
+    """A value that could not travel as plain data: it equals nothing (the parent's `Opaque` decides)."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __eq__(self, other):
+        return False
+
+    __hash__ = object.__hash__
 
 
 def encode(value, depth=0):
@@ -36,7 +57,40 @@ def encode(value, depth=0):
         return {"bytes": value.hex()}
     if kind is complex:
         return {"complex": [value.real, value.imag]}
+    if kind is Opaque:
+        return {"opaque": str(value.kind)[:100]}
     return {"opaque": kind.__name__}
+
+
+def spread(keys):
+    """No more than 32 keys share a hash (crafted collisions would make building the set quadratic)."""
+    hashes = sorted(map(hash, keys))
+    return all(hashes[i] != hashes[i + 32] for i in range(len(hashes) - 32))
+
+
+def decode(value, depth=0):
+    """encode's inverse, for data that came from the solution process (untrusted: malformed is opaque)."""
+    if value is None or _type(value) in (int, float, str, bool):
+        return value
+    if _type(value) is not dict or len(value) != 1 or depth > MAX_DEPTH + 1:
+        return Opaque("malformed")
+    (tag, body), = value.items()
+    try:
+        if tag in ("list", "tuple", "set"):
+            items = [decode(v, depth + 1) for v in body]
+            if tag == "set" and not spread(items):
+                return Opaque("hash-colliding set")
+            return {"list": list, "tuple": tuple, "set": set}[tag](items)
+        if tag == "dict":
+            pairs = [(decode(k, depth + 1), decode(v, depth + 1)) for k, v in body]
+            return dict(pairs) if spread([k for k, _ in pairs]) else Opaque("hash-colliding dict")
+        if tag == "bytes":
+            return bytes.fromhex(body)
+        if tag == "complex":
+            return complex(*body)
+    except (TypeError, ValueError):
+        return Opaque("malformed")
+    return Opaque(str(body)[:100] if tag == "opaque" else "malformed")
 
 
 def set_limits(rlimits):
@@ -45,14 +99,74 @@ def set_limits(rlimits):
         resource.setrlimit(getattr(resource, name), (value, value))
 
 
+def make_undumpable():
+    """Same-user processes can no longer open /proc/<pid>/mem, fd/, environ of this one (ptrace access check)."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE, 0
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
+class SolutionError(Exception):
+    """The solution raised, or its process answered nothing usable."""
+
+
+class Solution:
+    """The solution process, seen from the checker: `call(args, kwargs)` -> the decoded return value."""
+
+    def __init__(self, source, max_reply):
+        to_child, self._requests = os.pipe()
+        self._replies_r, from_child = os.pipe()
+        self.max_reply = max_reply
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", source, "solution", str(to_child), str(from_child)],
+            stdin=subprocess.DEVNULL, stdout=2, stderr=2, pass_fds=(to_child, from_child), cwd="/tmp")
+        os.close(to_child)
+        os.close(from_child)
+        self.requests = os.fdopen(self._requests, "wb")
+        self.replies = os.fdopen(self._replies_r, "rb")
+
+    def send(self, message):
+        try:
+            self.requests.write(json.dumps(message).encode() + b"\n")
+            self.requests.flush()
+        except (OSError, ValueError) as e:
+            raise SolutionError("the solution process is gone") from e
+
+    def receive(self):
+        line = self.replies.readline(self.max_reply + 1)
+        if not line.endswith(b"\n"):
+            raise SolutionError("the solution process ended" if len(line) <= self.max_reply else "reply too large")
+        try:
+            reply = json.loads(line)
+        except (ValueError, RecursionError, MemoryError):
+            raise SolutionError("malformed reply") from None
+        if _type(reply) is not dict:
+            raise SolutionError("malformed reply")
+        if "error" in reply:
+            raise SolutionError(str(reply["error"])[:500])
+        return reply
+
+    def call(self, *args, **kwargs):
+        self.send({"args": encode(list(args)), "kwargs": encode(kwargs)})
+        return decode(self.receive().get("value"))
+
+
 def run_function(job, emit):
-    """Define the solution, then run the rewritten tests: each assert reports its operands' values."""
-    ns = {"__name__": "solution"}
+    """Start the solution, then run the rewritten tests here: each assert reports its operands' values."""
+    solution = Solution(job["source"], job.get("max_reply", 1 << 22))
     try:
-        exec(compile(job["code"], "solution.py", "exec"), ns)
-    except BaseException as e:  # SystemExit included: the solution does not get to end the run quietly
-        emit({"error": "solution: " + _type(e).__name__ + ": " + str(e)[:500]})
+        solution.send({"code": job["code"], "entry_point": job["entry_point"]})
+        solution.receive()  # {"ready": true}, or the error its definition raised
+    except SolutionError as e:
+        emit({"error": "solution: " + str(e)})
         return
+    ns = {"__name__": "tests"}
+    try:  # the prompt's helpers (trusted, like the tests); a prompt that does not run alone is left out
+        exec(compile(job.get("prefix", ""), "prompt.py", "exec"), ns)
+    except BaseException:
+        ns = {"__name__": "tests"}
+    ns[job["entry_point"]] = candidate = solution.call
 
     def record(index, thunk):
         try:
@@ -66,7 +180,7 @@ def run_function(job, emit):
     try:
         exec(compile(job["tests"], "tests.py", "exec"), ns)
         if "check" in ns:  # HumanEval style: check(candidate)
-            ns["check"](ns[job["entry_point"]])
+            ns["check"](candidate)
     except BaseException as e:
         emit({"error": "tests: " + _type(e).__name__ + ": " + str(e)[:500]})
 
@@ -87,17 +201,47 @@ def run_stdio(job, emit):
         emit({"test": i, "stdout": stdout, "exit": done.returncode})
 
 
+def serve_solution(requests_fd, replies_fd):
+    """The solution process: define the solution, then answer calls until the checker closes the pipe."""
+    requests, replies = os.fdopen(requests_fd, "rb"), os.fdopen(replies_fd, "wb")
+    dumps = json.dumps  # bound before the solution runs: patching json only garbles its own replies
+
+    def reply(message):
+        replies.write(dumps(message).encode() + b"\n")
+        replies.flush()
+
+    job = json.loads(requests.readline())
+    ns = {"__name__": "solution"}
+    try:
+        exec(compile(job["code"], "solution.py", "exec"), ns)
+        function = ns[job["entry_point"]]
+    except BaseException as e:  # SystemExit included
+        reply({"error": _type(e).__name__ + ": " + str(e)[:500]})
+        return
+    reply({"ready": True})
+    for line in requests:
+        call = json.loads(line)
+        try:
+            value = function(*decode(call["args"]), **decode(call["kwargs"]))
+            message = {"value": encode(value)}
+        except BaseException as e:
+            message = {"error": _type(e).__name__ + ": " + str(e)[:500]}
+        reply(message)
+
+
 def main():
     job = json.loads(sys.stdin.buffer.read())
     nonce = job.pop("nonce")
+    make_undumpable()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # pid 1: a signal without a handler from inside is ignored
     channel = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # the solution's prints go to stderr
+    os.dup2(2, 1)  # prints go to stderr
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)  # the job (and its nonce) cannot be read again from stdin
     os.close(null)
 
     def emit(record):
-        channel.write(nonce + " " + _dumps(record) + "\n")
+        channel.write(nonce + " " + json.dumps(record) + "\n")
         channel.flush()
 
     set_limits(job["rlimits"])
@@ -110,4 +254,7 @@ def main():
     emit({"done": True})
 
 
-main()
+if sys.argv[1:2] == ["solution"]:
+    serve_solution(int(sys.argv[2]), int(sys.argv[3]))
+else:
+    main()

@@ -13,8 +13,10 @@ A pass needs a positive record for every assert (or test) and the harness's fina
 (os._exit(0) before the asserts), crashing or being killed fails. Running out of time or memory is the
 solution's fault and scores as wrong, not as a verifier timeout; so does a program over `max_code_kb` (never
 parsed), and a malformed record on the result channel (the solution forged one).
-Limitation: expected values the tests compute at run time (a variable, a helper from the prompt) are evaluated
-inside the sandbox, where the solution could tamper with them; the comparison itself still happens here.
+Inside the sandbox the tests run in a checker process and the solution in another, called over a pipe
+(rewards/_harness.py), so expected values the tests compute at run time (a variable, a helper from the prompt)
+do not depend on the solution either. Limitation: arguments travel as copies, so a test that checks how the
+solution mutated an argument in place sees the checker's unchanged copy (it fails rather than passes).
 """
 
 from __future__ import annotations
@@ -57,19 +59,34 @@ class Opaque:
         return f"<opaque {self.kind}>"
 
 
+MAX_SAME_HASH = 32  # more elements of one set or dict sharing a hash: crafted collisions, opaque
+
+
+def _hash_spread(keys: list) -> bool:
+    """Whether `keys` can go into one set or dict in linear time: no more than MAX_SAME_HASH share a hash.
+    (Colliding keys, e.g. multiples of 2**61 - 1, make each insertion compare with all the earlier ones.)"""
+    hashes = sorted(map(hash, keys))  # O(n log n) whatever the values
+    return all(hashes[i] != hashes[i + MAX_SAME_HASH] for i in range(len(hashes) - MAX_SAME_HASH))
+
+
 def decode(value: Any, depth: int = 0) -> Any:
-    """The inverse of the harness's `encode`: tagged JSON -> plain Python data."""
+    """The inverse of the harness's `encode`: tagged JSON -> plain Python data, in time linear in the record
+    (sets and dicts whose keys collide in hash are opaque: building them would be quadratic)."""
     if value is None or type(value) in (int, float, str, bool):
         return value
     if type(value) is not dict or len(value) != 1 or depth > 100:
         return Opaque("malformed")
     (tag, body), = value.items()
     try:
-        if tag in ("list", "tuple", "set"):
+        if tag in ("list", "tuple"):
             items = [decode(v, depth + 1) for v in body]
-            return {"list": list, "tuple": tuple, "set": set}[tag](items)
+            return list(items) if tag == "list" else tuple(items)
+        if tag == "set":
+            items = [decode(v, depth + 1) for v in body]
+            return set(items) if _hash_spread(items) else Opaque("hash-colliding set")
         if tag == "dict":
-            return {decode(k, depth + 1): decode(v, depth + 1) for k, v in body}
+            pairs = [(decode(k, depth + 1), decode(v, depth + 1)) for k, v in body]
+            return dict(pairs) if _hash_spread([k for k, _ in pairs]) else Opaque("hash-colliding dict")
         if tag == "bytes":
             return bytes.fromhex(body)
         if tag == "complex":
@@ -252,7 +269,7 @@ class CodeReward:
         program = prefix + "\n" + code if defines else prefix + final_reply(sample.completion)
         if _defines(program, gold["entry_point"]) is None:
             return self._result(0, len(skeletons), "syntax error", None)
-        result = self.sandbox.run({"mode": "function", "code": program, "tests": tests,
+        result = self.sandbox.run({"mode": "function", "code": program, "tests": tests, "prefix": prefix,
                                    "entry_point": gold["entry_point"]})
         passed, reason = judge_function(result, skeletons)
         return self._result(passed, len(skeletons), reason, result)

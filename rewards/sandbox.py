@@ -14,7 +14,16 @@ Layers, each because the one before it is not enough on its own:
   and bubblewrap run by root would map the sandbox to root outside.
 - an empty environment for bubblewrap itself: its copy that is the sandbox's pid 1 keeps the environment it
   was started with, which the solution can read from /proc/1/environ (the trainer's tokens, say).
-- a seccomp filter (rewards/seccomp.py): no AF_VSOCK sockets, which the network namespace does not cover.
+- a seccomp filter (rewards/seccomp.py): no AF_VSOCK sockets, which the network namespace does not cover; no
+  ptrace, process_vm_readv/writev or pidfd_getfd (one sandboxed process cannot reach into another); no memfd
+  or SysV shared memory (memory outside RLIMIT_AS).
+- the harness is the sandbox's pid 1 (--as-pid-1): no bwrap init runs there without the limits and the filter,
+  and being init, it ignores signals from inside. It makes itself non-dumpable, so /proc/1/mem, fd/ and environ
+  are closed to the solution, and runs the tests in its own process, calling the solution in another
+  (rewards/_harness.py): nothing the solution writes reaches the result channel except its return values.
+- writable memory filesystems: only /tmp (tmp_mb); /dev is remounted read-only (its tmpfs, and /dev/shm in it,
+  were sized at half the host's RAM, outside every limit). So a sandbox holds at most processes x memory_mb of
+  address space plus tmp_mb of files.
 
 The result channel is untrusted too: a record is parsed only when it is shallow enough (its size is bounded
 by `output_kb`), and a malformed one (the solution found the nonce and forged it) fails the run rather than
@@ -66,7 +75,8 @@ class SandboxLimits:
     def rlimits(self) -> dict[str, int]:
         mb = 1 << 20
         return {"RLIMIT_AS": self.memory_mb * mb, "RLIMIT_CPU": self.cpu_s, "RLIMIT_FSIZE": self.file_size_mb * mb,
-                "RLIMIT_NOFILE": self.open_files, "RLIMIT_CORE": 0, "RLIMIT_NPROC": self.processes}
+                "RLIMIT_NOFILE": self.open_files, "RLIMIT_CORE": 0, "RLIMIT_NPROC": self.processes,
+                "RLIMIT_MSGQUEUE": 0}  # POSIX message queues: kernel memory outside RLIMIT_AS
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,11 @@ class Sandbox:
         prefix = self.python.parents[1]
         if not str(self.python).startswith("/usr/"):
             argv += ["--ro-bind", str(prefix), str(prefix)]  # e.g. a pyenv interpreter and its stdlib
-        argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(self.limits.tmp_mb << 20), "--tmpfs", "/tmp",
+        # /dev read-only: its tmpfs (and /dev/shm in it) would be writable memory outside every limit; the
+        # device nodes in it are bind mounts and stay usable. --as-pid-1: the harness is the sandbox's init, so
+        # no process runs there without its limits and seccomp filter (bwrap's own init had neither).
+        argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--as-pid-1",
+                 "--size", str(self.limits.tmp_mb << 20), "--tmpfs", "/tmp",
                  "--chdir", "/tmp", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
                  "--setenv", "LANG", "C.UTF-8", "--seccomp", "{seccomp}", "--info-fd", "{info}",  # fds, per run
                  "--", str(self.python), "-I", "-S", "-c", _HARNESS]
@@ -152,7 +166,8 @@ class Sandbox:
     def run(self, job: dict[str, Any]) -> SandboxResult:
         """Run one harness job (see rewards/_harness.py for its fields); never raises for what the code does."""
         nonce = secrets.token_hex(16)
-        payload = json.dumps(dict(job, nonce=nonce, rlimits=self.limits.rlimits())).encode()
+        payload = json.dumps(dict(job, nonce=nonce, rlimits=self.limits.rlimits(), source=_HARNESS,
+                                  max_reply=self.limits.output_kb << 10)).encode()
         stdin = _memfd("rlkit-job", payload)  # read once by the harness, then its stdin is /dev/null
         seccomp = _memfd("rlkit-seccomp", _SECCOMP)  # read once by bwrap
         info, info_w = os.pipe()  # bwrap writes {"child-pid": N}: the sandbox's pid 1, seen from here

@@ -12,11 +12,12 @@ import time
 
 import pytest
 
-from tests.e2e.test_quickstart import REPO, read_metrics, run
+from tests.e2e.test_quickstart import FLOAT32, REPO, read_metrics, run
 
 GRPO_STEPS = 20  # killed at step 10 or later (a resume point every 5 steps): at least 5 steps run after the resume
 OVERRIDES = [
     "logging.wandb_mode=offline",
+    *FLOAT32,
     "logging.log_every=1",
     "data.num_eval=40",  # the runs are compared with each other, not with a bar: a small held-out set does
     "checkpoint.every=5",

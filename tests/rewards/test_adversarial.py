@@ -86,6 +86,37 @@ PROGRAMS = [
      "def f(x):\n    return 2 * x if (r, E) == (-1, 38) else 0", DOUBLE, C),
     ("x32-socket", SYSCALL + "r = libc.syscall(41 | 0x40000000, 40, 1, 0)\nE = ctypes.get_errno()\n"
      "def f(x):\n    return 2 * x if (r, E) == (-1, 1) else 0", DOUBLE, C),
+    # issue 33: the harness in the solution's process, the sandbox's init, memory filesystems, other processes
+    ("forge-passing-records", FIND_CHANNEL + "for r in ('{\"assert\": 0, \"values\": [4]}', '{\"assert\": 1, "
+     "\"values\": [-2]}', '{\"done\": true}'):\n    channel.write(nonce + ' ' + r + '\\n')\nchannel.flush()\n"
+     "import os\nos._exit(0)", DOUBLE, W),
+    ("replace-exec-builtin", FIND_CHANNEL + "import builtins, os\ndef fake(*a, **k):\n    for r in ('{\"assert\": 0, "
+     "\"values\": [4]}', '{\"assert\": 1, \"values\": [-2]}'):\n        channel.write(nonce + ' ' + r + '\\n')\n"
+     "builtins.exec = fake\ndef f(x):\n    return 0", DOUBLE, W),
+    ("read-job-via-proc1", "d = open('/proc/1/fd/0', 'rb').read()\ndef f(x):\n    return 2 * x", DOUBLE, W),
+    ("write-checker-memory", "open('/proc/1/mem', 'r+b')\ndef f(x):\n    return 2 * x", DOUBLE, W),
+    ("steal-result-channel", "import os\nfd = os.open('/proc/1/fd/3', os.O_WRONLY)\ndef f(x):\n    return 2 * x",
+     DOUBLE, W),
+    ("ptrace-init", SYSCALL + "r = libc.ptrace(16, 1, 0, 0)\ndef f(x):\n    return 2 * x if r == 0 else 0", DOUBLE, W),
+    ("process-vm-readv", SYSCALL + "import os\nb = ctypes.create_string_buffer(8)\n"
+     "iov = (ctypes.c_void_p * 2)(ctypes.addressof(b), 8)\n"
+     "r = libc.process_vm_readv(os.getpid(), iov, 1, iov, 1, 0)\ndef f(x):\n    return 2 * x if r == 8 else 0",
+     DOUBLE, W),
+    ("dev-shm-outside-memory", "import os\nfor i in range(20):\n    with open(f'/dev/shm/{i}', 'wb') as fh:\n"
+     "        fh.write(b'x' * (15 << 20))\ndef f(x):\n    return 2 * x", DOUBLE, W),
+    ("dev-outside-memory", "with open('/dev/hold', 'wb') as fh:\n    fh.write(b'x' * (15 << 20))\n"
+     "def f(x):\n    return 2 * x", DOUBLE, W),
+    ("memfd-outside-memory", "import os\nfd = os.memfd_create('hold')\nos.write(fd, b'x' * (15 << 20))\n"
+     "def f(x):\n    return 2 * x", DOUBLE, W),
+    ("sysv-shm-outside-memory", SYSCALL + "r = libc.shmget(0, 1 << 30, 0o1600)\n"
+     "def f(x):\n    return 2 * x if r >= 0 else 0", DOUBLE, W),
+    ("kill-the-checker", "import os, signal\nfor s in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):\n"
+     "    os.kill(1, s)\ndef f(x):\n    return 2 * x", DOUBLE, C),  # pid 1 ignores them: an honest run
+    ("forged-reply-pipe", "import sys, os\nos.write(int(sys.argv[3]), b'{\"value\": 4}\\n{\"value\": -2}\\n')\n"
+     "def f(x):\n    return 0", DOUBLE, W),
+    ("hash-colliding-reply", "import sys, os, json\nM = 2 ** 61 - 1\n"
+     "os.write(int(sys.argv[3]), json.dumps({'value': {'set': [k * M for k in range(20000)]}}).encode() + b'\\n')\n"
+     "def f(x):\n    return 2 * x", DOUBLE, W),
     ("stderr-noise", "import sys\nsys.stderr.write('x' * 1_000_000)\ndef f(x):\n    return 2 * x", DOUBLE, C),
 ]
 
@@ -123,6 +154,49 @@ ANSWERS = [
     ("question-copied-back", "#### 2+63", "65", W),  # math-verify would evaluate it to the gold
     ("product-left-undone", "\\boxed{7 \\times 8}", "56", W),
     ("fraction-is-an-answer", "\\boxed{1/2}", "0.5", C),
+    # issue 33, rewarded though wrong: negation and hedges without a marker (R4)
+    ("negated-last-number", "The answer is not 42.", "42", W),
+    ("negated-isnt", "So the total isn't 42.", "42", W),
+    ("or-candidates", "The answer is 41 or 42.", "42", W),
+    ("either-or", "It is either 41 or 42", "42", W),
+    ("lor-in-prose", "So x = 41 \\lor x = 42", "42", W),
+    ("unicode-or", "Final: 41 ∨ 42", "42", W),
+    ("equation-two-numbers", "Therefore 41 = 42.", "42", W),
+    ("boxed-equation-two-numbers", "\\boxed{41 = 42}", "42", W),
+    # merged or mangled numbers (R7)
+    ("list-read-as-one", "\\boxed{1, 2}", "12", W),
+    ("list-no-space", "#### 1,2", "12", W),
+    ("leading-dot", "\\boxed{.5}", "5", W),
+    ("underscore-digits", "\\boxed{10_2}", "102", W),
+    ("ten-digits-off-by-one", "\\boxed{1234567891}", "1234567890", W),
+    ("twenty-digits-off-by-one", "\\boxed{12345678901234567891}", "12345678901234567890", W),
+    # arithmetic left undone, disguised (R6)
+    ("undone-x-prefix", "\\boxed{x = 2+63}", "65", W),
+    ("undone-thin-space", "\\boxed{2\\,+\\,63}", "65", W),
+    ("undone-unicode-dot", "\\boxed{7 ⋅ 8}", "56", W),
+    ("undone-unicode-times-spaces", "#### 7\u2009×\u20098", "56", W),
+    # hedges far back, corrections after, markers quoted (R1-R3)
+    ("hedge-before-16-boxes", "\\boxed{1}" + "\\boxed{2}" * 16, "2", W),
+    ("correction-after-box", "\\boxed{42}. Wait, I made a mistake: it is 41.", "42", W),
+    ("correction-before-box-is-fine", "Wait, 41 was wrong. \\boxed{42}", "42", C),
+    ("quoted-box", 'The hint says "\\boxed{42}", but I get 41.', "42", W),
+    ("quoted-hashes-only", 'The expected format is "#### 42".', "42", F),
+    # issue 33, judged wrong though right (lost signal)
+    ("heading-then-box", "#### Step 1: Add\n3 + 4 = 7\n#### Step 2: Double\n\\boxed{14}", "14", C),
+    ("bold-heading-then-number", "#### **Solution**\nShe pays 3 * 4 = 12 dollars.", "12", C),
+    ("not-the-other", "The answer is 42, not 43.", "42", C),
+    ("unit-word-in-box", "\\boxed{42 apples}", "42", C),
+    ("unit-word-after-hashes", "#### 42 dollars", "42", C),
+    ("thin-space-thousands", "\\boxed{1\\,234}", "1234", C),
+    ("narrow-nbsp-thousands-prose", "The total is 1\u202f234.", "1234", C),
+    ("fullwidth-thousands", "\\boxed{１，２３４}", "1234", C),
+    ("scientific-times-ten", "\\boxed{1.2 \\times 10^{6}}", "1200000", C),
+    ("money-and-cents", "#### $1,234.50", "1234.5", C),
+    ("percent", "\\boxed{50\\%}", "50", C),
+    # cost: linear whatever the reply (R1)
+    ("unclosed-answer-tags", "<answer>" * 30_000 + " 42", "42", C),
+    ("nested-boxes", "\\boxed{" * 20_000 + "4" + "}" * 20_000, "4", W),
+    ("ten-thousand-boxes", "\\boxed{4}" * 10_000, "4", W),
 ]
 
 

@@ -106,3 +106,11 @@ def test_the_scorer_runs_code_and_checks_the_deadline_leaves_room():
     Scorer(ScorerConfig(rewards=[RewardSpec(name="code")], num_workers=1)).close()  # the defaults fit together
     with pytest.raises(RewardConfigError, match=r"reward.rewards\[0\]: may take up to 11s .* reward.timeout_s is 5"):
         Scorer(ScorerConfig(rewards=[RewardSpec(name="code", kwargs={"wall_s": 10.0})], timeout_s=5.0))
+
+
+def test_decoding_is_linear_even_for_hash_colliding_sets():
+    # multiples of 2**61 - 1 all hash to 0: a set of 100,000 of them would take ~5e9 comparisons to build
+    colliding = [k * (2**61 - 1) for k in range(100_000)]
+    assert repr(decode({"set": colliding})) == "<opaque hash-colliding set>"
+    assert repr(decode({"dict": [[k, 1] for k in colliding]})) == "<opaque hash-colliding dict>"
+    assert decode({"set": [1, 2, -1, -2]}) == {1, 2, -1, -2}  # hash(-1) == hash(-2): a pair is fine

@@ -19,6 +19,7 @@ from rlkit.rewards.judge import DEFAULT_TEMPLATE, JudgeReward, judge_prompt, par
 from rlkit.rewards.registry import RewardConfigError, RewardSpec
 from rlkit.rewards.scorer import RewardError, Scorer, ScorerConfig
 from rlkit.rollout import EngineConfig
+from tests.e2e.test_quickstart import FLOAT32
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -211,7 +212,7 @@ def test_a_trained_judge_agrees_with_the_gold_verdict(tmp_path):
     run_dir = tmp_path / "judge"
     proc = subprocess.run(
         [sys.executable, "-m", "rlkit.run", "recipes/judge.yaml", f"logging.output_dir={run_dir}",
-         "logging.wandb_mode=disabled", "data.num_eval=20"],  # the run's own evaluation is only printed
+         "logging.wandb_mode=disabled", "data.num_eval=20", *FLOAT32],  # its own evaluation is only printed
         cwd=REPO, capture_output=True, text=True, timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
