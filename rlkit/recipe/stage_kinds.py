@@ -1,7 +1,8 @@
-"""What each stage kind is to a recipe: the StageConfig fields of its own it reads, the rows one step trains on,
-whether the engines follow the trainer after every step, and its checks, all run when the recipe loads
-(rlkit.recipe.validate). How a kind trains is its `train` in rlkit.algorithms.STAGES; a test holds the two tables
-to the same kinds.
+"""What each stage kind is to a recipe, in one record per kind (STAGE_KINDS): the StageConfig fields of its own it
+reads, the data it trains on, the rows one step trains on, whether it trains a model, whether the engines follow the
+trainer after every step, whether it uses the advantage estimator, its checks (all run when the recipe loads,
+rlkit.recipe.validate) and its `train`, an import path loaded only when the stage runs (so loading a recipe needs
+no torch).
 
 A stage that sets a field its kind does not read (`teacher` on a grpo stage, `pairs` on an sft stage) is refused:
 a setting that would be silently ignored is a bug in the recipe.
