@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="first GRPO steps left out of the timings")
     parser.add_argument("--comm", type=float, default=COMM, help="async_sim: gradient all-reduce / 1-rank train time")
     args = parser.parse_args()
-    from kernels.precision import describe_machine
+    from rlkit.kernels.precision import describe_machine
 
     print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
     out = (REPO / args.out).resolve()

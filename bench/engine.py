@@ -45,8 +45,8 @@ def decode_seconds(engine, repeats: int) -> float:
 
 
 def make_engine(model_path: Path, bind: str | None, lora_rank: int = 0):
-    from rollout import EngineConfig
-    from rollout.vllm_engine import VllmRollout
+    from rlkit.rollout import EngineConfig
+    from rlkit.rollout.vllm_engine import VllmRollout
 
     if bind is None:
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # rlkit's default
@@ -57,7 +57,7 @@ def make_engine(model_path: Path, bind: str | None, lora_rank: int = 0):
 
 
 def sync_seconds(engine, trainer, repeats: int, adapter: bool) -> tuple[float, float]:
-    from rlkit.lora import adapter_config
+    from rlkit.training.lora import adapter_config
 
     engine.sync_weights(trainer.full_state_dict(merged=False))  # the base, as a stage's first sync
     times, megabytes = [], 0.0
@@ -75,13 +75,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    from kernels.precision import describe_machine
+    from rlkit.kernels.precision import describe_machine
 
     print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
 
-    from rlkit.config import ModelConfig, TrainerConfig
-    from rlkit.modeling import init_model, save_checkpoint
-    from rlkit.trainer import ShardedTrainer
+    from rlkit.recipe import ModelConfig, TrainerConfig
+    from rlkit.training.modeling import init_model, save_checkpoint
+    from rlkit.training.trainer import ShardedTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
         model, tok = init_model(ModelConfig(**MODEL))

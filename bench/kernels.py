@@ -7,7 +7,7 @@
 Rows: naive = log_softmax((h @ W.T).float()).gather (log-probs only, full (N, V) logits); torch / triton =
 fused_logprobs(..., return_entropy=True, impl=...) with a loss on log-probs *and* entropy; gemm floor = the
 three bare GEMMs any method needs (h @ W.T, dlogits @ W, dlogits.T @ h) and nothing else; "bytes" (--cpu) = the
-torch path with chunks of CHUNK_BYTES of logits whatever their row count (as before kernels.logprobs.CHUNK_ROWS).
+torch path with chunks of CHUNK_BYTES of logits whatever their row count (as before rlkit.kernels.logprobs.CHUNK_ROWS).
 "extra" is the peak allocated memory during forward + backward above the inputs, not counting the gradients
 returned. Errors are max |log p - reference| and max |entropy - reference| against float64 over the same (rounded)
 inputs.
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from kernels import fused_logprobs  # noqa: E402
-from kernels.logprobs import CHUNK_BYTES  # noqa: E402
+from rlkit.kernels import fused_logprobs  # noqa: E402
+from rlkit.kernels.logprobs import CHUNK_BYTES  # noqa: E402
 
 TARGET_MS = {896: 30.0, 3584: 110.0}  # triton path, H100, forward + backward at N = 16384
 TARGET_EXTRA_GIB = 0.5
@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None, help="N (default 16384, or 256 with --cpu-smoke)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (median reported)")
     args = parser.parse_args()
-    from kernels.precision import describe_machine
+    from rlkit.kernels.precision import describe_machine
 
     print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
     if args.cpu_smoke:
@@ -173,7 +173,7 @@ def main() -> None:
         device, dtype, shapes = torch.device("cpu"), torch.float32, [(64, 1001), (96, 517)]
         n, reps = args.tokens or 256, args.reps or 3
         impls = [("naive", naive), ("torch", fused("torch")), ("gemm", gemm_floor)]
-        from kernels._dispatch import interpreting
+        from rlkit.kernels._dispatch import interpreting
 
         if interpreting():  # the Triton kernels on CPU, through the interpreter (slow, smoke only)
             impls.insert(2, ("triton", fused("triton")))

@@ -15,11 +15,11 @@ Model: a randomly initialised Llama (`--hidden`, `--layers`), float32. Each conf
   step batch), each right-padded to its longest row;
 - budget: trainer.micro_batch_tokens `--budget` as well: rows binned by length (first-fit decreasing), so each
   micro-batch holds rows of similar length, then right-padded;
-- packed: trainer.packing, each micro-batch's rows as one sequence, attention within each row (rlkit.attention's
+- packed: trainer.packing, each micro-batch's rows as one sequence, attention within each row (rlkit.training.attention's
   per-row sdpa, what trainer.packing loads with sdpa);
 - packed + budget: both;
 - "(dense mask)": the same packed rows through transformers' own sdpa, which attends over a dense (T, T)
-  block-diagonal mask of the micro-batch's T tokens (what trainer.packing ran before rlkit.attention): the baseline
+  block-diagonal mask of the micro-batch's T tokens (what trainer.packing ran before rlkit.training.attention): the baseline
   of the per-row attention, same run.
 tokens/s counts real (prompt + completion) tokens per second of update, median, under glibc's default allocator
 (as a trainer runs). Memory is measured in a second process per configuration: the peak resident memory of one
@@ -118,8 +118,8 @@ def policy_batch(lengths: list):
     """An on-policy GRPO batch of random tokens with these (prompt, completion) lengths."""
     import torch
 
-    from rlkit.losses import token_normalizer
-    from rlkit.trainer import PolicyBatch, pack_sequences
+    from rlkit.training.losses import token_normalizer
+    from rlkit.training.batches import PolicyBatch, pack_sequences
 
     g = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, VOCAB, (n,), generator=g).tolist()  # noqa: E731
@@ -131,14 +131,14 @@ def policy_batch(lengths: list):
 
 def grpo_loss():
     """On-policy GRPO's loss as the recipe's defaults make it (no reference: ref.kl_coef 0)."""
-    from rlkit.losses import PolicyLoss
+    from rlkit.training.losses import PolicyLoss
 
     return PolicyLoss()
 
 
 def make_trainer(fields: dict, model: str):
-    from rlkit.config import TrainerConfig
-    from rlkit.trainer import ShardedTrainer
+    from rlkit.recipe import TrainerConfig
+    from rlkit.training.trainer import ShardedTrainer
 
     fields = dict(fields)
     dense = fields.pop("dense_mask", False)
@@ -246,7 +246,7 @@ def main() -> None:
         job = json.loads(args.job)
         print("RESULT", json.dumps(run_interleaved(job) if "variants" in job else run_one(job)), flush=True)
         return
-    from kernels.precision import describe_machine
+    from rlkit.kernels.precision import describe_machine
 
     print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
     if args.device == "cuda":

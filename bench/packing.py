@@ -3,12 +3,12 @@
     python bench/packing.py [--model DIR] [--attn sdpa] [--dtype auto] [--repeats 3]
 
 Packed (trainer.packing: true): the rows as one (1, T) sequence, position_ids restarting per row, through the
-attention trainer.packing loads (rlkit.attention.model_attn_implementation): with sdpa, rlkit.attention's per-row
+attention trainer.packing loads (rlkit.training.attention.model_attn_implementation): with sdpa, rlkit.training.attention's per-row
 sdpa (attention within each row, no mask); flash_attention_2 (CUDA) is varlen itself. Padded (false): (B, W) rows
 with an attention mask, W the longest row, through the same model (padded forwards run transformers' sdpa). Rows
 have lengths drawn uniformly from [L/2, L], as sampled completions do. With sdpa the table also times the packed rows
 through transformers' own sdpa ("dense mask"): a (T, T) block-diagonal mask, attention growing with the square of
-the micro-batch's total tokens (what packing ran before rlkit.attention); eager always builds that mask. The table
+the micro-batch's total tokens (what packing ran before rlkit.training.attention); eager always builds that mask. The table
 prints medians and ratios to padded; only ratios from the same run compare (this machine's speed varies by day).
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rlkit.attention import model_attn_implementation  # noqa: E402
+from rlkit.training.attention import model_attn_implementation  # noqa: E402
 
 
 def build(model: str, attn: str, dtype: torch.dtype):
@@ -68,10 +68,10 @@ def main() -> None:
     parser.add_argument("--model", default="", help="a Hugging Face folder (default: SmolLM2-135M's shape, random)")
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
-                        help="auto: bfloat16 where this CPU computes it natively, else float32 (kernels.precision)")
+                        help="auto: bfloat16 where this CPU computes it natively, else float32 (rlkit.kernels.precision)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from kernels.precision import auto_dtype, describe_machine
+    from rlkit.kernels.precision import auto_dtype, describe_machine
 
     print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
     if args.dtype == "auto":

@@ -7,7 +7,7 @@
     python bench/throughput.py --precision fp32|bf16                # instead of auto (the default)
 
 `--precision auto` (default) is bf16 mixed precision on both sides where this machine computes bf16 natively (a
-CPU with AVX512-BF16 or AMX, a GPU from sm_80; kernels.precision) and float32 elsewhere: on an AVX2 CPU a bf16
+CPU with AVX512-BF16 or AMX, a GPU from sm_80; rlkit.kernels.precision) and float32 elsewhere: on an AVX2 CPU a bf16
 matmul runs about 500x slower than float32, and a bf16 run would not finish. The header says which it chose and
 why, with the CPU's capability.
 
@@ -39,7 +39,7 @@ settings otherwise; fp32 is float32 on both sides (rlkit's dtypes set to float32
 (data/gsm8k_test.jsonl) under a byte-level BPE (vocabulary 2048) trained on that file at run time, the model
 built with that tokenizer (same shape), up to `--new-tokens` (default 256) completion tokens, and rlkit bins each
 update's rows by length and packs them (`trainer.micro_batch_tokens` GSM8K_BUDGET, `trainer.packing`: each
-micro-batch's rows as one sequence, attention row by row, rlkit.attention; bench/lengths.py). TRL's GRPOTrainer has
+micro-batch's rows as one sequence, attention row by row, rlkit.training.attention; bench/lengths.py). TRL's GRPOTrainer has
 no padding-free option (GRPOConfig has no `padding_free` in TRL 1.16, only its SFT and DPO configs do), so it runs
 padded. The random model seldom samples its end token,
 so completions run to the limit on both sides: the length mix is in the prompts (`len` shows it).
@@ -144,8 +144,8 @@ def trl_args(s: Setup, out: Path, steps: int) -> dict:
 
 
 def build_model(folder: Path) -> Path:
-    from rlkit.config import ModelConfig
-    from rlkit.modeling import init_model, save_checkpoint
+    from rlkit.recipe import ModelConfig
+    from rlkit.training.modeling import init_model, save_checkpoint
 
     model, tokenizer = init_model(ModelConfig(**MODEL))
     return save_checkpoint(model, tokenizer, folder / "model", "")
@@ -157,8 +157,8 @@ def build_gsm8k(folder: Path, max_seq_len: int) -> tuple[Path, Path]:
     from transformers import PreTrainedTokenizerFast
 
     from bench.lengths import GSM8K, train_bpe
-    from rlkit.config import ModelConfig
-    from rlkit.modeling import build_model as build_llama, save_checkpoint
+    from rlkit.recipe import ModelConfig
+    from rlkit.training.modeling import build_model as build_llama, save_checkpoint
 
     core = train_bpe()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
@@ -196,10 +196,10 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 sys.path.insert(0, job["repo"])
-from rewards.base import Sample
-from rewards.math import MathReward
-from rlkit.config import DataConfig
-from rlkit.data import synthetic_splits
+from rlkit.rewards.base import Sample
+from rlkit.rewards.math import MathReward
+from rlkit.recipe import DataConfig
+from rlkit.data.tasks import synthetic_splits
 
 reward = MathReward()
 def math_reward(prompts, completions, answer, question=None, **kwargs):
@@ -275,7 +275,7 @@ def main() -> None:
         raise SystemExit("TRL is the baseline: pip install trl")
     if args.model and args.lengths == "gsm8k":
         raise SystemExit("--lengths gsm8k builds its own model (a BPE trained on GSM8K); drop --model")
-    from kernels.precision import auto_dtype, describe_machine
+    from rlkit.kernels.precision import auto_dtype, describe_machine
 
     print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and auto_dtype("cpu")[0] == "bfloat16")

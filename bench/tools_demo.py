@@ -5,7 +5,7 @@ math reward on the last answer.
     python bench/tools_demo.py [--steps 800] [--out runs/tools_demo]
 
 - tools: SFT on synthetic traces that call the calculator (recipes/quickstart_tools.yaml, data.tool_traces), then
-  episodes with env.name=tools (rlkit.episodes.run_episodes: up to rollout.max_turns turns);
+  episodes with env.name=tools (rlkit.algorithms.episodes.run_episodes: up to rollout.max_turns turns);
 - bare: SFT on the answers alone (data.tool_traces=false), one turn, the quickstart's 12 new tokens.
 Both train through `python -m rlkit.run` (its sft stage, as shipped); the GRPO stage of the recipe samples whole
 episodes once the stages call run_episodes, so it is left out here.
@@ -40,15 +40,15 @@ def train(out: Path, steps: int, batch: int, lr: float, overrides: list[str]) ->
 
 def held_out_accuracy(checkpoint: Path, overrides: list[str]) -> dict:
     """Greedy episodes on the recipe's held-out problems from `checkpoint`, scored by the math reward."""
-    from envs.base import Environment
-    from rewards.base import Sample, Verdict
-    from rewards.math import MathReward
-    from rlkit.cluster import engine_config
-    from rlkit.config import load_recipe
-    from rlkit.episodes import episode_metrics, make_env_factory, run_episodes
-    from rlkit.modeling import load_tokenizer
-    from rlkit.prepare import prepare_run_data
-    from rollout.vllm_engine import VllmRollout
+    from rlkit.envs.base import Environment
+    from rlkit.rewards.base import Sample, Verdict
+    from rlkit.rewards.math import MathReward
+    from rlkit.runtime.cluster import engine_config
+    from rlkit.recipe import load_recipe
+    from rlkit.algorithms.episodes import episode_metrics, make_env_factory, run_episodes
+    from rlkit.training.modeling import load_tokenizer
+    from rlkit.data.prepare import prepare_run_data
+    from rlkit.rollout.vllm_engine import VllmRollout
 
     cfg = load_recipe(RECIPE, overrides)
     data = prepare_run_data(cfg, load_tokenizer(checkpoint))
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/tools_demo")
     parser.add_argument("--skip-train", action="store_true", help="evaluate the checkpoints already in --out")
     args = parser.parse_args()
-    from kernels.precision import describe_machine
+    from rlkit.kernels.precision import describe_machine
 
     print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
     results = {}

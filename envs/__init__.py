@@ -1,7 +1,8 @@
-"""Environments for multi-turn episodes (rlkit.episodes runs them over the engines): the API (envs.base), tool use
-(envs.tools) and a safe calculator (envs.calculator). A leaf package: it imports rewards.sandbox, never rlkit."""
+"""Environments for multi-turn episodes (rlkit.algorithms.episodes runs them over the engines; a leaf, installed as
+rlkit.envs): the API (rlkit.envs.base), tool use (rlkit.envs.tools) and a safe calculator (rlkit.envs.calculator).
+Imports rlkit.rewards.sandbox (the python tool), never another part of rlkit."""
 
-from envs.base import Environment, Message, StepResult
-from envs.tools import ToolEnv, build_tools, format_tool_call, parse_tool_calls
+from rlkit.envs.base import Environment, Message, StepResult
+from rlkit.envs.tools import ToolEnv, build_tools, format_tool_call, parse_tool_calls
 
 __all__ = ["Environment", "Message", "StepResult", "ToolEnv", "build_tools", "format_tool_call", "parse_tool_calls"]

@@ -2,7 +2,7 @@
 
 An episode is a conversation between the policy and an environment. The environment opens it (`reset`), then
 answers each assistant message (`step`) with new messages (a tool's output, a judge's feedback), named reward parts
-that are added to the recipe's reward, and whether the episode is over. The rollout loop (rlkit.episodes) owns
+that are added to the recipe's reward, and whether the episode is over. The rollout loop (rlkit.algorithms.episodes) owns
 tokens, batching, turn and token limits; an environment sees and returns text only.
 
 Leaf package: imports nothing of rlkit (the problem is any object with `.prompt` and `.answer`).

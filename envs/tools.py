@@ -3,14 +3,14 @@ with each tool's output.
 
 The default convention is Qwen2.5's and Hermes': a JSON object with "name" and "arguments" between
 `<tool_call>` and `</tool_call>`; the answer is a `tool` message (a chat template renders it, Qwen's inside
-`<tool_response>`; the plain format of rlkit.chat wraps it so). An assistant message without a tool call is the
+`<tool_response>`; the plain format of rlkit.data.chat wraps it so). An assistant message without a tool call is the
 final answer and ends the episode.
 
 Errors are turns, never crashes: a malformed call (bad JSON, no name, arguments not an object, an unclosed tag),
 an unknown tool, bad arguments, a tool's own error and a tool past its time limit each come back to the model as
 `error: ...` in the tool message, and are counted (`tool_errors`).
 
-Tools: `calculator` (envs.calculator: safe arithmetic) and `python` (rewards.sandbox: bubblewrap, no network,
+Tools: `calculator` (rlkit.envs.calculator: safe arithmetic) and `python` (rlkit.rewards.sandbox: bubblewrap, no network,
 per-call wall-clock, CPU and memory limits; its stdout is the answer).
 """
 
@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from envs.base import Environment, StepResult
-from envs.calculator import CalculatorError, evaluate, format_value
+from rlkit.envs.base import Environment, StepResult
+from rlkit.envs.calculator import CalculatorError, evaluate, format_value
 
 _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 MAX_CALLS = 8  # per assistant message; more is an error (each call costs a sandbox run)
@@ -88,7 +88,7 @@ def _parse_one(body: str) -> ToolCall:
 
 
 class Calculator:
-    """Arithmetic on numbers: {"expression": "37*58"} -> "2146" (envs.calculator; no eval)."""
+    """Arithmetic on numbers: {"expression": "37*58"} -> "2146" (rlkit.envs.calculator; no eval)."""
 
     def __call__(self, arguments: Mapping[str, Any]) -> str:
         expression = arguments.get("expression")
@@ -104,10 +104,10 @@ class Python:
     """Runs {"code": "..."} in the bubblewrap sandbox of the code reward and answers with its stdout.
 
     `wall_s` bounds each call (the program is killed at it), `memory_mb` its address space; without bubblewrap the
-    tool refuses to start (rewards.sandbox.SandboxUnavailable) rather than run code unsandboxed."""
+    tool refuses to start (rlkit.rewards.sandbox.SandboxUnavailable) rather than run code unsandboxed."""
 
     def __init__(self, wall_s: float = 5.0, memory_mb: int = 256, max_output_chars: int = 2000, python: str = ""):
-        from rewards.sandbox import Sandbox, SandboxLimits
+        from rlkit.rewards.sandbox import Sandbox, SandboxLimits
 
         limits = SandboxLimits(wall_s=wall_s + 1.0, cpu_s=max(1, math.ceil(wall_s)), memory_mb=memory_mb)
         self.sandbox, self.wall_s, self.max_output_chars = Sandbox(limits, python), wall_s, max_output_chars

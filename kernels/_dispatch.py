@@ -1,6 +1,6 @@
 """Pick an op's implementation once per (op, choice), and say which in the log.
 
-Standard library and torch only: `kernels.advantages` imports this and must stay light.
+Standard library and torch only: `rlkit.kernels.advantages` imports this and must stay light.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 
 import torch
 
-log = logging.getLogger("kernels")
+log = logging.getLogger("rlkit.kernels")
 _logged: set[tuple[str, str]] = set()
 
 

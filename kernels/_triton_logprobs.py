@@ -1,4 +1,4 @@
-"""Triton path of `kernels.logprobs.fused_logprobs` (imported only there, for CUDA tensors or under the interpreter).
+"""Triton path of `rlkit.kernels.logprobs.fused_logprobs` (imported only there, for CUDA tensors or under the interpreter).
 
 Forward, one kernel: each program takes BLOCK_N tokens and one slice of the vocabulary, computes logit tiles
 with `tl.dot` (bf16 operands, float32 accumulation) and folds them into an online log-sum-exp, the target's
@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import interpreting
-from kernels._matmul import addmm_f32_
+from rlkit.kernels._dispatch import interpreting
+from rlkit.kernels._matmul import addmm_f32_
 
 DLOGITS_BYTES = 192 * 2**20  # one backward chunk of dlogits (N, Cv)
 SPLIT_MIN_COLS = 2048  # a vocabulary slice is at least this wide, so each program has many tiles to fold

@@ -2,7 +2,7 @@
 
 One program per row walks time backwards in blocks of BLOCK_T: inside a block `tl.associative_scan` composes
 the affine maps y -> x_t + c_t * y in registers, and only the block's first value is carried to the next
-block. Computes in float32. Imported only by `kernels.advantages.reverse_scan` on the Triton path.
+block. Computes in float32. Imported only by `rlkit.kernels.advantages.reverse_scan` on the Triton path.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ discounted returns (REINFORCE++) and GAE (PPO).
 The two time recurrences are one reverse linear scan y_t = x_t + c_t * y_{t+1}, computed in chunks of
 `SCAN_CHUNK` positions: inside a chunk the scan is a (C x C) matrix of decay products applied at once, and only
 the boundary value is carried from chunk to chunk, so there is no Python loop over individual time steps.
-On CUDA, `impl="auto"` runs the scan as a Triton kernel instead (`kernels._triton_scan`).
+On CUDA, `impl="auto"` runs the scan as a Triton kernel instead (`rlkit.kernels._triton_scan`).
 
 The group estimators take an optional `valid` mask: samples it leaves out (a reward that could not be computed)
 take no part in their group's statistics, as TRL leaves unscorable (NaN) rewards out with nanmean/nanstd. The
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import choose_impl
+from rlkit.kernels._dispatch import choose_impl
 
 SCAN_CHUNK = 64
 _LOG_ZERO = -1e4  # log of a zero decay: exp() of it is exactly 0 in float64, and sums stay finite
@@ -92,7 +92,7 @@ def reverse_scan(x: torch.Tensor, decay: torch.Tensor, chunk: int = SCAN_CHUNK, 
     if x.dim() != 2 or decay.shape != x.shape:
         raise ValueError(f"reverse_scan wants x, decay of one (B, T) shape, got {tuple(x.shape)}, {tuple(decay.shape)}")
     if choose_impl("reverse_scan", impl, x) == "triton":
-        from kernels._triton_scan import triton_reverse_scan
+        from rlkit.kernels._triton_scan import triton_reverse_scan
 
         return triton_reverse_scan(x, decay)
     return _chunked_reverse_scan(x, decay, chunk)

@@ -2,7 +2,7 @@
 
 `fused_logprobs` is the one public op. `_torch_impl` processes tokens in chunks: the forward keeps only each
 token's log-sum-exp (and entropy), the backward recomputes a chunk's logits to form its gradient. It runs
-anywhere and is the reference for the Triton kernels (`kernels._triton_logprobs`), which `impl="auto"` picks
+anywhere and is the reference for the Triton kernels (`rlkit.kernels._triton_logprobs`), which `impl="auto"` picks
 for CUDA tensors.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import choose_impl
-from kernels._matmul import addmm_f32_, mm_f32
+from rlkit.kernels._dispatch import choose_impl
+from rlkit.kernels._matmul import addmm_f32_, mm_f32
 
 # Budget for one chunk's float32 logits. Forward and backward each hold about 2.5 buffers of this size.
 CHUNK_BYTES = 128 * 2**20
@@ -34,7 +34,7 @@ def _chunk_rows(vocab: int, chunk_size: int | None) -> int:
 def _operand_weight(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """The weight as the chunk GEMMs take it: itself on CUDA or at full precision, else one upcast copy."""
     # CPU has no half-precision GEMM with a float32 result, and mixed dtypes need a common one: pay one copy
-    # per call rather than one per chunk. CUDA takes half-precision weights as they are (kernels._matmul).
+    # per call rather than one per chunk. CUDA takes half-precision weights as they are (rlkit.kernels._matmul).
     if weight.dtype == hidden.dtype and (weight.is_cuda or weight.dtype not in (torch.float16, torch.bfloat16)):
         return weight
     return weight.to(torch.promote_types(torch.promote_types(weight.dtype, hidden.dtype), torch.float32))
@@ -154,7 +154,7 @@ def fused_logprobs(
     valid = flat_t != ignore_index
     safe_t = torch.where(valid, flat_t, 0).long()  # gather wants int64 indices
     if chosen == "triton":
-        from kernels._triton_logprobs import triton_logprobs
+        from rlkit.kernels._triton_logprobs import triton_logprobs
 
         logprobs, entropy = triton_logprobs(flat_h, weight, safe_t, float(temperature), return_entropy)
     else:

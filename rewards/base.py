@@ -1,6 +1,6 @@
 """The reward API: a reward is a small class with `score(sample) -> RewardResult`.
 
-Batching, concurrency, deadlines and sandboxing belong to the scorer (`rewards.scorer`), not to each reward.
+Batching, concurrency, deadlines and sandboxing belong to the scorer (`rlkit.rewards.scorer`), not to each reward.
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ import re
 import types
 from typing import Any
 
-from rewards.base import RewardResult, Sample, Verdict
-from rewards.math import final_reply
-from rewards.sandbox import Sandbox, SandboxLimits, SandboxResult
+from rlkit.rewards.base import RewardResult, Sample, Verdict
+from rlkit.rewards.math import final_reply
+from rlkit.rewards.sandbox import Sandbox, SandboxLimits, SandboxResult
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _SAFE_CALLS: dict[str, Any] = {f.__name__: f for f in (abs, round, len, sorted, set, frozenset, tuple, list, dict,

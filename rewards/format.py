@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from rewards.base import RewardResult, Sample, Verdict
+from rlkit.rewards.base import RewardResult, Sample, Verdict
 
 _LAYOUT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)

@@ -13,9 +13,9 @@ import re
 from collections import Counter
 from typing import Iterable
 
-from rewards.base import Reward, RewardResult, Sample, Verdict
-from rewards.math import extract_answer, final_reply
-from rewards.registry import builtin_reward, instantiate, load_class
+from rlkit.rewards.base import Reward, RewardResult, Sample, Verdict
+from rlkit.rewards.math import extract_answer, final_reply
+from rlkit.rewards.registry import builtin_reward, instantiate, load_class
 
 ABSTAIN_PHRASE = "I don't know"
 _ABSTAIN = re.compile(r"^\W*i\s+(?:don['’]?t|do\s+not)\s+know\W*$", re.IGNORECASE)

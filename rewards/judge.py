@@ -13,7 +13,7 @@ which the scorer counts and handles under `reward.on_error`.
 
 The judge is batched: it has `score_batch(samples, engine)` instead of `score(sample)`. The scorer calls it once
 per batch in its own process, with the engine it made from `engine_args()` (a VllmRollout in-process, or a Ray
-actor from rlkit.cluster when cluster.backend is ray); running it per sample in the worker pool would load an
+actor from rlkit.runtime.cluster when cluster.backend is ray); running it per sample in the worker pool would load an
 engine in every worker. This module imports neither vllm nor ray.
 """
 
@@ -25,10 +25,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
-from rewards.base import RewardResult, Sample, Verdict
-from rollout import EngineConfig
+from rlkit.rewards.base import RewardResult, Sample, Verdict
+from rlkit.rollout import EngineConfig
 
-# What a judge sees. The embedded default judge is trained on exactly this: rlkit.data builds its training
+# What a judge sees. The embedded default judge is trained on exactly this: rlkit.data.tasks builds its training
 # prompts (data.verification) with `judge_prompt(DEFAULT_TEMPLATE, ...)` and `score_tag`, the format's one home.
 DEFAULT_TEMPLATE = "Problem: {prompt}\nAnswer: {completion}\nReference: {gold}\nCorrect? "
 _FIELDS = ("prompt", "completion", "gold")

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from rewards.base import RewardResult, Sample, Verdict
-from rewards.format import answer_span
+from rlkit.rewards.base import RewardResult, Sample, Verdict
+from rlkit.rewards.format import answer_span
 
 NAMES = ["Alice", "Bob", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana"]
 MAX_ANSWER_CHARS = 10_000  # a verifier reads an answer, not a novel: longer is a format error

@@ -1,6 +1,6 @@
 """Math answers: the answer specification of docs/rewards.md, rule by rule (the rule numbers below are its).
 
-Extraction (R1-R6) reads the reply after the last </think>, in one form (rewards.numeric.canonical_text):
+Extraction (R1-R6) reads the reply after the last </think>, in one form (rlkit.rewards.numeric.canonical_text):
 - R1 markers: every \\boxed{...}/\\fbox{...} (balanced braces; one inside another is part of it), every closed
   <answer>...</answer>, and every "#### ..." that is not a Markdown heading (its text starts with a word of two
   or more letters: "#### Step 1: ..."). A marker inside a quotation ("...", “...”) is not one.
@@ -12,7 +12,7 @@ Extraction (R1-R6) reads the reply after the last </think>, in one form (rewards
   or an equation between two different bare numbers ("42 = 43") is wrong.
 - R5 no number at all: format_error.
 Answers (R6-R9): too long, too deep, alternatives joined or arithmetic left undone (on the last side of an
-equation) is wrong unread; numbers are read exactly (rewards.numeric); an integer gold needs the exact integer,
+equation) is wrong unread; numbers are read exactly (rlkit.rewards.numeric); an integer gold needs the exact integer,
 another number a relative 1e-6; anything else goes to math-verify (symbolic). Model output math-verify cannot
 parse is wrong; a gold it cannot parse, or an error inside its comparison, is raised (a verifier fault).
 Every step is linear in the reply's length (braces matched in one pass, tags paired in one pass).
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import re
 
-from rewards.base import RewardResult, Sample, Verdict
-from rewards.numeric import THIN, canonical, canonical_text, numbers_equal, parse_number
+from rlkit.rewards.base import RewardResult, Sample, Verdict
+from rlkit.rewards.numeric import THIN, canonical, canonical_text, numbers_equal, parse_number
 
 MAX_MARKERS = 64  # markers in one reply; more is wrong (and reading them all could be quadratic)
 MAX_ANSWERS = 4  # distinct final answers a reply may restate (each must match); more is wrong

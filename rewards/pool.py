@@ -19,9 +19,9 @@ from collections import deque
 from multiprocessing.connection import wait
 from typing import Callable
 
-from rewards.base import RewardResult, Sample, Verdict
-from rewards.registry import RewardSpec, build_reward
-from rewards.sandbox import become_subreaper
+from rlkit.rewards.base import RewardResult, Sample, Verdict
+from rlkit.rewards.registry import RewardSpec, build_reward
+from rlkit.rewards.sandbox import become_subreaper
 
 STARTUP_TIMEOUT_S = 120.0  # importing a user's reward module (and sympy) can take a while on a busy host
 

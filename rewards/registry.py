@@ -1,7 +1,7 @@
 """Finding reward classes: built-ins by name (the one registry users extend), user classes by import path.
 
 A reward is named by a `RewardSpec`; rlkit turns each entry of its recipe's `reward.rewards` into one
-(rlkit.score.scorer_config). A spec that cannot work raises `RewardConfigError` naming the recipe field
+(rlkit.runtime.scoring.scorer_config). A spec that cannot work raises `RewardConfigError` naming the recipe field
 (`reward.rewards[0].name: unknown reward 'mth'. Did you mean 'math'?`), which rlkit reports as its RecipeError.
 """
 
@@ -12,7 +12,7 @@ import difflib
 import importlib
 from typing import Any, Mapping
 
-from rewards.base import Reward
+from rlkit.rewards.base import Reward
 
 
 class RewardConfigError(ValueError):
@@ -31,12 +31,12 @@ class RewardSpec:
 
 # name -> "module:Class"; imported on first use so a recipe pays only for the rewards it names
 _BUILTINS: dict[str, str] = {
-    "math": "rewards.math:MathReward",
-    "honesty": "rewards.honesty:HonestyReward",
-    "code": "rewards.code:CodeReward",
-    "logic": "rewards.logic:LogicReward",
-    "format": "rewards.format:FormatReward",
-    "judge": "rewards.judge:JudgeReward",  # batched: run by the scorer over whole batches (rewards.scorer)
+    "math": "rlkit.rewards.math:MathReward",
+    "honesty": "rlkit.rewards.honesty:HonestyReward",
+    "code": "rlkit.rewards.code:CodeReward",
+    "logic": "rlkit.rewards.logic:LogicReward",
+    "format": "rlkit.rewards.format:FormatReward",
+    "judge": "rlkit.rewards.judge:JudgeReward",  # batched: run by the scorer over whole batches (rlkit.rewards.scorer)
 }
 
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rewards.seccomp import build_filter
+from rlkit.rewards.seccomp import build_filter
 
 _HARNESS = (Path(__file__).with_name("_harness.py")).read_text()
 NOBODY = 65534

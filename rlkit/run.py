@@ -11,8 +11,8 @@ import logging
 import signal
 import sys
 
-from rlkit.config import RecipeError, load_recipe, to_yaml
-from rollout.vllm_console import KnownNoise
+from rlkit.recipe import RecipeError, load_recipe, to_yaml
+from rlkit.rollout.vllm_console import KnownNoise
 
 # vLLM's processes re-import this module before vLLM configures their logging; what vLLM logs until then goes
 # to Python's last-resort handler, which gets the same filter as every other handler (rollout/vllm_console.py)
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from rlkit.runner import run  # heavy imports only once the recipe is known to be good
+        from rlkit.orchestration.runner import run  # heavy imports only once the recipe is known to be good
 
         run(cfg)
     except RecipeError as e:

@@ -15,31 +15,12 @@ import json
 import sys
 from pathlib import Path
 
-from rlkit.config import RecipeError, RewardConfig, load_recipe
-from rewards import registry
-from rewards.scorer import Scorer, ScorerConfig
+from rlkit.recipe import RecipeError, load_recipe
+from rlkit.runtime.scoring import build_scorer
 
 
 class InputError(ValueError):
     """The samples file cannot be read; the message names the file and line."""
-
-
-def scorer_config(reward: RewardConfig) -> ScorerConfig:
-    """The recipe's `reward` section as the scorer's own config (max_error_rate is the run's check, not the
-    scorer's)."""
-    specs = tuple(registry.RewardSpec(name=s.name, import_path=s.import_path, weight=s.weight, kwargs=dict(s.kwargs))
-                  for s in reward.rewards)
-    return ScorerConfig(rewards=specs, num_workers=reward.num_workers, timeout_s=reward.timeout_s,
-                        on_error=reward.on_error, error_score=reward.error_score)
-
-
-def build_scorer(reward: RewardConfig, make_engine=None) -> Scorer:
-    """The scorer of a recipe's rewards, in this process; a reward that cannot be built is a RecipeError, the
-    same one-line message the user gets for any other bad recipe field."""
-    try:
-        return Scorer(scorer_config(reward), make_engine)
-    except registry.RewardConfigError as e:
-        raise RecipeError(str(e)) from e
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_samples(path: str) -> list:
     """Samples from a JSONL file; the first bad line raises InputError naming its number."""
-    from rewards.base import Sample
+    from rlkit.rewards.base import Sample
 
     file = Path(path)
     if not file.is_file():
@@ -83,7 +64,7 @@ def read_samples(path: str) -> list:
 
 def message_text(value, field: str) -> str:
     """A field's text: itself, or for conversational data the last user turn (prompt) or the assistant turns."""
-    from rlkit.sources import RowError, last_user_text, parse_messages
+    from rlkit.data.sources import RowError, last_user_text, parse_messages
 
     if isinstance(value, str):
         return value

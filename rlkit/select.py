@@ -9,8 +9,8 @@ losses below `min_loss` (the scorer already knows the answer by heart) and both 
 cannot model at all) are dropped too. The rest are ranked by IFD, highest first, and the top `fraction` of the
 input count is written: each input row as it was, with its `ifd`, `loss_conditioned` and `loss_answer`.
 
-The input is read as a recipe's data is (rlkit.sources: .jsonl/.json/.parquet/.csv, prompt-only rows with an
-answer or solution, or prompt-completion rows) and prompts are rendered as in training (rlkit.chat: the model's
+The input is read as a recipe's data is (rlkit.data.sources: .jsonl/.json/.parquet/.csv, prompt-only rows with an
+answer or solution, or prompt-completion rows) and prompts are rendered as in training (rlkit.data.chat: the model's
 chat template unless `--chat-template none`, with `--system-prompt` and `--prompt-template`). The answer alone is
 scored after an empty user turn (with a template) or BOS alone (without), its stop token left out as the paper does.
 """
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlkit.config import DataConfig, RecipeError
-from rlkit.data import Problem
+from rlkit.recipe import DataConfig, RecipeError
+from rlkit.data.tasks import Problem
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,8 @@ def choose(scored: list[Scored], options: SelectOptions, total: int) -> tuple[li
 def answer_losses(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int,
                   batch_size: int) -> list[float]:
     """Per-token NLL of each answer's ids after its prompt's ids."""
-    from rlkit.trainer import batched_logprobs, pack_sequences
+    from rlkit.training.trainer import batched_logprobs
+    from rlkit.training.batches import pack_sequences
 
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
@@ -87,7 +88,7 @@ def answer_losses(model, prompts: list[list[int]], answers: list[list[int]], pad
 
 def read_problems(path: str, data: DataConfig) -> tuple[list[dict], list[Problem]]:
     """The input's rows and their problems (prompt with an answer or solution, or a text prompt-completion)."""
-    from rlkit.sources import read_rows, to_records
+    from rlkit.data.sources import read_rows, to_records
 
     rows = read_rows(path, "", "train", "--input")
     _, problems = to_records(rows, range(len(rows)), data, "--input", path)
@@ -100,8 +101,8 @@ def read_problems(path: str, data: DataConfig) -> tuple[list[dict], list[Problem
 
 def score_file(model_path: str, path: str, data: DataConfig, batch_size: int):
     """(input rows, Scored per row) for a file of prompts with answers or solutions."""
-    from rlkit.chat import Renderer, stop_token_ids
-    from rlkit.modeling import load_model_and_tokenizer
+    from rlkit.data.chat import Renderer, stop_token_ids
+    from rlkit.training.modeling import load_model_and_tokenizer
 
     rows, problems = read_problems(path, data)
     model, tokenizer = load_model_and_tokenizer(model_path, field="--model")

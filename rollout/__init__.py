@@ -1,8 +1,8 @@
 """Rollout engines: sampling completions with log-probs, and taking weights from the trainer.
 
 `EngineConfig` is what an engine needs, and lives here (torch-free) so that a reward describing its own engine
-(rewards.judge) imports no engine code. rlkit turns its recipe's `rollout` section into one
-(rlkit.cluster.engine_config); this package imports nothing of rlkit.
+(rlkit.rewards.judge) imports no engine code. rlkit turns its recipe's `rollout` section into one
+(rlkit.runtime.cluster.engine_config); this package imports only rlkit.kernels (its precision probe) of rlkit.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """The settings of one `rollout.vllm_engine.VllmRollout`. The defaults equal the recipe's `rollout` section
-    (tests/rlkit/test_cluster.py checks that they agree); see rlkit.config.RolloutConfig for each field's story."""
+    """The settings of one `rlkit.rollout.vllm_engine.VllmRollout`. The defaults equal the recipe's `rollout` section
+    (tests/runtime/test_cluster.py checks that they agree); see rlkit.recipe.RolloutConfig for each field's story."""
 
     temperature: float = 1.0  # default sampling temperature of `generate`
     top_p: float = 1.0  # nucleus sampling when temperature > 0
     max_new_tokens: int = 12  # default completion length of `generate`
-    # served weights: "auto" (bfloat16 where the device computes it natively, else float32: kernels.precision),
+    # served weights: "auto" (bfloat16 where the device computes it natively, else float32: rlkit.kernels.precision),
     # "float32", "bfloat16", "float16"
     dtype: str = "auto"
     kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU

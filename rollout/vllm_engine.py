@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from kernels.precision import auto_dtype
-from rollout import EngineConfig
-from rollout.vllm_console import quiet_vllm_console, remove_segments, shm_segments
+from rlkit.kernels.precision import auto_dtype
+from rlkit.rollout import EngineConfig
+from rlkit.rollout.vllm_console import quiet_vllm_console, remove_segments, shm_segments
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def _write_tensors(state_dict: dict[str, torch.Tensor], path: Path) -> float:
 
 def engine_dtype(requested: str, on_gpu: bool) -> str:
     """rollout.dtype for vLLM: "auto" is bfloat16 where the engine's device computes it natively, else float32
-    (kernels.precision; a run passes the dtype it resolved at start, so this decides only for engines built alone).
+    (rlkit.kernels.precision; a run passes the dtype it resolved at start, so this decides only for engines built alone).
 
     >>> engine_dtype("float32", True), engine_dtype("bfloat16", False)
     ('float32', 'bfloat16')

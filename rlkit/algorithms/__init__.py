@@ -1,26 +1,8 @@
-"""Stage algorithms: each module has `train(ctx)` that runs one stage of a recipe; `STAGES` maps each kind to it.
-What a kind is to a recipe (its fields, rows per step, checks, whether it syncs every step) is
-rlkit.stage_kinds.STAGE_KINDS; a test holds the two tables to the same kinds."""
+"""The algorithms layer: one module per stage kind with its `train(ctx)` (sft, dpo, online_dpo, grpo, ppo, rft,
+average), named by the kind's record in rlkit.recipe.stage_kinds.STAGE_KINDS and imported only when a stage of that
+kind runs; what they share (common: StageContext; onpolicy: GRPO and PPO's update-sync-log tail), the experience
+producer, multi-turn episodes, advantage estimators and held-out evaluation.
 
-from __future__ import annotations
-
-from typing import Callable
-
-from rlkit.algorithms import dpo, grpo, online_dpo, ppo, rft, sft
-
-
-def train_dpo(ctx) -> None:
-    """DPO on pairs from a dataset or the starting policy, or sampled round after round (`pairs: online`)."""
-    (online_dpo.train if ctx.stage.pairs == "online" else dpo.train)(ctx)
-
-
-# kind -> train(ctx); None: no training (average, run by the runner from earlier checkpoints)
-STAGES: dict[str, Callable | None] = {
-    "sft": sft.train,
-    "dpo": train_dpo,
-    "rft": rft.train,
-    "distill": rft.train,
-    "grpo": grpo.train,
-    "ppo": ppo.train,
-    "average": None,
-}
+Imports: rlkit.recipe, rlkit.data, rlkit.training, rlkit.runtime and the leaves; never rlkit.orchestration or the
+command-line tools.
+"""

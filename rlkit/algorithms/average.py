@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from rlkit.algorithms.common import StageContext
-from rlkit.config import RecipeError
-from rlkit.stage_kinds import average_source, unknown_source_error
+from rlkit.recipe import RecipeError
+from rlkit.recipe.stage_kinds import average_source, unknown_source_error
 
 
 def mixing_weights(n: int, method: str, decay: float) -> list[float]:
@@ -53,7 +53,7 @@ def run(ctx: StageContext, recipe_yaml: str) -> str:
     """Average, save as the stage's checkpoint, point the engines at it; returns its path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlkit.modeling import save_checkpoint
+    from rlkit.training.modeling import save_checkpoint
 
     paths = source_checkpoints(ctx)[-ctx.stage.last:]
     if len(paths) < 2:

@@ -13,30 +13,28 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import InitVar, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
-from rlkit.checkpoint import Checkpointer, ResumePoint, RunState
-from rlkit.config import LoggingConfig, RecipeConfig, StageConfig, TrainerConfig
-from rlkit.data import BatchSampler, Problem
-from rlkit.episodes import episode_sampler
-from rlkit.evaluate import evaluate, log_evaluation
-from rlkit.experience import ExperienceMaker, ExperienceSource, completion_rows
-from rlkit.lora import adapter_config
-from rlkit.prepare import StageData
-from rlkit.stage_kinds import STAGE_KINDS, checkpoint_name
-from rlkit.tracking import RunLogger
-from rewards.base import Sample
-from rollout.vllm_engine import SyncStats
-
-if TYPE_CHECKING:
-    from rlkit.cluster import Cluster, RolloutPool, TrainerGroup
-    from rewards.scorer import Scorer
+from rlkit.rewards.scorer import Scorer
+from rlkit.runtime.cluster import Cluster, RolloutPool, TrainerGroup
+from rlkit.runtime.checkpoint import Checkpointer, ResumePoint, RunState
+from rlkit.recipe import LoggingConfig, RecipeConfig, StageConfig, TrainerConfig
+from rlkit.data.tasks import BatchSampler, Problem
+from rlkit.algorithms.episodes import episode_sampler
+from rlkit.algorithms.evaluate import evaluate, log_evaluation
+from rlkit.algorithms.experience import ExperienceMaker, ExperienceSource, completion_rows
+from rlkit.training.lora import adapter_config
+from rlkit.data.prepare import StageData
+from rlkit.recipe.stage_kinds import STAGE_KINDS, checkpoint_name
+from rlkit.runtime.tracking import RunLogger
+from rlkit.rewards.base import Sample
+from rlkit.rollout.vllm_engine import SyncStats
 
 
 @dataclass
 class Workers:
     """The live workers a stage drives, in this process or behind Ray actors with the same interface
-    (rlkit.cluster). The pool follows the trainer group through `sync_policy`."""
+    (rlkit.runtime.cluster). The pool follows the trainer group through `sync_policy`."""
 
     trainer: "TrainerGroup | None"  # the policy's ranks (None: an average stage, which trains nothing)
     pool: "RolloutPool"
@@ -209,7 +207,7 @@ class StageContext:
     workers: Workers
     logger: RunLogger  # the run's
     held_out: list[Problem] = field(default_factory=list)  # rendered with the recipe's data section
-    episodes: Any = None  # rlkit.episodes.EpisodeSampler over the held-out set's renderer (None: single-turn)
+    episodes: Any = None  # rlkit.algorithms.episodes.EpisodeSampler over the held-out set's renderer (None: single-turn)
     state: InitVar[RunState | None] = None  # the run's controller state (StepLoop)
     checkpointer: InitVar[Checkpointer | None] = None
     resume: InitVar[ResumePoint | None] = None
@@ -243,7 +241,7 @@ class StageContext:
 
     @property
     def syncs_every_step(self) -> bool:
-        """The engines follow the trainer after every step (rlkit.stage_kinds), else once at the stage's end."""
+        """The engines follow the trainer after every step (rlkit.recipe.stage_kinds), else once at the stage's end."""
         return STAGE_KINDS[self.stage.kind].syncs_every_step
 
     def seed(self) -> int:

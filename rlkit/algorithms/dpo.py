@@ -13,11 +13,11 @@ from __future__ import annotations
 import random
 
 from rlkit.algorithms.common import StageContext
-from rlkit.config import RecipeError
-from rlkit.data import BatchSampler
-from rlkit.losses import DPOLoss
-from rlkit.trainer import PairBatch, TokenBatch, pack_sequences
-from rewards.base import Verdict
+from rlkit.recipe import RecipeError
+from rlkit.data.tasks import BatchSampler
+from rlkit.training.losses import DPOLoss
+from rlkit.training.batches import PairBatch, TokenBatch, pack_sequences
+from rlkit.rewards.base import Verdict
 
 SAMPLES_PER_PROMPT = 4
 

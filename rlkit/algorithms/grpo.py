@@ -20,18 +20,18 @@ Departures from the paper, each a recipe switch:
 - `rollout.max_staleness: N >= 1` samples the next batches while the trainer updates (asynchronous, off-policy by
   up to N updates): the ratio is then taken against the trainer's recompute before the update (the proximal
   policy) and `algo.tis_cap` weights tokens by min(p_proximal / p_engine, cap), AReaL's decoupled objective (Fu et
-  al. 2025). Step, experience and shared update: rlkit.experience, rlkit.algorithms.onpolicy.
+  al. 2025). Step, experience and shared update: rlkit.algorithms.experience, rlkit.algorithms.onpolicy.
 """
 
 from __future__ import annotations
 
 import time
 
-from rlkit.advantages import compute_advantages, get_estimator, overlong_penalty, uniform_groups
+from rlkit.algorithms.advantages import compute_advantages, get_estimator, overlong_penalty, uniform_groups
 from rlkit.algorithms.common import StageContext, Timer
 from rlkit.algorithms.onpolicy import needs_old_logprobs, policy_batch, sync_and_log, token_metrics, update_policy
-from rlkit.data import BatchSampler
-from rlkit.losses import kl_estimate
+from rlkit.data.tasks import BatchSampler
+from rlkit.training.losses import kl_estimate
 
 
 def train(ctx: StageContext) -> None:

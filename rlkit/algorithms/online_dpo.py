@@ -12,9 +12,10 @@ from __future__ import annotations
 import random
 
 from rlkit.algorithms.common import StageContext, sampled_reply
+from rlkit.algorithms import dpo
 from rlkit.algorithms.dpo import train_step
-from rlkit.data import BatchSampler
-from rewards.base import Verdict
+from rlkit.data.tasks import BatchSampler
+from rlkit.rewards.base import Verdict
 
 
 def pick_pair(texts: list[str], scores: list[float], verdicts: list[Verdict], valid: list[bool]):
@@ -107,3 +108,9 @@ def end_round(ctx: StageContext, round_index: int) -> None:
     metrics = ctx.evaluate(log=False)
     ctx.logger.log({f"{ctx.prefix}/round/accuracy": metrics["accuracy"], f"{ctx.prefix}/round/index": round_index})
     print(f"stage {ctx.index} (online dpo): round {round_index} held-out accuracy {metrics['accuracy']:.3f}", flush=True)
+
+
+def train_dpo(ctx: StageContext) -> None:
+    """The dpo kind's train: DPO on pairs from a dataset or the starting policy (rlkit.algorithms.dpo), or sampled
+    round after round (`pairs: online`, this module's `train`)."""
+    (train if ctx.stage.pairs == "online" else dpo.train)(ctx)

@@ -16,10 +16,10 @@ from dataclasses import replace
 
 import torch
 
-from rlkit.episodes import episode_metrics
-from rlkit.experience import Experience, ExperienceSource
-from rlkit.losses import PolicyLoss, token_normalizer
-from rlkit.trainer import PolicyBatch, TokenBatch
+from rlkit.algorithms.episodes import episode_metrics
+from rlkit.algorithms.experience import Experience, ExperienceSource
+from rlkit.training.losses import PolicyLoss, token_normalizer
+from rlkit.training.batches import PolicyBatch, TokenBatch
 
 
 def needs_old_logprobs(cfg) -> bool:

@@ -18,12 +18,13 @@ import torch
 import time
 from dataclasses import replace
 
-from kernels import gae
+from rlkit.kernels import gae
+from rlkit.recipe import stage_updates
 from rlkit.algorithms.common import StageContext, Timer
 from rlkit.algorithms.onpolicy import policy_batch, sync_and_log, token_metrics, update_policy
-from rlkit.critic import ValueBatch
-from rlkit.data import BatchSampler
-from rlkit.losses import ValueLoss, kl_estimate, token_normalizer
+from rlkit.training.batches import ValueBatch
+from rlkit.data.tasks import BatchSampler
+from rlkit.training.losses import ValueLoss, kl_estimate, token_normalizer
 
 
 def terminal_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,7 @@ def train(ctx: StageContext) -> None:
     temperature = cfg.rollout.temperature
     ref = ctx.workers.cluster.reference(ctx.model_path)
     critic = ctx.workers.cluster.critic_group(ctx.model_path, ctx.lr, ctx.warmup_steps,
-                                              ctx.cfg.stage_updates(ctx.index))
+                                              stage_updates(ctx.cfg, ctx.index))
     value_loss = ValueLoss(algo.value_clip)
     sampler = BatchSampler(ctx.data.problems, stage.batch_size, ctx.seed())
     maker = ctx.experience_maker()

@@ -17,8 +17,8 @@ import random
 
 from rlkit.algorithms import sft
 from rlkit.algorithms.common import StageContext, sampled_reply
-from rlkit.config import RecipeError
-from rewards.base import Verdict
+from rlkit.recipe import RecipeError
+from rlkit.rewards.base import Verdict
 
 
 def accept(texts: list[str], scores: list[float], verdicts: list[Verdict], valid: list[bool], keep: str) -> list[int]:
@@ -44,7 +44,7 @@ def sampled_example(prompt: list[int], completion, eos_id: int) -> sft.Example:
     """A kept sample as an SFT example: its reply trained, or of a multi-turn episode only the sampled tokens (the
     environment's stay masked, as in GRPO), with EOS appended when it was cut short.
 
-    >>> from rollout.vllm_engine import Completion
+    >>> from rlkit.rollout.vllm_engine import Completion
     >>> sampled_example([1, 2], Completion((7, 8), (-0.1, -0.2), "78", False), eos_id=0)
     ([1, 2, 7, 8, 0], [0, 0, 1, 1, 1])
     >>> from types import SimpleNamespace  # an episode: a tool call (7), the tool's reply (50), the answer (8)

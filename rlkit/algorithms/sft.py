@@ -1,15 +1,15 @@
 """Supervised fine-tuning: next-token NLL on the trained tokens only (a solution or completion after its prompt, or
-every assistant turn of a conversation; rlkit.chat builds the masks)."""
+every assistant turn of a conversation; rlkit.data.chat builds the masks)."""
 
 from __future__ import annotations
 
 import torch
 
 from rlkit.algorithms.common import StageContext
-from rlkit.chat import Example
-from rlkit.data import BatchSampler
-from rlkit.losses import SFTLoss
-from rlkit.trainer import SFTBatch, TokenBatch
+from rlkit.data.chat import Example
+from rlkit.data.tasks import BatchSampler
+from rlkit.training.losses import SFTLoss
+from rlkit.training.batches import SFTBatch, TokenBatch
 
 SFT_LOSS = SFTLoss()
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from envs.calculator import CalculatorError, evaluate, format_value
+from rlkit.envs.calculator import CalculatorError, evaluate, format_value
 
 
 @pytest.mark.parametrize("expression, value", [

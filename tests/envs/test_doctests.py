@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["envs.base", "envs.calculator", "envs.tools"])
+@pytest.mark.parametrize("name", ["rlkit.envs.base", "rlkit.envs.calculator", "rlkit.envs.tools"])
 def test_docstring_examples(name):
     failures, tried = doctest.testmod(importlib.import_module(name))
     assert tried > 0 and failures == 0

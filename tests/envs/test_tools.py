@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from envs.tools import Calculator, ToolCall, ToolEnv, build_tools, format_tool_call, parse_tool_calls
+from rlkit.envs.tools import Calculator, ToolCall, ToolEnv, build_tools, format_tool_call, parse_tool_calls
 
 CALL = format_tool_call("calculator", {"expression": "37*58"})
 

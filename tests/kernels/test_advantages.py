@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import discounted_returns, gae, group_normalize, reverse_scan, rloo_advantages
+from rlkit.kernels import discounted_returns, gae, group_normalize, reverse_scan, rloo_advantages
 
 
 def test_group_normalize_by_hand():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import fused_logprobs
+from rlkit.kernels import fused_logprobs
 
 
 def reference(hidden, weight, targets, temperature=1.0, ignore_index=-100):
@@ -172,11 +172,11 @@ def test_logprobs_only_backward_matches_reference():
 
 
 def test_choice_is_logged_once(caplog):
-    from kernels import _dispatch
+    from rlkit.kernels import _dispatch
 
     _dispatch._logged.discard(("fused_logprobs", "torch"))
     h, w, t = torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1])
-    with caplog.at_level("INFO", logger="kernels"):
+    with caplog.at_level("INFO", logger="rlkit.kernels"):
         fused_logprobs(h, w, t)
         fused_logprobs(h, w, t)
     assert [r.getMessage() for r in caplog.records] == ["fused_logprobs: using the torch implementation"]

@@ -3,8 +3,8 @@ by a probe where the map cannot tell; the probe itself measured on this machine,
 
 import pytest
 
-from kernels import precision
-from kernels.precision import Support, cpu_support, cuda_support, matmul_slowdown
+from rlkit.kernels import precision
+from rlkit.kernels.precision import Support, cpu_support, cuda_support, matmul_slowdown
 
 AVX2 = {"architecture": "x86_64", "avx2": True, "avx512f": False, "avx512_bf16": False, "amx_bf16": False,
         "avx512_fp16": False, "amx_fp16": False}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import fused_logprobs, gae, reverse_scan
+from rlkit.kernels import fused_logprobs, gae, reverse_scan
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -53,7 +53,7 @@ class TestTritonKernels:
         assert (lp[::4] == 0).all() and (ent[::4] == 0).all()
 
     def test_vocabulary_slices_merge(self, monkeypatch):
-        from kernels import _triton_logprobs as tk
+        from rlkit.kernels import _triton_logprobs as tk
 
         monkeypatch.setattr(tk, "SPLIT_MIN_COLS", 16)  # V = 75 -> several slices, each a partial lse
         hidden, weight, targets = inputs(21, 16, 75, torch.float32, seed=1)
@@ -77,7 +77,7 @@ class TestTritonKernels:
 
     @pytest.mark.parametrize("with_entropy", [True, False])
     def test_gradients_match_torch_path(self, monkeypatch, with_entropy):
-        from kernels import _triton_logprobs as tk
+        from rlkit.kernels import _triton_logprobs as tk
 
         monkeypatch.setattr(tk, "DLOGITS_BYTES", 29 * 16 * 4)  # 16-column chunks: V = 53 takes four
         hidden, weight, targets = inputs(29, 24, 53, torch.float32, seed=3)
@@ -140,7 +140,7 @@ class TestTritonKernels:
         assert torch.allclose(got, reverse_scan(x, decay, impl="torch"), atol=1e-5)
 
     def test_gae_through_the_triton_scan(self, monkeypatch):
-        from kernels import _triton_scan
+        from rlkit.kernels import _triton_scan
 
         g = torch.Generator().manual_seed(9)
         rewards, values = torch.randn(4, 2100, generator=g), torch.randn(4, 2100, generator=g)

@@ -2,7 +2,7 @@
 cluster.address, the worker node has its own network, /tmp and /dev/shm, and sees only the shared run storage.
 
 What the world showed of rlkit before it could run on several nodes (each fixed, and tested here or in
-tests/rlkit/test_cluster.py): a rank on the worker node, told MASTER_ADDR=127.0.0.1, dialled its own loopback
+tests/runtime/test_cluster.py): a rank on the worker node, told MASTER_ADDR=127.0.0.1, dialled its own loopback
 and the group hung until the timeout; a rank on the worker node given the driver's node-local checkpoint
 (`checkpoints/00_init` under a /tmp run folder) failed in transformers ("Repo id must be in the form ..."), as it
 took the missing path for a hub id; `ray.init(num_cpus=...)` on the head, without RAY_ADDRESS, started a second,
@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from tests.test_quickstart import FLOAT32, REPO, read_metrics, run
-from tests.test_resume import latest_point
+from tests.e2e.test_quickstart import FLOAT32, REPO, read_metrics, run
+from tests.e2e.test_resume import latest_point
 
 FAST = ["logging.wandb_mode=disabled", "data.num_eval=20",
         "stages=[{kind: sft, steps: 2, batch_size: 8}]"]
@@ -42,8 +42,8 @@ def test_world_nodes_are_apart(world):
 
 JOIN = """
 import os, sys, ray
-from rlkit.cluster import Cluster
-from rlkit.config import ClusterConfig, RecipeConfig
+from rlkit.runtime.cluster import Cluster
+from rlkit.recipe import ClusterConfig, RecipeConfig
 
 class Env:  # an actor made as rlkit makes its workers, with an env var of its own (as the trainer ranks' rendezvous)
     def get(self, key):

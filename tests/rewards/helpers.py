@@ -4,7 +4,7 @@ import os
 import sys
 import time
 
-from rewards.base import RewardResult, Sample, Verdict
+from rlkit.rewards.base import RewardResult, Sample, Verdict
 
 
 class LengthReward:

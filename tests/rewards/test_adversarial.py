@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from rewards.base import Sample, Verdict
-from rewards.registry import RewardSpec
-from rewards.sandbox import _records
+from rlkit.rewards.base import Sample, Verdict
+from rlkit.rewards.registry import RewardSpec
+from rlkit.rewards.sandbox import _records
 
 CANARY = "rlkit-canary-7f3a9c"  # set in the scorer's environment, so in its workers'
 C, W, F, T = Verdict.CORRECT, Verdict.WRONG, Verdict.FORMAT_ERROR, Verdict.TIMEOUT
@@ -208,7 +208,7 @@ def canary_env():
 
 
 def score_all(rewards, rows, timeout_s):
-    from rewards.scorer import Scorer, ScorerConfig  # imported here so the canary is set before any worker starts
+    from rlkit.rewards.scorer import Scorer, ScorerConfig  # imported here so the canary is set before any worker starts
 
     cfg = ScorerConfig(rewards=rewards, timeout_s=timeout_s, num_workers=2, on_error="fail")
     with Scorer(cfg) as scorer:
@@ -262,7 +262,7 @@ def test_model_timeouts_score_wrong_and_are_counted_apart(answers):
 
 ZOMBIE_CHECK = """
 import os
-from rewards.sandbox import Sandbox, SandboxLimits, become_subreaper
+from rlkit.rewards.sandbox import Sandbox, SandboxLimits, become_subreaper
 become_subreaper()  # what a scorer worker does
 sandbox = Sandbox(SandboxLimits(wall_s=2.0))
 for code in ("print(1)", "while True: pass"):

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from rewards.base import Sample, Verdict
-from rewards.code import CodeReward, assert_passes, decode, extract_code, normalise_output, prepare_tests
-from rewards.registry import RewardConfigError, RewardSpec
-from rewards.scorer import Scorer, ScorerConfig
+from rlkit.rewards.base import Sample, Verdict
+from rlkit.rewards.code import CodeReward, assert_passes, decode, extract_code, normalise_output, prepare_tests
+from rlkit.rewards.registry import RewardConfigError, RewardSpec
+from rlkit.rewards.scorer import Scorer, ScorerConfig
 
 HUMANEVAL = Path(__file__).parents[2] / "data" / "humaneval.jsonl.gz"
 # straight-line asserts, float tolerances, a loop over random inputs with a helper, and one with `is True`

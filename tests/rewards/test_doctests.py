@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["rewards.math", "rewards.numeric", "rewards.honesty", "rewards.code", "rewards.logic", "rewards.format", "rewards.judge"]
+MODULES = ["rlkit.rewards.math", "rlkit.rewards.numeric", "rlkit.rewards.honesty", "rlkit.rewards.code", "rlkit.rewards.logic", "rlkit.rewards.format", "rlkit.rewards.judge"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,7 +1,7 @@
 import pytest
 
-from rewards.base import Sample, Verdict
-from rewards.format import FormatReward, answer_span, follows_format
+from rlkit.rewards.base import Sample, Verdict
+from rlkit.rewards.format import FormatReward, answer_span, follows_format
 
 
 @pytest.mark.parametrize(

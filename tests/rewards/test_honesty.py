@@ -1,7 +1,7 @@
 import pytest
 
-from rewards.base import Sample, Verdict
-from rewards.honesty import HonestyReward, calibration_metrics, is_abstention
+from rlkit.rewards.base import Sample, Verdict
+from rlkit.rewards.honesty import HonestyReward, calibration_metrics, is_abstention
 
 
 @pytest.mark.parametrize(

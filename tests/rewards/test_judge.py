@@ -10,16 +10,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlkit import config
-from rlkit.config import ModelConfig, RecipeError, load_recipe
-from rlkit.data import make_problem, plausible_wrong
-from rlkit.modeling import init_model, save_checkpoint
-from rewards.base import Sample, Verdict
-from rewards.judge import DEFAULT_TEMPLATE, JudgeReward, judge_prompt, parse_vote, tally_votes
-from rewards.registry import RewardConfigError, RewardSpec
-from rewards.scorer import RewardError, Scorer, ScorerConfig
-from rollout import EngineConfig
-from tests.test_quickstart import FLOAT32
+from rlkit import recipe as config
+from rlkit.recipe import ModelConfig, RecipeError, load_recipe
+from rlkit.data.tasks import make_problem, plausible_wrong
+from rlkit.training.modeling import init_model, save_checkpoint
+from rlkit.rewards.base import Sample, Verdict
+from rlkit.rewards.judge import DEFAULT_TEMPLATE, JudgeReward, judge_prompt, parse_vote, tally_votes
+from rlkit.rewards.registry import RewardConfigError, RewardSpec
+from rlkit.rewards.scorer import RewardError, Scorer, ScorerConfig
+from rlkit.rollout import EngineConfig
+from tests.e2e.test_quickstart import FLOAT32
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -239,8 +239,8 @@ def test_the_judge_engine_runs_as_its_own_ray_actor(tmp_path):
     judge writes no tag: every sample comes back an error carrying the judge's own outputs, never a 0."""
     import dataclasses
 
-    from rlkit.cluster import Cluster
-    from rlkit.config import ClusterConfig, RecipeConfig
+    from rlkit.runtime.cluster import Cluster
+    from rlkit.recipe import ClusterConfig, RecipeConfig
 
     model, tok = init_model(ModelConfig(num_layers=2, max_seq_len=96))  # vLLM's CPU attention wants head_dim >= 32
     path = str(save_checkpoint(model, tok, tmp_path / "judge", ""))

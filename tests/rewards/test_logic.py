@@ -2,11 +2,11 @@ import time
 
 import pytest
 
-from rewards.base import Sample, Verdict
-from rewards.logic import (CHECKERS, GENERATORS, LogicReward, check_countdown, check_knights, check_sudoku,
+from rlkit.rewards.base import Sample, Verdict
+from rlkit.rewards.logic import (CHECKERS, GENERATORS, LogicReward, check_countdown, check_knights, check_sudoku,
                            countdown_puzzle, knights_puzzle, sudoku_puzzle)
-from rewards.registry import RewardSpec
-from rewards.scorer import Scorer, ScorerConfig
+from rlkit.rewards.registry import RewardSpec
+from rlkit.rewards.scorer import Scorer, ScorerConfig
 
 
 @pytest.mark.parametrize("kind", sorted(GENERATORS))
@@ -53,7 +53,7 @@ def test_knights_checker_uses_constraints_not_a_stored_answer():
 def test_knights_puzzles_have_one_solution():
     import itertools
 
-    from rewards.logic import _truth
+    from rlkit.rewards.logic import _truth
 
     for seed in range(10):
         gold = knights_puzzle(seed, people=4).gold
@@ -90,7 +90,7 @@ def test_a_latin_square_is_not_a_sudoku():
 
 
 def test_sudoku_9x9_has_a_unique_solution_and_checks():
-    from rewards.logic import _solve
+    from rlkit.rewards.logic import _solve
 
     puzzle = sudoku_puzzle(seed=3, size=9)
     assert sum(v == 0 for v in puzzle.gold["givens"]) >= 40

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from rewards.base import Sample, Verdict
-from rewards.math import MathReward, answers_match, extract_answer, gold_answer
+from rlkit.rewards.base import Sample, Verdict
+from rlkit.rewards.math import MathReward, answers_match, extract_answer, gold_answer
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_math_verify_timeout_is_a_timeout_verdict(monkeypatch):
     def slow(*args):
         raise TimeoutException("Operation timed out!")
 
-    monkeypatch.setattr("rewards.math.answers_match", slow)
+    monkeypatch.setattr("rlkit.rewards.math.answers_match", slow)
     result = MathReward(verify_timeout_s=1).score(Sample("q", "\\boxed{x^2}", "\\frac{1}{2}"))
     assert result.verdict == Verdict.TIMEOUT and "gave up after 1s" in result.info["error"]
 

@@ -8,8 +8,8 @@ whole reply against the gold) and checked by hand (data/README.md). The README s
 import json
 from pathlib import Path
 
-from rewards.base import Sample, Verdict
-from rewards.math import MathReward
+from rlkit.rewards.base import Sample, Verdict
+from rlkit.rewards.math import MathReward
 
 LABELS = Path(__file__).parents[2] / "data" / "smollm2_gsm8k_replies.jsonl"
 

@@ -9,8 +9,8 @@ from fractions import Fraction
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rewards.base import Sample, Verdict
-from rewards.math import MathReward
+from rlkit.rewards.base import Sample, Verdict
+from rlkit.rewards.math import MathReward
 
 REWARD = MathReward(verify_timeout_s=2)
 golds = st.one_of(st.integers(-10**13, 10**13), st.decimals("-99999.99", "99999.99", places=2).map(Fraction))

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from rewards.base import Sample, Verdict
-from rewards.code import CodeReward
-from rewards.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
+from rlkit.rewards.base import Sample, Verdict
+from rlkit.rewards.code import CodeReward
+from rlkit.rewards.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
 
 DOUBLE = {"test": "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(-1) == -2", "entry_point": "f"}
 

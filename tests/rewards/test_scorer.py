@@ -2,9 +2,9 @@ import time
 
 import pytest
 
-from rewards.base import Sample, Verdict
-from rewards.registry import RewardConfigError, RewardSpec
-from rewards.scorer import RewardError, Scorer, ScorerConfig
+from rlkit.rewards.base import Sample, Verdict
+from rlkit.rewards.registry import RewardConfigError, RewardSpec
+from rlkit.rewards.scorer import RewardError, Scorer, ScorerConfig
 
 FLAKY = RewardSpec(import_path="tests.rewards.helpers:Flaky")
 
@@ -27,7 +27,7 @@ def test_weighted_rewards_with_a_user_class():
 
 
 def test_a_registered_name_reaches_the_workers(monkeypatch):
-    from rewards import registry
+    from rlkit.rewards import registry
 
     monkeypatch.setattr(registry, "_BUILTINS", dict(registry._BUILTINS))  # undone after the test
     registry.register_reward("brevity", "tests.rewards.helpers:LengthReward")

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from rewards.seccomp import build_filter
+from rlkit.rewards.seccomp import build_filter
 
 
 def decode(prog: bytes) -> list[tuple[int, int, int, int]]:

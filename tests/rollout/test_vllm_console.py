@@ -5,7 +5,7 @@ import logging.config
 
 import pytest
 
-from rollout.vllm_console import KNOWN_NOISE, KnownNoise, logging_config
+from rlkit.rollout.vllm_console import KNOWN_NOISE, KnownNoise, logging_config
 
 
 @pytest.fixture

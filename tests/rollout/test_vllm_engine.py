@@ -1,7 +1,7 @@
 """The vLLM engine against the trainer's model: same greedy tokens, same log-probs, before and after a sync
 (of all weights, or of a LoRA adapter over the base). Every test runs on two models: the embedded character-level
 Llama, and a Qwen2-style chat model with tied embeddings, no BOS and <|im_end|> as its stop token, prompted
-with GSM8K questions through its chat template (tests/chat_model.py). Prompts are rendered by rlkit.chat, as the
+with GSM8K questions through its chat template (tests/chat_model.py). Prompts are rendered by rlkit.data.chat, as the
 stages render them, so the parity below is between the ids the engine samples from and those the trainer trains on."""
 
 import copy
@@ -13,15 +13,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlkit.chat import Renderer
-from rlkit.config import DataConfig, ModelConfig, TrainerConfig
-from rlkit.data import Problem
-from rlkit.lora import adapter_config, apply_lora, peft_adapter_tensors
-from rlkit.modeling import init_model, save_checkpoint
-from rlkit.trainer import pack_sequences, sequence_logprobs
-from rollout.vllm_console import shm_segments
-from rollout import EngineConfig
-from rollout.vllm_engine import VllmRollout, WeightSyncError
+from rlkit.data.chat import Renderer
+from rlkit.recipe import DataConfig, ModelConfig, TrainerConfig
+from rlkit.data.tasks import Problem
+from rlkit.training.lora import adapter_config, apply_lora, peft_adapter_tensors
+from rlkit.training.modeling import init_model, save_checkpoint
+from rlkit.training.trainer import sequence_logprobs
+from rlkit.training.batches import pack_sequences
+from rlkit.rollout.vllm_console import shm_segments
+from rlkit.rollout import EngineConfig
+from rlkit.rollout.vllm_engine import VllmRollout, WeightSyncError
 from tests.chat_model import GSM8K
 
 PROMPTS = ["12+34=", "7*8=", "99+1=", "5="]

@@ -1,0 +1,330 @@
+"""Wiring workers into groups, in this process or as Ray actors. The only module that imports ray (with
+rlkit.runtime.placement, its helper for clusters of several nodes: joining, placement groups, rendezvous, shared
+storage).
+
+Workers are plain classes (rollout.VllmRollout, rewards.Scorer, rlkit.training.reference.ReferenceModel,
+rlkit.training.trainer.ShardedTrainer). Here they are made remote with `ray.remote(...)(Cls)`; the groups below give
+the controller one interface either way, so the stage loops run unchanged in unit tests and on a cluster.
+The leaf packages (rollout/, rewards/) take their own configs, which the recipe's sections become here
+(`engine_config`, `rlkit.runtime.scoring.scorer_config`); they never import rlkit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from rlkit.recipe import RecipeConfig, RecipeError, RolloutConfig
+from rlkit.runtime import placement
+from rlkit.training.packing import balance_rows
+from rlkit.training.rank import Update
+from rlkit.runtime.scoring import build_scorer, scorer_config
+from rlkit.training.batches import TokenBatch
+from rlkit.rewards.scorer import Scorer
+from rlkit.rollout import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+class _Remote:
+    """An actor handle whose methods are called like a local object's and return object refs."""
+
+    def __init__(self, handle: Any):
+        self.actor = handle  # the Ray actor handle, which Cluster.release kills
+
+    def __getattr__(self, name: str) -> Callable:
+        return getattr(self.actor, name).remote
+
+
+def _local_resolve(values: list) -> list:
+    return values
+
+
+class TrainerGroup:
+    """W trainer ranks; each batch's rows are split across them in equal counts with balanced token loads (FSDP2
+    ranks meet at every collective, so the step runs at the pace of the busiest)."""
+
+    def __init__(self, workers: list, resolve: Callable[[list], list] = _local_resolve):
+        self.workers, self._resolve = workers, resolve
+        self.placement_group = None  # on Ray: the group's reservation, removed with its actors
+
+    @property
+    def world_size(self) -> int:
+        return len(self.workers)
+
+    def _split(self, batch) -> list[torch.Tensor] | None:
+        """Row indices (b,) of each rank's share of `batch` (a step batch or a TokenBatch): equal counts, token loads
+        balanced (rlkit.training.packing.balance_rows). Rows come prompt-major, so contiguous shares could give one rank all
+        the long samples while the others wait on it at every FSDP2 collective. Any assignment gives the same update:
+        the losses divide by a normaliser over the whole step batch. None on one rank: it takes the batch as it is."""
+        if self.world_size == 1:
+            return None
+        tokens = getattr(batch, "tokens", batch)  # (B, L) TokenBatch
+        lengths = tokens.attention_mask.sum(-1).tolist()  # (B,) real tokens per row
+        shares = balance_rows(lengths, self.world_size, getattr(batch, "rows_per_unit", 1))
+        return [torch.tensor(rows, dtype=torch.long) for rows in shares]
+
+    def _each(self, batch, call: Callable, shares: list[torch.Tensor] | None) -> list:
+        """call(worker, its rows) on every rank at once (`shares` from `_split`); the ranks' results in rank order."""
+        parts = [batch] if shares is None else [batch.select(rows) for rows in shares]
+        return self._resolve([call(w, part) for w, part in zip(self.workers, parts)])
+
+    def _each_row(self, batch, call: Callable) -> torch.Tensor:
+        """call's per-row results (b, ...) from every rank as one (B, ...) tensor, in the batch's own row order."""
+        shares = self._split(batch)
+        out = torch.cat(self._each(batch, call, shares))  # (B, ...) in rank order
+        if shares is None:
+            return out
+        restored = torch.empty_like(out)
+        restored[torch.cat(shares)] = out  # out's row k is the batch's row cat(shares)[k]
+        return restored
+
+    def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
+        return self._each_row(batch, lambda w, rows: w.logprobs(rows, temperature))
+
+    def step(self, loss, batch) -> Update:
+        """One optimizer update of `loss` (rlkit.training.losses) over the step batch, its rows split across the ranks."""
+        return Update.merge(self._each(batch, lambda w, rows: w.step(loss, rows), self._split(batch)))
+
+    def values(self, batch: TokenBatch) -> torch.Tensor:  # critic groups
+        return self._each_row(batch, lambda w, rows: w.values(rows))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights; every rank takes part in the gather."""
+        return self._resolve([w.full_state_dict() for w in self.workers])[0]
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen base under a LoRA trainer (its full weights otherwise); every rank takes part."""
+        return self._resolve([w.full_state_dict(merged=False) for w in self.workers])[0]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA adapter in PEFT's layout; every rank takes part in the gather."""
+        return self._resolve([w.adapter_state_dict() for w in self.workers])[0]
+
+    def save(self, path: str, tokenizer_path: str, recipe_yaml: str, extra: dict | None = None) -> str:
+        return self._resolve([w.save(path, tokenizer_path, recipe_yaml, extra) for w in self.workers])[0]
+
+    def save_state(self, path: str) -> list[str]:
+        """Weights, optimizer, schedule and RNG for a resume point, each rank its own shard (`path` on storage every
+        rank's node sees); the files the ranks wrote, relative to `path`."""
+        return [name for names in self._resolve([w.save_state(path) for w in self.workers]) for name in names]
+
+    def load_state(self, path: str) -> None:
+        self._resolve([w.load_state(path) for w in self.workers])
+
+
+class RolloutPool:
+    """N engines; prompts are split across them and every engine takes each weight sync."""
+
+    def __init__(self, engines: list, resolve: Callable[[list], list] = _local_resolve):
+        self.engines, self._resolve = engines, resolve
+        self.placement_group = None  # on Ray: the pool's reservation (engines spread over the nodes)
+
+    def generate(self, prompt_ids: list[list[int]], n: int = 1, temperature=None, max_new_tokens=None, seed=None):
+        k = len(self.engines)
+        size = -(-len(prompt_ids) // k)  # ceil: contiguous chunks keep the output in prompt order
+        chunks = [prompt_ids[i * size : (i + 1) * size] for i in range(k)]
+        results = self._resolve(
+            [e.generate(c, n, temperature, max_new_tokens, None if seed is None else seed + i)
+             for i, (e, c) in enumerate(zip(self.engines, chunks)) if c]
+        )
+        return [group for part in results for group in part]
+
+    def sync_weights(self, state_dict: dict[str, torch.Tensor]):
+        """Push weights to every engine; returns the slowest engine's SyncStats."""
+        stats = self._resolve([e.sync_weights(state_dict) for e in self.engines])
+        return max(stats, key=lambda s: s.seconds)
+
+    def sync_adapter(self, tensors: dict[str, torch.Tensor], config: dict):
+        """Push a LoRA adapter to every engine (served over the base it holds); returns the slowest SyncStats."""
+        stats = self._resolve([e.sync_adapter(tensors, config) for e in self.engines])
+        return max(stats, key=lambda s: s.seconds)
+
+    def close(self) -> None:
+        self._resolve([e.close() for e in self.engines])
+
+
+class Cluster:
+    """Makes the workers of a run, locally or as Ray actors, from the recipe's `cluster` section."""
+
+    def __init__(self, cfg: RecipeConfig):
+        self.cfg = cfg
+        self.ray = None
+        if cfg.cluster.backend == "ray":
+            import ray
+
+            if not ray.is_initialized():
+                c = cfg.cluster
+                # the policy's and a critic's ranks, the engines, the reference and the scorer's worker processes
+                wanted = (2 * c.trainer_ranks * c.cpus_per_trainer + c.rollout_engines * c.cpus_per_engine + 1
+                          + cfg.reward.num_workers)
+                placement.init_ray(ray, c, wanted)
+            self.ray = ray
+
+    def check_storage(self, run_dir: Path) -> None:
+        """On Ray: every node must see the run folder (logging.output_dir), before any worker starts; a node that
+        cannot fails the run in one line naming it. Checkpoints, resume points and the first model are read there."""
+        if self.ray is not None:
+            placement.check_shared_storage(self.ray, run_dir)
+
+    def _actor(self, cls: type, num_cpus: float, num_gpus: float, env: dict | None = None):
+        options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        if env:  # merged into cluster.runtime_env's env_vars by Ray
+            options["runtime_env"] = {"env_vars": env}
+        return self.ray.remote(**options)(cls)
+
+    def _place(self, what: str, count: int, cpus: float, gpus: float, strategy: str):
+        return placement.place(self.ray, what, count, placement.bundle(cpus, gpus), strategy,
+                               self.cfg.cluster.placement_timeout_s)
+
+    def _resolve(self) -> Callable[[list], list]:
+        return self.ray.get if self.ray else _local_resolve
+
+    def rollout_pool(self, model_path: str) -> RolloutPool:
+        from rlkit.rollout.vllm_engine import VllmRollout
+
+        cfg, c = self.cfg, self.cfg.cluster
+        lora_rank = cfg.trainer.lora_rank if cfg.trainer.lora_sync == "adapter" else 0
+        args = (engine_config(cfg.rollout), model_path, cfg.model.max_seq_len)
+        if self.ray is None:
+            return RolloutPool([VllmRollout(*args, seed=cfg.trainer.seed, lora_rank=lora_rank)])
+        group = self._place("rollout engines (cluster.rollout_engines)", c.rollout_engines, c.cpus_per_engine,
+                            c.gpus_per_engine, "spread")
+        actor = self._actor(VllmRollout, c.cpus_per_engine, c.gpus_per_engine)
+        engines = [_Remote(actor.options(**placement.in_bundle(group, i)).remote(
+            *args, seed=cfg.trainer.seed + i, lora_rank=lora_rank)) for i in range(c.rollout_engines)]
+        pool = RolloutPool(engines, self._resolve())
+        pool.placement_group = group
+        return pool
+
+    def trainer_group(self, model_path: str, lr: float, warmup_steps: int, total_steps: int = 0) -> TrainerGroup:
+        """The policy's ranks; the learning rate follows trainer.lr_schedule over `total_steps` optimizer steps."""
+        from rlkit.training.trainer import ShardedTrainer
+
+        return self._group(ShardedTrainer, (self.cfg.trainer, model_path, lr, warmup_steps, total_steps))
+
+    def critic_group(self, model_path: str, lr: float, warmup_steps: int, total_steps: int = 0) -> TrainerGroup:
+        """The PPO critic, sharded like the policy (its ranks form their own process group)."""
+        from rlkit.training.critic import CriticTrainer
+
+        return self._group(CriticTrainer, (self.cfg.trainer, model_path, lr, warmup_steps, total_steps))
+
+    def _group(self, cls: type, args: tuple) -> TrainerGroup:
+        """`cluster.trainer_ranks` ranks of `cls`, each told its rank and the rendezvous address."""
+        c = self.cfg.cluster
+        if self.ray is None:
+            return TrainerGroup([cls(*args)])
+        group = self._place(f"{cls.__name__} group (cluster.trainer_ranks)", c.trainer_ranks, c.cpus_per_trainer,
+                            c.gpus_per_trainer, c.placement)
+        env = placement.rendezvous(self.ray, group)  # rank 0's node and a port free there
+        actor = self._actor(cls, c.cpus_per_trainer, c.gpus_per_trainer, env)
+        workers = [_Remote(actor.options(**placement.in_bundle(group, r)).remote(
+            *args, rank=r, world_size=c.trainer_ranks)) for r in range(c.trainer_ranks)]
+        trainers = TrainerGroup(workers, self._resolve())
+        trainers.placement_group = group
+        return trainers
+
+    def reference(self, model_path: str):
+        from rlkit.training.reference import ReferenceModel
+
+        cfg = self.cfg
+        t = cfg.trainer
+        args = (cfg.ref, model_path, t.micro_batch_size, t.logprob_impl, t.micro_batch_tokens, t.packing,
+                t.attn_implementation, t.compile)
+        if self.ray is None:
+            return ReferenceModel(*args)
+        return _Blocking(self._actor(ReferenceModel, 1, self.cfg.cluster.gpus_per_trainer).remote(*args), self.ray.get)
+
+    def scorer(self):
+        if self.ray is None:
+            return build_scorer(self.cfg.reward)  # a reward that cannot be built is a RecipeError
+        c = self.cfg.cluster  # a batched reward's engine (the LLM judge) becomes an actor of its own
+        make_engine = functools.partial(judge_engine_actor, c.gpus_per_engine)
+        # it reserves the CPUs its worker processes use (Ray would not count them), in a placement group of its own:
+        # a cluster without a node that has them fails here in one line, rather than waiting for ever
+        cpus = self.cfg.reward.num_workers
+        group = self._place("reward scorer (reward.num_workers CPUs on one node)", 1, cpus, 0, "pack")
+        handle = self._actor(Scorer, cpus, 0).options(**placement.in_bundle(group, 0)).remote(
+            scorer_config(self.cfg.reward), make_engine)
+        try:  # the rewards are built in the actor's constructor: a bad one fails here, not at the first score
+            self.ray.get(handle.__ray_ready__.remote())
+        except self.ray.exceptions.RayActorError as e:
+            raise RecipeError(creation_error(str(e))) from e
+        return _Blocking(handle, self.ray.get)
+
+    def release(self, *workers) -> None:
+        """Stop actors of a finished stage (local workers are simply dropped)."""
+        if self.ray is None:
+            return
+        for w in workers:
+            if w is None:  # a worker the stage did not need (GRPO without a reference)
+                continue
+            for handle in getattr(w, "workers", None) or getattr(w, "engines", None) or [w]:
+                self.ray.kill(handle.actor)
+            if getattr(w, "placement_group", None) is not None:  # its reservation goes with its actors
+                from ray.util.placement_group import remove_placement_group
+
+                remove_placement_group(w.placement_group)
+
+    def shutdown(self) -> None:
+        if self.ray is not None:
+            self.ray.shutdown()
+
+
+class _Blocking(_Remote):
+    """An actor handle used like a local object: each call waits for its result."""
+
+    def __init__(self, handle: Any, get: Callable):
+        super().__init__(handle)
+        self._get = get
+
+    def __getattr__(self, name: str) -> Callable:
+        method = getattr(self.actor, name).remote
+        return lambda *args, **kwargs: self._get(method(*args, **kwargs))
+
+
+def engine_config(rollout: RolloutConfig) -> EngineConfig:
+    """The recipe's `rollout` section as an engine's own config."""
+    return EngineConfig(temperature=rollout.temperature, top_p=rollout.top_p, max_new_tokens=rollout.max_new_tokens,
+                        dtype=rollout.dtype, kv_cache_gib=rollout.kv_cache_gib,
+                        gpu_memory_utilization=rollout.gpu_memory_utilization, enforce_eager=rollout.enforce_eager,
+                        sync_dir=rollout.sync_dir, sync_timeout_s=rollout.sync_timeout_s)
+
+
+def creation_error(text: str) -> str:
+    """The one line a user needs from a Ray actor's creation failure (`text`: the error's message, which ends with
+    the constructor's exception as `Type: message`): a reward's own RewardConfigError as it is (it names the field
+    and the fix), anything else prefixed with where it happened.
+
+    >>> creation_error("The actor died ...\\n  File x\\nrewards.registry.RewardConfigError: reward.rewards[0].name: bad")
+    'reward.rewards[0].name: bad'
+    """
+    last = text.strip().splitlines()[-1] if text.strip() else text
+    kind, _, message = last.partition(": ")
+    if kind.endswith("RewardConfigError") and message:
+        return message
+    return f"reward: the scorer could not start ({last})"
+
+
+def judge_engine_actor(num_gpus: float, *engine_args):
+    """A judge's VllmRollout as a Ray actor; called inside the scorer actor (rewards.Scorer's `make_engine`).
+    It asks for no CPU of its own: it runs only while the scorer actor, which holds one, waits on it."""
+    import ray
+    from rlkit.rollout.vllm_engine import VllmRollout
+
+    handle = ray.remote(num_cpus=0, num_gpus=num_gpus)(VllmRollout).remote(*engine_args)
+    ray.get(handle.__ray_ready__.remote())  # an engine that cannot start fails the scorer's construction
+    return _Blocking(handle, ray.get)
+
+
+
+def _free_port() -> int:
+    """A loopback port free now (one-process groups in tests; a cluster's rendezvous is rlkit.placement's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

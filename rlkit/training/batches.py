@@ -1,0 +1,115 @@
+"""The batches a trainer rank updates on: small frozen dataclasses of tensors, with shapes, that cross from the
+controller to the ranks (and across Ray actor boundaries). They sit at the bottom of the training layer and import
+nothing of rlkit, so losses, experience and stages use them without importing the FSDP2 trainer.
+
+Each has `len(batch)` (its rows) and `select(rows)` (the same batch over a subset of rows, its normaliser kept: the
+loss divisor is the whole step batch's, so micro-batches and ranks sum to the full update).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Prompt + response sequences, right-padded. Target position t predicts input_ids[:, t + 1]."""
+
+    input_ids: torch.Tensor  # (B, L) long
+    attention_mask: torch.Tensor  # (B, L) long, 1 on real tokens
+    response_mask: torch.Tensor  # (B, L - 1) float, 1 where the target token is part of the response
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: slice | torch.Tensor) -> "TokenBatch":
+        return TokenBatch(self.input_ids[index], self.attention_mask[index], self.response_mask[index])
+
+
+@dataclass(frozen=True)
+class SFTBatch:
+    """An SFT update: its response tokens are the targets."""
+
+    tokens: TokenBatch  # (B, L)
+    normalizer: float  # response tokens in the whole step batch (the loss divisor)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def select(self, rows: slice | torch.Tensor) -> "SFTBatch":
+        return SFTBatch(self.tokens.select(rows), self.normalizer)
+
+
+@dataclass(frozen=True)
+class PolicyBatch:
+    """A GRPO/PPO update: sampled sequences with everything the clipped objective needs."""
+
+    tokens: TokenBatch  # (B, L)
+    mask: torch.Tensor  # (B, L-1) response tokens that count (excluded samples are zero)
+    old_logprobs: torch.Tensor | None  # (B, L-1) sampling policy per the trainer; None: on-policy, the step's own
+    ref_logprobs: torch.Tensor | None  # (B, L-1) frozen reference; None: no KL term (GRPO with ref.kl_coef 0)
+    rollout_logprobs: torch.Tensor  # (B, L-1) the engine's log-probs of the sampled tokens
+    advantages: torch.Tensor  # (B,) per sequence or (B, L-1) per token
+    normalizer: float  # loss divisor over the whole step batch (tokens or sequences, by algo.loss_agg)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def select(self, rows: slice | torch.Tensor) -> "PolicyBatch":
+        return PolicyBatch(
+            self.tokens.select(rows), self.mask[rows], None if self.old_logprobs is None else self.old_logprobs[rows],
+            None if self.ref_logprobs is None else self.ref_logprobs[rows], self.rollout_logprobs[rows],
+            self.advantages[rows], self.normalizer,
+        )
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """A DPO update: rows alternate chosen (2i) and rejected (2i + 1)."""
+
+    tokens: TokenBatch  # (2P, L)
+    ref_logps: torch.Tensor  # (2P,) summed response log-probs under the reference
+    num_pairs: int  # pairs in the whole step batch (the loss divisor)
+    rows_per_unit: ClassVar[int] = 2  # a pair's rows stay together, in order, in one micro-batch
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def select(self, rows: slice | torch.Tensor) -> "PairBatch":
+        return PairBatch(self.tokens.select(rows), self.ref_logps[rows], self.num_pairs)
+
+
+def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> TokenBatch:
+    """Concatenate each prompt with its response; only response tokens are targets."""
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    batch, width = len(prompts), max(lengths)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    response_mask = torch.zeros((batch, width - 1))
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, : len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        attention[i, : len(p) + len(r)] = 1
+        # Target at t is token t + 1, so response tokens [len(p), len(p) + len(r)) are targets [len(p) - 1, ...).
+        response_mask[i, len(p) - 1 : len(p) + len(r) - 1] = 1.0
+    return TokenBatch(input_ids, attention, response_mask)
+
+
+@dataclass(frozen=True)
+class ValueBatch:
+    """A PPO critic update: value targets (GAE returns) for the sampled sequences."""
+
+    tokens: TokenBatch  # (B, L)
+    mask: torch.Tensor  # (B, L-1)
+    old_values: torch.Tensor  # (B, L-1) critic at sampling time
+    returns: torch.Tensor  # (B, L-1) GAE returns
+    normalizer: float  # counted tokens in the whole step batch
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def select(self, rows: slice | torch.Tensor) -> "ValueBatch":
+        return ValueBatch(self.tokens.select(rows), self.mask[rows], self.old_values[rows], self.returns[rows],
+                          self.normalizer)

@@ -1,0 +1,175 @@
+import textwrap
+
+import pytest
+
+from rlkit.recipe import RecipeConfig, RecipeError, load_recipe, stage_updates, to_yaml
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_defaults_load_and_are_frozen():
+    cfg = load_recipe()
+    assert isinstance(cfg, RecipeConfig)
+    assert cfg.ref.kl_estimator == "k3"
+    with pytest.raises(AttributeError):
+        cfg.trainer.lr = 1.0  # frozen dataclass
+
+
+def test_yaml_then_overrides_in_order(tmp_path):
+    path = write(tmp_path, """
+        trainer: {lr: 0.01}
+        stages:
+          - {kind: sft, steps: 5}
+          - {kind: grpo, steps: 7, lr: 1.0e-5}
+    """)
+    cfg = load_recipe(path, ["stages.1.steps=9", "rollout.temperature=0.7", "data.tasks=[add]"])
+    assert cfg.trainer.lr == 0.01
+    assert [s.kind for s in cfg.stages] == ["sft", "grpo"]
+    assert cfg.stages[1].steps == 9 and cfg.stages[1].lr == 1e-5 and cfg.stages[0].lr is None
+    assert cfg.rollout.temperature == 0.7 and cfg.data.tasks == ["add"]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["rollout.temprature=0.7"], "unknown key 'rollout.temprature' in RolloutConfig. Did you mean 'temperature'?"),
+        (["stages.0.stepz=3"], "unknown key 'stepz' in StageConfig. Did you mean 'steps'?"),
+        (["reward.rewards.0.nme=x"], "in RewardSpec. Did you mean 'name'?"),
+        (["trainr.lr=1"], "Did you mean 'trainer'?"),
+        (["trainer.lr=abc"], "bad value for 'trainer.lr'"),
+        (["algo.group_size=2.5"], "bad value for 'algo.group_size'"),
+        (["stages.3.steps=1"], "'stages' has 1 entries"),
+        (["trainer.lr"], "expected key=value"),
+        (["stages.0.kind=rl"], "stages.0.kind: 'rl' is not one of sft, dpo, grpo"),
+        (["ref.kl_estimator=k4"], "ref.kl_estimator: 'k4' is not one of k1, k2, k3"),
+        (["model.num_heads=3"], "model.hidden_size: 128 is not divisible by model.num_heads=3"),
+        (["rollout.dtype=fp8"], "rollout.dtype: 'fp8' is not one of auto, float32, bfloat16, float16"),
+        (["trainer.lora_sync=adapters"], "trainer.lora_sync: 'adapters' is not one of merged, adapter"),
+        (["trainer.micro_batch_tokens=-1"], "trainer.micro_batch_tokens: must be >= 0, got -1"),
+        (["trainer.attn_implementation=flash"], "trainer.attn_implementation: 'flash' is not one of auto, sdpa, eager"),
+        (["ref.dtype=fp8"], "ref.dtype: 'fp8' is not one of auto, float32, bfloat16, float64"),
+        (["trainer.lora_sync=adapter"], "trainer.lora_sync: 'adapter' needs trainer.lora_rank between 1 and 512"),
+        # algorithm mixes that are not their paper's
+        (["algo.ratio_level=sequence"], "algo.ratio_level: 'sequence' is GSPO"),
+        (["algo.ratio_level=sequence", "algo.loss_agg=seq-mean-token-sum-norm"],
+         "set algo.loss_agg=seq-mean-token-mean"),
+        (["algo.ratio_level=sequence", "algo.loss_agg=seq-mean-token-mean", "algo.pg_loss=cispo"], "algo.pg_loss=clip"),
+        (["algo.pg_loss=ppo"], "algo.pg_loss: 'ppo' is not one of clip, cispo"),
+        (["algo.loss_agg=seq-sum"], "is not one of token-mean, seq-mean-token-mean, seq-mean-token-sum-norm"),
+        # asynchronous RL, minibatches, stage checks moved to load time
+        (["rollout.max_staleness=1"], "rollout.max_staleness: 1 trains on samples from older weights"),
+        (["rollout.max_staleness=-1"], "rollout.max_staleness: must be >= 0, got -1"),
+        (["stages=[{kind: grpo, batch_size: 3}]", "algo.group_size=2", "algo.ppo_minibatches=4"],
+         "algo.ppo_minibatches: 6 rows per step of stages.0 do not split into 4 minibatches"),
+        (["algo.target_kl=-0.1"], "algo.target_kl: must be >= 0"),
+        (["stages=[{kind: dpo}]", "trainer.micro_batch_size=3"], "DPO keeps each pair in one micro-batch"),
+        (["env.name=tools", "stages=[{kind: dpo}]"], "stages.0 would pair whole episodes for DPO"),
+        (["stages=[{kind: sft}, {kind: average, source: sfft}]"],
+         "stages.1.source: 'sfft' is not an earlier stage; expected one of ['01_sft']"),
+        (["trainer.lr_schedule=exp"], "trainer.lr_schedule: 'exp' is not one of constant, linear, cosine"),
+        # a field the stage's kind does not read (rlkit.recipe.stage_kinds) would be silently ignored
+        (["stages=[{kind: grpo, teacher: ckpt}]"],
+         "stages.0.teacher: grpo stages do not read it (only distill stages do); remove it"),
+        (["stages=[{kind: sft, pairs: online}]"], "stages.0.pairs: sft stages do not read it (only dpo stages do)"),
+        (["stages=[{kind: ppo, samples: 4}]"], "stages.0.samples: ppo stages do not read it (only dpo, rft, distill"),
+        (["stages=[{kind: dpo, batch_size: 3}]", "cluster.backend=ray", "cluster.trainer_ranks=2"],
+         "stages.0.batch_size: 3 rows per step do not split evenly over cluster.trainer_ranks=2"),
+        # joining a cluster
+        (["cluster.backend=ray", "cluster.placement=packed"],
+         "cluster.placement: 'packed' is not one of pack, spread, strict_pack, strict_spread"),
+        (["cluster.address=auto"], "cluster.address: only a Ray run joins a cluster"),
+        (["cluster.backend=ray", "cluster.runtime_env={env_var: {A: 1}}"], "cluster.runtime_env: unknown key 'env_var'"),
+        (["cluster.placement_timeout_s=0"], "cluster.placement_timeout_s: must be > 0"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, expected):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, overrides)
+    assert expected in str(err.value)
+
+
+def test_typo_in_yaml_names_file_and_closest_key(tmp_path):
+    path = write(tmp_path, "rollout:\n  max_new_tokns: 8\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(path) in str(err.value) and "Did you mean 'max_new_tokens'?" in str(err.value)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_missing_dataset_file_names_field(tmp_path):
+    with pytest.raises(RecipeError, match="data.source: file .*missing.jsonl' not found"):
+        load_recipe(None, [f"data.source={tmp_path}/missing.jsonl"])
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_recipe(None, ["stages.0.steps=3"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_recipe(path) == cfg
+
+
+def test_quickstart_recipe_is_valid():
+    cfg = load_recipe("recipes/quickstart.yaml")
+    assert [s.kind for s in cfg.stages] == ["sft", "dpo", "grpo"]
+
+
+def test_stage_options_are_checked():
+    from rlkit.recipe import RecipeConfig, StageConfig, validate
+
+    bad = [
+        ({"kind": "rft", "keep": "most"}, "stages.0.keep"),
+        ({"kind": "dpo", "pairs": "live"}, "stages.0.pairs"),
+        ({"kind": "dpo", "pairs": "online", "rounds": 5, "steps": 3}, "at least one step per round"),
+        ({"kind": "distill", "teacher": "/no/such/teacher"}, "stages.0.teacher"),
+        ({"kind": "average"}, "needs an earlier stage"),
+        ({"kind": "average", "method": "median", "source": "x"}, "stages.0.method"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(RecipeError, match=message):
+            validate(RecipeConfig(stages=[StageConfig(**fields)]))
+
+
+def test_stage_data_overrides_the_recipes_and_is_checked_at_load():
+    cfg = load_recipe(None, ["data.system_prompt=Be brief.", "data.num_eval=7",
+                             "stages=[{kind: sft, data: {prompt_template: 'Q: {prompt}'}}, {kind: grpo}]"])
+    assert cfg.stage_data(0).prompt_template == "Q: {prompt}" and cfg.stage_data(0).system_prompt == "Be brief."
+    assert cfg.stage_data(0).num_eval == 7 and cfg.stage_data(1) == cfg.data
+    bad = [
+        ("stages=[{kind: sft, data: {sorce: x.jsonl}}]", "stages.0.data: unknown key 'sorce'.*Did you mean 'source'"),
+        ("stages=[{kind: sft, data: {num_train: many}}]", "stages.0.data: bad value for 'num_train'"),
+        ("stages=[{kind: sft, data: {source: /no/such.jsonl}}]", "stages.0.data.source: file '/no/such.jsonl' not"),
+        ("stages=[{kind: sft, data: {format: chat}}]", "stages.0.data.format: 'chat' is not one of auto"),
+        ("data.prompt_template='Solve {problem}'", "data.prompt_template: .*may hold only the field"),
+        ("data.prompt_template=Solve it", "data.prompt_template: .*has no {prompt}"),
+        ("data.truncation=middle", "data.truncation: 'middle' is not one of drop"),
+        ("data.chat_template=chatml", "data.chat_template: 'chatml' is not one of auto, none"),
+    ]
+    for override, message in bad:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(None, [override])
+    load_recipe(None, ["data.source=openai/gsm8k"])  # a hub name is checked when it is read, not here
+
+
+def test_gspo_dr_grpo_and_dpo_length_normalisation_load():
+    gspo = load_recipe(None, ["algo.ratio_level=sequence", "algo.loss_agg=seq-mean-token-mean"]).algo
+    assert (gspo.ratio_level, gspo.loss_agg) == ("sequence", "seq-mean-token-mean")
+    assert load_recipe(None, ["algo.scale_rewards=false", "algo.loss_agg=seq-mean-token-sum-norm"]).algo.loss_agg
+    # IPO averages log-ratios per token unless told not to; sigmoid DPO sums them unless told to average
+    assert load_recipe(None, ["algo.dpo_loss=ipo"]).algo.dpo_length_normalized
+    assert not load_recipe(None, ["algo.dpo_loss=ipo", "algo.dpo_length_normalize=false"]).algo.dpo_length_normalized
+    assert not load_recipe().algo.dpo_length_normalized
+    assert load_recipe(None, ["algo.dpo_length_normalize=true"]).algo.dpo_length_normalized
+
+
+def test_a_stage_schedules_its_learning_rate_over_its_optimizer_steps():
+    cfg = load_recipe(None, ["algo.ppo_epochs=2", "algo.ppo_minibatches=2",
+                             "stages=[{kind: sft, steps: 5}, {kind: grpo, steps: 5, batch_size: 4}]"])
+    assert [stage_updates(cfg, i) for i in range(2)] == [5, 20]  # GRPO: 2 epochs x 2 minibatches per step
