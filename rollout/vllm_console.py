@@ -80,7 +80,9 @@ def quiet_vllm_console() -> None:
     if os.environ.get("RLKIT_VLLM_VERBOSE", "") not in ("", "0"):
         return
     level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    if "VLLM_LOGGING_CONFIG_PATH" not in os.environ:
+    # a path inherited from another process that is one of ours (a Ray node started from a shell where rlkit had run,
+    # a runtime_env copied from the driver) may name a file on another machine's /tmp: this process writes its own
+    if Path(os.environ.get("VLLM_LOGGING_CONFIG_PATH", "rlkit_vllm_logging_")).name.startswith("rlkit_vllm_logging_"):
         # named by its content: runs of rlkit versions whose filter lives at another import path (installed side by
         # side, or a checkout beside an install) never read each other's file, even while both are running
         text = json.dumps(logging_config(level))

@@ -1,11 +1,14 @@
 """The console filter: vLLM's known-harmless messages are dropped, every other message reaches the user."""
 
+import json
 import logging
 import logging.config
+import os
+from pathlib import Path
 
 import pytest
 
-from rlkit.rollout.vllm_console import KNOWN_NOISE, KnownNoise, logging_config
+from rlkit.rollout.vllm_console import KNOWN_NOISE, KnownNoise, logging_config, quiet_vllm_console
 
 
 @pytest.fixture
@@ -35,3 +38,20 @@ def test_filter_reads_the_format_string_not_the_rendered_text():
     """A message that merely quotes a known one (e.g. a model's output in an error) is not dropped."""
     record = logging.LogRecord("vllm", logging.ERROR, "f.py", 1, "request failed: %s", ("Enforce eager set",), None)
     assert KnownNoise().filter(record)
+
+
+def test_an_inherited_path_to_a_missing_file_of_ours_is_rewritten_and_a_users_own_is_kept(monkeypatch, tmp_path,
+                                                                                          restore_vllm_logger):
+    """A Ray node started from a shell where rlkit had run inherits VLLM_LOGGING_CONFIG_PATH naming a file in that
+    machine's /tmp (tests/multinode found it: vLLM refused to start on the other node)."""
+    monkeypatch.delenv("RLKIT_VLLM_VERBOSE", raising=False)
+    for name in ("VLLM_LOGGING_LEVEL", "TORCH_CPP_LOG_LEVEL", "PYTHONWARNINGS"):  # it sets these too: restored after
+        monkeypatch.setenv(name, os.environ.get(name, "WARNING" if name == "VLLM_LOGGING_LEVEL" else ""))
+    monkeypatch.setenv("VLLM_LOGGING_CONFIG_PATH", str(tmp_path / "elsewhere" / "rlkit_vllm_logging_0_ERROR_x.json"))
+    quiet_vllm_console()
+    written = Path(os.environ["VLLM_LOGGING_CONFIG_PATH"])
+    assert written.exists() and json.loads(written.read_text())["filters"]["known_noise"]
+    own = tmp_path / "my_logging.json"
+    monkeypatch.setenv("VLLM_LOGGING_CONFIG_PATH", str(own))
+    quiet_vllm_console()
+    assert os.environ["VLLM_LOGGING_CONFIG_PATH"] == str(own)  # the user's choice, even before they write it
