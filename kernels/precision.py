@@ -8,7 +8,9 @@ bfloat16 only where it is native and float32 elsewhere:
 - CPU: what torch reports (`torch.cpu.get_capabilities()`): x86 `avx512_bf16` or `amx_bf16` (fp16: `avx512_fp16` or
   `amx_fp16`); ARM `bf16` or `sve_bf16` (fp16: `fp16_arith`). Where torch reports neither way (an older torch, an
   architecture it does not describe), a one-time micro-probe times a small matmul in the half dtype against float32
-  and calls it native when it is at most `NATIVE_SLOWDOWN` times slower.
+  and calls it native when it is at most `NATIVE_SLOWDOWN` times slower. The probe also decides where
+  `ONEDNN_MAX_CPU_ISA` caps the instruction set oneDNN (torch's CPU matmul) may use: the flags then describe the
+  chip, not what its matmuls run (`ONEDNN_MAX_CPU_ISA=AVX2` on an AMX chip emulates bf16, about 44x slower).
 
 The decision is made once per process and device (`half_support` is cached); `slowdown` measures the factor an
 explicit half dtype costs where it is not native, for the warning that names it.
@@ -17,6 +19,7 @@ explicit half dtype costs where it is not native, for the warning that names it.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -54,9 +57,10 @@ def _family(caps: Mapping) -> str | None:
     return None
 
 
-def cpu_support(dtype: str, caps: Mapping | None, probe: Callable[[], float]) -> Support:
+def cpu_support(dtype: str, caps: Mapping | None, probe: Callable[[], float], isa_cap: str | None = None) -> Support:
     """The decision for a CPU, from torch's capability map (None: torch has none), with `probe` (the measured
-    slowdown of a half matmul against float32) asked only when the map cannot tell.
+    slowdown of a half matmul against float32) asked only when the map cannot tell or `isa_cap` (the value of
+    ONEDNN_MAX_CPU_ISA, when set) limits what the matmuls may use.
 
     >>> cpu_support("bfloat16", {"architecture": "x86_64", "avx2": True, "avx512_bf16": False, "amx_bf16": False},
     ...             probe=lambda: 1 / 0)
@@ -65,7 +69,13 @@ def cpu_support(dtype: str, caps: Mapping | None, probe: Callable[[], float]) ->
     True
     >>> cpu_support("bfloat16", None, probe=lambda: 480.0)
     Support(native=False, reason='CPU capability unknown to torch; probe: a bfloat16 matmul runs 480x slower than float32')
+    >>> cpu_support("bfloat16", {"architecture": "x86_64", "amx_bf16": True}, probe=lambda: 44.0, isa_cap="AVX2")
+    Support(native=False, reason='ONEDNN_MAX_CPU_ISA=AVX2; probe: a bfloat16 matmul runs 44x slower than float32')
     """
+    if isa_cap and isa_cap.upper() not in ("ALL", "DEFAULT"):
+        factor = probe()
+        return Support(factor <= NATIVE_SLOWDOWN, f"ONEDNN_MAX_CPU_ISA={isa_cap}; probe: a {dtype} matmul runs "
+                                                  f"{times_slower(factor)}")
     family = _family(caps) if caps else None
     flags = _NATIVE_FLAGS.get((family, dtype)) if family else None
     if flags is not None and any(name in caps for name in flags):
@@ -138,7 +148,7 @@ def half_support(dtype: str, device: str) -> Support:
     if device == "cuda":
         index = torch.cuda.current_device()
         return cuda_support(dtype, torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index))
-    return cpu_support(dtype, _cpu_capabilities(), lambda: slowdown(dtype))
+    return cpu_support(dtype, _cpu_capabilities(), lambda: slowdown(dtype), os.environ.get("ONEDNN_MAX_CPU_ISA"))
 
 
 @functools.lru_cache(maxsize=None)

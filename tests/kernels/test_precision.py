@@ -40,6 +40,14 @@ def test_the_probe_decides_where_torch_cannot_tell(caps):
     assert cpu_support("bfloat16", caps, lambda: precision.NATIVE_SLOWDOWN).native  # the threshold is inclusive
 
 
+def test_a_capped_onednn_isa_is_probed_not_read_from_the_flags():
+    # ONEDNN_MAX_CPU_ISA=AVX2 on an AMX chip: the flags say native, the matmuls are emulated
+    capped = cpu_support("bfloat16", AMX, lambda: 44.0, isa_cap="AVX2")
+    assert not capped.native and capped.reason.startswith("ONEDNN_MAX_CPU_ISA=AVX2; probe")
+    assert cpu_support("bfloat16", AMX, lambda: 0.4, isa_cap="AVX512_CORE_AMX").native
+    assert cpu_support("bfloat16", AMX, no_probe, isa_cap="ALL").native  # no cap: the flags decide
+
+
 def test_cuda_bf16_needs_ampere():
     assert cuda_support("bfloat16", (8, 0)).native and cuda_support("bfloat16", (9, 0)).native
     assert cuda_support("bfloat16", (7, 5), "T4") == Support(False, "T4 (sm_75): bfloat16 needs sm_80 or newer")
@@ -47,6 +55,7 @@ def test_cuda_bf16_needs_ampere():
 
 
 def test_auto_follows_the_decision(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     for caps, dtype in ((AVX2, "float32"), (AMX, "bfloat16")):
         monkeypatch.setattr(precision, "_cpu_capabilities", lambda caps=caps: caps)
         precision.half_support.cache_clear()
