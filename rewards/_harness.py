@@ -14,6 +14,8 @@ Two processes, as contest judges run them, so that nothing the solution can writ
 Each record is one line, "<nonce> <json>"; the last one is {"done": true}, and a run without it (a crash, a
 kill) counts as failed. The job's helpers from the prompt (trusted data, `prefix`) run in the checker too, so
 expected values a test computes with them do not depend on the solution.
+
+The sandbox runs rewards/_codec.py's source followed by this file's, as one program (see sandbox.py).
 """
 
 import json
@@ -23,74 +25,7 @@ import signal
 import subprocess
 import sys
 
-_type = type
-_PLAIN = (int, float, str, bool, type(None))
-MAX_DEPTH = 64
-
-
-class Opaque:
-    """A value that could not travel as plain data: it equals nothing (the parent's `Opaque` decides)."""
-
-    def __init__(self, kind):
-        self.kind = kind
-
-    def __eq__(self, other):
-        return False
-
-    __hash__ = object.__hash__
-
-
-def encode(value, depth=0):
-    """A tagged JSON form of plain data; anything else (a class with a custom __eq__, say) is opaque."""
-    kind = _type(value)
-    if kind in _PLAIN:
-        return value
-    if depth > MAX_DEPTH:
-        return {"opaque": "too deep"}
-    if kind is list or kind is tuple:
-        return {kind.__name__: [encode(v, depth + 1) for v in value]}
-    if kind is set or kind is frozenset:
-        return {"set": [encode(v, depth + 1) for v in value]}
-    if kind is dict:
-        return {"dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]}
-    if kind is bytes:
-        return {"bytes": value.hex()}
-    if kind is complex:
-        return {"complex": [value.real, value.imag]}
-    if kind is Opaque:
-        return {"opaque": str(value.kind)[:100]}
-    return {"opaque": kind.__name__}
-
-
-def spread(keys):
-    """No more than 32 keys share a hash (crafted collisions would make building the set quadratic)."""
-    hashes = sorted(map(hash, keys))
-    return all(hashes[i] != hashes[i + 32] for i in range(len(hashes) - 32))
-
-
-def decode(value, depth=0):
-    """encode's inverse, for data that came from the solution process (untrusted: malformed is opaque)."""
-    if value is None or _type(value) in (int, float, str, bool):
-        return value
-    if _type(value) is not dict or len(value) != 1 or depth > MAX_DEPTH + 1:
-        return Opaque("malformed")
-    (tag, body), = value.items()
-    try:
-        if tag in ("list", "tuple", "set"):
-            items = [decode(v, depth + 1) for v in body]
-            if tag == "set" and not spread(items):
-                return Opaque("hash-colliding set")
-            return {"list": list, "tuple": tuple, "set": set}[tag](items)
-        if tag == "dict":
-            pairs = [(decode(k, depth + 1), decode(v, depth + 1)) for k, v in body]
-            return dict(pairs) if spread([k for k, _ in pairs]) else Opaque("hash-colliding dict")
-        if tag == "bytes":
-            return bytes.fromhex(body)
-        if tag == "complex":
-            return complex(*body)
-    except (TypeError, ValueError):
-        return Opaque("malformed")
-    return Opaque(str(body)[:100] if tag == "opaque" else "malformed")
+# encode, decode, Opaque and _type come from rewards/_codec.py, whose source sandbox.py puts in front of this file's.
 
 
 def set_limits(rlimits):

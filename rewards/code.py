@@ -28,6 +28,7 @@ import re
 import types
 from typing import Any
 
+from rlkit.rewards._codec import Opaque, decode  # noqa: F401 (Opaque: the type decode gives what cannot travel)
 from rlkit.rewards.base import RewardResult, Sample, Verdict
 from rlkit.rewards.math import final_reply
 from rlkit.rewards.sandbox import Sandbox, SandboxLimits, SandboxResult
@@ -39,61 +40,6 @@ _MATH = types.SimpleNamespace(**{n: getattr(math, n)
                                   for n in ("fabs", "isclose", "sqrt", "floor", "ceil", "isnan", "isinf")})
 _PARENT_NODES = (ast.Constant, ast.List, ast.Tuple, ast.Set, ast.Dict, ast.UnaryOp, ast.BoolOp, ast.Compare,
                  ast.IfExp, ast.Subscript, ast.Slice)
-
-
-class Opaque:
-    """A value the sandbox could not send as plain data: it equals nothing and has no truth value."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-
-    def __eq__(self, other):
-        return False
-
-    __hash__ = object.__hash__
-
-    def __bool__(self):
-        raise TypeError(f"opaque {self.kind} value has no truth value")
-
-    def __repr__(self):
-        return f"<opaque {self.kind}>"
-
-
-MAX_SAME_HASH = 32  # more elements of one set or dict sharing a hash: crafted collisions, opaque
-
-
-def _hash_spread(keys: list) -> bool:
-    """Whether `keys` can go into one set or dict in linear time: no more than MAX_SAME_HASH share a hash.
-    (Colliding keys, e.g. multiples of 2**61 - 1, make each insertion compare with all the earlier ones.)"""
-    hashes = sorted(map(hash, keys))  # O(n log n) whatever the values
-    return all(hashes[i] != hashes[i + MAX_SAME_HASH] for i in range(len(hashes) - MAX_SAME_HASH))
-
-
-def decode(value: Any, depth: int = 0) -> Any:
-    """The inverse of the harness's `encode`: tagged JSON -> plain Python data, in time linear in the record
-    (sets and dicts whose keys collide in hash are opaque: building them would be quadratic)."""
-    if value is None or type(value) in (int, float, str, bool):
-        return value
-    if type(value) is not dict or len(value) != 1 or depth > 100:
-        return Opaque("malformed")
-    (tag, body), = value.items()
-    try:
-        if tag in ("list", "tuple"):
-            items = [decode(v, depth + 1) for v in body]
-            return list(items) if tag == "list" else tuple(items)
-        if tag == "set":
-            items = [decode(v, depth + 1) for v in body]
-            return set(items) if _hash_spread(items) else Opaque("hash-colliding set")
-        if tag == "dict":
-            pairs = [(decode(k, depth + 1), decode(v, depth + 1)) for k, v in body]
-            return dict(pairs) if _hash_spread([k for k, _ in pairs]) else Opaque("hash-colliding dict")
-        if tag == "bytes":
-            return bytes.fromhex(body)
-        if tag == "complex":
-            return complex(*body)
-    except (TypeError, ValueError):  # e.g. an unhashable item in a set
-        return Opaque("malformed")
-    return Opaque(str(body) if tag == "opaque" else "malformed")
 
 
 def _split(node: ast.expr, leaves: list[ast.expr]) -> ast.expr:

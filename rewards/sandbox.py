@@ -50,7 +50,8 @@ from typing import Any
 
 from rlkit.rewards.seccomp import build_filter
 
-_HARNESS = (Path(__file__).with_name("_harness.py")).read_text()
+# the program the sandbox runs: the codec (rewards/_codec.py), then the harness that uses it
+_HARNESS = "\n".join((Path(__file__).with_name(name)).read_text() for name in ("_codec.py", "_harness.py"))
 NOBODY = 65534
 _SECCOMP = build_filter()
 MAX_RECORD_DEPTH = 200  # the harness nests at most ~130 levels (encode's MAX_DEPTH, two JSON levels each)
