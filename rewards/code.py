@@ -64,6 +64,8 @@ def _split(node: ast.expr, leaves: list[ast.expr]) -> ast.expr:
                 setattr(new, name, [_split(v, leaves) if isinstance(v, ast.expr) else _keyword(v, leaves)
                                     if isinstance(v, ast.keyword) else v for v in value])
         return new
+    if isinstance(node, ast.GeneratorExp):  # a generator cannot travel as data: the sandbox sends its items as a list
+        node = ast.copy_location(ast.ListComp(elt=node.elt, generators=node.generators), node)
     leaves.append(node)
     return ast.Name(id=f"__leaf{len(leaves) - 1}", ctx=ast.Load())
 

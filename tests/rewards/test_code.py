@@ -38,6 +38,17 @@ def test_canonical_solutions_pass_as_a_body_or_a_whole_function(reward, humaneva
         assert reward.score(Sample(row["prompt"], whole, gold_of(row))).verdict == Verdict.CORRECT
 
 
+def test_a_generator_in_an_assert_travels_as_its_items(reward):
+    # all(... for ...) keeps `all` in the parent; the generator's items come back as a list, not an opaque generator
+    gold = {"test": "def check(candidate):\n    xs = [1, 2]\n    assert all(candidate(x) == x * x for x in xs)",
+            "entry_point": "f"}
+    square, opaque = "def f(x):\n    return x * x", "class T:\n    pass\ndef f(x):\n    return T()"
+    assert reward.score(Sample("", square, gold)).verdict == Verdict.CORRECT
+    assert reward.score(Sample("", "def f(x):\n    return x", gold)).verdict == Verdict.WRONG
+    gold["test"] = "def check(candidate):\n    assert all(candidate(x) for x in [1, 2])"
+    assert reward.score(Sample("", opaque, gold)).verdict == Verdict.WRONG  # opaque values have no truth value
+
+
 def test_broken_solutions_fail(reward, humaneval):
     for row in humaneval:
         for broken in ["    return None\n", "    raise NotImplementedError\n", "    return 1 +\n"]:
