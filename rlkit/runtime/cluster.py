@@ -27,6 +27,7 @@ from rlkit.runtime.scoring import build_scorer, scorer_config
 from rlkit.training.batches import TokenBatch
 from rlkit.rewards.scorer import Scorer
 from rlkit.rollout import EngineConfig
+from rlkit.rollout.generations import Generations
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class RolloutPool:
         self.placement_group = None  # on Ray: the pool's reservation (engines spread over the nodes)
 
     def generate(self, prompt_ids: list[list[int]], n: int = 1, temperature=None, max_new_tokens=None, seed=None):
+        """n completions per prompt, [prompt][sample], as one Generations (flat arrays: rlkit.rollout.generations)."""
         k = len(self.engines)
         size = -(-len(prompt_ids) // k)  # ceil: contiguous chunks keep the output in prompt order
         chunks = [prompt_ids[i * size : (i + 1) * size] for i in range(k)]
@@ -133,7 +135,7 @@ class RolloutPool:
             [e.generate(c, n, temperature, max_new_tokens, None if seed is None else seed + i)
              for i, (e, c) in enumerate(zip(self.engines, chunks)) if c]
         )
-        return [group for part in results for group in part]
+        return Generations.concat(results) if results else Generations.from_lists([], n)
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor]):
         """Push weights to every engine; returns the slowest engine's SyncStats."""
@@ -293,7 +295,9 @@ def engine_config(rollout: RolloutConfig) -> EngineConfig:
     return EngineConfig(temperature=rollout.temperature, top_p=rollout.top_p, max_new_tokens=rollout.max_new_tokens,
                         dtype=rollout.dtype, kv_cache_gib=rollout.kv_cache_gib,
                         gpu_memory_utilization=rollout.gpu_memory_utilization, enforce_eager=rollout.enforce_eager,
-                        sync_dir=rollout.sync_dir, sync_timeout_s=rollout.sync_timeout_s)
+                        sync_dir=rollout.sync_dir, sync_timeout_s=rollout.sync_timeout_s,
+                        gpu_kv_cache_gib=rollout.gpu_kv_cache_gib, tensor_parallel_size=rollout.tensor_parallel_size,
+                        max_num_seqs=rollout.max_num_seqs, engine_kwargs=dict(rollout.engine_kwargs))
 
 
 def creation_error(text: str) -> str:
