@@ -90,15 +90,17 @@ def trainer_traffic(args) -> None:
             path = str(save_checkpoint(model, tok, Path(tmp) / "ckpt", ""))
             trainer = cluster.trainer_group(path, lr=1e-3, warmup_steps=1)
             reference = cluster.reference(path)
-            tokens = step_batch(args.prompts, args.group, args.prompt_tokens, args.response_tokens)
             ctx = SimpleNamespace(cfg=cfg, workers=SimpleNamespace(trainer=trainer), seed=lambda: 0)
-            exp = SimpleNamespace(rollout_logprobs=lambda width: torch.zeros(len(tokens), width))
             for step in range(2):  # the first warms up
+                # a step's own objects, as a run makes them: its token batch, the mask of the samples that count
+                tokens = step_batch(args.prompts, args.group, args.prompt_tokens, args.response_tokens)
+                mask = tokens.response_mask * torch.ones(len(tokens), 1)
+                exp = SimpleNamespace(rollout_logprobs=lambda width: torch.zeros(len(tokens), width))
                 counter.reset()
                 t0 = time.perf_counter()
                 old = trainer.logprobs(tokens)
                 ref = reference.logprobs(tokens)
-                batch = policy_batch(cfg, exp, tokens, tokens.response_mask, old, ref, torch.zeros(len(tokens)))
+                batch = policy_batch(cfg, exp, tokens, mask, old, ref, torch.zeros(len(tokens)))
                 update_policy(ctx, batch, step)
                 seconds = time.perf_counter() - t0
             print(f"step batch: {len(tokens)} rows x {tokens.input_ids.shape[1]} tokens; TokenBatch "

@@ -137,7 +137,9 @@ def test_engine_config_is_the_recipes_rollout_section():
     """Engines take their own config (rollout/ imports nothing of rlkit); its defaults agree with the recipe's."""
     assert engine_config(RolloutConfig()) == EngineConfig()
     rollout = RolloutConfig(temperature=0.7, top_p=0.9, max_new_tokens=5, dtype="bfloat16", kv_cache_gib=2.0,
-                            gpu_memory_utilization=0.3, enforce_eager=False, sync_dir="/tmp/x", sync_timeout_s=9.0)
+                            gpu_memory_utilization=0.3, enforce_eager=False, sync_dir="/tmp/x", sync_timeout_s=9.0,
+                            gpu_kv_cache_gib=4.0, tensor_parallel_size=2, max_num_seqs=64,
+                            engine_kwargs={"enable_prefix_caching": False})
     carried = {f.name: getattr(rollout, f.name) for f in dataclasses.fields(EngineConfig)}
     assert all(value != getattr(EngineConfig(), name) for name, value in carried.items())  # each one set above
     assert engine_config(rollout) == EngineConfig(**carried)
@@ -154,8 +156,8 @@ def test_ranks_share_rows_by_tokens_and_results_come_back_in_order():
     """In process, no Ray: a DPO batch's pairs go whole to balanced ranks, and per-row results return in order."""
 
     class Echo:  # a rank whose log-prob table is its rows' first tokens
-        def logprobs(self, batch, temperature):
-            return batch.input_ids[:, :1].double()  # (b, 1)
+        def logprobs(self, batch, temperature, rows):
+            return batch.input_ids[rows, :1].double()  # (b, 1)
 
     # row i starts with token i; pairs of 12, 10, 2 and 4 tokens: contiguous shares carry 22 and 6 tokens.
     # Pairs longest first: 12 -> A; 10 -> B; 4 -> B (14); 2 -> A (14).
@@ -165,7 +167,7 @@ def test_ranks_share_rows_by_tokens_and_results_come_back_in_order():
     pairs = PairBatch(tokens, torch.zeros(8), num_pairs=4)
     group = TrainerGroup([Echo(), Echo()])
     assert [s.tolist() for s in group._split(pairs)] == [[0, 1, 4, 5], [2, 3, 6, 7]]
-    shares = group._each(pairs, lambda w, rows: rows, group._split(pairs))
+    shares = group._each(pairs, lambda w, whole, rows: whole.select(rows), group._split(pairs))
     assert [part.tokens.input_ids[:, 0].tolist() for part in shares] == [[0, 1, 4, 5], [2, 3, 6, 7]]
     # rows alone: 6 -> A; 6 -> B; 5 -> A (11); 5 -> B (11); 2 -> A (13); 2 -> B (13); 1 -> A; 1 -> B (14 each)
     assert [s.tolist() for s in group._split(tokens)] == [[0, 2, 4, 6], [1, 3, 5, 7]]
