@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from rlkit.runtime.cluster import Cluster, TrainerGroup, engine_config
+from rlkit.runtime.cluster import Cluster, SharedBatches, TrainerGroup, engine_config
 from rlkit.recipe import (ClusterConfig, ModelConfig, RecipeConfig, RecipeError, RewardConfig, RewardSpec,
                           RolloutConfig, TrainerConfig)
 from rlkit.training.losses import PolicyLoss, SFTLoss, token_normalizer
@@ -79,6 +79,31 @@ def test_two_ranks_equal_one_rank(groups):
         for key in m1:  # the ranks' stats add up to the 1-rank step's
             assert m1[key] == pytest.approx(m2[key], rel=1e-8, abs=1e-12), key
     assert_same_weights(one, two)
+
+
+def test_a_step_batch_goes_to_the_ranks_once_and_minibatches_equal_one_rank(clusters, groups):
+    """On Ray a step's batch is put in the object store once, and the old log-probs and every minibatch step send
+    its ref with each rank's rows; a minibatch step (its rows, its own normaliser) on 2 ranks equals 1 rank's."""
+    _, cluster = clusters
+    one, two = groups
+    puts = []
+    shared = SharedBatches(lambda batch: puts.append(batch) or ray.put(batch))  # counts Ray's real puts
+    two = TrainerGroup(two.workers, ray.get, shared)
+    batch = random_batch(n=8, seed=5)
+    old = two.logprobs(batch)
+    assert torch.allclose(one.logprobs(batch), old, atol=1e-10)
+    policy = PolicyBatch(batch, batch.response_mask, old, old, old, torch.linspace(-1, 1, 8, dtype=old.dtype),
+                         float(token_normalizer(batch.response_mask, "token-mean")))
+    loss = PolicyLoss(kl_coef=0.1)
+    for rows in (torch.tensor([6, 1, 3, 4]), torch.tensor([0, 2, 5, 7])):
+        normalizer = float(token_normalizer(policy.mask[rows], "token-mean"))
+        m1, m2 = one.step(loss, policy, rows, normalizer).metrics(), two.step(loss, policy, rows, normalizer).metrics()
+        for key in m1:
+            assert m1[key] == pytest.approx(m2[key], rel=1e-8, abs=1e-12), key
+    assert_same_weights(one, two)
+    assert [type(b) for b in puts] == [TokenBatch, PolicyBatch] and puts[1] is policy  # each once
+    assert shared(policy) is shared(policy) and shared("not a batch") == "not a batch"
+    assert cluster.share(policy) is cluster.share(policy)  # the cluster's own, which its groups and reference use
 
 
 def test_tied_embeddings_on_two_ranks_equal_one_rank_and_save_tied(clusters, chat_model_path, tmp_path):
