@@ -227,6 +227,7 @@ def check_engine_parity(folder: Path, dtype: str = "bfloat16", n: int = CHECK_TO
 
     from rlkit.data.chat import Renderer
     from rlkit.rollout import EngineConfig
+    from rlkit.rollout.generations import token_list
     from rlkit.rollout.vllm_engine import VllmRollout
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -238,7 +239,7 @@ def check_engine_parity(folder: Path, dtype: str = "bfloat16", n: int = CHECK_TO
     del model
     engine = VllmRollout(EngineConfig(max_new_tokens=n, dtype=dtype), str(folder), max_model_len=256)
     try:
-        sampled = [list(group[0].token_ids) for group in engine.generate(prompts, n=1, temperature=0.0)]
+        sampled = [token_list(group[0].token_ids) for group in engine.generate(prompts, n=1, temperature=0.0)]
     finally:
         engine.close()
     for prompt, ref, got in zip(CHECK_PROMPTS, reference, sampled):

@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,10 @@ class EngineConfig:
     dtype: str = "auto"
     kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
     gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU (weights and KV cache)
+    gpu_kv_cache_gib: float = 0.0  # on GPU, > 0: the KV cache's size per GPU (vLLM's kv_cache_memory_bytes)
     enforce_eager: bool = True  # no CUDA graphs: a faster start, for short runs
+    tensor_parallel_size: int = 1  # GPUs the engine spans, one vLLM worker process each
+    max_num_seqs: int = 256  # sequences decoded at once
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # further vllm.LLM arguments, passed as they are
     sync_dir: str = "/dev/shm/rlkit_sync"  # where trainer weights are written for the engine to reload
     sync_timeout_s: float = 60.0  # a weight sync that takes longer raises WeightSyncError

@@ -17,10 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rlkit.kernels.precision import auto_dtype
 from rlkit.rollout import EngineConfig
+from rlkit.rollout.generations import Completion, Generations  # noqa: F401 (Completion: what stages index)
 from rlkit.rollout.vllm_console import quiet_vllm_console, remove_segments, shm_segments
 
 log = logging.getLogger(__name__)
@@ -31,14 +33,6 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank va
 
 class WeightSyncError(RuntimeError):
     """The engine did not take the new weights in time, or reported an error doing so."""
-
-
-@dataclass(frozen=True)
-class Completion:
-    token_ids: tuple[int, ...]  # (L,) sampled tokens, EOS included when the model stopped
-    logprobs: tuple[float, ...]  # (L,) log-prob of each sampled token under the engine's weights
-    text: str
-    finished: bool  # False when cut at max_new_tokens (truncated)
 
 
 @dataclass(frozen=True)
@@ -64,34 +58,16 @@ class VllmRollout:
         quiet_vllm_console()
         from vllm import LLM  # heavy; imported only where an engine is made
 
+        check_engine_kwargs(cfg.engine_kwargs)  # the recipe checked them; an engine built alone checks here
         self.cfg = cfg
-        dtype = engine_dtype(cfg.dtype, torch.cuda.is_available())
-        self.dtype = getattr(torch, dtype)  # of the served weights
+        on_gpu = torch.cuda.is_available()
+        kwargs = engine_kwargs(cfg, str(model_path), max_model_len, seed, lora_rank, on_gpu)
+        self.dtype = getattr(torch, kwargs["dtype"])  # of the served weights
         self._sync_dir = Path(cfg.sync_dir) / f"{os.getpid()}_{id(self):x}"
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
-        kwargs = dict(
-            model=str(model_path),
-            dtype=dtype,
-            enforce_eager=cfg.enforce_eager,
-            max_model_len=max_model_len,
-            seed=seed,
-            max_num_seqs=256,
-            use_tqdm_on_load=False,  # a bar per weight sync would flood the console
-            logprobs_mode="processed_logprobs",  # after temperature, as the trainer computes them
-        )
-        if lora_rank:  # vLLM takes a rank bound from a fixed list; one adapter at a time
-            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= lora_rank))
         self.lora_rank = lora_rank
         self._lora = None  # the LoRARequest that every generation uses, after the first sync_adapter
         self._lora_count = 0
-        if torch.cuda.is_available():
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        else:
-            # A prompt prefilled in chunks has its sampled token discarded and its seeded generator rewound, which
-            # a CPU generator cannot do ("CPU Generator does not use offset": the engine dies). Seeded batches whose
-            # prompts pass the step's token budget (long multi-turn contexts, large GRPO batches) hit it, so on a
-            # CPU every prompt is prefilled whole.
-            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len))
         t0 = time.perf_counter()
         before = shm_segments()
         self.llm = LLM(**kwargs)
@@ -107,8 +83,9 @@ class VllmRollout:
         temperature: float | None = None,
         max_new_tokens: int | None = None,
         seed: int | None = None,
-    ) -> list[list[Completion]]:
-        """n completions per prompt, with the sampled tokens' log-probs. Returns [prompt][sample]."""
+    ) -> Generations:
+        """n completions per prompt, with the sampled tokens' log-probs: [prompt][sample] `Completion`s, held as
+        flat arrays (what a Ray actor sends the driver: rlkit.rollout.generations)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -123,14 +100,7 @@ class VllmRollout:
         )
         prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora)
-        result = []
-        for out in outputs:
-            group = []
-            for c in out.outputs:
-                lps = tuple(float(step[tok].logprob) for step, tok in zip(c.logprobs, c.token_ids))
-                group.append(Completion(tuple(c.token_ids), lps, c.text, c.finish_reason == "stop"))
-            result.append(group)
-        return result
+        return to_generations([out.outputs for out in outputs], n)
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> SyncStats:
         """Load the trainer's weights into the engine, dropping any adapter; raises WeightSyncError past
@@ -212,6 +182,71 @@ class VllmRollout:
                 core.shutdown(timeout=1.0)
             self.llm = None
             remove_segments(self._shm)
+
+
+def to_generations(groups: list[list], n: int) -> Generations:
+    """vLLM's CompletionOutputs, [prompt][sample], as flat arrays. vLLM keeps each sampled token's log-prob in a
+    dict per position (logprobs=0: the sampled token's alone), which is read once here, on the engine's side."""
+    samples = [c for group in groups for c in group]
+    lengths = [len(c.token_ids) for c in samples]
+    total = sum(lengths)
+    token_ids = np.fromiter((t for c in samples for t in c.token_ids), np.int32, total)
+    logprobs = np.fromiter((step[tok].logprob for c in samples for step, tok in zip(c.logprobs, c.token_ids)),
+                           np.float32, total)
+    offsets = np.zeros(len(samples) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    finished = np.array([c.finish_reason == "stop" for c in samples], bool)
+    return Generations(token_ids, logprobs, offsets, tuple(c.text for c in samples), finished, n)
+
+
+def engine_kwargs(cfg: EngineConfig, model_path: str, max_model_len: int, seed: int, lora_rank: int,
+                  on_gpu: bool) -> dict:
+    """vllm.LLM's arguments: rlkit's own, then `cfg.engine_kwargs`, which may name none of them (the recipe's check,
+    rlkit.recipe.engine_args, names each key rlkit owns and where a recipe sets it)."""
+    kwargs = dict(
+        model=model_path,
+        dtype=engine_dtype(cfg.dtype, on_gpu),
+        enforce_eager=cfg.enforce_eager,
+        max_model_len=max_model_len,
+        seed=seed,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        max_num_seqs=cfg.max_num_seqs,
+        use_tqdm_on_load=False,  # a bar per weight sync would flood the console
+        logprobs_mode="processed_logprobs",  # after temperature, as the trainer computes them
+    )
+    if cfg.tensor_parallel_size > 1:
+        # the workers as processes of this engine, on the GPUs it was given (a Ray actor's own): inside a Ray
+        # placement group vLLM would pick its Ray executor and look for one bundle per worker
+        kwargs["distributed_executor_backend"] = "mp"
+    if lora_rank:  # vLLM takes a rank bound from a fixed list; one adapter at a time
+        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= lora_rank))
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if cfg.gpu_kv_cache_gib:  # the KV cache's own size, in place of what the utilisation leaves for it
+            kwargs["kv_cache_memory_bytes"] = int(cfg.gpu_kv_cache_gib * 2**30)
+    else:
+        # A prompt prefilled in chunks has its sampled token discarded and its seeded generator rewound, which
+        # a CPU generator cannot do ("CPU Generator does not use offset": the engine dies). Seeded batches whose
+        # prompts pass the step's token budget (long multi-turn contexts, large GRPO batches) hit it, so on a
+        # CPU every prompt is prefilled whole.
+        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len))
+    taken = sorted(set(cfg.engine_kwargs) & set(kwargs))
+    if taken:
+        raise ValueError(f"rollout.engine_kwargs.{taken[0]}: rlkit sets this engine argument itself; remove it")
+    return kwargs | dict(cfg.engine_kwargs)
+
+
+def check_engine_kwargs(extra) -> None:
+    """Each key of `extra` is an engine argument of the installed vLLM (a field of its EngineArgs)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ValueError(f"rollout.engine_kwargs.{unknown[0]}: not an engine argument of the installed vLLM "
+                         "(vllm.engine.arg_utils.EngineArgs); fix or remove it")
 
 
 def _write_tensors(state_dict: dict[str, torch.Tensor], path: Path) -> float:

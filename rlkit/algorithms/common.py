@@ -28,6 +28,7 @@ from rlkit.data.prepare import StageData
 from rlkit.recipe.stage_kinds import STAGE_KINDS, checkpoint_name
 from rlkit.runtime.tracking import RunLogger
 from rlkit.rewards.base import Sample
+from rlkit.rollout.generations import token_list
 from rlkit.rollout.vllm_engine import SyncStats
 
 
@@ -271,7 +272,7 @@ class StageContext:
 def sampled_reply(completion, eos_id: int) -> list[int]:
     """A sampled completion's ids as an SFT or DPO reply: exactly what the engine sampled, with EOS appended when
     it was cut at max_new_tokens (so a kept answer teaches the model to stop)."""
-    ids = list(completion.token_ids)
+    ids = token_list(completion.token_ids)
     return ids if completion.finished else ids + [eos_id]
 
 

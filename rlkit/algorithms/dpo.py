@@ -18,6 +18,7 @@ from rlkit.data.tasks import BatchSampler
 from rlkit.training.losses import DPOLoss
 from rlkit.training.batches import PairBatch, TokenBatch, pack_sequences
 from rlkit.rewards.base import Verdict
+from rlkit.rollout.generations import token_list
 
 SAMPLES_PER_PROMPT = 4
 
@@ -32,7 +33,7 @@ def build_pairs(ctx: StageContext, num_prompts: int) -> list[tuple[list[int], li
         for k in range(exp.group(i).start, exp.group(i).stop):
             if exp.scored.valid[k] and exp.scored.results[k].verdict != Verdict.CORRECT:
                 pairs.append((exp.prompt_ids[i], renderer.reply_ids(problem, problem.solution),
-                              list(exp.completions[k].token_ids)))
+                              token_list(exp.completions[k].token_ids)))
                 break
     return pairs
 

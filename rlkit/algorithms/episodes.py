@@ -26,6 +26,7 @@ from rlkit.rewards.registry import RewardConfigError, load_class
 from rlkit.recipe import EnvConfig, RecipeError
 from rlkit.recipe import names
 from rlkit.recipe.names import Registry
+from rlkit.rollout.generations import token_list
 
 ENV_THREADS = 8  # environments stepping at once (a python tool call is a sandboxed process)
 
@@ -121,9 +122,9 @@ def _sample_turn(pool, renderer, active: list[_Live], temperature: float, seed: 
 def _append_turn(renderer, e: _Live, completion, room: int) -> None:
     """Append a sampled turn (cut to the episode's remaining `room`); a turn that did not end at a stop token
     ends the episode unfinished."""
-    ids, cut = list(completion.token_ids[:room]), len(completion.token_ids) > room
+    ids, cut = token_list(completion.token_ids[:room]), len(completion.token_ids) > room
     e.token_ids += ids
-    e.logprobs += list(completion.logprobs[:room])
+    e.logprobs += [float(x) for x in completion.logprobs[:room]]
     e.loss_mask += [1] * len(ids)
     e.turns += 1
     e.text = renderer.tokenizer.decode(ids, skip_special_tokens=True) if cut else completion.text

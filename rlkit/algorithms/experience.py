@@ -29,6 +29,7 @@ from rlkit.data.tasks import BatchSampler, Problem
 from rlkit.training.batches import TokenBatch, pack_sequences
 from rlkit.rewards.base import Sample
 from rlkit.rewards.scorer import ScoreOutput
+from rlkit.rollout.generations import token_list
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Experience:
 
     problems: list[Problem]  # (B,)
     prompt_ids: list[list[int]]  # (B,) rendered prompts
-    completions: list  # (B*G,) rollout.Completion, or rlkit.algorithms.episodes.Episode (loss_mask: env tokens are 0)
+    completions: list  # (B*G,) rlkit.rollout.generations.Completion, or rlkit.algorithms.episodes.Episode (loss_mask: env tokens are 0)
     scored: ScoreOutput  # (B*G,) the recipe's rewards on each completion's text
     group_size: int  # G
     version: int = 0  # policy version (updates applied) of the weights that sampled it
@@ -86,7 +87,7 @@ class Experience:
         """Prompt + completion rows (B*G, L); the response mask is 0 on environment tokens (tool output), which the
         policy did not sample and the loss must not train on."""
         prompts = self.repeated_prompts()
-        tokens = pack_sequences(prompts, [list(c.token_ids) for c in self.completions], pad_id)
+        tokens = pack_sequences(prompts, [token_list(c.token_ids) for c in self.completions], pad_id)
         if not any(getattr(c, "loss_mask", None) is not None for c in self.completions):
             return tokens
         mask = tokens.response_mask.clone()
@@ -100,7 +101,7 @@ class Experience:
         """The engine's log-probs placed on the trainer's target grid (B*G, width), zero off the response."""
         out = torch.zeros(len(self.completions), width)
         for i, (c, prompt) in enumerate(zip(self.completions, self.repeated_prompts())):
-            out[i, len(prompt) - 1 : len(prompt) - 1 + len(c.logprobs)] = torch.tensor(c.logprobs)
+            out[i, len(prompt) - 1 : len(prompt) - 1 + len(c.logprobs)] = torch.as_tensor(c.logprobs)
         return out
 
 

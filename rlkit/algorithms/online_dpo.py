@@ -16,6 +16,7 @@ from rlkit.algorithms import dpo
 from rlkit.algorithms.dpo import train_step
 from rlkit.data.tasks import BatchSampler
 from rlkit.rewards.base import Verdict
+from rlkit.rollout.generations import token_list
 
 
 def pick_pair(texts: list[str], scores: list[float], verdicts: list[Verdict], valid: list[bool]):
@@ -69,7 +70,7 @@ def sample_pairs(ctx: StageContext, round_index: int, num_prompts: int) -> tuple
         completions = exp.completions[span]
         chosen_ids = (renderer.reply_ids(problem, problem.solution) if chosen is None
                       else sampled_reply(completions[chosen], renderer.eos_id))
-        pairs.append((exp.prompt_ids[i], chosen_ids, list(completions[rejected].token_ids)))
+        pairs.append((exp.prompt_ids[i], chosen_ids, token_list(completions[rejected].token_ids)))
     return pairs, {
         "round/sample_accuracy": sum(v == Verdict.CORRECT for v in verdicts) / len(verdicts),
         "round/num_pairs": float(len(pairs)),

@@ -12,7 +12,6 @@ updates.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import torch
 
@@ -53,10 +52,9 @@ def minibatch_rows(rows: int, count: int, generator: torch.Generator | None) -> 
     return list(torch.randperm(rows, generator=generator).chunk(count))
 
 
-def minibatch(cfg, batch: PolicyBatch, rows: torch.Tensor) -> PolicyBatch:
-    """Rows of the step batch as an optimizer step of their own: the normaliser is over these rows."""
-    mb = batch.select(rows)
-    return replace(mb, normalizer=float(token_normalizer(mb.mask, cfg.algo.loss_agg, cfg.rollout.episode_tokens)))
+def minibatch_normalizer(cfg, batch: PolicyBatch, rows: torch.Tensor) -> float:
+    """The loss divisor of rows of the step batch as an optimizer step of their own: over these rows."""
+    return float(token_normalizer(batch.mask[rows], cfg.algo.loss_agg, cfg.rollout.episode_tokens))
 
 
 def update_policy(ctx, batch: PolicyBatch, step: int, value_step=None) -> dict[str, float]:
@@ -69,8 +67,11 @@ def update_policy(ctx, batch: PolicyBatch, step: int, value_step=None) -> dict[s
     steps: list[dict[str, float]] = []
     for _ in range(algo.ppo_epochs):
         for rows in minibatch_rows(len(batch), algo.ppo_minibatches, generator):
-            mb = batch if algo.ppo_minibatches == 1 else minibatch(cfg, batch, rows)
-            update = ctx.workers.trainer.step(loss, mb)
+            # the step batch goes to the ranks once (on Ray, one object ref), each minibatch as its rows
+            if algo.ppo_minibatches == 1:
+                update = ctx.workers.trainer.step(loss, batch)
+            else:
+                update = ctx.workers.trainer.step(loss, batch, rows, minibatch_normalizer(cfg, batch, rows))
             metrics = update.metrics()
             if value_step is not None:
                 metrics |= {f"value/{k}": v for k, v in value_step(rows).metrics().items()}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 import time
-from dataclasses import replace
 
 from rlkit.kernels import gae
 from rlkit.recipe import stage_updates
@@ -114,9 +113,7 @@ def train(ctx: StageContext) -> None:
             def value_step(rows):  # the critic learns on the policy's minibatch rows
                 if algo.ppo_minibatches == 1:
                     return critic.step(value_loss, values)
-                part = values.select(rows)
-                part = replace(part, normalizer=float(token_normalizer(part.mask, "token-mean")))
-                return critic.step(value_loss, part)
+                return critic.step(value_loss, values, rows, float(token_normalizer(values.mask[rows], "token-mean")))
 
             # update policy and critic: ppo_epochs x ppo_minibatches optimizer steps
             with timer("train"):

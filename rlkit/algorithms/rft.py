@@ -19,6 +19,7 @@ from rlkit.algorithms import sft
 from rlkit.algorithms.common import StageContext, sampled_reply
 from rlkit.recipe import RecipeError
 from rlkit.rewards.base import Verdict
+from rlkit.rollout.generations import token_list
 
 
 def accept(texts: list[str], scores: list[float], verdicts: list[Verdict], valid: list[bool], keep: str) -> list[int]:
@@ -44,7 +45,7 @@ def sampled_example(prompt: list[int], completion, eos_id: int) -> sft.Example:
     """A kept sample as an SFT example: its reply trained, or of a multi-turn episode only the sampled tokens (the
     environment's stay masked, as in GRPO), with EOS appended when it was cut short.
 
-    >>> from rlkit.rollout.vllm_engine import Completion
+    >>> from rlkit.rollout.generations import Completion
     >>> sampled_example([1, 2], Completion((7, 8), (-0.1, -0.2), "78", False), eos_id=0)
     ([1, 2, 7, 8, 0], [0, 0, 1, 1, 1])
     >>> from types import SimpleNamespace  # an episode: a tool call (7), the tool's reply (50), the answer (8)
@@ -54,7 +55,7 @@ def sampled_example(prompt: list[int], completion, eos_id: int) -> sft.Example:
     mask = getattr(completion, "loss_mask", None)
     if mask is None:
         return sft.prompt_reply(prompt, sampled_reply(completion, eos_id))
-    ids, mask = list(completion.token_ids), list(mask)
+    ids, mask = token_list(completion.token_ids), list(mask)
     if not completion.finished:
         ids, mask = ids + [eos_id], mask + [1]
     return list(prompt) + ids, [0] * len(prompt) + mask

@@ -11,6 +11,7 @@ from pathlib import Path
 from rlkit.recipe import names
 from rlkit.recipe.config import (DATA_FORMATS, EVAL_SET_NAME, MAX_ENGINE_LORA_RANK, PLACEMENTS, RESERVED_EVAL_NAMES,
                                  RUNTIME_ENV_KEYS, DataConfig, RecipeConfig, looks_local)
+from rlkit.recipe.engine_args import check_engine_kwargs
 from rlkit.recipe.errors import RecipeError
 from rlkit.recipe.names import check_switch
 from rlkit.recipe.stage_kinds import check_stage, one_of as _one_of
@@ -22,7 +23,7 @@ NUMERIC_RANGES = {
             "rollout.max_new_tokens", "rollout.kv_cache_gib", "rollout.sync_timeout_s", "trainer.lr",
             "trainer.grad_clip", "trainer.micro_batch_size", "trainer.lora_alpha", "algo.group_size",
             "algo.epsilon_high", "algo.ppo_epochs", "algo.ppo_minibatches", "algo.dpo_beta", "algo.value_clip",
-            "cluster.rollout_engines",
+            "cluster.rollout_engines", "rollout.tensor_parallel_size", "rollout.max_num_seqs",
             "cluster.trainer_ranks", "reward.num_workers", "reward.timeout_s", "logging.log_every",
             "cluster.placement_timeout_s"],
     ">= 0": ["rollout.temperature", "ref.kl_coef", "trainer.weight_decay", "trainer.warmup_steps",
@@ -30,7 +31,8 @@ NUMERIC_RANGES = {
              "algo.overlong_buffer", "algo.overlong_penalty", "algo.dpo_nll_coef",
              "algo.entropy_coef", "algo.target_kl", "rollout.max_staleness",
              "logging.eval_temperature", "logging.eval_sample_temperature", "cluster.cpus_per_trainer",
-             "cluster.gpus_per_trainer", "cluster.cpus_per_engine", "cluster.gpus_per_engine", "checkpoint.every"],
+             "cluster.gpus_per_trainer", "cluster.cpus_per_engine", "cluster.gpus_per_engine", "checkpoint.every",
+             "rollout.gpu_kv_cache_gib"],
     "in (0, 1]": ["rollout.top_p", "rollout.gpu_memory_utilization"],
     "in (0, 1)": ["algo.epsilon"],
     "in [0, 1]": ["algo.gamma", "algo.gae_lambda", "reward.max_error_rate"],
@@ -161,11 +163,21 @@ def check_cluster(cfg: RecipeConfig) -> None:
     if unknown:
         raise RecipeError(f"cluster.runtime_env: unknown key '{unknown[0]}'; rlkit passes on "
                           f"{', '.join(RUNTIME_ENV_KEYS)}")
+    check_engines(cfg)
     if cfg.rollout.max_staleness and not cfg.algo.tis_cap:
         raise RecipeError(
             f"rollout.max_staleness: {cfg.rollout.max_staleness} trains on samples from older weights, which the "
             "decoupled objective corrects with truncated importance weights; set algo.tis_cap (e.g. 2.0)"
         )
+
+
+def check_engines(cfg: RecipeConfig) -> None:
+    """An engine's GPUs are its tensor-parallel workers, one each; its further vLLM arguments are vLLM's own."""
+    tp, gpus = cfg.rollout.tensor_parallel_size, cfg.cluster.gpus_per_engine
+    if (tp > 1 or gpus > 1) and gpus != tp:
+        raise RecipeError(f"cluster.gpus_per_engine: {gpus:g} GPUs for an engine of rollout.tensor_parallel_size={tp}, "
+                          f"which runs one worker per GPU; set cluster.gpus_per_engine={tp}")
+    check_engine_kwargs(cfg.rollout.engine_kwargs)
 
 
 def check_rewards(cfg: RecipeConfig) -> None:

@@ -79,8 +79,17 @@ class RolloutConfig:
     # "float32", "bfloat16", "float16"
     dtype: str = "auto"
     kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
-    gpu_memory_utilization: float = 0.5
+    gpu_memory_utilization: float = 0.5  # on GPU: vLLM's share of each GPU (weights, activations and KV cache)
+    # on GPU: the KV cache's size per GPU in GiB (vLLM's kv_cache_memory_bytes), in place of what
+    # gpu_memory_utilization leaves for it; 0 = sized by gpu_memory_utilization
+    gpu_kv_cache_gib: float = 0.0
     enforce_eager: bool = True
+    # GPUs one engine spans with tensor parallelism (vLLM's workers, on one node); cluster.gpus_per_engine must equal it
+    tensor_parallel_size: int = 1
+    max_num_seqs: int = 256  # sequences an engine decodes at once (vLLM's max_num_seqs)
+    # further vLLM engine arguments, passed to vllm.LLM as they are (e.g. {enable_prefix_caching: false}); checked at
+    # load against vLLM's EngineArgs; the ones rlkit sets from other fields (model, dtype, seed, ...) are refused
+    engine_kwargs: Dict[str, Any] = field(default_factory=dict)
     sync_dir: str = "/dev/shm/rlkit_sync"  # where trainer weights are written for the engine to reload
     sync_timeout_s: float = 60.0  # a weight sync that takes longer fails the run
     # multi-turn episodes (an `env` section; rlkit.algorithms.episodes): at most this many assistant turns per episode

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,9 +25,10 @@ from rlkit.runtime import placement
 from rlkit.training.packing import balance_rows
 from rlkit.training.rank import Update
 from rlkit.runtime.scoring import build_scorer, scorer_config
-from rlkit.training.batches import TokenBatch
+from rlkit.training.batches import PairBatch, PolicyBatch, SFTBatch, TokenBatch, ValueBatch
 from rlkit.rewards.scorer import Scorer
 from rlkit.rollout import EngineConfig
+from rlkit.rollout.generations import Generations
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,46 @@ def _local_resolve(values: list) -> list:
     return values
 
 
+def _as_is(batch):
+    return batch
+
+
+BATCH_TYPES = (TokenBatch, SFTBatch, PolicyBatch, PairBatch, ValueBatch)
+
+
+class SharedBatches:
+    """Each step batch in Ray's object store once: `share(batch)` puts it at its first use and gives the same object
+    ref to every later call of the step (the ranks' old log-probs, the reference forward, every minibatch of the
+    update), so the driver serialises a batch once rather than once per call and rank. A batch is known by
+    identity: the batches are frozen dataclasses whose tensors the driver never changes once sent. The last `keep`
+    are held (they stay alive and in the store until pushed out); a step sends at most three (its tokens, the
+    policy's batch, the critic's)."""
+
+    def __init__(self, put: Callable, keep: int = 4):
+        self._put, self._keep = put, keep
+        self._recent: list[tuple[Any, Any]] = []  # (batch, its object ref), newest first
+        self._lock = threading.Lock()  # asynchronous sampling's thread may evaluate while the loop trains
+
+    def __call__(self, value):
+        if not isinstance(value, BATCH_TYPES):
+            return value
+        with self._lock:
+            for batch, ref in self._recent:
+                if batch is value:
+                    return ref
+            ref = self._put(value)
+            self._recent = [(value, ref)] + self._recent[: self._keep - 1]
+            return ref
+
+
 class TrainerGroup:
     """W trainer ranks; each batch's rows are split across them in equal counts with balanced token loads (FSDP2
-    ranks meet at every collective, so the step runs at the pace of the busiest)."""
+    ranks meet at every collective, so the step runs at the pace of the busiest). Every rank is sent the whole batch
+    (on Ray: one object ref, `share`) and the row indices of its share, which it takes itself
+    (rlkit.training.batches.rank_part)."""
 
-    def __init__(self, workers: list, resolve: Callable[[list], list] = _local_resolve):
-        self.workers, self._resolve = workers, resolve
+    def __init__(self, workers: list, resolve: Callable[[list], list] = _local_resolve, share: Callable = _as_is):
+        self.workers, self._resolve, self._share = workers, resolve, share
         self.placement_group = None  # on Ray: the group's reservation, removed with its actors
 
     @property
@@ -70,9 +106,10 @@ class TrainerGroup:
         return [torch.tensor(rows, dtype=torch.long) for rows in shares]
 
     def _each(self, batch, call: Callable, shares: list[torch.Tensor] | None) -> list:
-        """call(worker, its rows) on every rank at once (`shares` from `_split`); the ranks' results in rank order."""
-        parts = [batch] if shares is None else [batch.select(rows) for rows in shares]
-        return self._resolve([call(w, part) for w, part in zip(self.workers, parts)])
+        """call(worker, the shared batch, its rows) on every rank at once (`shares` from `_split`, rows of `batch`;
+        None: the whole batch to the one rank); the ranks' results in rank order."""
+        whole = self._share(batch)
+        return self._resolve([call(w, whole, rows) for w, rows in zip(self.workers, shares or [None])])
 
     def _each_row(self, batch, call: Callable) -> torch.Tensor:
         """call's per-row results (b, ...) from every rank as one (B, ...) tensor, in the batch's own row order."""
@@ -85,14 +122,19 @@ class TrainerGroup:
         return restored
 
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
-        return self._each_row(batch, lambda w, rows: w.logprobs(rows, temperature))
+        return self._each_row(batch, lambda w, whole, rows: w.logprobs(whole, temperature, rows))
 
-    def step(self, loss, batch) -> Update:
-        """One optimizer update of `loss` (rlkit.training.losses) over the step batch, its rows split across the ranks."""
-        return Update.merge(self._each(batch, lambda w, rows: w.step(loss, rows), self._split(batch)))
+    def step(self, loss, batch, rows: torch.Tensor | None = None, normalizer: float | None = None) -> Update:
+        """One optimizer update of `loss` (rlkit.training.losses) over the step batch, or over its `rows` (a
+        minibatch, whose loss divisor is `normalizer`), those rows split across the ranks. The ranks get the step
+        batch itself each time, which on Ray is one object ref for all its minibatches."""
+        shares = self._split(batch if rows is None else batch.select(rows))  # rows of the minibatch
+        if rows is not None:
+            shares = [rows] if shares is None else [rows[share] for share in shares]  # rows of the step batch
+        return Update.merge(self._each(batch, lambda w, whole, part: w.step(loss, whole, part, normalizer), shares))
 
     def values(self, batch: TokenBatch) -> torch.Tensor:  # critic groups
-        return self._each_row(batch, lambda w, rows: w.values(rows))
+        return self._each_row(batch, lambda w, whole, rows: w.values(whole, rows))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights; every rank takes part in the gather."""
@@ -126,6 +168,7 @@ class RolloutPool:
         self.placement_group = None  # on Ray: the pool's reservation (engines spread over the nodes)
 
     def generate(self, prompt_ids: list[list[int]], n: int = 1, temperature=None, max_new_tokens=None, seed=None):
+        """n completions per prompt, [prompt][sample], as one Generations (flat arrays: rlkit.rollout.generations)."""
         k = len(self.engines)
         size = -(-len(prompt_ids) // k)  # ceil: contiguous chunks keep the output in prompt order
         chunks = [prompt_ids[i * size : (i + 1) * size] for i in range(k)]
@@ -133,7 +176,7 @@ class RolloutPool:
             [e.generate(c, n, temperature, max_new_tokens, None if seed is None else seed + i)
              for i, (e, c) in enumerate(zip(self.engines, chunks)) if c]
         )
-        return [group for part in results for group in part]
+        return Generations.concat(results) if results else Generations.from_lists([], n)
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor]):
         """Push weights to every engine; returns the slowest engine's SyncStats."""
@@ -165,6 +208,7 @@ class Cluster:
                           + cfg.reward.num_workers)
                 placement.init_ray(ray, c, wanted)
             self.ray = ray
+        self.share = SharedBatches(self.ray.put) if self.ray else _as_is  # a step's batches, put once
 
     def check_storage(self, run_dir: Path) -> None:
         """On Ray: every node must see the run folder (logging.output_dir), before any worker starts; a node that
@@ -225,7 +269,7 @@ class Cluster:
         actor = self._actor(cls, c.cpus_per_trainer, c.gpus_per_trainer, env)
         workers = [_Remote(actor.options(**placement.in_bundle(group, r)).remote(
             *args, rank=r, world_size=c.trainer_ranks)) for r in range(c.trainer_ranks)]
-        trainers = TrainerGroup(workers, self._resolve())
+        trainers = TrainerGroup(workers, self._resolve(), self.share)
         trainers.placement_group = group
         return trainers
 
@@ -238,7 +282,8 @@ class Cluster:
                 t.attn_implementation, t.compile)
         if self.ray is None:
             return ReferenceModel(*args)
-        return _Blocking(self._actor(ReferenceModel, 1, self.cfg.cluster.gpus_per_trainer).remote(*args), self.ray.get)
+        return _Blocking(self._actor(ReferenceModel, 1, self.cfg.cluster.gpus_per_trainer).remote(*args), self.ray.get,
+                         self.share)  # the step's tokens by the ref the trainer ranks got
 
     def scorer(self):
         if self.ray is None:
@@ -277,15 +322,17 @@ class Cluster:
 
 
 class _Blocking(_Remote):
-    """An actor handle used like a local object: each call waits for its result."""
+    """An actor handle used like a local object: each call waits for its result. `share` stands in for a batch
+    argument (SharedBatches: its object ref)."""
 
-    def __init__(self, handle: Any, get: Callable):
+    def __init__(self, handle: Any, get: Callable, share: Callable = _as_is):
         super().__init__(handle)
-        self._get = get
+        self._get, self._share = get, share
 
     def __getattr__(self, name: str) -> Callable:
         method = getattr(self.actor, name).remote
-        return lambda *args, **kwargs: self._get(method(*args, **kwargs))
+        return lambda *args, **kwargs: self._get(method(*map(self._share, args),
+                                                        **{k: self._share(v) for k, v in kwargs.items()}))
 
 
 def engine_config(rollout: RolloutConfig) -> EngineConfig:
@@ -293,7 +340,9 @@ def engine_config(rollout: RolloutConfig) -> EngineConfig:
     return EngineConfig(temperature=rollout.temperature, top_p=rollout.top_p, max_new_tokens=rollout.max_new_tokens,
                         dtype=rollout.dtype, kv_cache_gib=rollout.kv_cache_gib,
                         gpu_memory_utilization=rollout.gpu_memory_utilization, enforce_eager=rollout.enforce_eager,
-                        sync_dir=rollout.sync_dir, sync_timeout_s=rollout.sync_timeout_s)
+                        sync_dir=rollout.sync_dir, sync_timeout_s=rollout.sync_timeout_s,
+                        gpu_kv_cache_gib=rollout.gpu_kv_cache_gib, tensor_parallel_size=rollout.tensor_parallel_size,
+                        max_num_seqs=rollout.max_num_seqs, engine_kwargs=dict(rollout.engine_kwargs))
 
 
 def creation_error(text: str) -> str:

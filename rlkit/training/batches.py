@@ -8,7 +8,7 @@ loss divisor is the whole step batch's, so micro-batches and ranks sum to the fu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -80,6 +80,20 @@ class PairBatch:
 
     def select(self, rows: slice | torch.Tensor) -> "PairBatch":
         return PairBatch(self.tokens.select(rows), self.ref_logps[rows], self.num_pairs)
+
+
+def rank_part(batch, rows: torch.Tensor | None = None, normalizer: float | None = None):
+    """A rank's part of a step batch: its `rows` (None: all), as an optimizer step whose loss divisor is `normalizer`
+    (None: the batch's own; a minibatch's is over its rows). The whole step batch crosses to every rank once, by
+    reference (rlkit.runtime.cluster.TrainerGroup), and each rank takes its rows here.
+
+    >>> b = SFTBatch(TokenBatch(torch.arange(6).view(3, 2), torch.ones(3, 2), torch.ones(3, 1)), normalizer=3.0)
+    >>> part = rank_part(b, torch.tensor([2, 0]), normalizer=2.0)
+    >>> part.tokens.input_ids.tolist(), part.normalizer, rank_part(b) is b
+    ([[4, 5], [0, 1]], 2.0, True)
+    """
+    out = batch if rows is None else batch.select(rows)
+    return out if normalizer is None else replace(out, normalizer=normalizer)
 
 
 def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> TokenBatch:

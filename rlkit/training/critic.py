@@ -8,7 +8,7 @@ from rlkit.recipe import TrainerConfig
 from rlkit.training.packing import layout_rows
 from rlkit.training.rank import (RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch,
                         pretrained_kwargs, resolve_dtype, to_device)
-from rlkit.training.batches import TokenBatch, ValueBatch
+from rlkit.training.batches import TokenBatch, ValueBatch, rank_part
 
 
 class ValueModel(torch.nn.Module):
@@ -44,8 +44,9 @@ class CriticTrainer(RankWorker):
         super().__init__(cfg, model, list(body.layers), lr, warmup_steps, rank, world_size, total_steps)
 
     @torch.no_grad()
-    def values(self, batch: TokenBatch) -> torch.Tensor:
-        """(b, L-1) values of this rank's rows, zero off the response."""
+    def values(self, batch: TokenBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, L-1) values of this rank's `rows` of the batch (None: all), zero off the response."""
+        batch = rank_part(batch, rows)
         self.model.eval()
         out = torch.zeros(batch.response_mask.shape)  # float32, as the head's values, on the CPU
         for rows in self.micro_batches(batch):

@@ -19,6 +19,7 @@ from typing import Generic, Optional, TypeVar
 
 import torch
 
+from rlkit.training.batches import rank_part
 from rlkit.training.attention import model_attn_implementation
 from rlkit.recipe import TrainerConfig
 from rlkit.training.losses import Stats
@@ -222,9 +223,11 @@ class RankWorker:
         """What `loss` reads of the model on one micro-batch (each subclass: log-probs, values)."""
         raise NotImplementedError
 
-    def step(self, loss, batch) -> Update:
-        """One optimizer update of `loss` (rlkit.training.losses: a loss object) over this rank's rows of the step batch,
-        micro-batch by micro-batch. Its stats are this rank's share of the step's (TrainerGroup sums the ranks')."""
+    def step(self, loss, batch, rows: torch.Tensor | None = None, normalizer: float | None = None) -> Update:
+        """One optimizer update of `loss` (rlkit.training.losses: a loss object) over this rank's `rows` of the step
+        batch (None: all; `normalizer`: a minibatch's loss divisor, rlkit.training.batches.rank_part), micro-batch by
+        micro-batch. Its stats are this rank's share of the step's (TrainerGroup sums the ranks')."""
+        batch = rank_part(batch, rows, normalizer)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         stats = None

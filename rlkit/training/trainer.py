@@ -19,7 +19,7 @@ import torch
 from rlkit.kernels import fused_logprobs
 from rlkit.recipe import TrainerConfig
 from rlkit.training.lora import apply_lora, merge_lora_state_dict, peft_adapter_tensors
-from rlkit.training.batches import TokenBatch
+from rlkit.training.batches import TokenBatch, rank_part
 from rlkit.training.losses import Forward
 from rlkit.training.packing import layout_rows
 from rlkit.training.rank import (RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch,
@@ -108,8 +108,9 @@ class ShardedTrainer(RankWorker):
         super().__init__(cfg, model, blocks, lr, warmup_steps, rank, world_size, total_steps)
 
     # -- log-probs -------------------------------------------------------------------------------------
-    def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
-        """(b, L-1) log-probs of this rank's rows without gradients."""
+    def logprobs(self, batch: TokenBatch, temperature: float = 1.0, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, L-1) log-probs of this rank's `rows` of the batch (None: all) without gradients."""
+        batch = rank_part(batch, rows)
         self.model.eval()
         plan = self.micro_batches(batch)
         return batched_logprobs(self.model, to_device(batch, self.device), plan, temperature,

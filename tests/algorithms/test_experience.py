@@ -17,6 +17,8 @@ from rlkit.data.tasks import Problem
 from rlkit.algorithms.experience import Experience, ExperienceSource, RewardFailure, check_error_rate
 from rlkit.training.losses import PolicyStats
 from rlkit.training.rank import Update
+from rlkit.training.batches import rank_part
+from rlkit.runtime.cluster import TrainerGroup
 from rlkit.rollout.vllm_engine import Completion
 
 
@@ -109,12 +111,15 @@ def test_an_error_in_the_sampler_thread_reaches_the_loop():
 
 
 class FakeTrainer:
-    """The trainer's step: records each optimizer step's rows and normaliser; approx_kl grows per step."""
+    """A trainer rank's step: records each optimizer step's rows and normaliser, and the step batch it was sent;
+    approx_kl grows per step."""
 
     def __init__(self):
-        self.steps = []
+        self.steps, self.sent = [], []
 
-    def step(self, loss, batch):
+    def step(self, loss, batch, rows=None, normalizer=None):
+        self.sent.append(batch)
+        batch = rank_part(batch, rows, normalizer)
         self.steps.append((batch.advantages.tolist(), batch.normalizer))
         tokens = float(batch.mask.sum())
         return Update(PolicyStats(1.0, tokens, 0.0, 0.0, 0.01 * len(self.steps) * tokens, 0.0), 1.0, 0.1)
@@ -128,10 +133,12 @@ def policy_batch(rows=8):
 
 
 def update(batch, **algo):
-    trainer = FakeTrainer()
+    trainer = FakeTrainer()  # the one rank of an in-process group
     ctx = SimpleNamespace(cfg=RecipeConfig(algo=AlgoConfig(**algo), rollout=RolloutConfig()),
-                          workers=SimpleNamespace(trainer=trainer), seed=lambda: 0)
-    return onpolicy.update_policy(ctx, batch, step=3), trainer.steps
+                          workers=SimpleNamespace(trainer=TrainerGroup([trainer])), seed=lambda: 0)
+    metrics = onpolicy.update_policy(ctx, batch, step=3)
+    assert all(sent is batch for sent in trainer.sent)  # the step batch itself, its rows picked by the rank
+    return metrics, trainer.steps
 
 
 def test_one_minibatch_passes_the_whole_batch_in_order():

@@ -84,6 +84,21 @@ def test_yaml_then_overrides_in_order(tmp_path):
         (["cluster.address=auto"], "cluster.address: only a Ray run joins a cluster"),
         (["cluster.backend=ray", "cluster.runtime_env={env_var: {A: 1}}"], "cluster.runtime_env: unknown key 'env_var'"),
         (["cluster.placement_timeout_s=0"], "cluster.placement_timeout_s: must be > 0"),
+        # engines that span GPUs; vLLM's own engine arguments
+        (["rollout.tensor_parallel_size=2"],
+         "cluster.gpus_per_engine: 0 GPUs for an engine of rollout.tensor_parallel_size=2, which runs one worker per "
+         "GPU; set cluster.gpus_per_engine=2"),
+        (["cluster.gpus_per_engine=4", "rollout.tensor_parallel_size=2"], "set cluster.gpus_per_engine=2"),
+        (["cluster.gpus_per_engine=2"], "an engine of rollout.tensor_parallel_size=1"),
+        (["rollout.tensor_parallel_size=0"], "rollout.tensor_parallel_size: must be > 0, got 0"),
+        (["rollout.max_num_seqs=0"], "rollout.max_num_seqs: must be > 0, got 0"),
+        (["rollout.gpu_kv_cache_gib=-1"], "rollout.gpu_kv_cache_gib: must be >= 0, got -1"),
+        (["rollout.engine_kwargs={dtype: half}"],
+         "rollout.engine_kwargs.dtype: rlkit sets this engine argument itself; set rollout.dtype instead and remove it"),
+        (["rollout.engine_kwargs={tensor_parallel_size: 2}"], "set rollout.tensor_parallel_size instead"),
+        (["rollout.engine_kwargs={enable_prefix_cachng: false}"],
+         "rollout.engine_kwargs.enable_prefix_cachng: not an engine argument of the installed vLLM (EngineArgs); did "
+         "you mean 'enable_prefix_caching'? Fix or remove it"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, expected):
@@ -173,3 +188,11 @@ def test_a_stage_schedules_its_learning_rate_over_its_optimizer_steps():
     cfg = load_recipe(None, ["algo.ppo_epochs=2", "algo.ppo_minibatches=2",
                              "stages=[{kind: sft, steps: 5}, {kind: grpo, steps: 5, batch_size: 4}]"])
     assert [stage_updates(cfg, i) for i in range(2)] == [5, 20]  # GRPO: 2 epochs x 2 minibatches per step
+
+
+def test_an_engine_over_two_gpus_with_vllms_own_arguments_loads():
+    cfg = load_recipe(None, ["rollout.tensor_parallel_size=2", "cluster.gpus_per_engine=2", "rollout.max_num_seqs=64",
+                             "rollout.gpu_kv_cache_gib=8", "rollout.engine_kwargs={enable_prefix_caching: false}"])
+    assert cfg.rollout.engine_kwargs == {"enable_prefix_caching": False}
+    assert (cfg.rollout.tensor_parallel_size, cfg.cluster.gpus_per_engine, cfg.rollout.max_num_seqs) == (2, 2, 64)
+    load_recipe(None, ["cluster.gpus_per_engine=0.5"])  # engines sharing a GPU, as before

@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -22,7 +23,9 @@ from rlkit.training.trainer import sequence_logprobs
 from rlkit.training.batches import pack_sequences
 from rlkit.rollout.vllm_console import shm_segments
 from rlkit.rollout import EngineConfig
-from rlkit.rollout.vllm_engine import VllmRollout, WeightSyncError
+from rlkit.recipe.engine_args import OWNED, engine_arg_names
+from rlkit.rollout.generations import Generations
+from rlkit.rollout.vllm_engine import VllmRollout, WeightSyncError, engine_kwargs
 from tests.chat_model import GSM8K
 
 PROMPTS = ["12+34=", "7*8=", "99+1=", "5="]
@@ -65,10 +68,11 @@ def setup(request, tmp_path_factory):
     else:
         path, model, tok, ids, max_len = chat_model(request.getfixturevalue("chat_model_path"))
     # LoRA-enabled (rank <= 8): without an adapter it serves the plain weights, which the first tests check.
-    # float32: exact parity with the float32 model (auto would be bf16 on a CPU with native bf16)
-    engine = VllmRollout(EngineConfig(max_new_tokens=8, sync_timeout_s=30, dtype="float32"), str(path),
-                         max_model_len=max_len,
-                         lora_rank=8)
+    # float32: exact parity with the float32 model (auto would be bf16 on a CPU with native bf16). max_num_seqs and
+    # an engine argument of vLLM's own (max_logprobs: 0 is the sampled token's alone) are passed through
+    cfg = EngineConfig(max_new_tokens=8, sync_timeout_s=30, dtype="float32", max_num_seqs=300,
+                       engine_kwargs={"max_logprobs": 1})
+    engine = VllmRollout(cfg, str(path), max_model_len=max_len, lora_rank=8)
     yield Served(model, tok, engine, ids)
     engine.close()
     assert engine._shm, "vLLM made no shared memory: the check below proves nothing"
@@ -100,7 +104,7 @@ def check_parity(model, s: Served):
 
 
 def greedy(s: Served):
-    return [g[0].token_ids for g in s.engine.generate(s.prompt_ids, n=1, temperature=0.0)]
+    return [tuple(g[0].token_ids.tolist()) for g in s.engine.generate(s.prompt_ids, n=1, temperature=0.0)]
 
 
 def test_engine_matches_trainer_before_and_after_sync(setup):
@@ -123,7 +127,29 @@ def test_a_seeded_batch_longer_than_a_prefill_step_samples(setup):
     request's generator and dies ("CPU Generator does not use offset"); prompts are prefilled whole instead."""
     prompts = [(p * 40)[: 50] for p in setup.prompt_ids] * 40  # 120 prompts x 50 tokens = 6000
     groups = setup.engine.generate(prompts, n=2, temperature=1.0, max_new_tokens=4, seed=3)
-    assert len(groups) == len(prompts) and all(len(g) == 2 and g[0].token_ids for g in groups)
+    assert len(groups) == len(prompts) and all(len(g) == 2 and len(g[0].token_ids) for g in groups)
+
+
+def test_generate_returns_flat_arrays_and_takes_the_engine_settings(setup):
+    """The engine's answer is two flat arrays and offsets (what a Ray actor pickles to the driver), read as
+    [prompt][sample] Completions whose arrays are views into them; the recipe's engine settings reached vLLM."""
+    import pickle
+
+    out = setup.engine.generate(setup.prompt_ids, n=2, temperature=1.0, seed=0)
+    assert isinstance(out, Generations) and len(out) == len(setup.prompt_ids) and out.n == 2
+    assert (out.token_ids.dtype, out.logprobs.dtype, out.finished.dtype) == (np.int32, np.float32, np.bool_)
+    assert out.offsets[0] == 0 and out.offsets[-1] == len(out.token_ids) == len(out.logprobs)
+    for i, group in enumerate(out):
+        for j, c in enumerate(group):
+            k = 2 * i + j
+            assert c.token_ids.base is out.token_ids and c.logprobs.base is out.logprobs  # views, no copies
+            assert c.token_ids.tolist() == out.token_ids[out.offsets[k]:out.offsets[k + 1]].tolist()
+            assert c.text == out.texts[k] and len(c.token_ids) and c.finished == out.finished[k]
+            assert np.all(c.logprobs <= 0)
+    back = pickle.loads(pickle.dumps(out))
+    assert [[c.token_ids.tolist() for c in g] for g in back] == [[c.token_ids.tolist() for c in g] for g in out]
+    config = setup.engine.llm.llm_engine.vllm_config
+    assert (config.scheduler_config.max_num_seqs, config.model_config.max_logprobs) == (300, 1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or BOUND_OUTSIDE, reason="CPU binding left to the user or the GPU")
@@ -183,3 +209,29 @@ def test_sync_past_its_deadline_raises_instead_of_hanging(setup):
     finally:
         engine.cfg = saved
         engine._pool.submit(lambda: None).result()  # let the abandoned reload finish before the next test
+
+
+def test_vllms_engine_arguments_read_from_its_source_are_its_engine_args():
+    """The recipe's load-time check reads EngineArgs' fields from vLLM's source (rlkit.recipe.engine_args, torch-free);
+    they are the dataclass's fields."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    assert engine_arg_names() == {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+def test_the_engine_arguments_rlkit_sets_are_the_ones_a_recipe_may_not():
+    """Every argument the engine sets itself, on any device and in any setting, is one the recipe's check refuses in
+    rollout.engine_kwargs (and names where to set it); a key that slips past it fails the engine, not silently."""
+    set_here = set()
+    for on_gpu in (False, True):
+        for tp, lora, kv in ((1, 0, 0.0), (2, 8, 4.0)):
+            cfg = EngineConfig(dtype="float32", tensor_parallel_size=tp, gpu_kv_cache_gib=kv,
+                               engine_kwargs={"max_logprobs": 1})
+            kwargs = engine_kwargs(cfg, "m", 64, 0, lora, on_gpu)
+            assert kwargs["max_logprobs"] == 1 and kwargs["tensor_parallel_size"] == tp
+            set_here |= set(kwargs) - {"max_logprobs"}
+    assert set_here == set(OWNED) and set(OWNED) <= engine_arg_names()
+    with pytest.raises(ValueError, match=r"^rollout.engine_kwargs.seed: rlkit sets this engine argument itself"):
+        engine_kwargs(EngineConfig(engine_kwargs={"seed": 3}), "m", 64, 0, 0, False)

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from rlkit.runtime.cluster import Cluster, TrainerGroup, engine_config
+from rlkit.runtime.cluster import Cluster, SharedBatches, TrainerGroup, engine_config
 from rlkit.recipe import (ClusterConfig, ModelConfig, RecipeConfig, RecipeError, RewardConfig, RewardSpec,
                           RolloutConfig, TrainerConfig)
 from rlkit.training.losses import PolicyLoss, SFTLoss, token_normalizer
@@ -81,6 +81,31 @@ def test_two_ranks_equal_one_rank(groups):
     assert_same_weights(one, two)
 
 
+def test_a_step_batch_goes_to_the_ranks_once_and_minibatches_equal_one_rank(clusters, groups):
+    """On Ray a step's batch is put in the object store once, and the old log-probs and every minibatch step send
+    its ref with each rank's rows; a minibatch step (its rows, its own normaliser) on 2 ranks equals 1 rank's."""
+    _, cluster = clusters
+    one, two = groups
+    puts = []
+    shared = SharedBatches(lambda batch: puts.append(batch) or ray.put(batch))  # counts Ray's real puts
+    two = TrainerGroup(two.workers, ray.get, shared)
+    batch = random_batch(n=8, seed=5)
+    old = two.logprobs(batch)
+    assert torch.allclose(one.logprobs(batch), old, atol=1e-10)
+    policy = PolicyBatch(batch, batch.response_mask, old, old, old, torch.linspace(-1, 1, 8, dtype=old.dtype),
+                         float(token_normalizer(batch.response_mask, "token-mean")))
+    loss = PolicyLoss(kl_coef=0.1)
+    for rows in (torch.tensor([6, 1, 3, 4]), torch.tensor([0, 2, 5, 7])):
+        normalizer = float(token_normalizer(policy.mask[rows], "token-mean"))
+        m1, m2 = one.step(loss, policy, rows, normalizer).metrics(), two.step(loss, policy, rows, normalizer).metrics()
+        for key in m1:
+            assert m1[key] == pytest.approx(m2[key], rel=1e-8, abs=1e-12), key
+    assert_same_weights(one, two)
+    assert [type(b) for b in puts] == [TokenBatch, PolicyBatch] and puts[1] is policy  # each once
+    assert shared(policy) is shared(policy) and shared("not a batch") == "not a batch"
+    assert cluster.share(policy) is cluster.share(policy)  # the cluster's own, which its groups and reference use
+
+
 def test_tied_embeddings_on_two_ranks_equal_one_rank_and_save_tied(clusters, chat_model_path, tmp_path):
     """FSDP2 shards the tied embedding once (it is one Parameter of the root unit): its gradient sums both uses on
     every rank, and the gathered weights and the checkpoint keep embed_tokens and lm_head one tensor."""
@@ -137,7 +162,9 @@ def test_engine_config_is_the_recipes_rollout_section():
     """Engines take their own config (rollout/ imports nothing of rlkit); its defaults agree with the recipe's."""
     assert engine_config(RolloutConfig()) == EngineConfig()
     rollout = RolloutConfig(temperature=0.7, top_p=0.9, max_new_tokens=5, dtype="bfloat16", kv_cache_gib=2.0,
-                            gpu_memory_utilization=0.3, enforce_eager=False, sync_dir="/tmp/x", sync_timeout_s=9.0)
+                            gpu_memory_utilization=0.3, enforce_eager=False, sync_dir="/tmp/x", sync_timeout_s=9.0,
+                            gpu_kv_cache_gib=4.0, tensor_parallel_size=2, max_num_seqs=64,
+                            engine_kwargs={"enable_prefix_caching": False})
     carried = {f.name: getattr(rollout, f.name) for f in dataclasses.fields(EngineConfig)}
     assert all(value != getattr(EngineConfig(), name) for name, value in carried.items())  # each one set above
     assert engine_config(rollout) == EngineConfig(**carried)
@@ -154,8 +181,8 @@ def test_ranks_share_rows_by_tokens_and_results_come_back_in_order():
     """In process, no Ray: a DPO batch's pairs go whole to balanced ranks, and per-row results return in order."""
 
     class Echo:  # a rank whose log-prob table is its rows' first tokens
-        def logprobs(self, batch, temperature):
-            return batch.input_ids[:, :1].double()  # (b, 1)
+        def logprobs(self, batch, temperature, rows):
+            return batch.input_ids[rows, :1].double()  # (b, 1)
 
     # row i starts with token i; pairs of 12, 10, 2 and 4 tokens: contiguous shares carry 22 and 6 tokens.
     # Pairs longest first: 12 -> A; 10 -> B; 4 -> B (14); 2 -> A (14).
@@ -165,7 +192,7 @@ def test_ranks_share_rows_by_tokens_and_results_come_back_in_order():
     pairs = PairBatch(tokens, torch.zeros(8), num_pairs=4)
     group = TrainerGroup([Echo(), Echo()])
     assert [s.tolist() for s in group._split(pairs)] == [[0, 1, 4, 5], [2, 3, 6, 7]]
-    shares = group._each(pairs, lambda w, rows: rows, group._split(pairs))
+    shares = group._each(pairs, lambda w, whole, rows: whole.select(rows), group._split(pairs))
     assert [part.tokens.input_ids[:, 0].tolist() for part in shares] == [[0, 1, 4, 5], [2, 3, 6, 7]]
     # rows alone: 6 -> A; 6 -> B; 5 -> A (11); 5 -> B (11); 2 -> A (13); 2 -> B (13); 1 -> A; 1 -> B (14 each)
     assert [s.tolist() for s in group._split(tokens)] == [[0, 2, 4, 6], [1, 3, 5, 7]]
