@@ -252,8 +252,9 @@ def train_stage(live: LiveRun, index: int, resume: ResumePoint | None) -> None:
     seconds = time.perf_counter() - t0
     print(f"stage {index} ({stage.kind}): held-out accuracy {accuracy_text(data.evals, state.before, after)} "
           f"({seconds:.0f}s)", flush=True)
+    stopped = {} if ctx.loop.stopped_at is None else {"stopped_at_step": ctx.loop.stopped_at + 1}  # gold drop
     state.summary["stages"].append({"name": Path(model_path).name, "kind": stage.kind,
-                                    "before": state.before, "after": after, "seconds": seconds})
+                                    "before": state.before, "after": after, "seconds": seconds} | stopped)
     state.stage, state.step, state.model_path, state.before = index + 1, 0, model_path, after
     state.global_step, state.seconds = logger.global_step, time.perf_counter() - live.started
     live.checkpointer.save(state)  # between stages: the next one starts from model_path

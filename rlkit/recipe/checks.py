@@ -133,7 +133,8 @@ def check_trainer(cfg: RecipeConfig) -> None:
 
 
 def check_logging(cfg: RecipeConfig) -> None:
-    _one_of("logging.best_metric", cfg.logging.best_metric, ("accuracy", "mean_reward"))
+    gold = ("gold/accuracy", "gold/mean_reward") if cfg.reward.gold else ()  # the gold rewards' (reward.gold)
+    _one_of("logging.best_metric", cfg.logging.best_metric, ("accuracy", "mean_reward") + gold)
     if cfg.logging.eval_every < 0 or cfg.logging.log_every < 1:
         raise RecipeError("logging.eval_every must be >= 0 and logging.log_every >= 1")
     _one_of("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
@@ -176,6 +177,26 @@ def check_rewards(cfg: RecipeConfig) -> None:
             raise RecipeError(f"reward.rewards[{i}]: give a built-in name (e.g. math) or an import_path 'pkg.mod:Class'")
     if cfg.reward.timeout_s <= 0 or cfg.reward.num_workers < 1:
         raise RecipeError("reward.timeout_s must be > 0 and reward.num_workers >= 1")
+    check_gold(cfg)
+
+
+def check_gold(cfg: RecipeConfig) -> None:
+    """The gold rewards (monitored, never trained on) and the early stop that watches them."""
+    reward = cfg.reward
+    for i, spec in enumerate(reward.gold):
+        if not spec.name and not spec.import_path:
+            raise RecipeError(f"reward.gold[{i}]: give a built-in name (e.g. math) or an import_path 'pkg.mod:Class'")
+    if reward.gold_window < 2:
+        raise RecipeError(f"reward.gold_window: the gap's trend is a slope over at least 2 steps, got "
+                          f"{reward.gold_window}")
+    if reward.stop_on_gold_drop < 0:
+        raise RecipeError(f"reward.stop_on_gold_drop: must be >= 0 (0: never stop), got {reward.stop_on_gold_drop}")
+    if reward.stop_on_gold_drop and not reward.gold:
+        raise RecipeError("reward.stop_on_gold_drop: watches the gold reward, but reward.gold is empty; name one "
+                          "(e.g. reward.gold=[{name: math}]) or set reward.stop_on_gold_drop=0")
+    if reward.stop_on_gold_drop and not cfg.logging.eval_every:
+        raise RecipeError("reward.stop_on_gold_drop: counts held-out evaluations inside a stage, but "
+                          "logging.eval_every is 0; set logging.eval_every (e.g. 10)")
 
 
 def check_env(cfg: RecipeConfig) -> None:

@@ -135,6 +135,14 @@ class RewardConfig:
     # a step (or evaluation) whose share of verifier errors passes this stops the run: a broken reward never trains
     # on silently excluded or error_score'd samples
     max_error_rate: float = 0.5
+    # gold rewards (same entries as `rewards`): scored on every rollout and evaluation beside the trained rewards
+    # (the proxy), never trained on. GRPO/PPO log proxy and gold side by side, their correlation over the batch and
+    # the trend of their gap (rlkit.algorithms.gold); evaluations log eval/gold/accuracy and eval/gold/mean_reward
+    gold: List[RewardSpec] = field(default_factory=list)
+    gold_window: int = 10  # steps over which the gap's trend (least-squares slope of proxy - gold) is taken
+    # N > 0: a stage stops (its checkpoint kept) once the held-out gold reward fell at N consecutive evaluations
+    # (logging.eval_every) while the held-out proxy reward rose at each; 0: never
+    stop_on_gold_drop: int = 0
 
 
 @dataclass(frozen=True)
@@ -331,7 +339,7 @@ class EvalSetConfig:
 EVAL_SET_NAME = r"[A-Za-z][A-Za-z0-9_.-]*"
 
 
-RESERVED_EVAL_NAMES = ("task", "verdict", "completions")  # eval/<these>/... are the recipe's own metrics
+RESERVED_EVAL_NAMES = ("task", "verdict", "completions", "gold")  # eval/<these>/... are the recipe's own metrics
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,12 @@ from rlkit.rewards.scorer import Scorer, ScorerConfig
 def scorer_config(reward: RewardConfig) -> ScorerConfig:
     """The recipe's `reward` section as the scorer's own config (max_error_rate is the run's check, not the
     scorer's)."""
-    specs = tuple(registry.RewardSpec(name=s.name, import_path=s.import_path, weight=s.weight, kwargs=dict(s.kwargs))
-                  for s in reward.rewards)
-    return ScorerConfig(rewards=specs, num_workers=reward.num_workers, timeout_s=reward.timeout_s,
-                        on_error=reward.on_error, error_score=reward.error_score)
+    def specs(entries) -> tuple:
+        return tuple(registry.RewardSpec(name=s.name, import_path=s.import_path, weight=s.weight,
+                                         kwargs=dict(s.kwargs)) for s in entries)
+
+    return ScorerConfig(rewards=specs(reward.rewards), num_workers=reward.num_workers, timeout_s=reward.timeout_s,
+                        on_error=reward.on_error, error_score=reward.error_score, gold=specs(reward.gold))
 
 
 def build_scorer(reward: RewardConfig, make_engine=None) -> Scorer:

@@ -173,3 +173,27 @@ def test_a_stage_schedules_its_learning_rate_over_its_optimizer_steps():
     cfg = load_recipe(None, ["algo.ppo_epochs=2", "algo.ppo_minibatches=2",
                              "stages=[{kind: sft, steps: 5}, {kind: grpo, steps: 5, batch_size: 4}]"])
     assert [stage_updates(cfg, i) for i in range(2)] == [5, 20]  # GRPO: 2 epochs x 2 minibatches per step
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["reward.gold=[{weight: 1.0}]"], "reward.gold[0]: give a built-in name"),
+        (["reward.gold_window=1"], "reward.gold_window: the gap's trend is a slope over at least 2 steps"),
+        (["reward.stop_on_gold_drop=2", "logging.eval_every=5"], "reward.stop_on_gold_drop: watches the gold reward"),
+        (["reward.stop_on_gold_drop=2", "reward.gold=[{name: math}]"], "logging.eval_every is 0"),
+        (["reward.stop_on_gold_drop=-1"], "reward.stop_on_gold_drop: must be >= 0"),
+        (["logging.best_metric=gold/accuracy"], "logging.best_metric"),  # no gold rewards to take it from
+    ],
+)
+def test_gold_monitor_settings_are_checked_at_load(overrides, expected):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, overrides)
+    assert expected in str(err.value)
+
+
+def test_gold_rewards_load_beside_the_trained_ones():
+    cfg = load_recipe(None, ["reward.rewards=[{name: format, kwargs: {require_think: false}}]",
+                             "reward.gold=[{name: math}]", "reward.stop_on_gold_drop=3", "logging.eval_every=10",
+                             "logging.best_metric=gold/accuracy"])
+    assert [s.name for s in cfg.reward.gold] == ["math"] and cfg.reward.stop_on_gold_drop == 3
