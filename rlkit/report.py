@@ -138,12 +138,14 @@ def summarize(run_dir: Path) -> str:
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        lines += ["| stage | kind | accuracy before | accuracy after | seconds |", "|---|---|---|---|---|"]
+        gold = any("gold/accuracy" in s["after"] for s in summary["stages"])  # reward.gold: the verifier's view
+        head = "| stage | kind | accuracy before | accuracy after |" + (" gold accuracy after |" if gold else "")
+        lines += [head + " seconds |", "|---" * (5 + gold) + "|"]
         for s in summary["stages"]:
-            lines.append(
-                f"| {s['name']} | {s['kind']} | {s['before']['accuracy']:.3f} | {s['after']['accuracy']:.3f} "
-                f"| {s['seconds']:.0f} |"
-            )
+            cells = [s["name"], s["kind"], f"{s['before']['accuracy']:.3f}", f"{s['after']['accuracy']:.3f}"]
+            cells += [f"{s['after'].get('gold/accuracy', float('nan')):.3f}"] if gold else []
+            stopped = f" (stopped at step {s['stopped_at_step']})" if "stopped_at_step" in s else ""
+            lines.append("| " + " | ".join(cells + [f"{s['seconds']:.0f}{stopped}"]) + " |")
         lines += ["", f"Total: {summary.get('seconds', float('nan')):.0f} s."]
     else:
         lines.append("The run has not finished (no summary.json); plots show the steps logged so far.")

@@ -229,7 +229,9 @@ class StageContext:
     def __post_init__(self, state, checkpointer, resume) -> None:
         self.log = StageLog(self.logger, self.cfg.logging, self.prefix, self.stage.steps)
         self.loop = StepLoop(self, state or RunState(), checkpointer, resume)
-        self.gold = GoldMonitor(self.cfg.reward.gold_window, self.cfg.reward.stop_on_gold_drop, self.loop.state.before)
+        # the early stop watches only a stage that climbs the rewards (GRPO, PPO); any stage's evaluations log gold
+        stop = self.cfg.reward.stop_on_gold_drop if STAGE_KINDS[self.stage.kind].optimises_reward else 0
+        self.gold = GoldMonitor(self.cfg.reward.gold_window, stop, self.loop.state.before)
 
     @property
     def lr(self) -> float:

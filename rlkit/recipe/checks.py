@@ -13,7 +13,7 @@ from rlkit.recipe.config import (DATA_FORMATS, EVAL_SET_NAME, MAX_ENGINE_LORA_RA
                                  RUNTIME_ENV_KEYS, DataConfig, RecipeConfig, looks_local)
 from rlkit.recipe.errors import RecipeError
 from rlkit.recipe.names import check_switch
-from rlkit.recipe.stage_kinds import check_stage, one_of as _one_of
+from rlkit.recipe.stage_kinds import STAGE_KINDS, check_stage, one_of as _one_of
 
 
 # The range of every numeric field a user sets (the data section's are in check_data, a stage's in validate).
@@ -194,6 +194,9 @@ def check_gold(cfg: RecipeConfig) -> None:
     if reward.stop_on_gold_drop and not reward.gold:
         raise RecipeError("reward.stop_on_gold_drop: watches the gold reward, but reward.gold is empty; name one "
                           "(e.g. reward.gold=[{name: math}]) or set reward.stop_on_gold_drop=0")
+    if reward.stop_on_gold_drop and not any(STAGE_KINDS[s.kind].optimises_reward for s in cfg.stages):
+        raise RecipeError("reward.stop_on_gold_drop: watches stages that climb the rewards step by step (grpo, ppo) "
+                          "and this recipe has none; remove it")
     if reward.stop_on_gold_drop and not cfg.logging.eval_every:
         raise RecipeError("reward.stop_on_gold_drop: counts held-out evaluations inside a stage, but "
                           "logging.eval_every is 0; set logging.eval_every (e.g. 10)")

@@ -140,8 +140,8 @@ class RewardConfig:
     # the trend of their gap (rlkit.algorithms.gold); evaluations log eval/gold/accuracy and eval/gold/mean_reward
     gold: List[RewardSpec] = field(default_factory=list)
     gold_window: int = 10  # steps over which the gap's trend (least-squares slope of proxy - gold) is taken
-    # N > 0: a stage stops (its checkpoint kept) once the held-out gold reward fell at N consecutive evaluations
-    # (logging.eval_every) while the held-out proxy reward rose at each; 0: never
+    # N > 0: a GRPO or PPO stage stops (its checkpoint kept) once the held-out gold reward fell at N consecutive
+    # evaluations (logging.eval_every) while the held-out proxy reward rose at each; 0: never
     stop_on_gold_drop: int = 0
 
 

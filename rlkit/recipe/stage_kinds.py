@@ -54,6 +54,8 @@ class StageKind:
     trains_model: bool = True  # False: no trainer group is made (average: a checkpoint from earlier ones)
     syncs_every_step: bool = False  # the engines take the weights after every step (else once, at the stage's end)
     uses_advantage_estimator: bool = False  # algo.advantage_estimator is resolved before the run starts
+    # it climbs the rewards step by step (GRPO, PPO): what reward.stop_on_gold_drop watches for over-optimisation
+    optimises_reward: bool = False
     updates_per_step: Callable[[RecipeConfig], int] = _one  # optimizer steps of one stage step
     check: Optional[Callable[[RecipeConfig, int], None]] = None  # the kind's own checks of stages.<i>
 
@@ -144,9 +146,9 @@ STAGE_KINDS = {
                      data=lambda stage: "pairs" if stage.pairs == "dataset" else "problems"),
     "grpo": StageKind("rlkit.algorithms.grpo:train", rows=lambda cfg, stage: stage.batch_size * cfg.algo.group_size,
                       syncs_every_step=True, uses_advantage_estimator=True, updates_per_step=_minibatch_steps,
-                      check=_check_grpo),
+                      optimises_reward=True, check=_check_grpo),
     "ppo": StageKind("rlkit.algorithms.ppo:train", syncs_every_step=True, updates_per_step=_minibatch_steps,
-                     check=_check_minibatches),
+                     optimises_reward=True, check=_check_minibatches),
     "rft": StageKind("rlkit.algorithms.rft:train", fields=("samples", "keep"), check=_check_sampling),
     "distill": StageKind("rlkit.algorithms.rft:train", fields=("samples", "keep", "teacher"), check=_check_distill),
     "average": StageKind("rlkit.algorithms.average:run", data=lambda stage: "", trains_model=False,

@@ -46,3 +46,8 @@ def test_a_gold_monitored_stage_gets_its_proxy_vs_gold_against_kl_plot(tmp_path,
     assert main([str(tmp_path)]) == 0
     assert (tmp_path / "report" / "gold_grpo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "report" / "gold.png").is_file()
+    stage = {"name": "01_grpo", "kind": "grpo", "before": {"accuracy": 0.3}, "seconds": 12.4, "stopped_at_step": 4,
+             "after": {"accuracy": 0.2, "gold/accuracy": 0.25}}
+    (tmp_path / "summary.json").write_text(json.dumps({"stages": [stage], "seconds": 20}))
+    assert main([str(tmp_path)]) == 0
+    assert "| 01_grpo | grpo | 0.300 | 0.200 | 0.250 | 12 (stopped at step 4) |" in capsys.readouterr().out

@@ -180,8 +180,12 @@ def test_a_stage_schedules_its_learning_rate_over_its_optimizer_steps():
     [
         (["reward.gold=[{weight: 1.0}]"], "reward.gold[0]: give a built-in name"),
         (["reward.gold_window=1"], "reward.gold_window: the gap's trend is a slope over at least 2 steps"),
-        (["reward.stop_on_gold_drop=2", "logging.eval_every=5"], "reward.stop_on_gold_drop: watches the gold reward"),
-        (["reward.stop_on_gold_drop=2", "reward.gold=[{name: math}]"], "logging.eval_every is 0"),
+        (["reward.stop_on_gold_drop=2", "logging.eval_every=5", "stages=[{kind: grpo}]"],
+         "reward.stop_on_gold_drop: watches the gold reward"),
+        (["reward.stop_on_gold_drop=2", "reward.gold=[{name: math}]", "logging.eval_every=5"],
+         "stages that climb the rewards step by step (grpo, ppo) and this recipe has none"),
+        (["reward.stop_on_gold_drop=2", "reward.gold=[{name: math}]", "stages=[{kind: grpo}]"],
+         "logging.eval_every is 0"),
         (["reward.stop_on_gold_drop=-1"], "reward.stop_on_gold_drop: must be >= 0"),
         (["logging.best_metric=gold/accuracy"], "logging.best_metric"),  # no gold rewards to take it from
     ],
@@ -195,5 +199,6 @@ def test_gold_monitor_settings_are_checked_at_load(overrides, expected):
 def test_gold_rewards_load_beside_the_trained_ones():
     cfg = load_recipe(None, ["reward.rewards=[{name: format, kwargs: {require_think: false}}]",
                              "reward.gold=[{name: math}]", "reward.stop_on_gold_drop=3", "logging.eval_every=10",
+                             "stages=[{kind: sft}, {kind: grpo}]",
                              "logging.best_metric=gold/accuracy"])
     assert [s.name for s in cfg.reward.gold] == ["math"] and cfg.reward.stop_on_gold_drop == 3
