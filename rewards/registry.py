@@ -37,6 +37,7 @@ _BUILTINS: dict[str, str] = {
     "logic": "rlkit.rewards.logic:LogicReward",
     "format": "rlkit.rewards.format:FormatReward",
     "judge": "rlkit.rewards.judge:JudgeReward",  # batched: run by the scorer over whole batches (rlkit.rewards.scorer)
+    "model": "rlkit.rewards.model:ModelReward",  # batched too: a trained reward model (rlkit.rewards.model)
 }
 
 

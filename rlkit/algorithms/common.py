@@ -133,16 +133,19 @@ class StepLoop:
         return self.resume.extra().get(key) if self.resume is not None else None
 
     def steps(self, sampler: BatchSampler | None = None, groups: dict | None = None, extra: dict | None = None,
-              position: Callable[[], int] | None = None) -> Iterator[int]:
+              position: Callable[[], int] | None = None,
+              evaluate: Callable[[int], None] | None = None) -> Iterator[int]:
         """Yields the stage's step indices, from the resume point's on.
 
-        `groups` are trainer groups besides the policy whose state a resume point keeps (PPO's critic);
-        `extra` is stage state that is not derived from the recipe (DPO's pairs), read back with `restored`.
-        `position()` is the sampler position a resume point keeps when batches are drawn ahead of the loop
-        (ExperienceSource.position: that after the last batch trained on); by default the sampler's own.
+        `groups` are trainer groups besides the policy whose state a resume point keeps (PPO's critic; a
+        reward_model stage's, which has no policy group); `extra` is stage state that is not derived from the
+        recipe (DPO's pairs), read back with `restored`. `position()` is the sampler position a resume point keeps
+        when batches are drawn ahead of the loop (ExperienceSource.position: that after the last batch trained on);
+        by default the sampler's own. `evaluate(step)` replaces the policy's mid-stage evaluation (`maybe_evaluate`).
         """
         ctx = self.ctx
-        groups = {"policy": ctx.workers.trainer} | (groups or {})
+        policy = {} if ctx.workers.trainer is None else {"policy": ctx.workers.trainer}
+        groups = policy | (groups or {})
         start = 0
         if self.resume is not None:
             start = self.resume.state.step
@@ -151,12 +154,13 @@ class StepLoop:
             if sampler is not None:
                 sampler.position = self.resume.extra()["sampler_position"]
             self.resume.restore_rng()
-            ctx.workers.sync_policy()  # the engines restarted from the stage's start
+            if policy:
+                ctx.workers.sync_policy()  # the engines restarted from the stage's start
         ctx.log.progress(f"{ctx.index}:{ctx.prefix}", start)
         every, total = ctx.cfg.checkpoint.every, ctx.stage.steps
         for step in range(start, total):
             yield step
-            self.maybe_evaluate(step)
+            (evaluate or self.maybe_evaluate)(step)
             if self.stopped_at is not None:  # the stage ends here; the runner saves its checkpoint as at its end
                 break
             self.maybe_snapshot(step)

@@ -13,7 +13,7 @@ from rlkit.recipe.config import (DATA_FORMATS, EVAL_SET_NAME, MAX_ENGINE_LORA_RA
                                  RUNTIME_ENV_KEYS, DataConfig, RecipeConfig, looks_local)
 from rlkit.recipe.errors import RecipeError
 from rlkit.recipe.names import check_switch
-from rlkit.recipe.stage_kinds import STAGE_KINDS, check_stage, one_of as _one_of
+from rlkit.recipe.stage_kinds import STAGE_KINDS, check_stage, checkpoint_name, one_of as _one_of, reward_model_stage
 
 
 # The range of every numeric field a user sets (the data section's are in check_data, a stage's in validate).
@@ -175,6 +175,11 @@ def check_rewards(cfg: RecipeConfig) -> None:
     for i, spec in enumerate(cfg.reward.rewards):
         if not spec.name and not spec.import_path:
             raise RecipeError(f"reward.rewards[{i}]: give a built-in name (e.g. math) or an import_path 'pkg.mod:Class'")
+        check_model_reward(cfg, i)
+    if all(s.path and reward_model_stage(cfg.stages, s.path) is not None for s in cfg.reward.rewards):
+        raise RecipeError("reward.rewards: every reward is a reward model a stage trains later, so nothing scores "
+                          "the held-out answers before it; add a verifier first, e.g. {name: math, weight: 0} "
+                          "(the first reward's verdict is held-out accuracy)")
     if cfg.reward.timeout_s <= 0 or cfg.reward.num_workers < 1:
         raise RecipeError("reward.timeout_s must be > 0 and reward.num_workers >= 1")
     check_gold(cfg)
@@ -186,6 +191,12 @@ def check_gold(cfg: RecipeConfig) -> None:
     for i, spec in enumerate(reward.gold):
         if not spec.name and not spec.import_path:
             raise RecipeError(f"reward.gold[{i}]: give a built-in name (e.g. math) or an import_path 'pkg.mod:Class'")
+        if spec.path and (spec.name != "model" or spec.import_path):
+            raise RecipeError(f"reward.gold[{i}].path: only a reward with name: model reads it; remove it")
+        if spec.path and reward_model_stage(cfg.stages, spec.path) is not None:
+            raise RecipeError(f"reward.gold[{i}].path: a gold reward scores the whole run, so it cannot be the model "
+                              f"a reward_model stage of this recipe trains ('{spec.path}'); give a trained model's "
+                              "folder, or a verifier (e.g. {name: math})")
     if reward.gold_window < 2:
         raise RecipeError(f"reward.gold_window: the gap's trend is a slope over at least 2 steps, got "
                           f"{reward.gold_window}")
@@ -200,6 +211,31 @@ def check_gold(cfg: RecipeConfig) -> None:
     if reward.stop_on_gold_drop and not cfg.logging.eval_every:
         raise RecipeError("reward.stop_on_gold_drop: counts held-out evaluations inside a stage, but "
                           "logging.eval_every is 0; set logging.eval_every (e.g. 10)")
+
+
+def check_model_reward(cfg: RecipeConfig, i: int) -> None:
+    """reward.rewards[i].path: only `name: model` reads it; a reward model folder, or an earlier reward_model stage's
+    output that no stage scoring samples with the rewards runs before."""
+    spec, where = cfg.reward.rewards[i], f"reward.rewards[{i}]"
+    if spec.path and (spec.name != "model" or spec.import_path):
+        raise RecipeError(f"{where}.path: only a reward with name: model reads it; remove it")
+    if spec.name != "model" or spec.import_path:
+        return
+    if not spec.path:
+        raise RecipeError(f"{where}.path: name: model needs the reward model: a folder, or the name of a "
+                          "reward_model stage of this recipe")
+    j = reward_model_stage(cfg.stages, spec.path)
+    if j is None:
+        if not (Path(spec.path).expanduser() / "config.json").is_file():
+            stages = [checkpoint_name(s, k) for k, s in enumerate(cfg.stages) if s.kind == "reward_model"]
+            raise RecipeError(f"{where}.path: '{spec.path}' is neither a reward model folder (with config.json) nor "
+                              f"a reward_model stage of this recipe (those: {stages or 'none'})")
+        return
+    for k, stage in enumerate(cfg.stages[:j]):
+        if stage.kind != "reward_model" and STAGE_KINDS[stage.kind].data(stage) == "problems":
+            raise RecipeError(f"stages.{k}: a {stage.kind} stage scores its samples with reward.rewards, but "
+                              f"{where} is the reward model stages.{j} trains later; move that stage before it, or "
+                              "give the reward a trained model's folder")
 
 
 def check_env(cfg: RecipeConfig) -> None:

@@ -65,9 +65,14 @@ class DataConfig:
     # synthetic: SFT targets are tool-use traces (the calculator called on the question, its answer, then the
     # answer), trained with the tool's output masked out; for recipes with env.name=tools
     tool_traces: bool = False
+    # format stepwise (a process reward model): the text after each step (TRL's PRMConfig.step_separator); the
+    # step's score is read at its separator's last token
+    step_separator: str = "\n"
 
 
-DATA_FORMATS = ("auto", "prompt_only", "prompt_completion", "messages", "preference")
+# "stepwise": TRL's stepwise supervision (prompt, completions: a list of steps, labels: a bool per step), for a
+# reward_model stage that trains a process reward model
+DATA_FORMATS = ("auto", "prompt_only", "prompt_completion", "messages", "preference", "stepwise")
 
 
 @dataclass(frozen=True)
@@ -117,10 +122,13 @@ class EnvConfig:
 
 @dataclass(frozen=True)
 class RewardSpec:
-    name: str = ""  # built-in: math, honesty, code, logic, format; or the logged label of an `import_path` class
+    name: str = ""  # built-in: math, honesty, code, logic, format, judge, model; or the logged label of an `import_path` class
     import_path: str = ""  # "pkg.module:Class" for a user reward class
     weight: float = 1.0
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the reward's constructor
+    # name: model: the trained reward model's folder, or the `name` (or checkpoint folder, e.g. 02_reward_model) of
+    # an earlier reward_model stage of this recipe, whose checkpoint it then scores with once that stage has trained
+    path: str = ""
 
 
 @dataclass(frozen=True)
@@ -237,6 +245,9 @@ class AlgoConfig:
     # divide each log-ratio by its response's length; unset: each loss's convention (ipo: yes, as the IPO authors'
     # code and TRL; sigmoid: no, as the DPO paper). See dpo_length_normalized.
     dpo_length_normalize: Optional[bool] = None
+    # reward_model stages: TRL's center_rewards_coefficient, coef x mean((r_chosen + r_rejected)^2) added to the
+    # Bradley-Terry loss so the rewards stay centred on 0 (Eisenstein et al. 2023); 0 = off
+    rm_center_coef: float = 0.0
     gamma: float = 1.0  # PPO discount
     gae_lambda: float = 0.95  # PPO GAE lambda
     value_clip: float = 0.2
@@ -306,7 +317,9 @@ class StageConfig:
     teacher: str = ""  # distill: the teacher's local Hugging Face checkpoint, served by its own engine
     # dpo
     # "policy": gold vs the starting policy's wrong answer; "online": per round, from the policy; "dataset": the
-    # chosen/rejected pairs of a preference dataset (the stage's data)
+    # chosen/rejected pairs of a preference dataset (the stage's data). reward_model: "dataset" (a preference or,
+    # with data.format stepwise, a stepwise-supervision dataset) or "policy" (`samples` answers per training prompt
+    # from the current policy, a correct one against each wrong one as the recipe's rewards judge them)
     pairs: str = "policy"
     rounds: int = 1  # pairs=online: sample, label, train, repeat; steps are split evenly over the rounds
     # average: the weights of the last `last` snapshots (save_every) of stage `source` (default: the previous one)

@@ -74,7 +74,7 @@ def test_yaml_then_overrides_in_order(tmp_path):
         # a field the stage's kind does not read (rlkit.recipe.stage_kinds) would be silently ignored
         (["stages=[{kind: grpo, teacher: ckpt}]"],
          "stages.0.teacher: grpo stages do not read it (only distill stages do); remove it"),
-        (["stages=[{kind: sft, pairs: online}]"], "stages.0.pairs: sft stages do not read it (only dpo stages do)"),
+        (["stages=[{kind: sft, pairs: online}]"], "stages.0.pairs: sft stages do not read it (only dpo, reward_model stages do)"),
         (["stages=[{kind: ppo, samples: 4}]"], "stages.0.samples: ppo stages do not read it (only dpo, rft, distill"),
         (["stages=[{kind: dpo, batch_size: 3}]", "cluster.backend=ray", "cluster.trainer_ranks=2"],
          "stages.0.batch_size: 3 rows per step do not split evenly over cluster.trainer_ranks=2"),
