@@ -83,7 +83,8 @@ def rolling_mean(values: list[float], window: int) -> list[float]:
 
 def plot_gold(rows: list[dict], out_dir: Path, plt, window: int = 10) -> list[Path]:
     """gold_<stage>.png: proxy (left axis) and gold (right axis) reward against KL from the stage's start, Gao et
-    al. 2022's over-optimisation picture. Points are steps; lines their rolling means over `window` steps."""
+    al. 2022's over-optimisation picture. Points are the logged steps (logging.log_every); lines their rolling means
+    over `window` logged steps."""
     written = []
     for stage, curve in sorted(gold_curves(rows).items()):
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -91,7 +92,7 @@ def plot_gold(rows: list[dict], out_dir: Path, plt, window: int = 10) -> list[Pa
         kl = rolling_mean(curve["kl"], window)
         for axis, name, color in ((ax, "proxy", "tab:blue"), (gold_ax, "gold", "tab:orange")):
             axis.scatter(curve["kl"], curve[name], s=6, alpha=0.3, color=color)
-            axis.plot(kl, rolling_mean(curve[name], window), color=color, label=f"{name} ({window}-step mean)")
+            axis.plot(kl, rolling_mean(curve[name], window), color=color, label=f"{name} (mean of {window} logged steps)")
             axis.set_ylabel(f"{name} reward", color=color)
         ax.set_xlabel(f"KL to the stage's start ({stage}/kl, per token)")
         ax.set_title(f"{stage}: proxy vs gold reward against KL (over-optimisation)")

@@ -202,3 +202,11 @@ def test_gold_rewards_load_beside_the_trained_ones():
                              "stages=[{kind: sft}, {kind: grpo}]",
                              "logging.best_metric=gold/accuracy"])
     assert [s.name for s in cfg.reward.gold] == ["math"] and cfg.reward.stop_on_gold_drop == 3
+
+
+def test_quickstart_rm_recipe_trains_on_the_reward_model_with_the_verifier_as_gold():
+    cfg = load_recipe("recipes/quickstart_rm.yaml")
+    assert [s.kind for s in cfg.stages] == ["sft", "reward_model", "grpo"]
+    trained = [s for s in cfg.reward.rewards if s.weight]
+    assert [(s.name, s.path) for s in trained] == [("model", cfg.stages[1].name)]  # the only reward trained on
+    assert [s.name for s in cfg.reward.gold] == ["math"]
