@@ -6,7 +6,8 @@ the gold reward falls.
 Each GRPO/PPO step logs, over the batch's samples both could score, the proxy's and the gold's mean, the gap
 (proxy - gold, in the rewards' own units: a reward model's scale is its own, so the gap's level means little and its
 trend much), the gap's least-squares slope over the last `reward.gold_window` steps, and the Pearson correlation of
-proxy and gold across the batch (low or falling: the proxy no longer ranks samples as the gold does). At each held-out
+proxy and gold across the batch and, averaged over prompts, within each prompt's group of samples, which is what a
+group-normalised advantage sees (low or falling: the proxy no longer ranks samples as the gold does). At each held-out
 evaluation inside a stage, `reward.stop_on_gold_drop: N` stops the stage once the gold reward fell at N consecutive
 evaluations while the proxy rose at each (the stage's evaluation before its first step counts as the first).
 The trend's window starts over when a run resumes mid-stage.
@@ -75,10 +76,30 @@ def gold_drop_streak(proxy: list[float], gold: list[float]) -> int:
     return streak
 
 
+def group_correlation(proxy: list[float], gold: list[float], keep: list[bool], group_size: int) -> float | None:
+    """The mean over prompt groups (rows i*G .. i*G+G-1) of proxy and gold's Pearson correlation among a group's kept
+    samples: what a group-normalised advantage sees, free of each prompt's own offset. Groups where it is undefined
+    (gold or proxy constant, fewer than 2 kept) are left out; None when no group has one.
+
+    >>> group_correlation([1.0, 2.0, 3.0, 5.0], [0.0, 1.0, 1.0, 0.0], [True] * 4, 2)  # +1 and -1
+    0.0
+    >>> group_correlation([1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 1.0, 1.0], [True] * 4, 2)  # the second group is constant
+    1.0
+    """
+    values = []
+    for start in range(0, len(proxy), group_size):
+        rows = [i for i in range(start, min(start + group_size, len(proxy))) if keep[i]]
+        r = pearson([proxy[i] for i in rows], [gold[i] for i in rows])
+        if r is not None:
+            values.append(r)
+    return sum(values) / len(values) if values else None
+
+
 def step_gold_metrics(proxy: list[float], gold: list[float], gold_verdicts: list[Verdict],
-                      keep: list[bool]) -> dict[str, float]:
+                      keep: list[bool], group_size: int = 1) -> dict[str, float]:
     """One batch's proxy and gold rewards (N,) over the samples `keep` marks (scorable by both): means, gap, the
-    gold's accuracy (its first reward's verdict CORRECT) and their correlation (left out where undefined)."""
+    gold's accuracy (its first reward's verdict CORRECT), their correlation over the batch and, with prompt groups of
+    `group_size` > 1 (GRPO), within groups (each left out where undefined)."""
     p = [v for v, k in zip(proxy, keep) if k]
     g = [v for v, k in zip(gold, keep) if k]
     if not p:
@@ -87,7 +108,9 @@ def step_gold_metrics(proxy: list[float], gold: list[float], gold_verdicts: list
            "gold/accuracy": sum(v == Verdict.CORRECT for v, k in zip(gold_verdicts, keep) if k) / len(p)}
     out["gold/gap"] = out["gold/proxy_mean"] - out["gold/mean"]
     r = pearson(p, g)
-    return out if r is None else out | {"gold/correlation": r}
+    out |= {} if r is None else {"gold/correlation": r}
+    within = group_correlation(proxy, gold, keep, group_size) if group_size > 1 else None
+    return out if within is None else out | {"gold/group_correlation": within}
 
 
 class GoldMonitor:
@@ -102,13 +125,14 @@ class GoldMonitor:
         if start and "gold/mean_reward" in start:  # the evaluation before the stage's first step
             self.observe(start)
 
-    def step(self, scored, scorable: list[bool]) -> dict[str, float]:
+    def step(self, scored, scorable: list[bool], group_size: int = 1) -> dict[str, float]:
         """A step's metrics from its ScoreOutput (proxy: the trained rewards' score; gold: reward.gold's);
-        `scorable` (N,) marks the samples the trained rewards could score."""
+        `scorable` (N,) marks the samples the trained rewards could score; `group_size` samples per prompt."""
         if not scored.gold_results:
             return {}
         keep = [a and b for a, b in zip(scorable, scored.gold_valid)]
-        out = step_gold_metrics(scored.scores, scored.gold_scores, [r.verdict for r in scored.gold_results], keep)
+        out = step_gold_metrics(scored.scores, scored.gold_scores, [r.verdict for r in scored.gold_results], keep,
+                                group_size)
         if "gold/gap" in out:
             self.gaps.append(out["gold/gap"])
             trend = slope(list(self.gaps))

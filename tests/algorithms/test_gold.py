@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlkit.algorithms.gold import GoldMonitor, gold_drop_streak, pearson, slope, step_gold_metrics
+from rlkit.algorithms.gold import GoldMonitor, gold_drop_streak, group_correlation, pearson, slope, step_gold_metrics
 from rlkit.rewards.base import RewardResult, Verdict
 from rlkit.rewards.scorer import ScoreOutput
 
@@ -85,3 +85,18 @@ def test_monitor_stops_after_n_gold_drops_with_a_rising_proxy_counting_the_stage
     assert stops == [False, False, True]
     never = GoldMonitor(window=10, stop_after=0, start=start)
     assert not any(never.observe({"mean_reward": p, "gold/mean_reward": g}) for p, g in evaluations)
+
+
+def test_group_correlation_averages_each_prompts_own():
+    # group 0: proxy 1, 2, 3 against gold 0, 0, 1: deviations (-1, 0, 1) and (-1/3, -1/3, 2/3), sxy = 1, sxx = 2,
+    # syy = 2/3: r = 1 / sqrt(4/3) = 0.866025; group 1: proxy 1, 2, 3 against gold 1, 1, 0: sxy = -1/3 - 2/3 = -1,
+    # r = -0.866025 ... but its third sample is dropped: (1, 2) against (1, 1) is a constant gold, left out
+    proxy, gold = [1.0, 2.0, 3.0, 1.0, 2.0, 3.0], [0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    keep = [True, True, True, True, True, False]
+    assert group_correlation(proxy, gold, keep, 3) == pytest.approx(0.8660254)
+    assert group_correlation(proxy, gold, [True] * 6, 3) == pytest.approx(0.0)  # +0.866 and -0.866
+    # across the batch the prompts' offsets can hide it: proxy 10, 11 / 0, 1 against gold 0, 1 / 0, 1
+    across = step_gold_metrics([10.0, 11.0, 0.0, 1.0], [0.0, 1.0, 0.0, 1.0], [W, C, W, C], [True] * 4, 2)
+    assert across["gold/group_correlation"] == pytest.approx(1.0)
+    assert across["gold/correlation"] == pytest.approx(0.0995037)  # sxy 1, sxx 101, syy 1: 1 / sqrt(101)
+    assert "gold/group_correlation" not in step_gold_metrics([1.0, 2.0], [0.0, 1.0], [W, C], [True, True], 1)
