@@ -81,23 +81,26 @@ def rolling_mean(values: list[float], window: int) -> list[float]:
             for i in range(len(values))]
 
 
-def plot_gold(rows: list[dict], out_dir: Path, plt, window: int = 10) -> list[Path]:
+def plot_gold(rows: list[dict], out_dir: Path, plt) -> list[Path]:
     """gold_<stage>.png: proxy (left axis) and gold (right axis) reward against KL from the stage's start, Gao et
     al. 2022's over-optimisation picture. Points are the logged steps (logging.log_every); lines their rolling means
-    over `window` logged steps."""
+    over a tenth of them (each point itself when fewer than 20 were logged)."""
     written = []
     for stage, curve in sorted(gold_curves(rows).items()):
         fig, ax = plt.subplots(figsize=(7, 4))
         gold_ax = ax.twinx()  # a reward model's scale is its own: each reward on its own axis
+        window = max(1, len(curve["kl"]) // 10)
         kl = rolling_mean(curve["kl"], window)
         for axis, name, color in ((ax, "proxy", "tab:blue"), (gold_ax, "gold", "tab:orange")):
             axis.scatter(curve["kl"], curve[name], s=6, alpha=0.3, color=color)
-            axis.plot(kl, rolling_mean(curve[name], window), color=color, label=f"{name} (mean of {window} logged steps)")
+            label = name if window == 1 else f"{name} (mean of {window} logged steps)"
+            axis.plot(kl, rolling_mean(curve[name], window), color=color, marker="o" if window == 1 else None,
+                      markersize=3, label=label)
             axis.set_ylabel(f"{name} reward", color=color)
         ax.set_xlabel(f"KL to the stage's start ({stage}/kl, per token)")
         ax.set_title(f"{stage}: proxy vs gold reward against KL (over-optimisation)")
         ax.grid(alpha=0.3)
-        fig.legend(loc="lower right", fontsize=8)
+        fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.88), fontsize=8)
         fig.tight_layout()
         path = out_dir / f"gold_{stage.replace('/', '_')}.png"
         fig.savefig(path, dpi=100)
