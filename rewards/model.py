@@ -63,8 +63,8 @@ def step_ids(encode: Callable[[str], list[int]], steps: Sequence[str], separator
 def aggregate_steps(probs: Sequence[float], how: str) -> float:
     """One score from a solution's per-step probabilities of being correct.
 
-    >>> aggregate_steps([0.9, 0.5, 0.8], "min"), aggregate_steps([0.9, 0.5, 0.8], "product"), aggregate_steps([0.9, 0.5, 0.8], "last")
-    (0.5, 0.36, 0.8)
+    >>> [aggregate_steps([0.5, 0.25, 1.0], how) for how in AGGREGATES]  # min, product, last
+    [0.25, 0.125, 1.0]
     """
     if not probs:
         raise ValueError("no step to score")
