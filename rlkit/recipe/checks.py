@@ -281,6 +281,9 @@ def check_data(where: str, data: DataConfig) -> None:
                           f"(double other braces: {{{{ }}}}); {type(e).__name__}: {e}") from e
     if "{prompt}" not in data.prompt_template:
         raise RecipeError(f"{where}.prompt_template: {data.prompt_template!r} has no {{prompt}}; the question would be lost")
+    if not data.step_separator:
+        raise RecipeError(f"{where}.step_separator: empty; a process reward model reads each step's score at its "
+                          "separator (TRL's default is a newline)")
     if data.max_prompt_tokens < 0 or data.num_train < 1 or data.num_eval < 1:
         raise RecipeError(f"{where}: max_prompt_tokens must be >= 0, num_train and num_eval >= 1")
     if not 0.0 <= data.abstain_rate < 1.0:
