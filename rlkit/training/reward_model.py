@@ -17,6 +17,7 @@ update (rlkit.training.losses). The head reads the scored positions alone, of ro
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -31,6 +32,8 @@ from rlkit.training.losses import Stats
 from rlkit.training.packing import layout_rows
 from rlkit.training.rank import (RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing,
                                  prepare_torch, pretrained_kwargs, resolve_dtype, to_device)
+
+log = logging.getLogger(__name__)
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0,
@@ -145,11 +148,20 @@ class RewardModelTrainer(RankWorker):
                  process: bool = False, rank: int = 0, world_size: int = 1):
         from rlkit.training.modeling import load_tokenizer
 
+        from transformers.utils import logging as hf_logging
+
         prepare_torch(cfg)
         cfg = resolve_dtype(cfg)
         pad_id = load_tokenizer(model_path).pad_token_id
-        lm = classification_class(process).from_pretrained(model_path, num_labels=2 if process else 1,
-                                                           pad_token_id=pad_id, **pretrained_kwargs(cfg))
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its report of the new head and the unused LM head is expected
+        try:
+            lm = classification_class(process).from_pretrained(model_path, num_labels=2 if process else 1,
+                                                               pad_token_id=pad_id, **pretrained_kwargs(cfg))
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        log.info("reward model: a new %s head on %s's transformer", "two-label step" if process else "scalar",
+                 model_path)
         if cfg.lora_rank:
             lm = apply_lora(lm, cfg)
             lm.score.weight.requires_grad_(True)  # the new head always trains (PEFT's modules_to_save)

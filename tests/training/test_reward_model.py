@@ -126,8 +126,10 @@ def test_a_tiny_process_reward_model_scores_each_step(model_path, tmp_path):
     folder = tmp_path / "prm"
     group.save(str(folder), model_path, "", {"reward_model": RENDERING | {"kind": "process"}})
     assert AutoModelForTokenClassification.from_pretrained(folder).config.num_labels == 2
-    good, bad = Sample("1=", "1 ok\n2 ok\n"), Sample("1=", "1 ok\n2 no\n3 ok")
-    by = {how: ModelReward(str(folder), aggregate=how).score_batch([good, bad]) for how in ("min", "product", "last")}
+    good, bad, empty = Sample("1=", "1 ok\n2 ok\n"), Sample("1=", "1 ok\n2 no\n3 ok"), Sample("1=", "")
+    by = {how: ModelReward(str(folder), aggregate=how).score_batch([good, bad, empty])
+          for how in ("min", "product", "last")}
+    assert (by["min"][2].score, by["min"][2].verdict) == (0.0, Verdict.WRONG)  # no step: the model's fault, not an error
     steps = by["min"][1].info["steps"]
     assert len(steps) == 3 and steps[0] > 0.5 > steps[1] and steps[2] > 0.5
     assert by["min"][1].score == pytest.approx(min(steps)) and by["last"][1].score == pytest.approx(steps[2])
