@@ -79,6 +79,9 @@ def validate(cfg: RecipeConfig) -> None:
             f"model.hidden_size: {cfg.model.hidden_size} is not divisible by model.num_heads={cfg.model.num_heads}"
         )
     check_data("data", cfg.data)
+    if cfg.data.format == "stepwise":
+        raise RecipeError("data.format: 'stepwise' is a reward_model stage's own data (stages.N.data.format); the "
+                          "recipe's data section holds the held-out problems")
     for i, stage in enumerate(cfg.stages):
         if stage.data:
             check_data(f"stages.{i}.data", cfg.stage_data(i))

@@ -91,6 +91,7 @@ def test_yaml_then_overrides_in_order(tmp_path):
         (["stages=[{kind: reward_model, save_every: 5}]"], "stages.0.save_every: snapshots are policy checkpoints"),
         (["stages=[{kind: reward_model, teacher: x}]"], "stages.0.teacher: reward_model stages do not read it"),
         (["algo.rm_center_coef=-1", "stages=[{kind: reward_model}]"], "algo.rm_center_coef: must be >= 0"),
+        (["data.format=stepwise"], "data.format: 'stepwise' is a reward_model stage's own data"),
         (["data.step_separator=''"], "data.step_separator: empty; a process reward model reads each step's score"),
         (["reward.rewards=[{name: math, path: rm}]"], "reward.rewards[0].path: only a reward with name: model reads it"),
         (["reward.rewards=[{name: math}, {name: model}]"], "reward.rewards[1].path: name: model needs the reward model"),
