@@ -129,7 +129,8 @@ class ScoreModel(torch.nn.Module):
         layout = layout_rows(batch.input_ids, batch.attention_mask, batch.response_mask, self.packing)
         hidden = layout.hidden(getattr(self.lm, self.lm.base_model_prefix), self.autocast)  # (N, H)
         head = self.lm.score
-        logits = head(hidden.to(head.weight.dtype)).float()  # (N, labels)
+        logits = head(hidden.to(head.weight.dtype))  # (N, labels)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up to float32; float64 stays
         values = logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]  # (N,)
         return layout.scatter(values)  # (B, L-1)
 
@@ -181,10 +182,12 @@ class RewardModelTrainer(RankWorker):
     def scores(self, batch: TokenBatch) -> torch.Tensor:
         """(b, L-1) scores of this rank's rows at their marked positions, zero elsewhere."""
         self.model.eval()
-        out = torch.zeros(batch.response_mask.shape)
+        out = None
         for rows in self.micro_batches(batch):
-            out[rows] = self.model(to_device(batch.select(rows), self.device)).cpu()
-        return out
+            part = self.model(to_device(batch.select(rows), self.device)).cpu()  # (b, L-1)
+            out = part.new_zeros(batch.response_mask.shape) if out is None else out
+            out[rows] = part
+        return batch.response_mask.new_zeros(batch.response_mask.shape) if out is None else out
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The unsharded weights on CPU under the classification model's names, LoRA merged (every rank calls it)."""
