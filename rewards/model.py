@@ -13,7 +13,7 @@ trained by a `reward_model` stage (rlkit.algorithms.reward_model), or any Huggin
 Per batch, `normalize` turns the raw scores into z-scores over the batch and `clip` bounds them to [-clip, clip]; the
 raw score is kept as the `raw` component. The verdict is CORRECT when the raw score is above `threshold` (default 0
 for an outcome model, 0.5 for a process model's aggregate). A sample longer than the model's context is an ERROR,
-never a silent 0.
+never a silent 0; an empty completion has no step a process model could call correct and scores 0 (wrong).
 
 The reward is batched (`score_batch`): the scorer runs it on whole batches in its own process (its own Ray actor on
 cluster.backend ray, which then takes cluster.gpus_per_engine GPUs), on the GPU when there is one. This module
@@ -63,8 +63,8 @@ def step_ids(encode: Callable[[str], list[int]], steps: Sequence[str], separator
 def aggregate_steps(probs: Sequence[float], how: str) -> float:
     """One score from a solution's per-step probabilities of being correct.
 
-    >>> aggregate_steps([0.9, 0.5, 0.8], "min"), aggregate_steps([0.9, 0.5, 0.8], "product"), aggregate_steps([0.9, 0.5, 0.8], "last")
-    (0.5, 0.36, 0.8)
+    >>> [aggregate_steps([0.5, 0.25, 1.0], how) for how in AGGREGATES]  # min, product, last
+    [0.25, 0.125, 1.0]
     """
     if not probs:
         raise ValueError("no step to score")
@@ -211,8 +211,8 @@ class ModelReward:
         for i, (ids, ends) in enumerate(rows):
             if len(ids) > self.context:
                 errors[i] = f"{len(ids)} tokens exceed the reward model's context ({self.context})"
-            elif self.kind == PROCESS and not ends:
-                errors[i] = "the completion has no step to score (empty text)"
+            elif self.kind == PROCESS and not ends:  # an empty answer is the model's fault: no step is correct
+                raw[i] = 0.0
             else:
                 todo.append(i)
         for start in range(0, len(todo), self.batch_size):

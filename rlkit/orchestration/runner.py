@@ -262,8 +262,9 @@ def train_stage(live: LiveRun, index: int, resume: ResumePoint | None) -> None:
             live.cluster.release(live.scorer)
             live.scorer = live.cluster.scorer(live_rewards(cfg, live.run_dir, index + 1))
     seconds = time.perf_counter() - t0
-    print(f"stage {index} ({stage.kind}): held-out accuracy {accuracy_text(data.evals, state.before, after)} "
-          f"({seconds:.0f}s)", flush=True)
+    change = accuracy_text(data.evals, state.before, after) if STAGE_KINDS[stage.kind].yields_policy else \
+        f"{accuracy_text(data.evals, after)}, the policy unchanged"
+    print(f"stage {index} ({stage.kind}): held-out accuracy {change} ({seconds:.0f}s)", flush=True)
     stopped = {} if ctx.loop.stopped_at is None else {"stopped_at_step": ctx.loop.stopped_at + 1}  # gold drop
     state.summary["stages"].append(record | {"before": state.before, "after": after, "seconds": seconds} | stopped)
     state.stage, state.step, state.before = index + 1, 0, after

@@ -79,6 +79,9 @@ def validate(cfg: RecipeConfig) -> None:
             f"model.hidden_size: {cfg.model.hidden_size} is not divisible by model.num_heads={cfg.model.num_heads}"
         )
     check_data("data", cfg.data)
+    if cfg.data.format == "stepwise":
+        raise RecipeError("data.format: 'stepwise' is a reward_model stage's own data (stages.N.data.format); the "
+                          "recipe's data section holds the held-out problems")
     for i, stage in enumerate(cfg.stages):
         if stage.data:
             check_data(f"stages.{i}.data", cfg.stage_data(i))
@@ -311,6 +314,9 @@ def check_data(where: str, data: DataConfig) -> None:
                           f"(double other braces: {{{{ }}}}); {type(e).__name__}: {e}") from e
     if "{prompt}" not in data.prompt_template:
         raise RecipeError(f"{where}.prompt_template: {data.prompt_template!r} has no {{prompt}}; the question would be lost")
+    if not data.step_separator:
+        raise RecipeError(f"{where}.step_separator: empty; a process reward model reads each step's score at its "
+                          "separator (TRL's default is a newline)")
     if data.max_prompt_tokens < 0 or data.num_train < 1 or data.num_eval < 1:
         raise RecipeError(f"{where}: max_prompt_tokens must be >= 0, num_train and num_eval >= 1")
     if not 0.0 <= data.abstain_rate < 1.0:

@@ -181,16 +181,15 @@ STAGE_KINDS = {
     "distill": StageKind("rlkit.algorithms.rft:train", fields=("samples", "keep", "teacher"), check=_check_distill),
     "average": StageKind("rlkit.algorithms.average:run", data=lambda stage: "", trains_model=False,
                          fields=("source", "last", "method", "ema_decay"), check=_check_average),
-    # rows: sequences per step (a pair's two, or a stepwise example's one)
     "reward_model": StageKind("rlkit.algorithms.reward_model:train", data=_reward_model_data, trains_model=False,
                               yields_policy=False, fields=("pairs", "samples"), check=_check_reward_model),
 }
 
 
-def reward_model_stage(stages: list[StageConfig], path: str, before: int | None = None) -> int | None:
-    """The index of the reward_model stage whose output `path` names (its `name` or checkpoint folder), among the
-    stages before `before` (all by default); None when it names none (a folder)."""
-    for j, s in enumerate(stages[:before]):
+def reward_model_stage(stages: list[StageConfig], path: str) -> int | None:
+    """The index of the reward_model stage whose output `path` names (its `name` or checkpoint folder); None when it
+    names none (a folder)."""
+    for j, s in enumerate(stages):
         if s.kind == "reward_model" and path in (s.name, checkpoint_name(s, j)):
             return j
     return None

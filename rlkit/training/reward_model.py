@@ -17,6 +17,7 @@ update (rlkit.training.losses). The head reads the scored positions alone, of ro
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -31,6 +32,8 @@ from rlkit.training.losses import Stats
 from rlkit.training.packing import layout_rows
 from rlkit.training.rank import (RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing,
                                  prepare_torch, pretrained_kwargs, resolve_dtype, to_device)
+
+log = logging.getLogger(__name__)
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0,
@@ -126,7 +129,8 @@ class ScoreModel(torch.nn.Module):
         layout = layout_rows(batch.input_ids, batch.attention_mask, batch.response_mask, self.packing)
         hidden = layout.hidden(getattr(self.lm, self.lm.base_model_prefix), self.autocast)  # (N, H)
         head = self.lm.score
-        logits = head(hidden.to(head.weight.dtype)).float()  # (N, labels)
+        logits = head(hidden.to(head.weight.dtype))  # (N, labels)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up to float32; float64 stays
         values = logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]  # (N,)
         return layout.scatter(values)  # (B, L-1)
 
@@ -145,11 +149,20 @@ class RewardModelTrainer(RankWorker):
                  process: bool = False, rank: int = 0, world_size: int = 1):
         from rlkit.training.modeling import load_tokenizer
 
+        from transformers.utils import logging as hf_logging
+
         prepare_torch(cfg)
         cfg = resolve_dtype(cfg)
         pad_id = load_tokenizer(model_path).pad_token_id
-        lm = classification_class(process).from_pretrained(model_path, num_labels=2 if process else 1,
-                                                           pad_token_id=pad_id, **pretrained_kwargs(cfg))
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its report of the new head and the unused LM head is expected
+        try:
+            lm = classification_class(process).from_pretrained(model_path, num_labels=2 if process else 1,
+                                                               pad_token_id=pad_id, **pretrained_kwargs(cfg))
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        log.info("reward model: a new %s head on %s's transformer", "two-label step" if process else "scalar",
+                 model_path)
         if cfg.lora_rank:
             lm = apply_lora(lm, cfg)
             lm.score.weight.requires_grad_(True)  # the new head always trains (PEFT's modules_to_save)
@@ -169,10 +182,12 @@ class RewardModelTrainer(RankWorker):
     def scores(self, batch: TokenBatch) -> torch.Tensor:
         """(b, L-1) scores of this rank's rows at their marked positions, zero elsewhere."""
         self.model.eval()
-        out = torch.zeros(batch.response_mask.shape)
+        out = None
         for rows in self.micro_batches(batch):
-            out[rows] = self.model(to_device(batch.select(rows), self.device)).cpu()
-        return out
+            part = self.model(to_device(batch.select(rows), self.device)).cpu()  # (b, L-1)
+            out = part.new_zeros(batch.response_mask.shape) if out is None else out
+            out[rows] = part
+        return batch.response_mask.new_zeros(batch.response_mask.shape) if out is None else out
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The unsharded weights on CPU under the classification model's names, LoRA merged (every rank calls it)."""

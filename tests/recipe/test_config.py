@@ -84,6 +84,25 @@ def test_yaml_then_overrides_in_order(tmp_path):
         (["cluster.address=auto"], "cluster.address: only a Ray run joins a cluster"),
         (["cluster.backend=ray", "cluster.runtime_env={env_var: {A: 1}}"], "cluster.runtime_env: unknown key 'env_var'"),
         (["cluster.placement_timeout_s=0"], "cluster.placement_timeout_s: must be > 0"),
+        # reward models: the stage and the reward (rlkit.recipe.checks.check_model_reward)
+        (["stages=[{kind: reward_model, pairs: online}]"], "stages.0.pairs: 'online' is not one of dataset, policy"),
+        (["stages=[{kind: reward_model, data: {format: stepwise}}]"],
+         "stages.0.pairs: a process reward model (data.format stepwise) trains on a stepwise dataset"),
+        (["stages=[{kind: reward_model, save_every: 5}]"], "stages.0.save_every: snapshots are policy checkpoints"),
+        (["stages=[{kind: reward_model, teacher: x}]"], "stages.0.teacher: reward_model stages do not read it"),
+        (["algo.rm_center_coef=-1", "stages=[{kind: reward_model}]"], "algo.rm_center_coef: must be >= 0"),
+        (["data.format=stepwise"], "data.format: 'stepwise' is a reward_model stage's own data"),
+        (["data.step_separator=''"], "data.step_separator: empty; a process reward model reads each step's score"),
+        (["reward.rewards=[{name: math, path: rm}]"], "reward.rewards[0].path: only a reward with name: model reads it"),
+        (["reward.rewards=[{name: math}, {name: model}]"], "reward.rewards[1].path: name: model needs the reward model"),
+        (["reward.rewards=[{name: math}, {name: model, path: rn}]", "stages=[{kind: reward_model, name: rm}]"],
+         "reward.rewards[1].path: 'rn' is neither a reward model folder (with config.json) nor a reward_model stage "
+         "of this recipe (those: ['rm'])"),
+        (["reward.rewards=[{name: math}, {name: model, path: rm}]", "stages=[{kind: grpo}, {kind: reward_model, name: rm}]"],
+         "stages.0: a grpo stage scores its samples with reward.rewards, but reward.rewards[1] is the reward model "
+         "stages.1 trains later"),
+        (["reward.rewards=[{name: model, path: 01_reward_model}]", "stages=[{kind: reward_model}, {kind: grpo}]"],
+         "reward.rewards: every reward is a reward model a stage trains later"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, expected):
