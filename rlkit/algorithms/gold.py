@@ -10,7 +10,8 @@ proxy and gold across the batch and, averaged over prompts, within each prompt's
 group-normalised advantage sees (low or falling: the proxy no longer ranks samples as the gold does). At each held-out
 evaluation inside a stage, `reward.stop_on_gold_drop: N` stops the stage once the gold reward fell at N consecutive
 evaluations while the proxy rose at each (the stage's evaluation before its first step counts as the first).
-The trend's window starts over when a run resumes mid-stage.
+A run resumed mid-stage starts both over: the trend's window empty, the evaluations counted from the stage's first
+one (the mid-stage evaluations before the resume point are not kept with it).
 """
 
 from __future__ import annotations
