@@ -37,6 +37,7 @@ _BUILTINS: dict[str, str] = {
     "logic": "rlkit.rewards.logic:LogicReward",
     "format": "rlkit.rewards.format:FormatReward",
     "judge": "rlkit.rewards.judge:JudgeReward",  # batched: run by the scorer over whole batches (rlkit.rewards.scorer)
+    "model": "rlkit.rewards.model:ModelReward",  # batched too: a trained reward model (rlkit.rewards.model)
 }
 
 
@@ -80,9 +81,10 @@ def builtin_reward(name: str, kwargs: dict[str, Any], field: str, kwargs_field: 
     return instantiate(load_class(_BUILTINS[name], field), kwargs, field, kwargs_field)
 
 
-def build_reward(spec: RewardSpec, index: int) -> Reward:
-    """The reward a recipe entry names, failing with the entry's field path on any problem."""
-    field = f"reward.rewards[{index}]"
+def build_reward(spec: RewardSpec, index: int, section: str = "rewards") -> Reward:
+    """The reward a recipe entry names (`reward.<section>[index]`: the trained `rewards` or the monitored `gold`),
+    failing with the entry's field path on any problem."""
+    field = f"reward.{section}[{index}]"
     kwargs = dict(spec.kwargs)
     if spec.import_path:
         return instantiate(load_class(spec.import_path, f"{field}.import_path"), kwargs, f"{field}.import_path",

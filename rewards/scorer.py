@@ -18,6 +18,13 @@ this process by default, a Ray actor from rlkit.runtime.cluster on a Ray cluster
 under the per-sample deadline; its faults come back as ERROR results all the same, and an exception escaping
 it makes every sample of the batch an ERROR.
 
+Gold rewards (`ScorerConfig.gold`, the recipe's `reward.gold`) run beside the trained ones on the same samples and
+workers but never enter a sample's score, verdict or validity: each sample gets a `gold_results` entry (their
+weighted sum, the first gold reward's verdict), so a stage can watch a proxy reward (e.g. a trained reward model)
+against a verifier it does not train on (rlkit.algorithms.gold). A gold reward's ERROR leaves the trained sample
+alone; it is counted (`stats["gold/errors"]`), left out of the gold statistics, and stops the run under
+on_error "fail" as any verifier error does.
+
 The scorer takes its own `ScorerConfig` (rlkit builds one from the recipe's `reward` section); a reward that
 cannot be built, or a deadline its rewards cannot meet, fails construction with RewardConfigError.
 """
@@ -44,6 +51,7 @@ class ScorerConfig:
     timeout_s: float = 5.0  # hard deadline per sample; the worker is killed and replaced past it
     on_error: str = "fail"  # what a verifier error does: "exclude" the sample, "score" it error_score, "fail"
     error_score: float = 0.0
+    gold: Sequence[RewardSpec] = ()  # scored on every sample beside `rewards`, never part of its score
 
 
 class RewardError(RuntimeError):
@@ -56,6 +64,17 @@ class ScoreOutput:
     results: list[RewardResult]  # (N,) combined: the first reward's verdict, every reward's score by name
     valid: list[bool]  # (N,) False where on_error="exclude" dropped the sample
     stats: dict[str, float] = field(default_factory=dict)
+    # (N,) the gold rewards combined: weighted sum, the first gold reward's verdict (ERROR if any gold reward
+    # erred), each gold reward's score by name; empty without gold rewards
+    gold_results: list[RewardResult] = field(default_factory=list)
+
+    @property
+    def gold_scores(self) -> list[float]:
+        return [r.score for r in self.gold_results]  # (N,)
+
+    @property
+    def gold_valid(self) -> list[bool]:
+        return [r.verdict != Verdict.ERROR for r in self.gold_results]  # (N,) False: a gold reward erred
 
 
 def _check_budget(rewards: list, timeout_s: float) -> None:
@@ -92,13 +111,16 @@ class Scorer:
 
     def __init__(self, cfg: ScorerConfig, make_engine: Callable | None = None):
         self.cfg = cfg
-        self.specs = list(cfg.rewards)
+        self.trained = len(cfg.rewards)  # specs[:trained] make the score, specs[trained:] are the gold ones
+        self.specs = list(cfg.rewards) + list(cfg.gold)
         # Fail fast, in this process, on a bad name, import path or kwargs, or a deadline too short to be met.
-        self._rewards = [build_reward(spec, i) for i, spec in enumerate(self.specs)]  # for their summaries
+        self._rewards = [build_reward(spec, i) for i, spec in enumerate(cfg.rewards)]  # for their summaries
+        self._rewards += [build_reward(spec, i, "gold") for i, spec in enumerate(cfg.gold)]
         self._batched = [k for k, r in enumerate(self._rewards) if is_batched(r)]
         self._pooled = [k for k in range(len(self.specs)) if k not in self._batched]
         _check_budget(self._rewards, cfg.timeout_s)
-        self.labels = [reward_label(s) for s in self.specs]
+        self.labels = [reward_label(s) for s in self.specs[:self.trained]]
+        self.gold_labels = [reward_label(s) for s in self.specs[self.trained:]]
         self._engines: dict[int, object] = {}
         self._pool = None
         if self._pooled:
@@ -143,7 +165,10 @@ class Scorer:
             return [error] * len(samples)
 
     def _combine(self, samples: list[Sample], per_sample: list[Outcome]) -> ScoreOutput:
+        per_gold = [outs[self.trained:] for outs in per_sample]
+        per_sample = [outs[:self.trained] for outs in per_sample]
         scores, results, valid = [], [], []
+        gold = [self._combine_gold(samples, i, outs) for i, outs in enumerate(per_gold)] if self.gold_labels else []
         for index, outs in enumerate(per_sample):
             components = {label: r.score for label, r in zip(self.labels, outs)}
             total = sum(spec.weight * r.score for spec, r in zip(self.specs, outs))
@@ -165,7 +190,35 @@ class Scorer:
             valid.append(ok)
             info = {label: r.info for label, r in zip(self.labels, outs)}
             results.append(RewardResult(float(total), verdict, components, info))
-        return ScoreOutput(scores, results, valid, self._stats(per_sample, results, valid))
+        stats = self._stats(per_sample, results, valid) | self._gold_stats(per_gold, gold)
+        return ScoreOutput(scores, results, valid, stats, gold)
+
+    def _combine_gold(self, samples: list[Sample], index: int, outs: list[RewardResult]) -> RewardResult:
+        """A sample's gold rewards as one result; an error in any of them makes it an ERROR (left out of the gold
+        statistics, never of the trained sample), or stops the run under on_error "fail"."""
+        specs = self.specs[self.trained:]
+        components = {label: r.score for label, r in zip(self.gold_labels, outs)}
+        info = {label: r.info for label, r in zip(self.gold_labels, outs)}
+        fault = next(((label, r) for label, r in zip(self.gold_labels, outs) if r.verdict == Verdict.ERROR), None)
+        if fault is None:
+            total = sum(spec.weight * r.score for spec, r in zip(specs, outs))
+            return RewardResult(float(total), outs[0].verdict, components, info)
+        label, bad = fault
+        if self.cfg.on_error == "fail":
+            raise RewardError(f"gold reward '{label}' gave {bad.verdict.value} on sample {index} "
+                              f"(prompt {samples[index].prompt[:80]!r}): {bad.info.get('error')}; "
+                              "set reward.on_error to 'exclude' or 'score' to continue past such samples")
+        return RewardResult(0.0, Verdict.ERROR, components, info)
+
+    def _gold_stats(self, per_gold: list[Outcome], gold: list[RewardResult]) -> dict[str, float]:
+        """Each gold reward's mean over the samples where it did not err, and the gold errors."""
+        if not gold:
+            return {}
+        stats = {"gold/errors": float(sum(r.verdict == Verdict.ERROR for r in gold))}
+        for k, label in enumerate(self.gold_labels):
+            values = [outs[k].score for outs in per_gold if outs[k].verdict != Verdict.ERROR]
+            stats[f"gold/{label}/mean"] = statistics.fmean(values) if values else 0.0
+        return stats
 
     def _stats(self, per_sample: list[Outcome], results: list[RewardResult], valid: list[bool]) -> dict[str, float]:
         """Per-component mean/std over the samples where that reward did not err, each reward's own summary

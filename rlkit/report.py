@@ -1,7 +1,8 @@
 """`python -m rlkit.report RUN_DIR`: PNG plots of a run's metrics and a short Markdown summary.
 
 Reads RUN_DIR/metrics.jsonl (and summary.json when the run finished); writes RUN_DIR/report/*.png and
-RUN_DIR/report/summary.md. Works on a run that is still going or was cut off.
+RUN_DIR/report/summary.md. Works on a run that is still going or was cut off. A stage with gold rewards
+(`reward.gold`) also gets report/gold_<stage>.png: its proxy and gold reward against KL from the stage's start.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ PANELS = [
     ("reward.png", "reward (mean per step)", ["reward/mean"]),
     ("accuracy.png", "held-out accuracy", ["eval/accuracy"]),
     ("kl.png", "KL to reference and engine/trainer mismatch", ["kl", "rollout_kl"]),
+    ("gold.png", "proxy and gold reward per step (reward.gold)", ["gold/proxy_mean", "gold/mean"]),
     ("length.png", "response length", ["response_length/mean", "response_length/max"]),
     ("loss.png", "training loss", ["loss"]),
 ]
@@ -52,6 +54,61 @@ def series(rows: list[dict], suffix: str) -> dict[str, tuple[list[int], list[flo
     return out
 
 
+def gold_curves(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Per stage with a gold monitor (reward.gold): the steps where it logged proxy and gold means beside the KL to
+    the stage's start (its reference model, `<stage>/kl`), as {stage: {"kl", "proxy", "gold"}} in step order."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        for key in row:
+            if not key.endswith("/gold/proxy_mean"):
+                continue
+            stage = key[: -len("/gold/proxy_mean")]
+            values = [row.get(f"{stage}/{k}") for k in ("kl", "gold/proxy_mean", "gold/mean")]
+            if all(isinstance(v, (int, float)) for v in values):
+                curve = out.setdefault(stage, {"kl": [], "proxy": [], "gold": []})
+                for name, value in zip(("kl", "proxy", "gold"), values):
+                    curve[name].append(float(value))
+    return out
+
+
+def rolling_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and up to window - 1 before it.
+
+    >>> rolling_mean([1.0, 3.0, 5.0, 7.0], 2)
+    [1.0, 2.0, 4.0, 6.0]
+    """
+    return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+            for i in range(len(values))]
+
+
+def plot_gold(rows: list[dict], out_dir: Path, plt) -> list[Path]:
+    """gold_<stage>.png: proxy (left axis) and gold (right axis) reward against KL from the stage's start, Gao et
+    al. 2022's over-optimisation picture. Points are the logged steps (logging.log_every); lines their rolling means
+    over a tenth of them (each point itself when fewer than 20 were logged)."""
+    written = []
+    for stage, curve in sorted(gold_curves(rows).items()):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        gold_ax = ax.twinx()  # a reward model's scale is its own: each reward on its own axis
+        window = max(1, len(curve["kl"]) // 10)
+        kl = rolling_mean(curve["kl"], window)
+        for axis, name, color in ((ax, "proxy", "tab:blue"), (gold_ax, "gold", "tab:orange")):
+            axis.scatter(curve["kl"], curve[name], s=6, alpha=0.3, color=color)
+            label = name if window == 1 else f"{name} (mean of {window} logged steps)"
+            axis.plot(kl, rolling_mean(curve[name], window), color=color, marker="o" if window == 1 else None,
+                      markersize=3, label=label)
+            axis.set_ylabel(f"{name} reward", color=color)
+        ax.set_xlabel(f"KL to the stage's start ({stage}/kl, per token)")
+        ax.set_title(f"{stage}: proxy vs gold reward against KL (over-optimisation)")
+        ax.grid(alpha=0.3)
+        fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.88), fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"gold_{stage.replace('/', '_')}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def plot(run_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -77,7 +134,7 @@ def plot(run_dir: Path) -> list[Path]:
         fig.savefig(out_dir / filename, dpi=100)
         plt.close(fig)
         written.append(out_dir / filename)
-    return written
+    return written + plot_gold(rows, out_dir, plt)
 
 
 def summarize(run_dir: Path) -> str:
@@ -85,12 +142,14 @@ def summarize(run_dir: Path) -> str:
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        lines += ["| stage | kind | accuracy before | accuracy after | seconds |", "|---|---|---|---|---|"]
+        gold = any("gold/accuracy" in s["after"] for s in summary["stages"])  # reward.gold: the verifier's view
+        head = "| stage | kind | accuracy before | accuracy after |" + (" gold accuracy after |" if gold else "")
+        lines += [head + " seconds |", "|---" * (5 + gold) + "|"]
         for s in summary["stages"]:
-            lines.append(
-                f"| {s['name']} | {s['kind']} | {s['before']['accuracy']:.3f} | {s['after']['accuracy']:.3f} "
-                f"| {s['seconds']:.0f} |"
-            )
+            cells = [s["name"], s["kind"], f"{s['before']['accuracy']:.3f}", f"{s['after']['accuracy']:.3f}"]
+            cells += [f"{s['after'].get('gold/accuracy', float('nan')):.3f}"] if gold else []
+            stopped = f" (stopped at step {s['stopped_at_step']})" if "stopped_at_step" in s else ""
+            lines.append("| " + " | ".join(cells + [f"{s['seconds']:.0f}{stopped}"]) + " |")
         lines += ["", f"Total: {summary.get('seconds', float('nan')):.0f} s."]
     else:
         lines.append("The run has not finished (no summary.json); plots show the steps logged so far.")

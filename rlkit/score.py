@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from rlkit.recipe import RecipeError, load_recipe
-from rlkit.runtime.scoring import build_scorer
+from rlkit.runtime.scoring import build_scorer, live_rewards
 
 
 class InputError(ValueError):
@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_recipe(args.recipe, args.overrides)
         samples = read_samples(args.input)
-        with build_scorer(cfg.reward) as scorer:  # only once the inputs are known to be good
+        # a model reward that names a reward_model stage scores with that stage's checkpoint in the recipe's run folder
+        reward = live_rewards(cfg, cfg.logging.output_dir, len(cfg.stages))
+        with build_scorer(reward) as scorer:  # only once the inputs are known to be good
             out = scorer.score(samples)
             labels = scorer.labels
     except (RecipeError, InputError) as e:

@@ -22,6 +22,7 @@ from rlkit.recipe import LoggingConfig, RecipeConfig, StageConfig, TrainerConfig
 from rlkit.data.tasks import BatchSampler, Problem
 from rlkit.algorithms.episodes import episode_sampler
 from rlkit.algorithms.evaluate import evaluate, log_evaluation
+from rlkit.algorithms.gold import GoldMonitor
 from rlkit.algorithms.experience import ExperienceMaker, ExperienceSource, completion_rows
 from rlkit.training.lora import adapter_config
 from rlkit.data.prepare import StageData
@@ -126,22 +127,26 @@ class StepLoop:
         self.state = state  # the run's controller state, shared across stages
         self.checkpointer = checkpointer  # writes resume points (None: never)
         self.resume = resume  # a resume point inside this stage to continue from
+        self.stopped_at: int | None = None  # the step after which reward.stop_on_gold_drop ended the stage
 
     def restored(self, key: str) -> Any:
         """The stage's own extra state saved with the resume point it continues from (None on a fresh start)."""
         return self.resume.extra().get(key) if self.resume is not None else None
 
     def steps(self, sampler: BatchSampler | None = None, groups: dict | None = None, extra: dict | None = None,
-              position: Callable[[], int] | None = None) -> Iterator[int]:
+              position: Callable[[], int] | None = None,
+              evaluate: Callable[[int], None] | None = None) -> Iterator[int]:
         """Yields the stage's step indices, from the resume point's on.
 
-        `groups` are trainer groups besides the policy whose state a resume point keeps (PPO's critic);
-        `extra` is stage state that is not derived from the recipe (DPO's pairs), read back with `restored`.
-        `position()` is the sampler position a resume point keeps when batches are drawn ahead of the loop
-        (ExperienceSource.position: that after the last batch trained on); by default the sampler's own.
+        `groups` are trainer groups besides the policy whose state a resume point keeps (PPO's critic; a
+        reward_model stage's, which has no policy group); `extra` is stage state that is not derived from the
+        recipe (DPO's pairs), read back with `restored`. `position()` is the sampler position a resume point keeps
+        when batches are drawn ahead of the loop (ExperienceSource.position: that after the last batch trained on);
+        by default the sampler's own. `evaluate(step)` replaces the policy's mid-stage evaluation (`maybe_evaluate`).
         """
         ctx = self.ctx
-        groups = {"policy": ctx.workers.trainer} | (groups or {})
+        policy = {} if ctx.workers.trainer is None else {"policy": ctx.workers.trainer}
+        groups = policy | (groups or {})
         start = 0
         if self.resume is not None:
             start = self.resume.state.step
@@ -150,12 +155,15 @@ class StepLoop:
             if sampler is not None:
                 sampler.position = self.resume.extra()["sampler_position"]
             self.resume.restore_rng()
-            ctx.workers.sync_policy()  # the engines restarted from the stage's start
+            if policy:
+                ctx.workers.sync_policy()  # the engines restarted from the stage's start
         ctx.log.progress(f"{ctx.index}:{ctx.prefix}", start)
         every, total = ctx.cfg.checkpoint.every, ctx.stage.steps
         for step in range(start, total):
             yield step
-            self.maybe_evaluate(step)
+            (evaluate or self.maybe_evaluate)(step)
+            if self.stopped_at is not None:  # the stage ends here; the runner saves its checkpoint as at its end
+                break
             self.maybe_snapshot(step)
             if self.checkpointer is not None and every and (step + 1) % every == 0 and step + 1 < total:
                 self.state.step, self.state.global_step = step + 1, ctx.logger.global_step
@@ -186,6 +194,13 @@ class StepLoop:
             ctx.workers.trainer.save(str(ctx.run_dir / "checkpoints" / "best"), ctx.model_path,
                                      (ctx.run_dir / "recipe.yaml").read_text(),
                                      {"stage": ctx.index, "step": step, "metrics": metrics})
+        if ctx.gold.observe(metrics):  # reward.stop_on_gold_drop: the proxy is being over-optimised
+            self.stopped_at = step
+            n = ctx.cfg.reward.stop_on_gold_drop
+            print(f"stage {ctx.index} ({ctx.stage.kind}): stopped after step {step + 1} of {ctx.stage.steps}: the "
+                  f"held-out gold reward fell at {n} evaluations in a row while the proxy rose (gold "
+                  f"{ctx.gold.gold[-n - 1]:.3f} -> {ctx.gold.gold[-1]:.3f}, proxy {ctx.gold.proxy[-n - 1]:.3f} -> "
+                  f"{ctx.gold.proxy[-1]:.3f}; reward.stop_on_gold_drop={n})", flush=True)
 
     def is_best(self, metrics: dict) -> bool:
         """Record `metrics` if its logging.best_metric beats every evaluation so far."""
@@ -214,10 +229,14 @@ class StageContext:
     resume: InitVar[ResumePoint | None] = None
     log: StageLog = field(init=False)
     loop: StepLoop = field(init=False)
+    gold: GoldMonitor = field(init=False)  # proxy against reward.gold: step metrics and the early stop
 
     def __post_init__(self, state, checkpointer, resume) -> None:
         self.log = StageLog(self.logger, self.cfg.logging, self.prefix, self.stage.steps)
         self.loop = StepLoop(self, state or RunState(), checkpointer, resume)
+        # the early stop watches only a stage that climbs the rewards (GRPO, PPO); any stage's evaluations log gold
+        stop = self.cfg.reward.stop_on_gold_drop if STAGE_KINDS[self.stage.kind].optimises_reward else 0
+        self.gold = GoldMonitor(self.cfg.reward.gold_window, stop, self.loop.state.before)
 
     @property
     def lr(self) -> float:

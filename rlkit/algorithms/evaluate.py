@@ -54,12 +54,23 @@ def evaluate(pool, scorer, problems: list[Problem], cfg: LoggingConfig = Logging
         **{f"verdict/{v.value}": counts[v] / n for v in Verdict if counts[v]},
         **{k: calibration[k] for k in ("coverage", "wrong_rate", "selective_risk")},
         **per_task_metrics([p.task for p in problems], verdicts),
+        **gold_metrics(scored),
     }
     if episodes is not None:
         metrics |= episode_metrics(completions)
     if cfg.eval_samples:
         metrics |= sampled_pass_at_k(pool, scorer, problems, prompt_ids, cfg, episodes)
     return Evaluation(metrics, completion_rows(samples, scored))
+
+
+def gold_metrics(scored) -> dict[str, float]:
+    """The gold rewards' (reward.gold: scored, never trained on) accuracy (their first reward's verdict CORRECT)
+    and mean over the answers they could score; none without gold rewards."""
+    kept = [r for r in scored.gold_results if r.verdict != Verdict.ERROR]
+    if not scored.gold_results:
+        return {}
+    return {"gold/accuracy": sum(r.verdict == Verdict.CORRECT for r in kept) / len(scored.gold_results),
+            "gold/mean_reward": sum(r.score for r in kept) / len(kept) if kept else 0.0}
 
 
 def sampled_pass_at_k(pool, scorer, problems: list[Problem], prompt_ids: list[list[int]],

@@ -130,11 +130,14 @@ class RewardFailure(RuntimeError):
 def check_error_rate(scored: ScoreOutput, max_rate: float, where: str) -> None:
     """Stop when the share of samples the rewards failed on (verifier errors, not wrong answers or a model's
     timeouts) passes `max_rate`, whatever reward.on_error does with each of them."""
-    errors, n = scored.stats.get("errors", 0.0), len(scored.scores)
-    if n and errors / n > max_rate:
-        raise RewardFailure(
-            f"{where}: the rewards failed on {int(errors)} of {n} samples, above reward.max_error_rate={max_rate}; "
-            "check the reward on a file of samples with python -m rlkit.score (its --output shows each error)")
+    n = len(scored.scores)
+    for key, which in (("errors", "rewards"), ("gold/errors", "gold rewards (reward.gold)")):
+        errors = scored.stats.get(key, 0.0)
+        if n and errors / n > max_rate:
+            raise RewardFailure(
+                f"{where}: the {which} failed on {int(errors)} of {n} samples, above reward.max_error_rate="
+                f"{max_rate}; check the reward on a file of samples with python -m rlkit.score (its --output shows "
+                "each error)")
 
 
 class ExperienceMaker:

@@ -98,6 +98,7 @@ def sync_and_log(ctx, step: int, exp: Experience, source: ExperienceSource, metr
     seconds = time.perf_counter() - started
     metrics = metrics | rollout_metrics(exp, seconds) | reward_metrics(exp.rewards, exp.scorable)
     metrics |= {f"reward/{k}": v for k, v in exp.scored.stats.items()}
+    metrics |= ctx.gold.step(exp.scored, exp.scored.valid, exp.group_size)  # proxy vs reward.gold (if any)
     metrics |= {"weight_sync/seconds": sync.seconds, "weight_sync/mb_per_s": sync.mb_per_s,
                 "weight_sync/megabytes": sync.megabytes}
     if ctx.cfg.env.enabled:  # multi-turn: turns, tool calls and errors, time in tools

@@ -17,10 +17,12 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from rlkit.recipe import DataConfig, RecipeError
-from rlkit.data.tasks import Conversation, Preference, Problem
+from rlkit.data.tasks import Conversation, Preference, Problem, Stepwise
+from rlkit.rewards.model import step_ids
 
 Example = tuple[list[int], list[int]]  # (token ids, loss mask: 1 where the token is trained)
 Pair = tuple[list[int], list[int], list[int]]  # (prompt ids, chosen reply ids, rejected reply ids)
+StepExample = tuple[list[int], list[int], list[bool]]  # (token ids, each step's scored position, its label)
 
 
 class Renderer:
@@ -44,14 +46,14 @@ class Renderer:
         return self.tokenizer.eos_token_id if pad is None else pad
 
     # -- prompts ---------------------------------------------------------------------------------------
-    def conversation(self, item: Problem | Preference) -> list[dict[str, str]]:
+    def conversation(self, item: Problem | Preference | Stepwise) -> list[dict[str, str]]:
         """The turns before the reply: the system prompt (unless the data has its own), then the prompt."""
         turns = list(item.messages) or [{"role": "user", "content": self.prompt_template.format(prompt=item.prompt)}]
         if self.system_prompt and turns[0]["role"] != "system":
             turns.insert(0, {"role": "system", "content": self.system_prompt})
         return turns
 
-    def prompt_ids(self, item: Problem | Preference) -> list[int]:
+    def prompt_ids(self, item: Problem | Preference | Stepwise) -> list[int]:
         if self.chat:
             return self._render(self.conversation(item), generation_prompt=True)
         if item.messages:
@@ -89,6 +91,13 @@ class Renderer:
 
     def pair(self, item: Preference) -> Pair:
         return self.prompt_ids(item), self.reply_ids(item, item.chosen), self.reply_ids(item, item.rejected)
+
+    def stepwise(self, item: Stepwise, separator: str) -> StepExample:
+        """A process reward model's example: the prompt, then each step and `separator` tokenized step by step
+        (rlkit.rewards.model.step_ids, which the `model` reward scores with), each scored at its separator's end."""
+        prompt = self.prompt_ids(item)
+        ids, ends = step_ids(self._encode, item.steps, separator)
+        return prompt + ids, [len(prompt) + e for e in ends], list(item.labels)
 
     def conversation_example(self, item: Conversation) -> Example:
         """(ids, mask) of a whole conversation; the mask covers each trained assistant turn through its stop token

@@ -5,7 +5,9 @@
 - A stage trains on its own data (`stages.N.data` over the recipe's): the recipe's training split when it reads
   the recipe's source, else its whole source (shuffled, its first `num_train`).
 - What a stage needs: prompts with gold answers for the stages that sample (grpo, ppo, rft, distill, dpo with
-  policy or online pairs), SFT examples for sft, preference pairs for dpo with `pairs: dataset`.
+  policy or online pairs, reward_model with policy pairs), SFT examples for sft, preference pairs for dpo and
+  reward_model with `pairs: dataset`, stepwise examples for a reward_model with data.format stepwise. A reward_model
+  stage's dataset also gives its held-out pairs (or steps): its data's eval_source, else its first num_eval rows.
 - Lengths: a prompt longer than `data.max_prompt_tokens` or than `model.max_seq_len - rollout.max_new_tokens` (with
   an `env`: `- rollout.episode_tokens`, a whole episode) is dropped; an SFT/DPO sequence longer than
   `model.max_seq_len` is dropped or truncated (`data.truncation`). Both are counted, logged as `data/*`, and
@@ -18,9 +20,9 @@ import logging
 import random
 from dataclasses import dataclass, field, replace
 
-from rlkit.data.chat import Example, Pair, Renderer
+from rlkit.data.chat import Example, Pair, Renderer, StepExample
 from rlkit.recipe import DataConfig, RecipeConfig, RecipeError, looks_local
-from rlkit.data.tasks import Preference, Problem, synthetic_splits
+from rlkit.data.tasks import Preference, Problem, Stepwise, synthetic_splits
 from rlkit.recipe.stage_kinds import STAGE_KINDS
 from rlkit.data.sources import read_rows, to_records
 
@@ -40,6 +42,9 @@ class StageData:
     problems: list[Problem] = field(default_factory=list)  # prompts (with prompt_ids) and gold answers
     examples: list[Example] = field(default_factory=list)  # SFT: (ids, loss mask)
     pairs: list[Pair] = field(default_factory=list)  # DPO from a preference dataset
+    margins: list[float] = field(default_factory=list)  # each pair's `margin` (reward_model)
+    steps: list[StepExample] = field(default_factory=list)  # a process reward model's examples
+    held_out: "StageData | None" = None  # a reward_model stage's held-out pairs or steps
     stats: dict[str, float] = field(default_factory=dict)  # logged as data/<key> when the stage starts
 
 
@@ -89,6 +94,9 @@ def describe(data: RunData) -> dict:
         if stage.pairs:
             prompt, chosen, rejected = stage.pairs[0]
             return {"text": r.text(prompt), "chosen": r.text(chosen), "rejected": r.text(rejected)}
+        if stage.steps:
+            ids, ends, labels = stage.steps[0]
+            return {"text": r.text(ids), "labels": labels}
         return {"text": r.text(stage.problems[0].prompt_ids), "answer": stage.problems[0].answer}
 
     held = data.held_out[0]
@@ -179,9 +187,21 @@ def prepare_stage(cfg: RecipeConfig, index: int, fmt: str, records: list, render
     if want == "pairs":
         if kinds != {Preference}:
             raise RecipeError(f"stages.{index}: pairs=dataset needs a preference dataset (prompt/chosen/rejected); "
-                              f"{where}.source '{data.source}' is not one")
+                              f"{where}.source '{data.source}' is not one"
+                              + (" (a stepwise one trains a process reward model: set its data.format: stepwise)"
+                                 if kinds == {Stepwise} else ""))
         pairs = [renderer.pair(r) for r in records]
+        kept = [fit_pair(p, cfg.model.max_seq_len, data.truncation) for p in pairs]
+        out.margins = [r.margin for r, k in zip(records, kept) if k is not None]
         out.pairs, out.stats = fit_pairs(pairs, cfg.model.max_seq_len, data.truncation)
+    elif want == "steps":
+        if kinds != {Stepwise}:
+            raise RecipeError(f"stages.{index}: data.format stepwise needs TRL's stepwise supervision (prompt, "
+                              f"completions: a list of steps, labels: one true/false per step); {where}.source "
+                              f"'{data.source}' is not one")
+        examples = [renderer.stepwise(r, data.step_separator) for r in records]
+        out.steps = [e for e in examples if len(e[0]) <= cfg.model.max_seq_len]
+        out.stats = {"rows": len(examples), "kept": len(out.steps), "dropped_long": len(examples) - len(out.steps)}
     elif want == "examples":
         if Preference in kinds:
             raise RecipeError(f"stages.{index}: an sft stage cannot train on a preference dataset; use kind dpo "
@@ -197,7 +217,9 @@ def prepare_stage(cfg: RecipeConfig, index: int, fmt: str, records: list, render
             raise RecipeError(
                 f"stages.{index}: a {stage.kind} stage samples answers and scores them against a gold answer; "
                 f"{where}.source '{data.source}' needs prompts with a '{data.answer_key}' column "
-                f"(set {where}.answer_key, or give the stage its own data)")
+                f"(set {where}.answer_key, or give the stage its own data)"
+                + ("; a reward model trains on a preference dataset with pairs: dataset" if stage.kind == "reward_model"
+                   else ""))
         out.problems, out.stats = fit_prompts(records, renderer, prompt_limit(cfg, data))
     return out
 
@@ -242,6 +264,12 @@ def fit_examples(examples: list[Example], max_len: int, truncation: str) -> tupl
     return kept, {"rows": len(examples), "kept": len(kept), "dropped_long": dropped, "truncated": truncated}
 
 
+def fit_pair(pair: Pair, max_len: int, truncation: str) -> Pair | None:
+    """One pair as `fit_pairs` keeps it (None: dropped)."""
+    kept, _ = fit_pairs([pair], max_len, truncation)
+    return kept[0] if kept else None
+
+
 def fit_pairs(pairs: list[Pair], max_len: int, truncation: str) -> tuple[list[Pair], dict[str, float]]:
     """Preference pairs whose prompt + longer reply fits `max_len`: others dropped, or the prompt cut from the
     left (TRL's keep_end), or both replies cut from the right.
@@ -284,13 +312,38 @@ def prepare_run_data(cfg: RecipeConfig, tokenizer, stop_ids: list[int] = ()) -> 
             continue
         stage_fmt, records = stage_records(cfg, index, rows, (fmt, train, train_idx))
         stage_renderer = renderer if not stage.data else Renderer(tokenizer, cfg.stage_data(index), stop_ids)
+        held_out = None
+        if stage.kind == "reward_model" and needs(cfg, index) != "problems":
+            records, held_records = reward_model_split(cfg, index, records, rows)
+            held_out = prepare_stage(cfg, index, stage_fmt, held_records, stage_renderer)
+            if not (held_out.pairs or held_out.steps):
+                raise RecipeError(f"stages.{index}: no held-out example is left after the length limits "
+                                  f"(model.max_seq_len={cfg.model.max_seq_len}); raise it, or set data.truncation")
         prepared = prepare_stage(cfg, index, stage_fmt, records, stage_renderer)
+        prepared.held_out = held_out
         _report(f"stage {index} ({stage.kind})", prepared.stats, cfg.stage_data(index))
-        if not (prepared.problems or prepared.examples or prepared.pairs):
+        if not (prepared.problems or prepared.examples or prepared.pairs or prepared.steps):
             raise RecipeError(f"stages.{index}: no example is left after the length limits (model.max_seq_len="
                               f"{cfg.model.max_seq_len}); raise it, or set data.truncation")
         stages.append(prepared)
     return RunData(held, renderer, stages, prepare_eval_sets(cfg, tokenizer, stop_ids, rows))
+
+
+def reward_model_split(cfg: RecipeConfig, index: int, records: list, rows: _Rows) -> tuple[list, list]:
+    """(training, held-out) records of a reward_model stage's dataset: the held-out ones from its data's eval_source
+    (its first num_eval rows), else the first num_eval of its own shuffled rows, which it then does not train on."""
+    data, where = cfg.stage_data(index), f"stages.{index}.data"
+    if data.eval_source:
+        eval_rows = rows.get(data.eval_source, "" if looks_local(data.eval_source) else data.subset, data.eval_split,
+                             f"{where}.eval_source")
+        _, held = to_records(eval_rows, list(range(min(data.num_eval, len(eval_rows)))), data, f"{where}.eval_source",
+                             data.eval_source)
+        return records, held
+    if len(records) <= data.num_eval:
+        raise RecipeError(f"{where}.num_eval: a reward_model stage holds out {data.num_eval} of its "
+                          f"{len(records)} examples to measure pairwise accuracy, leaving none to train on; lower it "
+                          "or give the stage an eval_source")
+    return records[data.num_eval:], records[: data.num_eval]
 
 
 def prepare_eval_sets(cfg: RecipeConfig, tokenizer, stop_ids: list[int], rows: _Rows) -> list[EvalSet]:

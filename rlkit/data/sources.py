@@ -6,7 +6,8 @@ detected from the columns as TRL does, and each row checked and turned into a Pr
 | `prompt_only`       | prompt (+ answer, solution, task)         | Problem (prompt text or messages)         |
 | `prompt_completion` | prompt, completion (+ answer)             | Problem (text) or Conversation (messages) |
 | `messages`          | messages                                  | Conversation (every assistant turn)       |
-| `preference`        | (prompt,) chosen, rejected                | Preference (text or messages)             |
+| `preference`        | (prompt,) chosen, rejected (+ margin)     | Preference (text or messages)             |
+| `stepwise`          | prompt, completions (steps), labels       | Stepwise (a process reward model's data)  |
 
 `data.prompt_key`, `data.answer_key` and `data.solution_key` rename the prompt, answer and solution columns. A row
 of the wrong shape fails with one line naming the source, the row (1-based) and the field; nothing is ever
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rlkit.recipe import DataConfig, RecipeError, looks_local
-from rlkit.data.tasks import Conversation, Preference, Problem
+from rlkit.data.tasks import Conversation, Preference, Problem, Stepwise
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,9 @@ def detect_format(columns: list[str], data: DataConfig, where: str) -> str:
     """TRL's rule: chosen and rejected make a preference dataset, messages a conversational one, a prompt with a
     completion a prompt-completion one, a prompt alone a prompt-only one. `data.format` overrides it."""
     cols = set(columns)
-    needs = {"preference": {"chosen", "rejected"}, "messages": {"messages"},
-             "prompt_completion": {data.prompt_key, "completion"}, "prompt_only": {data.prompt_key}}
+    needs = {"preference": {"chosen", "rejected"}, "stepwise": {data.prompt_key, "completions", "labels"},
+             "messages": {"messages"}, "prompt_completion": {data.prompt_key, "completion"},
+             "prompt_only": {data.prompt_key}}
     if data.format != "auto":
         missing = needs[data.format] - cols
         if missing:
@@ -117,7 +119,7 @@ def detect_format(columns: list[str], data: DataConfig, where: str) -> str:
                               f"the data has {', '.join(columns)} (set {option(where, 'prompt_key')}, or rename "
                               "the columns)")
         return data.format
-    for fmt in ("preference", "messages", "prompt_completion", "prompt_only"):
+    for fmt in ("preference", "stepwise", "messages", "prompt_completion", "prompt_only"):
         if needs[fmt] <= cols:
             return fmt
     raise RecipeError(
@@ -181,6 +183,8 @@ def to_record(row: dict[str, Any], fmt: str, data: DataConfig, at: str):
         if not any(m["role"] == "assistant" for m in messages):
             raise RowError(f"{at}: field 'messages' has no assistant turn to train on")
         return Conversation(messages)
+    if fmt == "stepwise":
+        return _stepwise(row, data, at)
     if fmt == "preference":
         chosen, rejected = (_text_or_messages(row.get(k), k, at) for k in ("chosen", "rejected"))
         prompt = row.get(data.prompt_key)
@@ -194,9 +198,14 @@ def to_record(row: dict[str, Any], fmt: str, data: DataConfig, at: str):
         prompt = _text_or_messages(prompt, data.prompt_key, at)
         if isinstance(prompt, str) != isinstance(chosen, str) or isinstance(chosen, str) != isinstance(rejected, str):
             raise RowError(f"{at}: '{data.prompt_key}', 'chosen' and 'rejected' must all be text or all messages")
+        margin = row.get("margin", 0.0)
+        if margin is None:
+            margin = 0.0
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise RowError(f"{at}: field 'margin' must be a number, got {type(margin).__name__}")
         if isinstance(prompt, str):
-            return Preference(prompt, chosen, rejected)
-        return Preference(last_user_text(prompt), chosen, rejected, messages=prompt)
+            return Preference(prompt, chosen, rejected, margin=float(margin))
+        return Preference(last_user_text(prompt), chosen, rejected, messages=prompt, margin=float(margin))
     prompt = _text_or_messages(row.get(data.prompt_key), data.prompt_key, at)
     answer, task = _scalar(row.get(data.answer_key), data.answer_key, at), _scalar(row.get("task"), "task", at)
     if fmt == "prompt_completion":
@@ -210,6 +219,21 @@ def to_record(row: dict[str, Any], fmt: str, data: DataConfig, at: str):
     if isinstance(prompt, str):
         return Problem(prompt, answer, solution, task)
     return Problem(last_user_text(prompt), answer, solution, task, messages=prompt)
+
+
+def _stepwise(row: dict[str, Any], data: DataConfig, at: str) -> Stepwise:
+    """A stepwise-supervision row: text steps (`completions`) with one bool label each."""
+    prompt = _text_or_messages(row.get(data.prompt_key), data.prompt_key, at)
+    steps, labels = row.get("completions"), row.get("labels")
+    if not isinstance(steps, (list, tuple)) or not steps or not all(isinstance(s, str) for s in steps):
+        raise RowError(f"{at}: field 'completions' must be a non-empty list of step texts")
+    if not isinstance(labels, (list, tuple)) or not all(isinstance(v, bool) for v in labels):
+        raise RowError(f"{at}: field 'labels' must be a list of true/false, one per step")
+    if len(labels) != len(steps):
+        raise RowError(f"{at}: {len(steps)} steps in 'completions' but {len(labels)} 'labels'; give one per step")
+    if isinstance(prompt, str):
+        return Stepwise(prompt, tuple(steps), tuple(labels))
+    return Stepwise(last_user_text(prompt), tuple(steps), tuple(labels), messages=prompt)
 
 
 def to_records(rows: list[dict[str, Any]], indices, data: DataConfig, where: str, source: str) -> tuple[str, list]:

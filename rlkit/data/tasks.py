@@ -53,6 +53,17 @@ class Preference:
     chosen: Union[str, Tuple[Message, ...]]
     rejected: Union[str, Tuple[Message, ...]]
     messages: Tuple[Message, ...] = ()  # a conversational prompt, rendered instead of `prompt` when given
+    margin: float = 0.0  # TRL's optional `margin` column: how far a reward model must rank chosen above rejected
+
+
+@dataclass(frozen=True)
+class Stepwise:
+    """TRL's stepwise supervision (a process reward model's data): a prompt, a solution's steps, a label per step."""
+
+    prompt: str
+    steps: Tuple[str, ...]
+    labels: Tuple[bool, ...]  # True: the step is correct
+    messages: Tuple[Message, ...] = ()  # a conversational prompt, rendered instead of `prompt` when given
 
 
 def _operands(rng: random.Random, task: str, max_digits: int) -> tuple[int, int]:

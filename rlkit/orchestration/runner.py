@@ -27,6 +27,7 @@ from rlkit.algorithms.common import StageContext, Workers
 from rlkit.data.chat import stop_token_ids
 from rlkit.runtime.checkpoint import Checkpointer, ResumePoint, RunState, split_metrics
 from rlkit.runtime.cluster import Cluster
+from rlkit.runtime.scoring import live_rewards, names_stage
 from rlkit.algorithms.episodes import episode_sampler
 from rlkit.recipe import RecipeConfig, RecipeError, stage_updates, to_yaml
 from rlkit.recipe.stage_kinds import STAGE_KINDS
@@ -183,7 +184,9 @@ def start(cfg: RecipeConfig, recipe_yaml: str, resume: ResumePoint | None) -> Li
         if resume is None:
             make_run_dir(run_dir)
         cluster.check_storage(run_dir)  # every node must see the run folder, before any worker starts
-        scorer = cluster.scorer()  # unknown rewards or import paths fail here, before anything is written
+        # unknown rewards or import paths fail here, before anything is written; a reward model a stage trains
+        # joins once that stage has run (live_rewards)
+        scorer = cluster.scorer(live_rewards(cfg, run_dir, resume.state.stage if resume else 0))
         checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep)
         if resume is None:
             state = new_run_dir(run_dir, recipe_yaml, data, model, tokenizer)
@@ -244,17 +247,29 @@ def train_stage(live: LiveRun, index: int, resume: ResumePoint | None) -> None:
     if stage_data is not None and not ctx.loop.resume:
         logger.log({f"{ctx.prefix}/data/{k}": v for k, v in stage_data.stats.items()})
     model_path = run_stage(ctx, live.recipe_yaml)
-    after = ctx.evaluate()
-    after |= evaluate_sets(live.pool, live.scorer, data.evals, logger, cfg.logging, cfg.reward.max_error_rate,
-                           live.episodes)
-    if ctx.loop.is_best(after):
-        copy_checkpoint(Path(model_path), live.run_dir / "checkpoints" / "best")
+    record: dict[str, Any] = {"name": Path(model_path).name, "kind": stage.kind}
+    if STAGE_KINDS[stage.kind].yields_policy:
+        after = ctx.evaluate()
+        after |= evaluate_sets(live.pool, live.scorer, data.evals, logger, cfg.logging, cfg.reward.max_error_rate,
+                               live.episodes)
+        if ctx.loop.is_best(after):
+            copy_checkpoint(Path(model_path), live.run_dir / "checkpoints" / "best")
+    else:  # a reward model: the policy is the one this stage started from, evaluated already
+        after = state.before
+        record["held_out"] = json.loads((Path(model_path) / "rlkit_stage.json").read_text()).get("held_out", {})
+        if names_stage(cfg, index):  # the rewards that score with it take it from the next stage on
+            live.scorer.close()
+            live.cluster.release(live.scorer)
+            live.scorer = live.cluster.scorer(live_rewards(cfg, live.run_dir, index + 1))
     seconds = time.perf_counter() - t0
-    print(f"stage {index} ({stage.kind}): held-out accuracy {accuracy_text(data.evals, state.before, after)} "
-          f"({seconds:.0f}s)", flush=True)
-    state.summary["stages"].append({"name": Path(model_path).name, "kind": stage.kind,
-                                    "before": state.before, "after": after, "seconds": seconds})
-    state.stage, state.step, state.model_path, state.before = index + 1, 0, model_path, after
+    change = accuracy_text(data.evals, state.before, after) if STAGE_KINDS[stage.kind].yields_policy else \
+        f"{accuracy_text(data.evals, after)}, the policy unchanged"
+    print(f"stage {index} ({stage.kind}): held-out accuracy {change} ({seconds:.0f}s)", flush=True)
+    stopped = {} if ctx.loop.stopped_at is None else {"stopped_at_step": ctx.loop.stopped_at + 1}  # gold drop
+    state.summary["stages"].append(record | {"before": state.before, "after": after, "seconds": seconds} | stopped)
+    state.stage, state.step, state.before = index + 1, 0, after
+    if STAGE_KINDS[stage.kind].yields_policy:
+        state.model_path = model_path
     state.global_step, state.seconds = logger.global_step, time.perf_counter() - live.started
     live.checkpointer.save(state)  # between stages: the next one starts from model_path
 

@@ -14,7 +14,7 @@ from rlkit.recipe.config import (DATA_FORMATS, EVAL_SET_NAME, MAX_ENGINE_LORA_RA
 from rlkit.recipe.engine_args import check_engine_kwargs
 from rlkit.recipe.errors import RecipeError
 from rlkit.recipe.names import check_switch
-from rlkit.recipe.stage_kinds import check_stage, one_of as _one_of
+from rlkit.recipe.stage_kinds import STAGE_KINDS, check_stage, checkpoint_name, one_of as _one_of, reward_model_stage
 
 
 # The range of every numeric field a user sets (the data section's are in check_data, a stage's in validate).
@@ -81,6 +81,9 @@ def validate(cfg: RecipeConfig) -> None:
             f"model.hidden_size: {cfg.model.hidden_size} is not divisible by model.num_heads={cfg.model.num_heads}"
         )
     check_data("data", cfg.data)
+    if cfg.data.format == "stepwise":
+        raise RecipeError("data.format: 'stepwise' is a reward_model stage's own data (stages.N.data.format); the "
+                          "recipe's data section holds the held-out problems")
     for i, stage in enumerate(cfg.stages):
         if stage.data:
             check_data(f"stages.{i}.data", cfg.stage_data(i))
@@ -135,7 +138,8 @@ def check_trainer(cfg: RecipeConfig) -> None:
 
 
 def check_logging(cfg: RecipeConfig) -> None:
-    _one_of("logging.best_metric", cfg.logging.best_metric, ("accuracy", "mean_reward"))
+    gold = ("gold/accuracy", "gold/mean_reward") if cfg.reward.gold else ()  # the gold rewards' (reward.gold)
+    _one_of("logging.best_metric", cfg.logging.best_metric, ("accuracy", "mean_reward") + gold)
     if cfg.logging.eval_every < 0 or cfg.logging.log_every < 1:
         raise RecipeError("logging.eval_every must be >= 0 and logging.log_every >= 1")
     _one_of("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
@@ -186,8 +190,67 @@ def check_rewards(cfg: RecipeConfig) -> None:
     for i, spec in enumerate(cfg.reward.rewards):
         if not spec.name and not spec.import_path:
             raise RecipeError(f"reward.rewards[{i}]: give a built-in name (e.g. math) or an import_path 'pkg.mod:Class'")
+        check_model_reward(cfg, i)
+    if all(s.path and reward_model_stage(cfg.stages, s.path) is not None for s in cfg.reward.rewards):
+        raise RecipeError("reward.rewards: every reward is a reward model a stage trains later, so nothing scores "
+                          "the held-out answers before it; add a verifier first, e.g. {name: math, weight: 0} "
+                          "(the first reward's verdict is held-out accuracy)")
     if cfg.reward.timeout_s <= 0 or cfg.reward.num_workers < 1:
         raise RecipeError("reward.timeout_s must be > 0 and reward.num_workers >= 1")
+    check_gold(cfg)
+
+
+def check_gold(cfg: RecipeConfig) -> None:
+    """The gold rewards (monitored, never trained on) and the early stop that watches them."""
+    reward = cfg.reward
+    for i, spec in enumerate(reward.gold):
+        if not spec.name and not spec.import_path:
+            raise RecipeError(f"reward.gold[{i}]: give a built-in name (e.g. math) or an import_path 'pkg.mod:Class'")
+        if spec.path and (spec.name != "model" or spec.import_path):
+            raise RecipeError(f"reward.gold[{i}].path: only a reward with name: model reads it; remove it")
+        if spec.path and reward_model_stage(cfg.stages, spec.path) is not None:
+            raise RecipeError(f"reward.gold[{i}].path: a gold reward scores the whole run, so it cannot be the model "
+                              f"a reward_model stage of this recipe trains ('{spec.path}'); give a trained model's "
+                              "folder, or a verifier (e.g. {name: math})")
+    if reward.gold_window < 2:
+        raise RecipeError(f"reward.gold_window: the gap's trend is a slope over at least 2 steps, got "
+                          f"{reward.gold_window}")
+    if reward.stop_on_gold_drop < 0:
+        raise RecipeError(f"reward.stop_on_gold_drop: must be >= 0 (0: never stop), got {reward.stop_on_gold_drop}")
+    if reward.stop_on_gold_drop and not reward.gold:
+        raise RecipeError("reward.stop_on_gold_drop: watches the gold reward, but reward.gold is empty; name one "
+                          "(e.g. reward.gold=[{name: math}]) or set reward.stop_on_gold_drop=0")
+    if reward.stop_on_gold_drop and not any(STAGE_KINDS[s.kind].optimises_reward for s in cfg.stages):
+        raise RecipeError("reward.stop_on_gold_drop: watches stages that climb the rewards step by step (grpo, ppo) "
+                          "and this recipe has none; remove it")
+    if reward.stop_on_gold_drop and not cfg.logging.eval_every:
+        raise RecipeError("reward.stop_on_gold_drop: counts held-out evaluations inside a stage, but "
+                          "logging.eval_every is 0; set logging.eval_every (e.g. 10)")
+
+
+def check_model_reward(cfg: RecipeConfig, i: int) -> None:
+    """reward.rewards[i].path: only `name: model` reads it; a reward model folder, or an earlier reward_model stage's
+    output that no stage scoring samples with the rewards runs before."""
+    spec, where = cfg.reward.rewards[i], f"reward.rewards[{i}]"
+    if spec.path and (spec.name != "model" or spec.import_path):
+        raise RecipeError(f"{where}.path: only a reward with name: model reads it; remove it")
+    if spec.name != "model" or spec.import_path:
+        return
+    if not spec.path:
+        raise RecipeError(f"{where}.path: name: model needs the reward model: a folder, or the name of a "
+                          "reward_model stage of this recipe")
+    j = reward_model_stage(cfg.stages, spec.path)
+    if j is None:
+        if not (Path(spec.path).expanduser() / "config.json").is_file():
+            stages = [checkpoint_name(s, k) for k, s in enumerate(cfg.stages) if s.kind == "reward_model"]
+            raise RecipeError(f"{where}.path: '{spec.path}' is neither a reward model folder (with config.json) nor "
+                              f"a reward_model stage of this recipe (those: {stages or 'none'})")
+        return
+    for k, stage in enumerate(cfg.stages[:j]):
+        if stage.kind != "reward_model" and STAGE_KINDS[stage.kind].data(stage) == "problems":
+            raise RecipeError(f"stages.{k}: a {stage.kind} stage scores its samples with reward.rewards, but "
+                              f"{where} is the reward model stages.{j} trains later; move that stage before it, or "
+                              "give the reward a trained model's folder")
 
 
 def check_env(cfg: RecipeConfig) -> None:
@@ -263,6 +326,9 @@ def check_data(where: str, data: DataConfig) -> None:
                           f"(double other braces: {{{{ }}}}); {type(e).__name__}: {e}") from e
     if "{prompt}" not in data.prompt_template:
         raise RecipeError(f"{where}.prompt_template: {data.prompt_template!r} has no {{prompt}}; the question would be lost")
+    if not data.step_separator:
+        raise RecipeError(f"{where}.step_separator: empty; a process reward model reads each step's score at its "
+                          "separator (TRL's default is a newline)")
     if data.max_prompt_tokens < 0 or data.num_train < 1 or data.num_eval < 1:
         raise RecipeError(f"{where}: max_prompt_tokens must be >= 0, num_train and num_eval >= 1")
     if not 0.0 <= data.abstain_rate < 1.0:

@@ -65,9 +65,14 @@ class DataConfig:
     # synthetic: SFT targets are tool-use traces (the calculator called on the question, its answer, then the
     # answer), trained with the tool's output masked out; for recipes with env.name=tools
     tool_traces: bool = False
+    # format stepwise (a process reward model): the text after each step (TRL's PRMConfig.step_separator); the
+    # step's score is read at its separator's last token
+    step_separator: str = "\n"
 
 
-DATA_FORMATS = ("auto", "prompt_only", "prompt_completion", "messages", "preference")
+# "stepwise": TRL's stepwise supervision (prompt, completions: a list of steps, labels: a bool per step), for a
+# reward_model stage that trains a process reward model
+DATA_FORMATS = ("auto", "prompt_only", "prompt_completion", "messages", "preference", "stepwise")
 
 
 @dataclass(frozen=True)
@@ -126,10 +131,13 @@ class EnvConfig:
 
 @dataclass(frozen=True)
 class RewardSpec:
-    name: str = ""  # built-in: math, honesty, code, logic, format; or the logged label of an `import_path` class
+    name: str = ""  # built-in: math, honesty, code, logic, format, judge, model; or the logged label of an `import_path` class
     import_path: str = ""  # "pkg.module:Class" for a user reward class
     weight: float = 1.0
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the reward's constructor
+    # name: model: the trained reward model's folder, or the `name` (or checkpoint folder, e.g. 02_reward_model) of
+    # an earlier reward_model stage of this recipe, whose checkpoint it then scores with once that stage has trained
+    path: str = ""
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,14 @@ class RewardConfig:
     # a step (or evaluation) whose share of verifier errors passes this stops the run: a broken reward never trains
     # on silently excluded or error_score'd samples
     max_error_rate: float = 0.5
+    # gold rewards (same entries as `rewards`): scored on every rollout and evaluation beside the trained rewards
+    # (the proxy), never trained on. GRPO/PPO log proxy and gold side by side, their correlation over the batch and
+    # the trend of their gap (rlkit.algorithms.gold); evaluations log eval/gold/accuracy and eval/gold/mean_reward
+    gold: List[RewardSpec] = field(default_factory=list)
+    gold_window: int = 10  # steps over which the gap's trend (least-squares slope of proxy - gold) is taken
+    # N > 0: a GRPO or PPO stage stops (its checkpoint kept) once the held-out gold reward fell at N consecutive
+    # evaluations (logging.eval_every) while the held-out proxy reward rose at each; 0: never
+    stop_on_gold_drop: int = 0
 
 
 @dataclass(frozen=True)
@@ -238,6 +254,9 @@ class AlgoConfig:
     # divide each log-ratio by its response's length; unset: each loss's convention (ipo: yes, as the IPO authors'
     # code and TRL; sigmoid: no, as the DPO paper). See dpo_length_normalized.
     dpo_length_normalize: Optional[bool] = None
+    # reward_model stages: TRL's center_rewards_coefficient, coef x mean((r_chosen + r_rejected)^2) added to the
+    # Bradley-Terry loss so the rewards stay centred on 0 (Eisenstein et al. 2023); 0 = off
+    rm_center_coef: float = 0.0
     gamma: float = 1.0  # PPO discount
     gae_lambda: float = 0.95  # PPO GAE lambda
     value_clip: float = 0.2
@@ -307,7 +326,9 @@ class StageConfig:
     teacher: str = ""  # distill: the teacher's local Hugging Face checkpoint, served by its own engine
     # dpo
     # "policy": gold vs the starting policy's wrong answer; "online": per round, from the policy; "dataset": the
-    # chosen/rejected pairs of a preference dataset (the stage's data)
+    # chosen/rejected pairs of a preference dataset (the stage's data). reward_model: "dataset" (a preference or,
+    # with data.format stepwise, a stepwise-supervision dataset) or "policy" (`samples` answers per training prompt
+    # from the current policy, a correct one against each wrong one as the recipe's rewards judge them)
     pairs: str = "policy"
     rounds: int = 1  # pairs=online: sample, label, train, repeat; steps are split evenly over the rounds
     # average: the weights of the last `last` snapshots (save_every) of stage `source` (default: the previous one)
@@ -340,7 +361,7 @@ class EvalSetConfig:
 EVAL_SET_NAME = r"[A-Za-z][A-Za-z0-9_.-]*"
 
 
-RESERVED_EVAL_NAMES = ("task", "verdict", "completions")  # eval/<these>/... are the recipe's own metrics
+RESERVED_EVAL_NAMES = ("task", "verdict", "completions", "gold")  # eval/<these>/... are the recipe's own metrics
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,13 @@ class StageKind:
     # never split)
     rows: Callable[[RecipeConfig, StageConfig], int] = _batch
     trains_model: bool = True  # False: no trainer group is made (average: a checkpoint from earlier ones)
+    # False: its checkpoint is not the policy (reward_model: a reward model); the next stage starts from the policy
+    # this one started from, which is not evaluated again
+    yields_policy: bool = True
     syncs_every_step: bool = False  # the engines take the weights after every step (else once, at the stage's end)
     uses_advantage_estimator: bool = False  # algo.advantage_estimator is resolved before the run starts
+    # it climbs the rewards step by step (GRPO, PPO): what reward.stop_on_gold_drop watches for over-optimisation
+    optimises_reward: bool = False
     updates_per_step: Callable[[RecipeConfig], int] = _one  # optimizer steps of one stage step
     check: Optional[Callable[[RecipeConfig, int], None]] = None  # the kind's own checks of stages.<i>
 
@@ -127,6 +132,31 @@ def unknown_source_error(stages: list[StageConfig], i: int) -> RecipeError:
     return RecipeError(f"stages.{i}.source: '{stages[i].source}' is not an earlier stage; expected one of {earlier}")
 
 
+def _check_reward_model(cfg: RecipeConfig, i: int) -> None:
+    stage, data = cfg.stages[i], cfg.stage_data(i)
+    one_of(f"stages.{i}.pairs", stage.pairs, ("dataset", "policy"))
+    if data.format == "stepwise" and stage.pairs != "dataset":
+        raise RecipeError(f"stages.{i}.pairs: a process reward model (data.format stepwise) trains on a stepwise "
+                          "dataset; set pairs: dataset")
+    if stage.pairs == "policy" and stage.samples < 2:
+        raise RecipeError(f"stages.{i}.samples: pairs: policy pairs a correct sample with a wrong one of the same "
+                          f"prompt, so it needs samples >= 2, got {stage.samples}")
+    if stage.save_every:
+        raise RecipeError(f"stages.{i}.save_every: snapshots are policy checkpoints for an average stage; a "
+                          "reward_model stage keeps only its final checkpoint, remove it")
+    if data.format != "stepwise" and cfg.trainer.micro_batch_size % 2:
+        raise RecipeError("trainer.micro_batch_size: a reward model keeps each pair in one micro-batch, so it must "
+                          "be even")
+    if cfg.algo.rm_center_coef < 0:
+        raise RecipeError(f"algo.rm_center_coef: must be >= 0, got {cfg.algo.rm_center_coef}")
+
+
+def _reward_model_data(stage: StageConfig) -> str:
+    if stage.pairs != "dataset":
+        return "problems"  # prompts to sample pairs from
+    return "steps" if stage.data.get("format") == "stepwise" else "pairs"
+
+
 def _check_average(cfg: RecipeConfig, i: int) -> None:
     stage = cfg.stages[i]
     one_of(f"stages.{i}.method", stage.method, ("uniform", "ema"))
@@ -144,14 +174,25 @@ STAGE_KINDS = {
                      data=lambda stage: "pairs" if stage.pairs == "dataset" else "problems"),
     "grpo": StageKind("rlkit.algorithms.grpo:train", rows=lambda cfg, stage: stage.batch_size * cfg.algo.group_size,
                       syncs_every_step=True, uses_advantage_estimator=True, updates_per_step=_minibatch_steps,
-                      check=_check_grpo),
+                      optimises_reward=True, check=_check_grpo),
     "ppo": StageKind("rlkit.algorithms.ppo:train", syncs_every_step=True, updates_per_step=_minibatch_steps,
-                     check=_check_minibatches),
+                     optimises_reward=True, check=_check_minibatches),
     "rft": StageKind("rlkit.algorithms.rft:train", fields=("samples", "keep"), check=_check_sampling),
     "distill": StageKind("rlkit.algorithms.rft:train", fields=("samples", "keep", "teacher"), check=_check_distill),
     "average": StageKind("rlkit.algorithms.average:run", data=lambda stage: "", trains_model=False,
                          fields=("source", "last", "method", "ema_decay"), check=_check_average),
+    "reward_model": StageKind("rlkit.algorithms.reward_model:train", data=_reward_model_data, trains_model=False,
+                              yields_policy=False, fields=("pairs", "samples"), check=_check_reward_model),
 }
+
+
+def reward_model_stage(stages: list[StageConfig], path: str) -> int | None:
+    """The index of the reward_model stage whose output `path` names (its `name` or checkpoint folder); None when it
+    names none (a folder)."""
+    for j, s in enumerate(stages):
+        if s.kind == "reward_model" and path in (s.name, checkpoint_name(s, j)):
+            return j
+    return None
 
 
 def check_stage(cfg: RecipeConfig, i: int) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from rlkit.recipe import RecipeConfig, RecipeError, RolloutConfig
+from rlkit.recipe import RecipeConfig, RecipeError, RewardConfig, RolloutConfig
 from rlkit.runtime import placement
 from rlkit.training.packing import balance_rows
 from rlkit.training.rank import Update
@@ -135,6 +135,9 @@ class TrainerGroup:
 
     def values(self, batch: TokenBatch) -> torch.Tensor:  # critic groups
         return self._each_row(batch, lambda w, whole, rows: w.values(whole, rows))
+
+    def scores(self, batch: TokenBatch) -> torch.Tensor:  # reward model groups: (B, L) at the scored positions
+        return self._each_row(batch, lambda w, rows: w.scores(rows))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights; every rank takes part in the gather."""
@@ -252,6 +255,14 @@ class Cluster:
 
         return self._group(ShardedTrainer, (self.cfg.trainer, model_path, lr, warmup_steps, total_steps))
 
+    def reward_model_group(self, model_path: str, lr: float, warmup_steps: int, total_steps: int = 0,
+                           process: bool = False) -> TrainerGroup:
+        """A reward model's ranks (a reward_model stage), from the policy checkpoint's body with a new score head:
+        one label (Bradley-Terry), or two at step separators with `process` (a PRM)."""
+        from rlkit.training.reward_model import RewardModelTrainer
+
+        return self._group(RewardModelTrainer, (self.cfg.trainer, model_path, lr, warmup_steps, total_steps, process))
+
     def critic_group(self, model_path: str, lr: float, warmup_steps: int, total_steps: int = 0) -> TrainerGroup:
         """The PPO critic, sharded like the policy (its ranks form their own process group)."""
         from rlkit.training.critic import CriticTrainer
@@ -285,22 +296,28 @@ class Cluster:
         return _Blocking(self._actor(ReferenceModel, 1, self.cfg.cluster.gpus_per_trainer).remote(*args), self.ray.get,
                          self.share)  # the step's tokens by the ref the trainer ranks got
 
-    def scorer(self):
+    def scorer(self, reward: RewardConfig | None = None):
+        """The scorer of `reward` (default: the recipe's reward section; rlkit.runtime.scoring.live_rewards)."""
+        reward = reward or self.cfg.reward
         if self.ray is None:
-            return build_scorer(self.cfg.reward)  # a reward that cannot be built is a RecipeError
+            return build_scorer(reward)  # a reward that cannot be built is a RecipeError
         c = self.cfg.cluster  # a batched reward's engine (the LLM judge) becomes an actor of its own
         make_engine = functools.partial(judge_engine_actor, c.gpus_per_engine)
         # it reserves the CPUs its worker processes use (Ray would not count them), in a placement group of its own:
-        # a cluster without a node that has them fails here in one line, rather than waiting for ever
-        cpus = self.cfg.reward.num_workers
-        group = self._place("reward scorer (reward.num_workers CPUs on one node)", 1, cpus, 0, "pack")
-        handle = self._actor(Scorer, cpus, 0).options(**placement.in_bundle(group, 0)).remote(
-            scorer_config(self.cfg.reward), make_engine)
+        # a cluster without a node that has them fails here in one line, rather than waiting for ever. A reward
+        # model runs in the scorer's own process: it takes an engine's GPUs
+        cpus = reward.num_workers
+        gpus = c.gpus_per_engine if any(s.name == "model" and not s.import_path for s in reward.rewards) else 0
+        group = self._place("reward scorer (reward.num_workers CPUs on one node)", 1, cpus, gpus, "pack")
+        handle = self._actor(Scorer, cpus, gpus).options(**placement.in_bundle(group, 0)).remote(
+            scorer_config(reward), make_engine)
         try:  # the rewards are built in the actor's constructor: a bad one fails here, not at the first score
             self.ray.get(handle.__ray_ready__.remote())
         except self.ray.exceptions.RayActorError as e:
             raise RecipeError(creation_error(str(e))) from e
-        return _Blocking(handle, self.ray.get)
+        scorer = _Blocking(handle, self.ray.get)
+        scorer.placement_group = group  # removed with the actor when a stage's reward model replaces the scorer
+        return scorer
 
     def release(self, *workers) -> None:
         """Stop actors of a finished stage (local workers are simply dropped)."""

@@ -127,3 +127,35 @@ class ValueBatch:
     def select(self, rows: slice | torch.Tensor) -> "ValueBatch":
         return ValueBatch(self.tokens.select(rows), self.mask[rows], self.old_values[rows], self.returns[rows],
                           self.normalizer)
+
+
+@dataclass(frozen=True)
+class RewardPairBatch:
+    """A Bradley-Terry reward model update: rows alternate chosen (2i) and rejected (2i + 1); each row's
+    response_mask marks the one position its reward is read at (rlkit.training.reward_model.scored_tokens)."""
+
+    tokens: TokenBatch  # (2P, L)
+    margins: torch.Tensor  # (2P,) the pair's required margin (TRL's `margin` column; 0 without), on both its rows
+    num_pairs: int  # pairs in the whole step batch (the loss divisor)
+    rows_per_unit: ClassVar[int] = 2  # a pair's rows stay together, in order, in one micro-batch
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def select(self, rows: slice | torch.Tensor) -> "RewardPairBatch":
+        return RewardPairBatch(self.tokens.select(rows), self.margins[rows], self.num_pairs)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """A process reward model update: response_mask marks each step's last separator token, `labels` its label."""
+
+    tokens: TokenBatch  # (B, L)
+    labels: torch.Tensor  # (B, L-1) 1.0 where the step ending there is correct, 0.0 elsewhere
+    normalizer: float  # labelled steps in the whole step batch (the loss divisor)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def select(self, rows: slice | torch.Tensor) -> "StepBatch":
+        return StepBatch(self.tokens.select(rows), self.labels[rows], self.normalizer)

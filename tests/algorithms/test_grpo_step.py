@@ -15,6 +15,7 @@ from rlkit.algorithms.common import Workers
 from rlkit.recipe import AlgoConfig, RecipeConfig, StageConfig
 from rlkit.data.tasks import Problem
 from rlkit.algorithms.experience import ExperienceMaker, ExperienceSource
+from rlkit.algorithms.gold import GoldMonitor
 from rlkit.training.losses import PolicyStats
 from rlkit.training.rank import Update
 from rlkit.rollout.vllm_engine import Completion, SyncStats
@@ -66,7 +67,7 @@ def run_step(rewards, **algo):
     ctx = SimpleNamespace(
         cfg=cfg, stage=cfg.stages[0], data=SimpleNamespace(problems=problems, renderer=SimpleNamespace(pad_id=0)),
         workers=Workers(workers, workers, workers, workers, cfg.trainer), model_path="", prefix="grpo", index=0,
-        loop=SimpleNamespace(steps=lambda sampler, position: range(1)), seed=lambda: 0,
+        loop=SimpleNamespace(steps=lambda sampler, position: range(1)), seed=lambda: 0, gold=GoldMonitor(10, 0),
         experience_maker=lambda: ExperienceMaker(workers, workers, 0.5, "test"),
         experience_source=lambda produce, sampler: ExperienceSource(produce, 1, 0),
         log=SimpleNamespace(completions=lambda *a: None, show=lambda **kw: None,

@@ -1,6 +1,6 @@
 import json
 
-from rlkit.report import main, series
+from rlkit.report import gold_curves, main, series
 
 
 def write_run(tmp_path, torn_tail=False):
@@ -33,3 +33,21 @@ def test_report_writes_pngs_and_summary_even_for_a_cut_off_run(tmp_path, capsys)
 def test_report_on_a_folder_without_metrics(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_a_gold_monitored_stage_gets_its_proxy_vs_gold_against_kl_plot(tmp_path, capsys):
+    rows = [{"step": s, "grpo/kl": 0.01 * s, "grpo/gold/proxy_mean": 0.1 * s, "grpo/gold/mean": 0.5 - 0.01 * s}
+            for s in range(1, 6)]
+    rows.insert(2, {"step": 2, "eval/accuracy": 0.3})  # rows without the three keys are skipped
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    curves = gold_curves(rows)
+    assert list(curves) == ["grpo"] and curves["grpo"]["kl"] == [0.01, 0.02, 0.03, 0.04, 0.05]
+    assert curves["grpo"]["gold"][-1] == 0.45
+    assert main([str(tmp_path)]) == 0
+    assert (tmp_path / "report" / "gold_grpo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "report" / "gold.png").is_file()
+    stage = {"name": "01_grpo", "kind": "grpo", "before": {"accuracy": 0.3}, "seconds": 12.4, "stopped_at_step": 4,
+             "after": {"accuracy": 0.2, "gold/accuracy": 0.25}}
+    (tmp_path / "summary.json").write_text(json.dumps({"stages": [stage], "seconds": 20}))
+    assert main([str(tmp_path)]) == 0
+    assert "| 01_grpo | grpo | 0.300 | 0.200 | 0.250 | 12 (stopped at step 4) |" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from rlkit.recipe import DataConfig, RecipeError
-from rlkit.data.tasks import Conversation, Preference, Problem
+from rlkit.data.tasks import Conversation, Preference, Problem, Stepwise
 from rlkit.data.sources import detect_format, read_rows, to_record
 from tests.e2e.test_quickstart import REPO
 
@@ -34,8 +34,12 @@ def write_jsonl(path, rows):
     ([{"prompt": "2+2?", "chosen": "4", "rejected": "5"}], "preference", Preference("2+2?", "4", "5")),
     ([{"chosen": CHAT, "rejected": CHAT[:1] + [{"role": "assistant", "content": "5"}]}], "preference",  # implicit
      Preference("2+2?", tuple(CHAT[1:]), ({"role": "assistant", "content": "5"},), messages=tuple(CHAT[:1]))),
+    ([{"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": 1}], "preference",
+     Preference("2+2?", "4", "5", margin=1.0)),
+    ([{"prompt": "2+3?", "completions": ["2+3=5", "So 5."], "labels": [True, False]}], "stepwise",
+     Stepwise("2+3?", ("2+3=5", "So 5."), (True, False))),
 ], ids=["prompt-only", "prompt-completion", "conversational-prompt-completion", "messages", "preference",
-        "implicit-prompt-preference"])
+        "implicit-prompt-preference", "preference-margin", "stepwise"])
 def test_trl_formats_are_detected_from_the_columns(tmp_path, rows, fmt, record):
     assert records(write_jsonl(tmp_path / "d.jsonl", rows)) == (fmt, [record])
 
@@ -75,7 +79,11 @@ def test_a_message_field_of_the_wrong_shape_names_file_row_and_field(tmp_path, r
     ([{"prompt": "2+2?", "answer": [4]}], "row 1: field 'answer' must be text or a number, got list"),
     ([{"prompt": "2+2?", "chosen": "4", "rejected": CHAT[1:]}], "row 1: 'prompt', 'chosen' and 'rejected' must all"),
     ([{"chosen": "4", "rejected": "5"}], "row 1: no 'prompt' field; text chosen/rejected need one"),
-], ids=["prompt-dict", "answer-list", "mixed-preference", "implicit-text-preference"])
+    ([{"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": "big"}], "row 1: field 'margin' must be a number"),
+    ([{"prompt": "q", "completions": ["a", "b"], "labels": [True]}], "row 1: 2 steps in 'completions' but 1 'labels'"),
+    ([{"prompt": "q", "completions": ["a"], "labels": [1]}], "row 1: field 'labels' must be a list of true/false"),
+], ids=["prompt-dict", "answer-list", "mixed-preference", "implicit-text-preference", "margin-text",
+        "labels-short", "labels-int"])
 def test_other_fields_of_the_wrong_shape(tmp_path, rows, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace("[", r"\[")):
         records(write_jsonl(tmp_path / "d.jsonl", rows))

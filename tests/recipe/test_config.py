@@ -74,7 +74,7 @@ def test_yaml_then_overrides_in_order(tmp_path):
         # a field the stage's kind does not read (rlkit.recipe.stage_kinds) would be silently ignored
         (["stages=[{kind: grpo, teacher: ckpt}]"],
          "stages.0.teacher: grpo stages do not read it (only distill stages do); remove it"),
-        (["stages=[{kind: sft, pairs: online}]"], "stages.0.pairs: sft stages do not read it (only dpo stages do)"),
+        (["stages=[{kind: sft, pairs: online}]"], "stages.0.pairs: sft stages do not read it (only dpo, reward_model stages do)"),
         (["stages=[{kind: ppo, samples: 4}]"], "stages.0.samples: ppo stages do not read it (only dpo, rft, distill"),
         (["stages=[{kind: dpo, batch_size: 3}]", "cluster.backend=ray", "cluster.trainer_ranks=2"],
          "stages.0.batch_size: 3 rows per step do not split evenly over cluster.trainer_ranks=2"),
@@ -99,6 +99,25 @@ def test_yaml_then_overrides_in_order(tmp_path):
         (["rollout.engine_kwargs={enable_prefix_cachng: false}"],
          "rollout.engine_kwargs.enable_prefix_cachng: not an engine argument of the installed vLLM (EngineArgs); did "
          "you mean 'enable_prefix_caching'? Fix or remove it"),
+        # reward models: the stage and the reward (rlkit.recipe.checks.check_model_reward)
+        (["stages=[{kind: reward_model, pairs: online}]"], "stages.0.pairs: 'online' is not one of dataset, policy"),
+        (["stages=[{kind: reward_model, data: {format: stepwise}}]"],
+         "stages.0.pairs: a process reward model (data.format stepwise) trains on a stepwise dataset"),
+        (["stages=[{kind: reward_model, save_every: 5}]"], "stages.0.save_every: snapshots are policy checkpoints"),
+        (["stages=[{kind: reward_model, teacher: x}]"], "stages.0.teacher: reward_model stages do not read it"),
+        (["algo.rm_center_coef=-1", "stages=[{kind: reward_model}]"], "algo.rm_center_coef: must be >= 0"),
+        (["data.format=stepwise"], "data.format: 'stepwise' is a reward_model stage's own data"),
+        (["data.step_separator=''"], "data.step_separator: empty; a process reward model reads each step's score"),
+        (["reward.rewards=[{name: math, path: rm}]"], "reward.rewards[0].path: only a reward with name: model reads it"),
+        (["reward.rewards=[{name: math}, {name: model}]"], "reward.rewards[1].path: name: model needs the reward model"),
+        (["reward.rewards=[{name: math}, {name: model, path: rn}]", "stages=[{kind: reward_model, name: rm}]"],
+         "reward.rewards[1].path: 'rn' is neither a reward model folder (with config.json) nor a reward_model stage "
+         "of this recipe (those: ['rm'])"),
+        (["reward.rewards=[{name: math}, {name: model, path: rm}]", "stages=[{kind: grpo}, {kind: reward_model, name: rm}]"],
+         "stages.0: a grpo stage scores its samples with reward.rewards, but reward.rewards[1] is the reward model "
+         "stages.1 trains later"),
+        (["reward.rewards=[{name: model, path: 01_reward_model}]", "stages=[{kind: reward_model}, {kind: grpo}]"],
+         "reward.rewards: every reward is a reward model a stage trains later"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, expected):
@@ -196,3 +215,40 @@ def test_an_engine_over_two_gpus_with_vllms_own_arguments_loads():
     assert cfg.rollout.engine_kwargs == {"enable_prefix_caching": False}
     assert (cfg.rollout.tensor_parallel_size, cfg.cluster.gpus_per_engine, cfg.rollout.max_num_seqs) == (2, 2, 64)
     load_recipe(None, ["cluster.gpus_per_engine=0.5"])  # engines sharing a GPU, as before
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["reward.gold=[{weight: 1.0}]"], "reward.gold[0]: give a built-in name"),
+        (["reward.gold_window=1"], "reward.gold_window: the gap's trend is a slope over at least 2 steps"),
+        (["reward.stop_on_gold_drop=2", "logging.eval_every=5", "stages=[{kind: grpo}]"],
+         "reward.stop_on_gold_drop: watches the gold reward"),
+        (["reward.stop_on_gold_drop=2", "reward.gold=[{name: math}]", "logging.eval_every=5"],
+         "stages that climb the rewards step by step (grpo, ppo) and this recipe has none"),
+        (["reward.stop_on_gold_drop=2", "reward.gold=[{name: math}]", "stages=[{kind: grpo}]"],
+         "logging.eval_every is 0"),
+        (["reward.stop_on_gold_drop=-1"], "reward.stop_on_gold_drop: must be >= 0"),
+        (["logging.best_metric=gold/accuracy"], "logging.best_metric"),  # no gold rewards to take it from
+    ],
+)
+def test_gold_monitor_settings_are_checked_at_load(overrides, expected):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, overrides)
+    assert expected in str(err.value)
+
+
+def test_gold_rewards_load_beside_the_trained_ones():
+    cfg = load_recipe(None, ["reward.rewards=[{name: format, kwargs: {require_think: false}}]",
+                             "reward.gold=[{name: math}]", "reward.stop_on_gold_drop=3", "logging.eval_every=10",
+                             "stages=[{kind: sft}, {kind: grpo}]",
+                             "logging.best_metric=gold/accuracy"])
+    assert [s.name for s in cfg.reward.gold] == ["math"] and cfg.reward.stop_on_gold_drop == 3
+
+
+def test_quickstart_rm_recipe_trains_on_the_reward_model_with_the_verifier_as_gold():
+    cfg = load_recipe("recipes/quickstart_rm.yaml")
+    assert [s.kind for s in cfg.stages] == ["sft", "reward_model", "grpo"]
+    trained = [s for s in cfg.reward.rewards if s.weight]
+    assert [(s.name, s.path) for s in trained] == [("model", cfg.stages[1].name)]  # the only reward trained on
+    assert [s.name for s in cfg.reward.gold] == ["math"]

@@ -28,11 +28,15 @@ def test_every_kind_trains_through_a_function_of_the_algorithms_layer(kind):
 def test_the_records_say_what_each_kind_is():
     assert {k for k, s in STAGE_KINDS.items() if s.syncs_every_step} == {"grpo", "ppo"}
     assert {k for k, s in STAGE_KINDS.items() if s.uses_advantage_estimator} == {"grpo"}
-    assert {k for k, s in STAGE_KINDS.items() if not s.trains_model} == {"average"}
+    assert {k for k, s in STAGE_KINDS.items() if not s.trains_model} == {"average", "reward_model"}
+    assert {k for k, s in STAGE_KINDS.items() if not s.yields_policy} == {"reward_model"}
     data = {k: s.data(StageConfig(kind=k)) for k, s in STAGE_KINDS.items()}
     assert data == {"sft": "examples", "dpo": "problems", "grpo": "problems", "ppo": "problems", "rft": "problems",
-                    "distill": "problems", "average": ""}
+                    "distill": "problems", "average": "", "reward_model": "problems"}
     assert STAGE_KINDS["dpo"].data(StageConfig(kind="dpo", pairs="dataset")) == "pairs"
+    assert STAGE_KINDS["reward_model"].data(StageConfig(kind="reward_model", pairs="dataset")) == "pairs"
+    stepwise = StageConfig(kind="reward_model", pairs="dataset", data={"format": "stepwise"})
+    assert STAGE_KINDS["reward_model"].data(stepwise) == "steps"
 
 
 PROBE = """

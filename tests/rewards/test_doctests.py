@@ -5,7 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["rlkit.rewards._codec", "rlkit.rewards.math", "rlkit.rewards.numeric", "rlkit.rewards.honesty", "rlkit.rewards.code", "rlkit.rewards.logic", "rlkit.rewards.format", "rlkit.rewards.judge"]
+MODULES = ["rlkit.rewards._codec", "rlkit.rewards.math", "rlkit.rewards.numeric", "rlkit.rewards.honesty", "rlkit.rewards.code",
+           "rlkit.rewards.logic", "rlkit.rewards.format", "rlkit.rewards.judge", "rlkit.rewards.model"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -127,6 +127,25 @@ def test_on_error_fail_stops_on_errors_not_on_a_models_timeout():
             scorer.score(samples("boom"))
 
 
+def test_gold_rewards_are_scored_beside_the_trained_ones_and_never_in_the_score():
+    # trained: LengthReward (limit 1); gold: math (weight 2) and Flaky. "4": length 1, gold 2 * 1 + 1 = 3;
+    # "44": length 0, gold 0 + 1 = 1 (math's verdict: wrong); "boom": length 0, Flaky raises: a gold ERROR that
+    # leaves the trained sample alone (valid, score 0) and the gold statistics
+    cfg = ScorerConfig(rewards=[RewardSpec(import_path="tests.rewards.helpers:LengthReward", kwargs={"limit": 1})],
+                       gold=[RewardSpec(name="math", weight=2.0), FLAKY], on_error="exclude", num_workers=1)
+    with Scorer(cfg) as scorer:
+        out = scorer.score(samples("4", "44", "boom"))
+        assert out.scores == [1.0, 0.0, 0.0] and out.valid == [True, True, True]
+        assert out.results[0].components == {"LengthReward": 1.0}  # gold is not a component of the score
+        assert out.gold_scores[:2] == [3.0, 1.0] and out.gold_valid == [True, True, False]
+        assert [r.verdict for r in out.gold_results] == [Verdict.CORRECT, Verdict.WRONG, Verdict.ERROR]
+        assert out.stats["gold/errors"] == 1 and out.stats["gold/math/mean"] == pytest.approx(1 / 3)
+        assert out.stats["errors"] == 0 and "verdict/error" not in out.stats
+        assert scorer.labels == ["LengthReward"] and scorer.gold_labels == ["math", "Flaky"]
+    with pytest.raises(RewardConfigError, match=r"reward.gold\[0\].name: unknown reward 'mth'"):
+        Scorer(ScorerConfig(gold=[RewardSpec(name="mth")]))
+
+
 @pytest.mark.parametrize(
     "completion",
     [

@@ -269,3 +269,33 @@ def test_a_scorer_no_node_can_hold_fails_in_one_line_naming_it(clusters):
     with pytest.raises(RecipeError, match=r"^cluster: could not place the reward scorer \(reward.num_workers CPUs on "
                                           r"one node\): 1 x \{'CPU': 64\}"):
         Cluster(cfg).scorer()
+
+
+def test_a_reward_model_on_two_ranks_equals_one_rank(clusters, tmp_path):
+    """A reward_model stage's ranks (rlkit.training.reward_model): the same scores, Bradley-Terry updates and saved
+    sequence classifier on 2 FSDP2 ranks as on 1."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlkit.algorithms.reward_model import pair_batch
+    from rlkit.training.reward_model import PairwiseLoss
+
+    model, tok = init_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2))
+    path = str(save_checkpoint(model, tok, tmp_path / "ckpt", ""))
+    local, cluster = clusters
+    one, two = local.reward_model_group(path, lr=1e-2, warmup_steps=1), cluster.reward_model_group(path, 1e-2, 1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        pairs = [(torch.randint(4, 90, (3,), generator=g).tolist(), torch.randint(4, 90, (k,), generator=g).tolist(),
+                  torch.randint(4, 90, (5 - k,), generator=g).tolist(), 0.1 * k) for k in (1, 2, 3, 4)]
+        batch = pair_batch(pairs, tok.pad_token_id)
+        assert torch.allclose(one.scores(batch.tokens), two.scores(batch.tokens), atol=1e-10)
+        for _ in range(2):
+            u1, u2 = one.step(PairwiseLoss(0.1), batch), two.step(PairwiseLoss(0.1), batch)
+            assert u1.stats.loss == pytest.approx(u2.stats.loss, rel=1e-9)
+            assert u1.grad_norm == pytest.approx(u2.grad_norm, rel=1e-9)
+        assert torch.allclose(one.scores(batch.tokens), two.scores(batch.tokens), atol=1e-9)
+        saved = AutoModelForSequenceClassification.from_pretrained(two.save(str(tmp_path / "rm"), path, ""))
+        hf = saved(input_ids=batch.tokens.input_ids, attention_mask=batch.tokens.attention_mask).logits[:, 0]
+        assert torch.allclose(hf, one.scores(batch.tokens).sum(-1), atol=1e-9)  # float64 throughout
+    finally:
+        cluster.release(two)
