@@ -137,7 +137,7 @@ class TrainerGroup:
         return self._each_row(batch, lambda w, whole, rows: w.values(whole, rows))
 
     def scores(self, batch: TokenBatch) -> torch.Tensor:  # reward model groups: (B, L) at the scored positions
-        return self._each_row(batch, lambda w, rows: w.scores(rows))
+        return self._each_row(batch, lambda w, whole, rows: w.scores(whole, rows))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights; every rank takes part in the gather."""

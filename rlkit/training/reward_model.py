@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from rlkit.recipe import TrainerConfig
-from rlkit.training.batches import RewardPairBatch, StepBatch, TokenBatch
+from rlkit.training.batches import RewardPairBatch, StepBatch, TokenBatch, rank_part
 from rlkit.training.lora import apply_lora, merge_lora_state_dict
 from rlkit.training.losses import Stats
 from rlkit.training.packing import layout_rows
@@ -179,8 +179,9 @@ class RewardModelTrainer(RankWorker):
         return self.model(batch.tokens)
 
     @torch.no_grad()
-    def scores(self, batch: TokenBatch) -> torch.Tensor:
-        """(b, L-1) scores of this rank's rows at their marked positions, zero elsewhere."""
+    def scores(self, batch: TokenBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, L-1) scores of this rank's `rows` of the batch (None: all) at their marked positions, zero elsewhere."""
+        batch = rank_part(batch, rows)
         self.model.eval()
         out = None
         for rows in self.micro_batches(batch):
