@@ -23,9 +23,10 @@ from rlkit.recipe import RecipeConfig, RecipeError, RolloutConfig
 from rlkit.runtime import placement
 from rlkit.training.packing import balance_rows
 from rlkit.training.rank import Update
-from rlkit.runtime.scoring import build_scorer, scorer_config
+from rlkit.runtime.scoring import build_scorer, scorer_config, scorer_cpus
 from rlkit.training.batches import TokenBatch
-from rlkit.rewards.scorer import Scorer
+from rlkit.rewards.base import Sample
+from rlkit.rewards.scorer import Scorer, ScoreOutput
 from rlkit.rollout import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,10 @@ class TrainerGroup:
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
         return self._each_row(batch, lambda w, rows: w.logprobs(rows, temperature))
 
+    def ref_logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
+        """The reference's log-probs (B, L-1), where the ranks hold it (ref.placement=trainer: RanksReference)."""
+        return self._each_row(batch, lambda w, rows: w.ref_logprobs(rows, temperature))
+
     def step(self, loss, batch) -> Update:
         """One optimizer update of `loss` (rlkit.training.losses) over the step batch, its rows split across the ranks."""
         return Update.merge(self._each(batch, lambda w, rows: w.step(loss, rows), self._split(batch)))
@@ -116,6 +121,55 @@ class TrainerGroup:
 
     def load_state(self, path: str) -> None:
         self._resolve([w.load_state(path) for w in self.workers])
+
+
+class RanksReference:
+    """The stage's frozen reference held by the policy's ranks, sharded like the policy (ref.placement=trainer), with
+    ReferenceModel's interface. Its rows are split across the ranks as the policy's log-probs are."""
+
+    def __init__(self, trainers: TrainerGroup):
+        self.trainers = trainers
+
+    def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
+        return self.trainers.ref_logprobs(batch, temperature)  # (B, L-1)
+
+    def release(self) -> None:
+        """Free its weights on the ranks (the ranks themselves stay: they are the policy's)."""
+        self.trainers._resolve([w.drop_reference() for w in self.trainers.workers])
+
+
+class ScorerGroup:
+    """S scorers (cluster.scorer_actors). A batch's samples are split into S contiguous shares, each scored by one
+    scorer at once (`Scorer.outcomes`); the first then combines the shares' outcomes in the batch's order
+    (`Scorer.combine`, handed the others' object refs, which Ray resolves peer to peer): scores, the reward policy
+    (reward.on_error) and the stats are the whole batch's, as one scorer's. A batched reward (the LLM judge) runs
+    once per share, each scorer with its own engine."""
+
+    def __init__(self, scorers: list, resolve: Callable[[list], list] = _local_resolve):
+        self.scorers, self._resolve = scorers, resolve
+        self.placement_group = None  # on Ray: the scorers' reservation (spread over the nodes)
+
+    def score(self, samples: list[Sample]) -> ScoreOutput:
+        samples = list(samples)
+        if len(self.scorers) == 1:
+            return self._resolve([self.scorers[0].score(samples)])[0]
+        shares = [samples[part] for part in contiguous_shares(len(samples), len(self.scorers))]
+        outcomes = [scorer.outcomes(share) for scorer, share in zip(self.scorers, shares) if share]
+        return self._resolve([self.scorers[0].combine(samples, *outcomes)])[0]
+
+    def close(self) -> None:
+        self._resolve([s.close() for s in self.scorers])
+
+
+def contiguous_shares(n: int, k: int) -> list[slice]:
+    """n items in k contiguous shares of ceil(n / k) (the last ones shorter or empty), so results concatenated in
+    share order are in the items' order.
+
+    >>> contiguous_shares(5, 2), contiguous_shares(2, 3)
+    ([slice(0, 3, None), slice(3, 5, None)], [slice(0, 1, None), slice(1, 2, None), slice(2, 2, None)])
+    """
+    size = -(-n // k)
+    return [slice(min(i * size, n), min((i + 1) * size, n)) for i in range(k)]
 
 
 class RolloutPool:
@@ -162,7 +216,7 @@ class Cluster:
                 c = cfg.cluster
                 # the policy's and a critic's ranks, the engines, the reference and the scorer's worker processes
                 wanted = (2 * c.trainer_ranks * c.cpus_per_trainer + c.rollout_engines * c.cpus_per_engine + 1
-                          + cfg.reward.num_workers)
+                          + c.scorer_actors * scorer_cpus(cfg.reward))
                 placement.init_ray(ray, c, wanted)
             self.ray = ray
 
@@ -229,10 +283,17 @@ class Cluster:
         trainers.placement_group = group
         return trainers
 
-    def reference(self, model_path: str):
+    def reference(self, model_path: str, trainers: TrainerGroup | None = None):
+        """The stage's frozen reference, loaded from `model_path` (the stage's starting model): on the policy's
+        ranks `trainers`, sharded like the policy (ref.placement=trainer), or one unsharded worker (actor)."""
         from rlkit.training.reference import ReferenceModel
 
         cfg = self.cfg
+        if cfg.ref.placement == "trainer":
+            if trainers is None:
+                raise ValueError("ref.placement=trainer: the reference needs the policy's trainer group")
+            trainers._resolve([w.load_reference(cfg.ref, model_path) for w in trainers.workers])
+            return RanksReference(trainers)
         t = cfg.trainer
         args = (cfg.ref, model_path, t.micro_batch_size, t.logprob_impl, t.micro_batch_tokens, t.packing,
                 t.attn_implementation, t.compile)
@@ -245,17 +306,26 @@ class Cluster:
             return build_scorer(self.cfg.reward)  # a reward that cannot be built is a RecipeError
         c = self.cfg.cluster  # a batched reward's engine (the LLM judge) becomes an actor of its own
         make_engine = functools.partial(judge_engine_actor, c.gpus_per_engine)
-        # it reserves the CPUs its worker processes use (Ray would not count them), in a placement group of its own:
-        # a cluster without a node that has them fails here in one line, rather than waiting for ever
-        cpus = self.cfg.reward.num_workers
-        group = self._place("reward scorer (reward.num_workers CPUs on one node)", 1, cpus, 0, "pack")
-        handle = self._actor(Scorer, cpus, 0).options(**placement.in_bundle(group, 0)).remote(
-            scorer_config(self.cfg.reward), make_engine)
-        try:  # the rewards are built in the actor's constructor: a bad one fails here, not at the first score
-            self.ray.get(handle.__ray_ready__.remote())
+        # each scorer reserves the CPUs its worker processes use (Ray would not count them), in a placement group
+        # spread over the nodes: a cluster whose nodes could never hold them fails here in one line, one without
+        # the free CPUs after cluster.placement_timeout_s, rather than waiting for ever
+        cpus, what = scorer_cpus(self.cfg.reward), "reward scorers (cluster.scorer_actors x reward.num_workers CPUs)"
+        problem = placement.room_error(what, c.scorer_actors, cpus, placement.node_cpus(self.ray),
+                                       "lower cluster.scorer_actors or reward.num_workers, or add nodes")
+        if problem:
+            raise RecipeError(problem)
+        group = self._place(what, c.scorer_actors, cpus, 0, "spread")
+        actor = self._actor(Scorer, cpus, 0)
+        handles = [actor.options(**placement.in_bundle(group, i)).remote(scorer_config(self.cfg.reward), make_engine)
+                   for i in range(c.scorer_actors)]
+        scorers = ScorerGroup([_Remote(h) for h in handles], self.ray.get)
+        scorers.placement_group = group
+        try:  # the rewards are built in the actors' constructors: a bad one fails here, not at the first score
+            self.ray.get([h.__ray_ready__.remote() for h in handles])
         except self.ray.exceptions.RayActorError as e:
+            self.release(scorers)
             raise RecipeError(creation_error(str(e))) from e
-        return _Blocking(handle, self.ray.get)
+        return scorers
 
     def release(self, *workers) -> None:
         """Stop actors of a finished stage (local workers are simply dropped)."""
@@ -264,7 +334,11 @@ class Cluster:
         for w in workers:
             if w is None:  # a worker the stage did not need (GRPO without a reference)
                 continue
-            for handle in getattr(w, "workers", None) or getattr(w, "engines", None) or [w]:
+            if isinstance(w, RanksReference):  # its ranks are the policy's, released with the stage's end
+                w.release()
+                continue
+            for handle in (getattr(w, "workers", None) or getattr(w, "engines", None) or getattr(w, "scorers", None)
+                           or [w]):
                 self.ray.kill(handle.actor)
             if getattr(w, "placement_group", None) is not None:  # its reservation goes with its actors
                 from ray.util.placement_group import remove_placement_group

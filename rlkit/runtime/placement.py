@@ -58,6 +58,30 @@ def placement_error(what: str, count: int, one: dict, strategy: str, timeout_s: 
             "cluster.placement_timeout_s")
 
 
+def room_error(what: str, count: int, cpus: float, node_cpus: list[float], fix: str) -> str | None:
+    """The one line a group of `count` workers of `cpus` CPUs each (each on one node) fails with at once when the
+    cluster's nodes (`node_cpus`, their total CPUs) could never hold it, whatever else runs; None when they could.
+    A shortfall of free CPUs is left to `place`, which waits for them.
+
+    >>> print(room_error("reward scorers", 3, 2, [4.0, 1.0], "lower it"))  # 4 // 2 + 1 // 2 = 2 < 3
+    cluster: the reward scorers cannot fit: 3 x {'CPU': 2} but the cluster's nodes have CPU 4, 1 (room for 2);
+    lower it
+    >>> room_error("reward scorers", 2, 2, [4.0], "lower it") is None
+    True
+    """
+    room = sum(int(n // cpus) for n in node_cpus) if cpus > 0 else count
+    if room >= count:
+        return None
+    have = ", ".join(f"{n:g}" for n in node_cpus)
+    return f"cluster: the {what} cannot fit: {count} x {bundle(cpus, 0)} but the cluster's nodes have CPU {have} " \
+           f"(room for {room}); {fix}"
+
+
+def node_cpus(ray) -> list[float]:
+    """The total CPUs of each live node of the cluster."""
+    return [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n["Alive"]]
+
+
 def place(ray, what: str, count: int, one: dict[str, float], strategy: str, timeout_s: float):
     """A placement group of `count` bundles `one`, reserved whole, or a RecipeError naming `what`. None when a
     worker asks for no resources (nothing to reserve)."""

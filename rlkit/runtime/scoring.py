@@ -17,6 +17,12 @@ def scorer_config(reward: RewardConfig) -> ScorerConfig:
                         on_error=reward.on_error, error_score=reward.error_score)
 
 
+def scorer_cpus(reward: RewardConfig) -> int:
+    """The CPUs a scorer actor reserves (its num_cpus and its placement bundle): the worker processes its pool spawns,
+    which Ray would not count (rewards.pool.WorkerPool starts scorer_config(reward).num_workers of them)."""
+    return scorer_config(reward).num_workers
+
+
 def build_scorer(reward: RewardConfig, make_engine=None) -> Scorer:
     """The scorer of a recipe's rewards, in this process; a reward that cannot be built is a RecipeError, the
     same one-line message the user gets for any other bad recipe field."""

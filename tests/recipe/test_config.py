@@ -84,6 +84,11 @@ def test_yaml_then_overrides_in_order(tmp_path):
         (["cluster.address=auto"], "cluster.address: only a Ray run joins a cluster"),
         (["cluster.backend=ray", "cluster.runtime_env={env_var: {A: 1}}"], "cluster.runtime_env: unknown key 'env_var'"),
         (["cluster.placement_timeout_s=0"], "cluster.placement_timeout_s: must be > 0"),
+        # scaling the other workers
+        (["cluster.backend=ray", "cluster.scorer_actors=0"], "cluster.scorer_actors: must be > 0, got 0"),
+        (["cluster.backend=ray", "cluster.scorer_actors=1.5"], "cluster.scorer_actors"),  # an int, by its type
+        (["cluster.scorer_actors=2"], "cluster.scorer_actors: more than one scorer actor needs cluster.backend=ray"),
+        (["ref.placement=ranks"], "ref.placement: 'ranks' is not one of trainer, actor"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, expected):
