@@ -146,7 +146,7 @@ class RefConfig:
     # rlkit.training.precision), "float32", "bfloat16" or "float64" (exact tests)
     dtype: str = "auto"
     # where the reference runs: "trainer" (on the policy's ranks, sharded with FSDP2 like the policy: it fits where
-    # the policy fits and needs no device of its own, as verl and OpenRLHF colocate it by default) or "actor" (one
+    # the policy fits and needs no device of its own, as verl's actor_rollout_ref worker holds it) or "actor" (one
     # unsharded actor of its own, reserving cluster.gpus_per_trainer). The same log-probs either way.
     placement: str = "trainer"
 
