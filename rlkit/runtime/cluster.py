@@ -275,10 +275,13 @@ class Cluster:
             return TrainerGroup([cls(*args)])
         group = self._place(f"{cls.__name__} group (cluster.trainer_ranks)", c.trainer_ranks, c.cpus_per_trainer,
                             c.gpus_per_trainer, c.placement)
-        env = placement.rendezvous(self.ray, group)  # rank 0's node and a port free there
-        actor = self._actor(cls, c.cpus_per_trainer, c.gpus_per_trainer, env)
-        workers = [_Remote(actor.options(**placement.in_bundle(group, r)).remote(
-            *args, rank=r, world_size=c.trainer_ranks)) for r in range(c.trainer_ranks)]
+
+        def start(env: dict[str, str]) -> list:  # env: rank 0's node and a port free there
+            actor = self._actor(cls, c.cpus_per_trainer, c.gpus_per_trainer, env)
+            return [actor.options(**placement.in_bundle(group, r)).remote(*args, rank=r, world_size=c.trainer_ranks)
+                    for r in range(c.trainer_ranks)]
+
+        workers = [_Remote(handle) for handle in placement.start_ranks(self.ray, group, start)]
         trainers = TrainerGroup(workers, self._resolve())
         trainers.placement_group = group
         return trainers

@@ -3,6 +3,7 @@ reference held on those ranks; several scorer actors score a batch as one scorer
 leaf workers' own configs."""
 
 import dataclasses
+import socket
 
 import pytest
 import torch
@@ -227,6 +228,31 @@ def test_ranks_are_placed_together_and_meet_at_rank0s_node(groups):
         lambda self: {k: __import__("os").environ[k] for k in ("MASTER_ADDR", "MASTER_PORT")}))
     (node,) = [n for n in ray.nodes() if n["Alive"]]
     assert env["MASTER_ADDR"] == node["NodeManagerAddress"] and int(env["MASTER_PORT"]) > 0
+
+
+def test_ranks_start_again_on_another_port_when_theirs_was_taken(clusters, tiny_path, monkeypatch):
+    """The port found free on rank 0's node can be taken before rank 0 binds it (here: by this test, listening on
+    it): rank 0 fails with EADDRINUSE, and the ranks start again on a new port, which works."""
+    from rlkit.runtime import placement
+
+    _, cluster = clusters
+    real, found = placement.rendezvous, []
+
+    def rendezvous(ray, group):
+        env = real(ray, group)
+        found.append(env)
+        return env | {"MASTER_PORT": str(taken.getsockname()[1])} if len(found) == 1 else env
+
+    monkeypatch.setattr(placement, "rendezvous", rendezvous)
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        two = cluster.trainer_group(tiny_path, lr=1e-2, warmup_steps=1)
+    try:
+        assert len(found) == 2 and two.world_size == 2
+        assert torch.isfinite(two.logprobs(random_batch(n=4))).all()  # the ranks met on the second port
+    finally:
+        cluster.release(two)
 
 
 def test_a_group_that_cannot_be_placed_fails_in_one_line_naming_it(clusters):
