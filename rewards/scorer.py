@@ -118,7 +118,7 @@ class Scorer:
 
     def outcomes(self, samples: list[Sample]) -> list[Outcome]:
         """Every reward's result on each of `samples` (N,), in order, not yet combined: what each of several scorers
-        computes on its share of a batch (rlkit.runtime.cluster.ScorerGroup); never raises on a reward's fault."""
+        computes on its share of a batch (rlkit.runtime.scoring.ScorerGroup); never raises on a reward's fault."""
         samples = list(samples)
         pooled = self._pool.run(samples) if self._pool is not None else [[] for _ in samples]
         batched = {k: self._score_batch(k, samples) for k in self._batched}

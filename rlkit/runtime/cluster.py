@@ -23,10 +23,9 @@ from rlkit.recipe import RecipeConfig, RecipeError, RolloutConfig
 from rlkit.runtime import placement
 from rlkit.training.packing import balance_rows
 from rlkit.training.rank import Update
-from rlkit.runtime.scoring import build_scorer, scorer_config, scorer_cpus
+from rlkit.runtime.scoring import ScorerGroup, build_scorer, scorer_config, scorer_cpus
 from rlkit.training.batches import TokenBatch
-from rlkit.rewards.base import Sample
-from rlkit.rewards.scorer import Scorer, ScoreOutput
+from rlkit.rewards.scorer import Scorer
 from rlkit.rollout import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -138,40 +137,6 @@ class RanksReference:
         self.trainers._resolve([w.drop_reference() for w in self.trainers.workers])
 
 
-class ScorerGroup:
-    """S scorers (cluster.scorer_actors). A batch's samples are split into S contiguous shares, each scored by one
-    scorer at once (`Scorer.outcomes`); the first then combines the shares' outcomes in the batch's order
-    (`Scorer.combine`, handed the others' object refs, which Ray resolves peer to peer): scores, the reward policy
-    (reward.on_error) and the stats are the whole batch's, as one scorer's. A batched reward (the LLM judge) runs
-    once per share, each scorer with its own engine."""
-
-    def __init__(self, scorers: list, resolve: Callable[[list], list] = _local_resolve):
-        self.scorers, self._resolve = scorers, resolve
-        self.placement_group = None  # on Ray: the scorers' reservation (spread over the nodes)
-
-    def score(self, samples: list[Sample]) -> ScoreOutput:
-        samples = list(samples)
-        if len(self.scorers) == 1:
-            return self._resolve([self.scorers[0].score(samples)])[0]
-        shares = [samples[part] for part in contiguous_shares(len(samples), len(self.scorers))]
-        outcomes = [scorer.outcomes(share) for scorer, share in zip(self.scorers, shares) if share]
-        return self._resolve([self.scorers[0].combine(samples, *outcomes)])[0]
-
-    def close(self) -> None:
-        self._resolve([s.close() for s in self.scorers])
-
-
-def contiguous_shares(n: int, k: int) -> list[slice]:
-    """n items in k contiguous shares of ceil(n / k) (the last ones shorter or empty), so results concatenated in
-    share order are in the items' order.
-
-    >>> contiguous_shares(5, 2), contiguous_shares(2, 3)
-    ([slice(0, 3, None), slice(3, 5, None)], [slice(0, 1, None), slice(1, 2, None), slice(2, 2, None)])
-    """
-    size = -(-n // k)
-    return [slice(min(i * size, n), min((i + 1) * size, n)) for i in range(k)]
-
-
 class RolloutPool:
     """N engines; prompts are split across them and every engine takes each weight sync."""
 
@@ -281,7 +246,14 @@ class Cluster:
             return [actor.options(**placement.in_bundle(group, r)).remote(*args, rank=r, world_size=c.trainer_ranks)
                     for r in range(c.trainer_ranks)]
 
-        workers = [_Remote(handle) for handle in placement.start_ranks(self.ray, group, start)]
+        try:
+            workers = [_Remote(handle) for handle in placement.start_ranks(self.ray, group, start)]
+        except BaseException:  # the ranks are stopped; their reservation goes too
+            if group is not None:
+                from ray.util.placement_group import remove_placement_group
+
+                remove_placement_group(group)
+            raise
         trainers = TrainerGroup(workers, self._resolve())
         trainers.placement_group = group
         return trainers

@@ -10,8 +10,8 @@ import torch
 
 from rlkit.rewards.base import RewardResult, Sample, Verdict
 from rlkit.rewards.scorer import RewardError, Scorer
-from rlkit.runtime.cluster import Cluster, RanksReference, ScorerGroup, TrainerGroup, engine_config
-from rlkit.runtime.scoring import scorer_config, scorer_cpus
+from rlkit.runtime.cluster import Cluster, RanksReference, TrainerGroup, engine_config
+from rlkit.runtime.scoring import ScorerGroup, scorer_config, scorer_cpus
 from rlkit.recipe import (ClusterConfig, ModelConfig, RecipeConfig, RecipeError, RefConfig, RewardConfig, RewardSpec,
                           RolloutConfig, TrainerConfig)
 from rlkit.training.reference import ReferenceModel
