@@ -136,6 +136,12 @@ class Scorer:
     def score(self, samples: list[Sample]) -> ScoreOutput:
         """Scores for `samples` (N,), in order; raises RewardError on a fault when on_error is "fail"."""
         samples = list(samples)
+        return self.combine(samples, self.outcomes(samples))
+
+    def outcomes(self, samples: list[Sample]) -> list[Outcome]:
+        """Every reward's result on each of `samples` (N,), in order, not yet combined: what each of several scorers
+        computes on its share of a batch (rlkit.runtime.scoring.ScorerGroup); never raises on a reward's fault."""
+        samples = list(samples)
         pooled = self._pool.run(samples) if self._pool is not None else [[] for _ in samples]
         batched = {k: self._score_batch(k, samples) for k in self._batched}
         per_sample = []
@@ -143,7 +149,15 @@ class Scorer:
             rest = iter(outs)
             outs = [batched[k][i] if k in batched else next(rest) for k in range(len(self.specs))]
             per_sample.append([self._timeout_as_wrong(k, r) for k, r in enumerate(outs)])
-        return self._combine(samples, per_sample)
+        return per_sample
+
+    def combine(self, samples: list[Sample], *shares: list[Outcome]) -> ScoreOutput:
+        """The ScoreOutput of `samples` (N,) from the `outcomes` of its consecutive shares, in order: scores, the
+        reward policy (on_error) and the stats over the whole batch, as `score` gives them."""
+        per_sample = [outcome for share in shares for outcome in share]
+        if len(per_sample) != len(samples):
+            raise ValueError(f"combine: {len(per_sample)} outcomes for {len(samples)} samples")
+        return self._combine(list(samples), per_sample)
 
     def _timeout_as_wrong(self, k: int, result: RewardResult) -> RewardResult:
         """A TIMEOUT keeps its verdict (counted, logged) but scores as reward k's wrong answer."""

@@ -40,7 +40,7 @@ class Workers:
 
     trainer: "TrainerGroup | None"  # the policy's ranks (None: an average stage, which trains nothing)
     pool: "RolloutPool"
-    scorer: "Scorer"  # or a Ray actor's handle to one
+    scorer: "Scorer"  # or a ScorerGroup of Ray actors with the same score/close (rlkit.runtime.scoring)
     cluster: "Cluster"  # makes the stage's own workers (reference, critic) and releases them
     trainer_cfg: TrainerConfig
     # held while the engines sample, take weights or evaluate: an asynchronous sampler thread never overlaps them

@@ -56,7 +56,7 @@ def train(ctx: StageContext) -> None:
         if not pairs:
             raise RecipeError(f"stages.{ctx.index}: the policy answered every sampled prompt correctly; no DPO pairs")
         ctx.logger.log({f"{ctx.prefix}/num_pairs": len(pairs)})
-    ref = ctx.workers.cluster.reference(ctx.model_path)
+    ref = ctx.workers.cluster.reference(ctx.model_path, ctx.workers.trainer)
     sampler = BatchSampler(pairs, stage.batch_size, ctx.seed())
     with ctx.workers.releasing(ref):
         for step in ctx.loop.steps(sampler, extra={"pairs": pairs} if stage.pairs == "policy" else None):

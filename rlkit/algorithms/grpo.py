@@ -39,7 +39,7 @@ def train(ctx: StageContext) -> None:
     group, temperature = algo.group_size, cfg.rollout.temperature
     estimator = get_estimator(algo.advantage_estimator)
     # ref.kl_coef 0 (DAPO, Dr.GRPO; TRL's default beta): no reference model is loaded and no KL computed
-    ref = ctx.workers.cluster.reference(ctx.model_path) if cfg.ref.kl_coef else None
+    ref = ctx.workers.cluster.reference(ctx.model_path, ctx.workers.trainer) if cfg.ref.kl_coef else None
     sampler = BatchSampler(ctx.data.problems, stage.batch_size, ctx.seed())
     maker = ctx.experience_maker()
     rounds = algo.resample_rounds if algo.drop_uniform_groups else 1

@@ -82,7 +82,7 @@ def train(ctx: StageContext) -> None:
     stage = ctx.stage
     state = {"pairs": ctx.loop.restored("pairs") or [], "round": ctx.loop.restored("round")}  # kept with resume points
     state["round"] = -1 if state["round"] is None else state["round"]
-    ref = ctx.workers.cluster.reference(ctx.model_path)
+    ref = ctx.workers.cluster.reference(ctx.model_path, ctx.workers.trainer)
     sampler = BatchSampler(state["pairs"] or [None], stage.batch_size, ctx.seed())
     with ctx.workers.releasing(ref):
         for step in ctx.loop.steps(sampler, extra=state):

@@ -72,7 +72,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 def train(ctx: StageContext) -> None:
     cfg, stage, algo = ctx.cfg, ctx.stage, ctx.cfg.algo
     temperature = cfg.rollout.temperature
-    ref = ctx.workers.cluster.reference(ctx.model_path)
+    ref = ctx.workers.cluster.reference(ctx.model_path, ctx.workers.trainer)
     critic = ctx.workers.cluster.critic_group(ctx.model_path, ctx.lr, ctx.warmup_steps,
                                               stage_updates(ctx.cfg, ctx.index))
     value_loss = ValueLoss(algo.value_clip)

@@ -25,7 +25,7 @@ NUMERIC_RANGES = {
             "algo.epsilon_high", "algo.ppo_epochs", "algo.ppo_minibatches", "algo.dpo_beta", "algo.value_clip",
             "cluster.rollout_engines", "rollout.tensor_parallel_size", "rollout.max_num_seqs",
             "cluster.trainer_ranks", "reward.num_workers", "reward.timeout_s", "logging.log_every",
-            "cluster.placement_timeout_s"],
+            "cluster.placement_timeout_s", "cluster.scorer_actors"],
     ">= 0": ["rollout.temperature", "ref.kl_coef", "trainer.weight_decay", "trainer.warmup_steps",
              "trainer.num_threads", "trainer.lora_rank", "trainer.micro_batch_tokens", "algo.tis_cap",
              "algo.overlong_buffer", "algo.overlong_penalty", "algo.dpo_nll_coef",
@@ -123,6 +123,7 @@ def check_trainer(cfg: RecipeConfig) -> None:
     _one_of("trainer.attn_implementation", cfg.trainer.attn_implementation,
             ("auto", "sdpa", "eager", "flash_attention_2"))
     _one_of("ref.dtype", cfg.ref.dtype, ("auto", "float32", "bfloat16", "float64"))
+    _one_of("ref.placement", cfg.ref.placement, ("trainer", "actor"))
     _one_of("trainer.lora_sync", cfg.trainer.lora_sync, ("merged", "adapter"))
     _one_of("trainer.lr_schedule", cfg.trainer.lr_schedule, ("constant", "linear", "cosine"))
     if cfg.trainer.lora_sync == "adapter" and not 0 < cfg.trainer.lora_rank <= MAX_ENGINE_LORA_RANK:
@@ -158,6 +159,9 @@ def check_cluster(cfg: RecipeConfig) -> None:
         raise RecipeError("cluster.trainer_ranks: more than one rank needs cluster.backend=ray")
     if cfg.cluster.rollout_engines > 1 and cfg.cluster.backend != "ray":
         raise RecipeError("cluster.rollout_engines: more than one engine needs cluster.backend=ray")
+    if cfg.cluster.scorer_actors > 1 and cfg.cluster.backend != "ray":
+        raise RecipeError("cluster.scorer_actors: more than one scorer actor needs cluster.backend=ray (in this "
+                          "process, raise reward.num_workers instead)")
     _one_of("cluster.placement", cfg.cluster.placement, PLACEMENTS)
     for key, value in (("address", cfg.cluster.address), ("runtime_env", cfg.cluster.runtime_env)):
         if value and cfg.cluster.backend != "ray":

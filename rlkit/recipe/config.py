@@ -170,6 +170,10 @@ class RefConfig:
     # the frozen reference's weights: "auto" (bfloat16 where its device computes it natively, else float32;
     # rlkit.training.precision), "float32", "bfloat16" or "float64" (exact tests)
     dtype: str = "auto"
+    # where the reference runs: "trainer" (on the policy's ranks, sharded with FSDP2 like the policy: it fits where
+    # the policy fits and needs no device of its own, as verl's actor_rollout_ref worker holds it) or "actor" (one
+    # unsharded actor of its own, reserving cluster.gpus_per_trainer). The same log-probs either way.
+    placement: str = "trainer"
 
 
 @dataclass(frozen=True)
@@ -309,6 +313,9 @@ class ClusterConfig:
     # the engines are always spread
     placement: str = "pack"
     placement_timeout_s: float = 300.0  # a worker group not placed whole by then fails the run, naming the group
+    # reward scorer actors, spread over the nodes: a batch's samples are split across them. Each reserves
+    # reward.num_workers CPUs, the worker processes it spawns (which Ray would not count)
+    scorer_actors: int = 1
 
 
 @dataclass(frozen=True)

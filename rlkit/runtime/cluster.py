@@ -24,7 +24,7 @@ from rlkit.recipe import RecipeConfig, RecipeError, RewardConfig, RolloutConfig
 from rlkit.runtime import placement
 from rlkit.training.packing import balance_rows
 from rlkit.training.rank import Update
-from rlkit.runtime.scoring import build_scorer, scorer_config
+from rlkit.runtime.scoring import ScorerGroup, build_scorer, scorer_config, scorer_cpus
 from rlkit.training.batches import PairBatch, PolicyBatch, SFTBatch, TokenBatch, ValueBatch
 from rlkit.rewards.scorer import Scorer
 from rlkit.rollout import EngineConfig
@@ -124,6 +124,10 @@ class TrainerGroup:
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
         return self._each_row(batch, lambda w, whole, rows: w.logprobs(whole, temperature, rows))
 
+    def ref_logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
+        """The reference's log-probs (B, L-1), where the ranks hold it (ref.placement=trainer: RanksReference)."""
+        return self._each_row(batch, lambda w, whole, rows: w.ref_logprobs(whole, temperature, rows))
+
     def step(self, loss, batch, rows: torch.Tensor | None = None, normalizer: float | None = None) -> Update:
         """One optimizer update of `loss` (rlkit.training.losses) over the step batch, or over its `rows` (a
         minibatch, whose loss divisor is `normalizer`), those rows split across the ranks. The ranks get the step
@@ -161,6 +165,21 @@ class TrainerGroup:
 
     def load_state(self, path: str) -> None:
         self._resolve([w.load_state(path) for w in self.workers])
+
+
+class RanksReference:
+    """The stage's frozen reference held by the policy's ranks, sharded like the policy (ref.placement=trainer), with
+    ReferenceModel's interface. Its rows are split across the ranks as the policy's log-probs are."""
+
+    def __init__(self, trainers: TrainerGroup):
+        self.trainers = trainers
+
+    def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
+        return self.trainers.ref_logprobs(batch, temperature)  # (B, L-1)
+
+    def release(self) -> None:
+        """Free its weights on the ranks (the ranks themselves stay: they are the policy's)."""
+        self.trainers._resolve([w.drop_reference() for w in self.trainers.workers])
 
 
 class RolloutPool:
@@ -208,7 +227,7 @@ class Cluster:
                 c = cfg.cluster
                 # the policy's and a critic's ranks, the engines, the reference and the scorer's worker processes
                 wanted = (2 * c.trainer_ranks * c.cpus_per_trainer + c.rollout_engines * c.cpus_per_engine + 1
-                          + cfg.reward.num_workers)
+                          + c.scorer_actors * scorer_cpus(cfg.reward))
                 placement.init_ray(ray, c, wanted)
             self.ray = ray
         self.share = SharedBatches(self.ray.put) if self.ray else _as_is  # a step's batches, put once
@@ -276,18 +295,35 @@ class Cluster:
             return TrainerGroup([cls(*args)])
         group = self._place(f"{cls.__name__} group (cluster.trainer_ranks)", c.trainer_ranks, c.cpus_per_trainer,
                             c.gpus_per_trainer, c.placement)
-        env = placement.rendezvous(self.ray, group)  # rank 0's node and a port free there
-        actor = self._actor(cls, c.cpus_per_trainer, c.gpus_per_trainer, env)
-        workers = [_Remote(actor.options(**placement.in_bundle(group, r)).remote(
-            *args, rank=r, world_size=c.trainer_ranks)) for r in range(c.trainer_ranks)]
+
+        def start(env: dict[str, str]) -> list:  # env: rank 0's node and a port free there
+            actor = self._actor(cls, c.cpus_per_trainer, c.gpus_per_trainer, env)
+            return [actor.options(**placement.in_bundle(group, r)).remote(*args, rank=r, world_size=c.trainer_ranks)
+                    for r in range(c.trainer_ranks)]
+
+        try:
+            workers = [_Remote(handle) for handle in placement.start_ranks(self.ray, group, start)]
+        except BaseException:  # the ranks are stopped; their reservation goes too
+            if group is not None:
+                from ray.util.placement_group import remove_placement_group
+
+                remove_placement_group(group)
+            raise
         trainers = TrainerGroup(workers, self._resolve(), self.share)
         trainers.placement_group = group
         return trainers
 
-    def reference(self, model_path: str):
+    def reference(self, model_path: str, trainers: TrainerGroup | None = None):
+        """The stage's frozen reference, loaded from `model_path` (the stage's starting model): on the policy's
+        ranks `trainers`, sharded like the policy (ref.placement=trainer), or one unsharded worker (actor)."""
         from rlkit.training.reference import ReferenceModel
 
         cfg = self.cfg
+        if cfg.ref.placement == "trainer":
+            if trainers is None:
+                raise ValueError("ref.placement=trainer: the reference needs the policy's trainer group")
+            trainers._resolve([w.load_reference(cfg.ref, model_path) for w in trainers.workers])
+            return RanksReference(trainers)
         t = cfg.trainer
         args = (cfg.ref, model_path, t.micro_batch_size, t.logprob_impl, t.micro_batch_tokens, t.packing,
                 t.attn_implementation, t.compile)
@@ -303,21 +339,28 @@ class Cluster:
             return build_scorer(reward)  # a reward that cannot be built is a RecipeError
         c = self.cfg.cluster  # a batched reward's engine (the LLM judge) becomes an actor of its own
         make_engine = functools.partial(judge_engine_actor, c.gpus_per_engine)
-        # it reserves the CPUs its worker processes use (Ray would not count them), in a placement group of its own:
-        # a cluster without a node that has them fails here in one line, rather than waiting for ever. A reward
-        # model runs in the scorer's own process: it takes an engine's GPUs
-        cpus = reward.num_workers
+        # each scorer reserves the CPUs its worker processes use (Ray would not count them), in a placement group
+        # spread over the nodes: a cluster whose nodes could never hold them fails here in one line, one without
+        # the free CPUs after cluster.placement_timeout_s, rather than waiting for ever. A reward model runs in the
+        # scorer's own process: it takes an engine's GPUs
+        cpus, what = scorer_cpus(reward), "reward scorers (cluster.scorer_actors x reward.num_workers CPUs)"
         gpus = c.gpus_per_engine if any(s.name == "model" and not s.import_path for s in reward.rewards) else 0
-        group = self._place("reward scorer (reward.num_workers CPUs on one node)", 1, cpus, gpus, "pack")
-        handle = self._actor(Scorer, cpus, gpus).options(**placement.in_bundle(group, 0)).remote(
-            scorer_config(reward), make_engine)
-        try:  # the rewards are built in the actor's constructor: a bad one fails here, not at the first score
-            self.ray.get(handle.__ray_ready__.remote())
+        problem = placement.room_error(what, c.scorer_actors, cpus, placement.node_cpus(self.ray),
+                                       "lower cluster.scorer_actors or reward.num_workers, or add nodes")
+        if problem:
+            raise RecipeError(problem)
+        group = self._place(what, c.scorer_actors, cpus, gpus, "spread")
+        actor = self._actor(Scorer, cpus, gpus)
+        handles = [actor.options(**placement.in_bundle(group, i)).remote(scorer_config(reward), make_engine)
+                   for i in range(c.scorer_actors)]
+        scorers = ScorerGroup([_Remote(h) for h in handles], self.ray.get)
+        scorers.placement_group = group  # removed with the actors when a stage's reward model replaces the scorer
+        try:  # the rewards are built in the actors' constructors: a bad one fails here, not at the first score
+            self.ray.get([h.__ray_ready__.remote() for h in handles])
         except self.ray.exceptions.RayActorError as e:
+            self.release(scorers)
             raise RecipeError(creation_error(str(e))) from e
-        scorer = _Blocking(handle, self.ray.get)
-        scorer.placement_group = group  # removed with the actor when a stage's reward model replaces the scorer
-        return scorer
+        return scorers
 
     def release(self, *workers) -> None:
         """Stop actors of a finished stage (local workers are simply dropped)."""
@@ -326,7 +369,11 @@ class Cluster:
         for w in workers:
             if w is None:  # a worker the stage did not need (GRPO without a reference)
                 continue
-            for handle in getattr(w, "workers", None) or getattr(w, "engines", None) or [w]:
+            if isinstance(w, RanksReference):  # its ranks are the policy's, released with the stage's end
+                w.release()
+                continue
+            for handle in (getattr(w, "workers", None) or getattr(w, "engines", None) or getattr(w, "scorers", None)
+                           or [w]):
                 self.ray.kill(handle.actor)
             if getattr(w, "placement_group", None) is not None:  # its reservation goes with its actors
                 from ray.util.placement_group import remove_placement_group

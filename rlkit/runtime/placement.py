@@ -10,15 +10,19 @@ reserved together before any actor starts, so a group starts whole or the run st
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rlkit.recipe import ClusterConfig, RecipeError
 
 PROBE_TIMEOUT_S = 120.0  # a node's probe task must start (a fresh Python worker) and answer within this
+RENDEZVOUS_TRIES = 3  # a group's ranks start again on a new port when theirs was taken before rank 0 bound it
+
+log = logging.getLogger(__name__)
 
 
 def init_ray(ray, c: ClusterConfig, cpus_wanted: float) -> None:
@@ -56,6 +60,30 @@ def placement_error(what: str, count: int, one: dict, strategy: str, timeout_s: 
     return (f"cluster: could not place the {what}: {count} x {one} with strategy {strategy}, not placed within "
             f"{timeout_s:g} s; the cluster's {nodes} node(s) have free {have}; ask for less, add nodes, or raise "
             "cluster.placement_timeout_s")
+
+
+def room_error(what: str, count: int, cpus: float, node_cpus: list[float], fix: str) -> str | None:
+    """The one line a group of `count` workers of `cpus` CPUs each (each on one node) fails with at once when the
+    cluster's nodes (`node_cpus`, their total CPUs) could never hold it, whatever else runs; None when they could.
+    A shortfall of free CPUs is left to `place`, which waits for them.
+
+    >>> print(room_error("reward scorers", 3, 2, [4.0, 1.0], "lower it"))  # 4 // 2 + 1 // 2 = 2 < 3
+    cluster: the reward scorers cannot fit: 3 x {'CPU': 2} but the cluster's nodes have CPU 4, 1 (room for 2);
+    lower it
+    >>> room_error("reward scorers", 2, 2, [4.0], "lower it") is None
+    True
+    """
+    room = sum(int(n // cpus) for n in node_cpus) if cpus > 0 else count
+    if room >= count:
+        return None
+    have = ", ".join(f"{n:g}" for n in node_cpus)
+    return f"cluster: the {what} cannot fit: {count} x {bundle(cpus, 0)} but the cluster's nodes have CPU {have} " \
+           f"(room for {room}); {fix}"
+
+
+def node_cpus(ray) -> list[float]:
+    """The total CPUs of each live node of the cluster."""
+    return [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n["Alive"]]
 
 
 def place(ray, what: str, count: int, one: dict[str, float], strategy: str, timeout_s: float):
@@ -115,6 +143,38 @@ def rendezvous(ray, group) -> dict[str, str]:
     options = on_node(node) if node else {"num_cpus": 0}
     ip, port = ray.get(ray.remote(node_address).options(**options).remote(), timeout=PROBE_TIMEOUT_S)
     return {"MASTER_ADDR": ip, "MASTER_PORT": str(port)}
+
+
+def port_taken(text: str) -> bool:
+    """Whether a rank failed to start because another process took its rendezvous port between the probe that found
+    it free and rank 0's bind (torch's TCPStore: "... code: -98, name: EADDRINUSE, message: address already in use").
+    """
+    return "EADDRINUSE" in text or "address already in use" in text.lower()
+
+
+def start_ranks(ray, group, start: Callable[[dict[str, str]], list]) -> list:
+    """A group's ranks, `start(env)` -> their actor handles given the rendezvous `env` (MASTER_ADDR/MASTER_PORT),
+    once every rank has started (joined the process group). A port found free on rank 0's node may be taken by
+    another process before rank 0 binds it: the ranks are then stopped and started again on a new port, at most
+    RENDEZVOUS_TRIES times in all. Any other failure of a rank stops them all and is raised at once."""
+    attempt = 1
+    while True:  # at most RENDEZVOUS_TRIES times
+        env = rendezvous(ray, group)
+        handles = start(env)
+        pending = [h.__ray_ready__.remote() for h in handles]
+        try:
+            while pending:  # one at a time: a failed rank is seen at once, not after the others time out
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
+            return handles
+        except ray.exceptions.RayActorError as e:
+            for handle in handles:
+                ray.kill(handle)
+            if attempt >= RENDEZVOUS_TRIES or not port_taken(str(e)):
+                raise
+            attempt += 1
+            log.warning("rendezvous port %s on %s was taken before rank 0 bound it; starting the ranks again on "
+                        "another (try %d of %d)", env["MASTER_PORT"], env["MASTER_ADDR"], attempt, RENDEZVOUS_TRIES)
 
 
 def see_token(folder: str, name: str, token: str) -> tuple[str, str, str]:

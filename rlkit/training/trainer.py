@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from rlkit.kernels import fused_logprobs
-from rlkit.recipe import TrainerConfig
+from rlkit.recipe import RefConfig, TrainerConfig
+from rlkit.training.attention import model_attn_implementation
 from rlkit.training.lora import apply_lora, merge_lora_state_dict, peft_adapter_tensors
 from rlkit.training.batches import TokenBatch, rank_part
 from rlkit.training.losses import Forward
 from rlkit.training.packing import layout_rows
-from rlkit.training.rank import (RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch,
-                        pretrained_kwargs, resolve_dtype, to_device)
+from rlkit.training.precision import torch_dtype
+from rlkit.training.rank import (RankWorker, autocast_dtype, compile_blocks, default_device,
+                                 enable_gradient_checkpointing, prepare_torch, pretrained_kwargs, resolve_dtype,
+                                 shard_with_fsdp2, to_device)
 
 __all__ = ["RankWorker", "prepare_torch"]  # re-exported: the rank machinery lives in rlkit.training.rank
 
@@ -91,6 +95,27 @@ def load_causal_lm(model_path: str, cfg: TrainerConfig) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(model_path, **pretrained_kwargs(resolve_dtype(cfg)))
 
 
+def reference_dtype(cfg: RefConfig) -> torch.dtype:
+    """ref.dtype on this worker's device, "auto" being bfloat16 where it is native, else float32 (rlkit.training.precision)."""
+    return torch_dtype(cfg.dtype, default_device())
+
+
+def load_reference_model(cfg: RefConfig, model_path: str, packing: bool = False, attn_implementation: str = "auto",
+                         compile: bool = False) -> LogprobModel:
+    """The frozen reference as a LogprobModel on the CPU, in ref.dtype, no gradients: what both placements load
+    (ref.placement: rlkit.training.reference.ReferenceModel's own actor, or ShardedTrainer.load_reference)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = reference_dtype(cfg)
+    attn = model_attn_implementation(attn_implementation, packing, dtype)
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+    compile_blocks(list(getattr(lm, lm.base_model_prefix).layers), compile)
+    model = LogprobModel(lm, packing).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 class ShardedTrainer(RankWorker):
     """One rank of the policy. With world_size > 1 the model is sharded with FSDP2 (gloo on CPU, nccl on
     GPU); the caller (rlkit.runtime.cluster) starts one per rank and sets MASTER_ADDR/MASTER_PORT."""
@@ -106,6 +131,38 @@ class ShardedTrainer(RankWorker):
         compile_blocks(blocks, cfg.compile)
         model = LogprobModel(lm, cfg.packing, autocast_dtype(cfg, world_size))
         super().__init__(cfg, model, blocks, lr, warmup_steps, rank, world_size, total_steps)
+        self.reference: LogprobModel | None = None  # ref.placement=trainer: the stage's frozen reference
+
+    # -- the reference on the policy's ranks (ref.placement=trainer) ------------------------------------------
+    def load_reference(self, ref: RefConfig, model_path: str) -> None:
+        """The stage's frozen reference (its starting model) on this rank, in ref.dtype, sharded with FSDP2 over the
+        policy's ranks as the policy is (one unit per block, over the same process group; no optimizer, no mixed
+        precision): it fits wherever the policy fits. Every rank must call it, at once."""
+        model = load_reference_model(ref, model_path, self.cfg.packing, self.cfg.attn_implementation,
+                                     self.cfg.compile).to(self.device)
+        if self.world_size > 1:
+            # its weights are already in ref.dtype: gathered and computed as they are (bf16: param_dtype bf16)
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+            shard_with_fsdp2(model, list(getattr(model.lm, model.lm.base_model_prefix).layers), self.rank,
+                             self.world_size, replace(self.cfg, dtype=dtype))
+        self.reference = model
+
+    def ref_logprobs(self, batch: TokenBatch, temperature: float = 1.0, rows: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """(b, L-1) the reference's log-probs of this rank's `rows` of the batch (None: all), in the trainer's
+        micro-batches (as ReferenceModel)."""
+        if self.reference is None:
+            raise RuntimeError("ref_logprobs before load_reference: no reference on this rank")
+        batch = rank_part(batch, rows)
+        out = batched_logprobs(self.reference, to_device(batch, self.device), self.micro_batches(batch), temperature,
+                               self.cfg.logprob_impl).cpu()
+        if self.world_size > 1:  # FSDP2 keeps the root unit (embedding, head) gathered after a forward: free it
+            self.reference.reshard()
+        return out
+
+    def drop_reference(self) -> None:
+        """Free the reference's weights (its stage has ended)."""
+        self.reference = None
 
     # -- log-probs -------------------------------------------------------------------------------------
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0, rows: torch.Tensor | None = None) -> torch.Tensor:

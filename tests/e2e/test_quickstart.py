@@ -88,8 +88,8 @@ def sft_checkpoint(quickstart) -> str:
 
 @pytest.mark.slow
 def test_ray_run_with_two_engines_and_two_ranks_learns(quickstart, tmp_path):
-    """The quickstart's GRPO stage on Ray (2 engines, 2 FSDP2 ranks, reference and scorer actors), from its SFT model,
-    asynchronous: the engines sample the next batch while the ranks update (rollout.max_staleness=1)."""
+    """The quickstart's GRPO stage on Ray (2 engines, 2 FSDP2 ranks holding the reference too, a scorer actor), from
+    its SFT model, asynchronous: the engines sample the next batch while the ranks update (rollout.max_staleness=1)."""
     run_dir = tmp_path / "run"
     overrides = [
         f"model.path={sft_checkpoint(quickstart)}",

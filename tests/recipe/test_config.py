@@ -118,6 +118,11 @@ def test_yaml_then_overrides_in_order(tmp_path):
          "stages.1 trains later"),
         (["reward.rewards=[{name: model, path: 01_reward_model}]", "stages=[{kind: reward_model}, {kind: grpo}]"],
          "reward.rewards: every reward is a reward model a stage trains later"),
+        # scaling the other workers
+        (["cluster.backend=ray", "cluster.scorer_actors=0"], "cluster.scorer_actors: must be > 0, got 0"),
+        (["cluster.backend=ray", "cluster.scorer_actors=1.5"], "cluster.scorer_actors"),  # an int, by its type
+        (["cluster.scorer_actors=2"], "cluster.scorer_actors: more than one scorer actor needs cluster.backend=ray"),
+        (["ref.placement=ranks"], "ref.placement: 'ranks' is not one of trainer, actor"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, expected):

@@ -1,14 +1,20 @@
-"""The trainer group sharded with FSDP2 over 2 real ranks (Ray actors, gloo) equals the 1-rank trainer; the recipe's
-sections become the leaf workers' own configs."""
+"""The trainer group sharded with FSDP2 over 2 real ranks (Ray actors, gloo) equals the 1-rank trainer, and so does the
+reference held on those ranks; several scorer actors score a batch as one scorer does; the recipe's sections become the
+leaf workers' own configs."""
 
 import dataclasses
+import socket
 
 import pytest
 import torch
 
-from rlkit.runtime.cluster import Cluster, SharedBatches, TrainerGroup, engine_config
-from rlkit.recipe import (ClusterConfig, ModelConfig, RecipeConfig, RecipeError, RewardConfig, RewardSpec,
+from rlkit.rewards.base import RewardResult, Sample, Verdict
+from rlkit.rewards.scorer import RewardError, Scorer
+from rlkit.runtime.cluster import Cluster, RanksReference, SharedBatches, TrainerGroup, engine_config
+from rlkit.runtime.scoring import ScorerGroup, scorer_config, scorer_cpus
+from rlkit.recipe import (ClusterConfig, ModelConfig, RecipeConfig, RecipeError, RefConfig, RewardConfig, RewardSpec,
                           RolloutConfig, TrainerConfig)
+from rlkit.training.reference import ReferenceModel
 from rlkit.training.losses import PolicyLoss, SFTLoss, token_normalizer
 from rlkit.training.modeling import init_model, save_checkpoint
 from rlkit.training.batches import PairBatch, PolicyBatch, SFTBatch, TokenBatch
@@ -32,9 +38,14 @@ def clusters():
 
 
 @pytest.fixture(scope="module")
-def groups(clusters, tmp_path_factory):
+def tiny_path(tmp_path_factory):
     model, tok = init_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2))
-    path = str(save_checkpoint(model, tok, tmp_path_factory.mktemp("m") / "ckpt", ""))
+    return str(save_checkpoint(model, tok, tmp_path_factory.mktemp("m") / "ckpt", ""))
+
+
+@pytest.fixture(scope="module")
+def groups(clusters, tiny_path):
+    path = tiny_path
     local, cluster = clusters
     one = local.trainer_group(path, lr=1e-2, warmup_steps=1)
     two = cluster.trainer_group(path, lr=1e-2, warmup_steps=1)
@@ -246,6 +257,31 @@ def test_ranks_are_placed_together_and_meet_at_rank0s_node(groups):
     assert env["MASTER_ADDR"] == node["NodeManagerAddress"] and int(env["MASTER_PORT"]) > 0
 
 
+def test_ranks_start_again_on_another_port_when_theirs_was_taken(clusters, tiny_path, monkeypatch):
+    """The port found free on rank 0's node can be taken before rank 0 binds it (here: by this test, listening on
+    it): rank 0 fails with EADDRINUSE, and the ranks start again on a new port, which works."""
+    from rlkit.runtime import placement
+
+    _, cluster = clusters
+    real, found = placement.rendezvous, []
+
+    def rendezvous(ray, group):
+        env = real(ray, group)
+        found.append(env)
+        return env | {"MASTER_PORT": str(taken.getsockname()[1])} if len(found) == 1 else env
+
+    monkeypatch.setattr(placement, "rendezvous", rendezvous)
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        two = cluster.trainer_group(tiny_path, lr=1e-2, warmup_steps=1)
+    try:
+        assert len(found) == 2 and two.world_size == 2
+        assert torch.isfinite(two.logprobs(random_batch(n=4))).all()  # the ranks met on the second port
+    finally:
+        cluster.release(two)
+
+
 def test_a_group_that_cannot_be_placed_fails_in_one_line_naming_it(clusters):
     _, cluster = clusters
     cfg = dataclasses.replace(cluster.cfg, cluster=dataclasses.replace(
@@ -262,12 +298,13 @@ def test_the_storage_check_passes_on_one_node_and_leaves_nothing(clusters, tmp_p
 
 
 def test_a_scorer_no_node_can_hold_fails_in_one_line_naming_it(clusters):
-    """The scorer reserves its worker processes' CPUs in a placement group: more than any node has fails, not waits."""
+    """The scorers reserve their worker processes' CPUs: more than the nodes could ever hold fails at once."""
     _, cluster = clusters
-    cfg = dataclasses.replace(cluster.cfg, reward=RewardConfig(num_workers=64),
-                              cluster=dataclasses.replace(cluster.cfg.cluster, placement_timeout_s=1.0))
-    with pytest.raises(RecipeError, match=r"^cluster: could not place the reward scorer \(reward.num_workers CPUs on "
-                                          r"one node\): 1 x \{'CPU': 64\}"):
+    cfg = dataclasses.replace(cluster.cfg, reward=RewardConfig(num_workers=4),
+                              cluster=dataclasses.replace(cluster.cfg.cluster, scorer_actors=2))
+    with pytest.raises(RecipeError, match=r"^cluster: the reward scorers \(cluster.scorer_actors x reward.num_workers "
+                                          r"CPUs\) cannot fit: 2 x \{'CPU': 4\} but the cluster's nodes have CPU 6 "
+                                          r"\(room for 1\); lower cluster.scorer_actors"):
         Cluster(cfg).scorer()
 
 
@@ -299,3 +336,94 @@ def test_a_reward_model_on_two_ranks_equals_one_rank(clusters, tmp_path):
         assert torch.allclose(hf, one.scores(batch.tokens).sum(-1), atol=1e-9)  # float64 throughout
     finally:
         cluster.release(two)
+
+
+class ShareProbe:
+    """A batched user reward (run in the scorer's own process, no workers): its score is the prompt's number, an
+    ERROR on prompt "5" when `fail_on_5`; its summary is over every sample it was shown."""
+
+    def __init__(self, fail_on_5: bool = False):
+        self.fail_on_5 = fail_on_5
+
+    def score(self, sample: Sample) -> RewardResult:
+        return self.score_batch([sample], None)[0]
+
+    def score_batch(self, samples: list[Sample], engine) -> list[RewardResult]:
+        return [RewardResult(0.0, Verdict.ERROR, info={"error": "five"}) if self.fail_on_5 and s.prompt == "5"
+                else RewardResult(float(s.prompt), Verdict.CORRECT if int(s.prompt) % 3 else Verdict.WRONG)
+                for s in samples]
+
+    def summarize(self, verdicts: list[Verdict]) -> dict[str, float]:
+        return {"shown": float(len(verdicts))}
+
+
+def test_scorer_shares_come_back_in_order_and_combine_over_the_whole_batch():
+    """In process, no Ray: 7 samples over 3 scorers (shares of 3, 3, 1) give exactly one scorer's output: scores in
+    order, stats and the reward's summary over all 7, and a fault named by its index in the whole batch."""
+    spec = RewardSpec(import_path="tests.runtime.test_cluster:ShareProbe")
+    samples = [Sample(str(i), "") for i in range(7)]
+    one = Scorer(scorer_config(RewardConfig(rewards=[spec])))
+    group = ScorerGroup([Scorer(scorer_config(RewardConfig(rewards=[spec]))) for _ in range(3)])
+    out = group.score(samples)
+    assert out.scores == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert out == one.score(samples)
+    assert out.stats["ShareProbe/shown"] == 7 and out.stats["verdict/wrong"] == 3  # 0, 3, 6
+    assert out.stats["ShareProbe/std"] == pytest.approx(2.0)  # population std of 0..6 (a share's would be smaller)
+    failing = RewardConfig(rewards=[dataclasses.replace(spec, kwargs={"fail_on_5": True})])
+    group = ScorerGroup([Scorer(scorer_config(failing)) for _ in range(3)])
+    with pytest.raises(RewardError, match="gave error on sample 5 "):
+        group.score(samples)
+
+
+def test_two_scorer_actors_score_in_order_each_reserving_its_pools_cpus(clusters):
+    """On Ray: 2 scorer actors, spread, each reserving exactly the CPUs of the worker processes it spawns; a batch
+    split across them comes back in order."""
+    _, cluster = clusters
+    reward = RewardConfig(num_workers=1)
+    cfg = dataclasses.replace(cluster.cfg, reward=reward,
+                              cluster=dataclasses.replace(cluster.cfg.cluster, scorer_actors=2))
+    ray_cluster = Cluster(cfg)
+    scorers = ray_cluster.scorer()
+    try:
+        from ray.util.placement_group import placement_group_table
+
+        table = placement_group_table(scorers.placement_group)
+        assert table["strategy"] == "SPREAD" and list(table["bundles"].values()) == [{"CPU": 1.0}] * 2
+        spawned = ray.get([s.actor.__ray_call__.remote(lambda self: len(self._pool._workers))
+                           for s in scorers.scorers])
+        assert spawned == [scorer_cpus(reward)] * 2 == [1, 1]
+        answers = ["4", "5", "6", "7", "8"]  # right, wrong, right, wrong, right: shares of 3 and 2
+        samples = [Sample(f"{i}+{i}=", a, str(2 * i)) for i, a in zip((2, 2, 3, 3, 4), answers)]
+        out = scorers.score(samples)
+        assert [r.verdict for r in out.results] == [Verdict.CORRECT, Verdict.WRONG] * 2 + [Verdict.CORRECT]
+        assert out.stats["verdict/correct"] == 3
+    finally:
+        scorers.close()
+        ray_cluster.release(scorers)
+
+
+def test_the_reference_on_the_trainer_ranks_equals_the_unsharded_reference(clusters, groups, tiny_path):
+    """ref.placement=trainer: the 2 FSDP2 ranks hold the reference sharded and give the unsharded ReferenceModel's
+    log-probs (float64, the same micro-batches); in process, on the policy's one rank, bit for bit."""
+    local, cluster = clusters
+    one, two = groups
+    ref, t = RefConfig(dtype="float64"), cluster.cfg.trainer
+    assert RefConfig().placement == "trainer"  # the default
+    batch = random_batch(n=8, seed=5)
+    expected = ReferenceModel(ref, tiny_path, t.micro_batch_size, t.logprob_impl, t.micro_batch_tokens, t.packing,
+                              t.attn_implementation).logprobs(batch)
+    for c, trainers in ((local, one), (cluster, two)):
+        c = Cluster(dataclasses.replace(c.cfg, ref=ref))  # the same Ray, its recipe's reference in float64
+        reference = c.reference(tiny_path, trainers)
+        assert isinstance(reference, RanksReference)
+        got = reference.logprobs(batch)
+        if trainers is one:
+            assert torch.equal(got, expected)
+        else:
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+            held = ray.get(trainers.workers[0].actor.__ray_call__.remote(
+                lambda self: [type(p).__name__ for p in self.reference.parameters()]))
+            assert set(held) == {"DTensor"}  # each rank holds only its shards of every weight, also after a forward
+        reference.release()  # what Cluster.release does with it: the ranks stay, the policy's
+        with pytest.raises(RuntimeError, match="no reference on this rank"):
+            trainers.ref_logprobs(batch)
