@@ -6,9 +6,10 @@ that do (the held-out accuracy, a real warning). `quiet_vllm_console()` routes v
 and in the processes it spawns, through `KnownNoise`, which drops exactly the messages listed below and lets
 every other one through. `RLKIT_VLLM_VERBOSE=1` turns it off; a user's own `VLLM_LOGGING_CONFIG_PATH` wins.
 
-`shm_segments()` and `remove_segments()` let an engine remove the shared-memory segments its processes leave
-behind when `close()` has to kill them (vLLM's engine process does not exit within its grace period), which
-Python's resource tracker would otherwise report as leaked at exit.
+`shm_segments()`, `mapped_segments()` and `remove_segments()` let an engine remove the shared-memory segments its
+processes leave behind when `close()` has to kill them (vLLM's engine process does not exit within its grace
+period), which Python's resource tracker would otherwise report as leaked at exit. An engine claims only the new
+segments its own processes map: another engine starting beside it (two engines on one node) makes some too.
 """
 
 from __future__ import annotations
@@ -109,6 +110,41 @@ SHM_DIR = Path("/dev/shm")
 def shm_segments() -> set[str]:
     """Names of the POSIX shared-memory segments that Python's SharedMemory made (psm_*)."""
     return {p.name for p in SHM_DIR.glob("psm_*")} if SHM_DIR.is_dir() else set()
+
+
+def process_tree(root: int) -> set[int]:
+    """`root` and every process descended from it (from /proc; processes that end meanwhile are skipped)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses; the fields after its last ')' do not
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo.extend(parents.get(pid, ()))
+    return tree
+
+
+def mapped_segments(pids: set[int]) -> set[str]:
+    """Names of the psm_* segments that any of `pids` maps (its /proc/<pid>/maps lines /dev/shm/psm_...)."""
+    names = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        for line in maps.splitlines():
+            fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+            path = fields[5] if len(fields) == 6 else ""
+            if path.startswith(f"{SHM_DIR}/psm_"):
+                names.add(path.removeprefix(f"{SHM_DIR}/").split()[0])  # "... (deleted)" once unlinked
+    return names
 
 
 def remove_segments(names: set[str]) -> int:

@@ -23,7 +23,8 @@ import torch
 from rlkit.kernels.precision import auto_dtype
 from rlkit.rollout import EngineConfig
 from rlkit.rollout.generations import Completion, Generations  # noqa: F401 (Completion: what stages index)
-from rlkit.rollout.vllm_console import quiet_vllm_console, remove_segments, shm_segments
+from rlkit.rollout.vllm_console import (mapped_segments, process_tree, quiet_vllm_console, remove_segments,
+                                        shm_segments)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ class VllmRollout:
         t0 = time.perf_counter()
         before = shm_segments()
         self.llm = LLM(**kwargs)
-        self._shm = shm_segments() - before  # made by this engine's processes; close() removes what they leave
+        # the new segments this engine's processes map (another engine may be starting beside it); close() removes
+        # what they leave
+        self._shm = (shm_segments() - before) & mapped_segments(process_tree(os.getpid()))
         log.info("vLLM engine ready in %.1fs (%s)", time.perf_counter() - t0, model_path)
         text_config = self.llm.llm_engine.model_config.hf_text_config
         self.tied_embeddings = bool(getattr(text_config, "tie_word_embeddings", False))  # see sync_weights

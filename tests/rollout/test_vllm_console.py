@@ -4,11 +4,15 @@ import json
 import logging
 import logging.config
 import os
+import subprocess
+import sys
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import pytest
 
-from rlkit.rollout.vllm_console import KNOWN_NOISE, KnownNoise, logging_config, quiet_vllm_console
+from rlkit.rollout.vllm_console import (KNOWN_NOISE, KnownNoise, logging_config, mapped_segments, process_tree,
+                                        quiet_vllm_console, shm_segments)
 
 
 @pytest.fixture
@@ -55,3 +59,28 @@ def test_an_inherited_path_to_a_missing_file_of_ours_is_rewritten_and_a_users_ow
     monkeypatch.setenv("VLLM_LOGGING_CONFIG_PATH", str(own))
     quiet_vllm_console()
     assert os.environ["VLLM_LOGGING_CONFIG_PATH"] == str(own)  # the user's choice, even before they write it
+
+
+def test_an_engine_claims_only_the_segments_its_own_processes_map():
+    # two engines starting on one node both make psm_* segments while the other starts: each must claim only its
+    # own, or closing one unlinks the other's (found as vLLM start-up failures, FileNotFoundError: /psm_...)
+    hold = ("import sys, time; from multiprocessing import resource_tracker, shared_memory; "
+            "m = shared_memory.SharedMemory(name=sys.argv[1]); "
+            "resource_tracker.unregister(m._name, 'shared_memory'); "  # attached, not owned (Python < 3.13 registers)
+            "print(m.name, flush=True); time.sleep(60)")
+    ours = shared_memory.SharedMemory(create=True, size=4096)
+    theirs = shared_memory.SharedMemory(create=True, size=4096)  # stands for another engine's segment
+    child = subprocess.Popen([sys.executable, "-c", hold, ours.name], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == ours.name
+        tree = process_tree(os.getpid())
+        assert {os.getpid(), child.pid} <= tree and 1 not in tree
+        ours.close()  # this process no longer maps it: the child does
+        theirs.close()
+        assert {ours.name, theirs.name} <= shm_segments()
+        assert mapped_segments({child.pid}) == {ours.name}
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        ours.unlink()
+        theirs.unlink()
