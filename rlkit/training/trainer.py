@@ -22,6 +22,7 @@ from rlkit.training.lora import apply_lora, merge_lora_state_dict, peft_adapter_
 from rlkit.training.batches import TokenBatch
 from rlkit.training.losses import Forward
 from rlkit.training.packing import layout_rows
+from rlkit.training.weights import TrainerWeights
 from rlkit.training.rank import (RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing, prepare_torch,
                         pretrained_kwargs, resolve_dtype, to_device)
 
@@ -134,6 +135,12 @@ class ShardedTrainer(RankWorker):
         if self.cfg.lora_rank:
             state = merge_lora_state_dict(state, self.cfg.lora_alpha / self.cfg.lora_rank if merged else 0.0)
         return state
+
+    def weights(self, dtype: torch.dtype, mode: str = "merged") -> TrainerWeights:
+        """The weights as the engines take them, streamed one gathered parameter at a time (rlkit.training.weights):
+        "merged", the frozen "base" under LoRA, or the "adapter" alone; every rank must iterate it at once."""
+        scaling = self.cfg.lora_alpha / self.cfg.lora_rank if self.cfg.lora_rank else 0.0
+        return TrainerWeights(self.model.lm, dtype, scaling, mode)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA adapter's unsharded tensors on CPU in PEFT's file layout (every rank must call it): what
