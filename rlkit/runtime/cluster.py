@@ -11,9 +11,12 @@ The leaf packages (rollout/, rewards/) take their own configs, which the recipe'
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import functools
 import logging
 import socket
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +30,7 @@ from rlkit.runtime.scoring import build_scorer, scorer_config
 from rlkit.training.batches import TokenBatch
 from rlkit.rewards.scorer import Scorer
 from rlkit.rollout import EngineConfig
+from rlkit.rollout.vllm_engine import SyncStats, WeightSyncError
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,22 @@ class TrainerGroup:
         """The LoRA adapter in PEFT's layout; every rank takes part in the gather."""
         return self._resolve([w.adapter_state_dict() for w in self.workers])[0]
 
+    def open_weight_transfer(self, connect: Callable, dtype: str) -> None:
+        """Every rank opens its side of the weight transfer (`connect`: rlkit.rollout.weight_transfer's
+        open_trainer_engine, its engines bound); rank 0 meets the engines. Weights stream in `dtype`."""
+        self._first_then_rest([w.open_weight_transfer(connect, dtype) for w in self.workers])
+
+    def send_weights(self, mode: str = "merged") -> float:
+        """Every rank gathers the weights parameter by parameter; rank 0 sends them to the engines. Returns the MB
+        sent (once, whatever the number of engines)."""
+        return self._first_then_rest([w.send_weights(mode) for w in self.workers])[0]
+
+    def _first_then_rest(self, calls: list) -> list:
+        """Rank 0's result first: when it fails (an engine died), the others are stuck in a gather it left, and
+        waiting on them would hang the run."""
+        first = self._resolve(calls[:1])
+        return first + self._resolve(calls[1:]) if len(calls) > 1 else first
+
     def save(self, path: str, tokenizer_path: str, recipe_yaml: str, extra: dict | None = None) -> str:
         return self._resolve([w.save(path, tokenizer_path, recipe_yaml, extra) for w in self.workers])[0]
 
@@ -121,9 +141,12 @@ class TrainerGroup:
 class RolloutPool:
     """N engines; prompts are split across them and every engine takes each weight sync."""
 
-    def __init__(self, engines: list, resolve: Callable[[list], list] = _local_resolve):
+    def __init__(self, engines: list, resolve: Callable[[list], list] = _local_resolve, transport: str = "file",
+                 timeout_s: float = 60.0, bucket_mb: float = 256.0):
         self.engines, self._resolve = engines, resolve
         self.placement_group = None  # on Ray: the pool's reservation (engines spread over the nodes)
+        self.transport, self.timeout_s, self.bucket_mb = transport, timeout_s, bucket_mb  # rollout.weight_transfer
+        self._source = None  # the trainer group whose rank 0 the engines' transfer group was opened with
 
     def generate(self, prompt_ids: list[list[int]], n: int = 1, temperature=None, max_new_tokens=None, seed=None):
         k = len(self.engines)
@@ -145,8 +168,107 @@ class RolloutPool:
         stats = self._resolve([e.sync_adapter(tensors, config) for e in self.engines])
         return max(stats, key=lambda s: s.seconds)
 
+    def pull_weights(self, trainer: TrainerGroup, mode: str = "merged") -> SyncStats:
+        """The engines take `trainer`'s weights straight from its rank 0 (rollout.weight_transfer: gloo, nccl, ipc):
+        all of them ("merged"), or the frozen "base" under LoRA. The first pull from a group opens the transfer group
+        (rank 0 and every engine worker); this process sends only the order to send. Raises WeightSyncError naming
+        the engine when one dies or stalls, within rollout.sync_timeout_s."""
+        if trainer is not self._source:
+            counts = [info for info in self._resolve([e.transfer_info() for e in self.engines])]
+            client = EngineClient([getattr(e, "actor", e) for e in self.engines], [n for n, _ in counts],
+                                  self.timeout_s, remote=self._resolve is not _local_resolve)
+            from rlkit.rollout.weight_transfer import open_trainer_engine
+
+            connect = functools.partial(open_trainer_engine, self.transport, client=client,
+                                        world_size=1 + sum(n for n, _ in counts), timeout_s=self.timeout_s,
+                                        bucket_bytes=int(self.bucket_mb * 2**20))
+            trainer.open_weight_transfer(connect, counts[0][1])
+            self._source = trainer
+        t0 = time.perf_counter()
+        megabytes = trainer.send_weights(mode)
+        return SyncStats(time.perf_counter() - t0, megabytes)
+
     def close(self) -> None:
         self._resolve([e.close() for e in self.engines])
+
+
+class EngineClient:
+    """vLLM's weight-sync client (`VLLMWeightSyncClient`: init, start, update, finish) over a pool's engines: trainer
+    rank 0 drives them through it while it sends. Each call goes to every engine at once and waits for all, bounded
+    by rollout.sync_timeout_s; a failure is one WeightSyncError naming the engine. Picklable: on Ray it holds the
+    engines' actor handles and travels to rank 0's actor."""
+
+    def __init__(self, engines: list, workers: list[int], timeout_s: float, remote: bool):
+        self.engines, self.workers, self.timeout_s, self.remote = engines, workers, timeout_s, remote
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        offsets = [init_info["rank_offset"] + sum(self.workers[:i]) for i in range(len(self.engines))]
+        self._all(lambda i, e: e.init_weight_transfer_engine, lambda i: (init_info | {"rank_offset": offsets[i]},))
+
+    def start_weight_update(self) -> None:
+        self._all(lambda i, e: e.start_weight_update)
+
+    def update_weights(self, update_info) -> None:
+        self._all(lambda i, e: e.update_weights, lambda i: (update_info,))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all(lambda i, e: e.finish_weight_update, lambda i: (weight_version,))
+
+    def _all(self, method: Callable, args: Callable = lambda i: ()) -> None:
+        deadline = time.monotonic() + self.timeout_s + 5.0  # the engine's own deadline fires first
+        if self.remote:
+            import ray
+
+            pending = [method(i, e).remote(*args(i)) for i, e in enumerate(self.engines)]
+        else:
+            pool = concurrent.futures.ThreadPoolExecutor(len(self.engines), thread_name_prefix="engine-client")
+            pending = [pool.submit(method(i, e), *args(i)) for i, e in enumerate(self.engines)]
+            pool.shutdown(wait=False)
+        errors = []
+        for i, item in enumerate(pending):
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                ray.get(item, timeout=left) if self.remote else item.result(timeout=left)
+            except Exception as e:
+                errors.append(_engine_error(i, e, self.timeout_s))
+        if errors:  # a dead engine first: the others fail because it left the group
+            dead = [i for i, alive in enumerate(self._alive()) if not alive]
+            if dead:
+                raise WeightSyncError(f"rollout engine {dead[0]} died during the weight transfer "
+                                      f"(rollout.weight_transfer); the run cannot go on without it") from errors[0]
+            raise errors[0]
+
+    def _alive(self) -> list[bool]:
+        """Which engines still run (asked at once; an actor that is gone, or does not answer in time, is not)."""
+        if not self.remote:
+            with concurrent.futures.ThreadPoolExecutor(len(self.engines)) as pool:
+                return list(pool.map(lambda e: e.alive(), self.engines))
+        import ray
+
+        refs, alive = [e.alive.remote() for e in self.engines], []
+        for ref in refs:
+            try:
+                alive.append(bool(ray.get(ref, timeout=10.0)))
+            except Exception:  # RayActorError: the actor died with its engine; a timeout: it is stuck
+                alive.append(False)
+        return alive
+
+
+def _engine_error(i: int, e: Exception, timeout_s: float):
+    """One line: the engine, what happened to it, and the first line of what it reported."""
+    causes, cause = [], e
+    while cause is not None and len(causes) < 8:
+        causes, cause = causes + [type(cause).__name__], cause.__cause__
+    if {"RayActorError", "ActorDiedError", "EngineDeadError"} & set(causes):
+        what = "died during the weight transfer"
+    elif {"TimeoutError", "GetTimeoutError"} & set(causes):
+        what = f"did not answer within rollout.sync_timeout_s={timeout_s}s"
+    else:
+        what = "failed the weight transfer"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    error = WeightSyncError(f"rollout engine {i} {what}: {first}")
+    error.__cause__ = e
+    return error
 
 
 class Cluster:
@@ -186,19 +308,23 @@ class Cluster:
         return self.ray.get if self.ray else _local_resolve
 
     def rollout_pool(self, model_path: str) -> RolloutPool:
-        from rlkit.rollout.vllm_engine import VllmRollout
+        from rlkit.rollout.vllm_engine import VllmRollout, weight_transport
 
         cfg, c = self.cfg, self.cfg.cluster
         lora_rank = cfg.trainer.lora_rank if cfg.trainer.lora_sync == "adapter" else 0
-        args = (engine_config(cfg.rollout), model_path, cfg.model.max_seq_len)
+        on_gpu = c.gpus_per_engine > 0 if self.ray else torch.cuda.is_available()
+        engine = dataclasses.replace(engine_config(cfg.rollout),
+                                     weight_transfer=weight_transport(cfg.rollout.weight_transfer, on_gpu))
+        sync = dict(transport=engine.weight_transfer, timeout_s=engine.sync_timeout_s, bucket_mb=engine.sync_bucket_mb)
+        args = (engine, model_path, cfg.model.max_seq_len)
         if self.ray is None:
-            return RolloutPool([VllmRollout(*args, seed=cfg.trainer.seed, lora_rank=lora_rank)])
+            return RolloutPool([VllmRollout(*args, seed=cfg.trainer.seed, lora_rank=lora_rank)], **sync)
         group = self._place("rollout engines (cluster.rollout_engines)", c.rollout_engines, c.cpus_per_engine,
                             c.gpus_per_engine, "spread")
         actor = self._actor(VllmRollout, c.cpus_per_engine, c.gpus_per_engine)
         engines = [_Remote(actor.options(**placement.in_bundle(group, i)).remote(
             *args, seed=cfg.trainer.seed + i, lora_rank=lora_rank)) for i in range(c.rollout_engines)]
-        pool = RolloutPool(engines, self._resolve())
+        pool = RolloutPool(engines, self._resolve(), **sync)
         pool.placement_group = group
         return pool
 
@@ -293,7 +419,8 @@ def engine_config(rollout: RolloutConfig) -> EngineConfig:
     return EngineConfig(temperature=rollout.temperature, top_p=rollout.top_p, max_new_tokens=rollout.max_new_tokens,
                         dtype=rollout.dtype, kv_cache_gib=rollout.kv_cache_gib,
                         gpu_memory_utilization=rollout.gpu_memory_utilization, enforce_eager=rollout.enforce_eager,
-                        sync_dir=rollout.sync_dir, sync_timeout_s=rollout.sync_timeout_s)
+                        sync_dir=rollout.sync_dir, sync_timeout_s=rollout.sync_timeout_s,
+                        weight_transfer=rollout.weight_transfer, sync_bucket_mb=rollout.sync_bucket_mb)
 
 
 def creation_error(text: str) -> str:

@@ -142,6 +142,20 @@ class ShardedTrainer(RankWorker):
         scaling = self.cfg.lora_alpha / self.cfg.lora_rank if self.cfg.lora_rank else 0.0
         return TrainerWeights(self.model.lm, dtype, scaling, mode)
 
+    def open_weight_transfer(self, connect, dtype: str) -> None:
+        """This rank's side of the weight transfer to the engines: `connect(stream, rank=...)` is
+        rlkit.rollout.weight_transfer.open_trainer_engine with the engines bound (rlkit.runtime.cluster passes it in,
+        so this layer imports no engine code). Every rank calls it at once; rank 0 meets the engines."""
+        self._stream = self.weights(getattr(torch, dtype))
+        self._transfer = connect(self._stream, rank=self.rank)
+
+    def send_weights(self, mode: str = "merged") -> float:
+        """Stream the weights ("merged", or the frozen "base" under LoRA) to the engines through the transfer
+        opened by `open_weight_transfer` (every rank must call it; rank 0 sends). Returns the MB sent."""
+        self._stream.mode = mode
+        self._transfer.send_weights()
+        return sum(m.nbytes for m in self._stream.metadata()) / 2**20
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA adapter's unsharded tensors on CPU in PEFT's file layout (every rank must call it): what
         trainer.lora_sync=adapter sends to the engines instead of the whole model."""

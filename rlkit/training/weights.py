@@ -4,8 +4,9 @@ names, gathered one FSDP2 parameter at a time, cut into buckets of a fixed size.
 `TrainerWeights` is what a weight-transfer backend iterates (rlkit.rollout.weight_transfer wraps it as vLLM's
 `WeightSource`): `metadata()` declares every tensor without gathering anything (a DTensor's global shape), and each
 pass of `iter(...)` gathers one parameter (`DTensor.full_tensor()`, a collective every rank runs in the same order),
-casts it to the engine's dtype, and yields it. A rank thus holds its shard, the one parameter being gathered and the
-bucket being packed by the sender: never the whole model, in float32 or otherwise.
+casts it to the engine's dtype, and yields it. The transport packs the stream into buffers of a fixed size
+(rollout.sync_bucket_mb; rlkit.rollout.weight_transfer.plan_buckets), so a rank holds its shard, the one parameter
+being gathered and, on rank 0, the bucket being sent: never the whole model, in float32 or otherwise.
 
 What is yielded, by `mode`:
 - "merged": every weight, LoRA merged (W + alpha / r * B @ A) under the base layer's own name;
@@ -91,28 +92,3 @@ class TrainerWeights:
                 a, b = _full(self._params[parts[1]]), _full(self._params[parts[2]])  # (r, in), (out, r)
                 value = value + self.lora_scaling * (b.to(value.dtype) @ a.to(value.dtype))
             yield out, value.to(device="cpu", dtype=self.dtype)
-
-
-def plan_buckets(sizes: list[int], bucket_bytes: int) -> list[int]:
-    """How many consecutive tensors each bucket holds: tensors are added while the bucket stays within
-    `bucket_bytes`; a tensor larger than that goes alone.
-
-    >>> plan_buckets([4, 4, 4, 10, 1], 8)
-    [2, 1, 1, 1]
-    """
-    counts, used = [], 0
-    for size in sizes:
-        if counts and used + size <= bucket_bytes:
-            counts[-1] += 1
-            used += size
-        else:
-            counts.append(1)
-            used = size
-    return counts
-
-
-def iter_buckets(pairs: Iterator[tuple[str, torch.Tensor]], counts: list[int]) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """`pairs` cut into buckets of `counts` tensors (plan_buckets over their metadata): at most one bucket is held."""
-    it = iter(pairs)
-    for count in counts:
-        yield [next(it) for _ in range(count)]

@@ -11,7 +11,6 @@ import torch.multiprocessing as mp
 from rlkit.recipe import TrainerConfig
 from rlkit.training.lora import merge_lora_state_dict, peft_adapter_tensors
 from rlkit.training.trainer import ShardedTrainer
-from rlkit.training.weights import TrainerWeights, iter_buckets, plan_buckets
 
 CFG = TrainerConfig(lora_rank=4, lora_alpha=8.0, dtype="float32", logprob_impl="torch", num_threads=1)
 MODES = ("merged", "base", "adapter")
@@ -37,8 +36,7 @@ def streams(trainer: ShardedTrainer) -> dict:
     for mode in MODES:
         source = trainer.weights(torch.bfloat16, mode)
         meta = source.metadata()
-        pairs = [pair for bucket in iter_buckets(iter(source), plan_buckets([m.nbytes for m in meta], 4096))
-                 for pair in bucket]
+        pairs = list(source)
         out[mode] = (meta, pairs)
     return out
 
@@ -83,15 +81,3 @@ def test_two_fsdp2_ranks_stream_what_one_rank_streams(two_ranks, chat_model_path
         assert names == set(reference[mode]) - {"lm_head.weight"}, mode
         for name, got in pairs:
             torch.testing.assert_close(got, reference[mode][name].to(torch.bfloat16), rtol=0, atol=0.02, msg=name)
-
-
-def test_buckets_hold_at_most_their_size_and_keep_the_order():
-    sizes = [3, 5, 2, 9, 1, 1, 8]
-    counts = plan_buckets(sizes, 8)
-    assert counts == [2, 1, 1, 2, 1]  # 3+5 | 2 | 9 alone | 1+1 | 8
-    start = 0
-    for c in counts:
-        assert c == 1 or sum(sizes[start:start + c]) <= 8
-        start += c
-    pairs = [(str(i), torch.zeros(s)) for i, s in enumerate(sizes)]
-    assert [[n for n, _ in b] for b in iter_buckets(iter(pairs), counts)] == [["0", "1"], ["2"], ["3"], ["4", "5"], ["6"]]
