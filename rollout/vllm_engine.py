@@ -216,14 +216,23 @@ class VllmRollout:
 
         self._within_deadline(finish)
 
-    def alive(self, wait_s: float = 3.0) -> bool:
-        """Whether the engine's processes still run, watched for up to `wait_s` (one whose worker died takes a moment
-        to stop): a failed weight transfer asks every engine, to name the one that died."""
+    def alive(self, wait_s: float = 10.0) -> bool:
+        """Whether the engine's processes (its core and the core's workers) still run, watched for up to `wait_s` (a
+        core whose worker died takes a moment to stop): a failed weight transfer asks every engine, to name the one
+        that died."""
+        import psutil
+
         resources = getattr(getattr(self.llm.llm_engine, "engine_core", None), "resources", None)
         deadline = time.monotonic() + wait_s
         while resources is not None:
             procs = getattr(resources.engine_manager, "processes", None) or []
             if resources.engine_dead or not all(p.is_alive() for p in procs):
+                return False
+            try:
+                workers = [c for p in procs for c in psutil.Process(p.pid).children()]
+                if any(w.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) for w in workers):
+                    return False
+            except psutil.Error:  # a process that went between the two looks
                 return False
             if time.monotonic() > deadline:
                 break

@@ -173,3 +173,19 @@ def test_a_stage_schedules_its_learning_rate_over_its_optimizer_steps():
     cfg = load_recipe(None, ["algo.ppo_epochs=2", "algo.ppo_minibatches=2",
                              "stages=[{kind: sft, steps: 5}, {kind: grpo, steps: 5, batch_size: 4}]"])
     assert [stage_updates(cfg, i) for i in range(2)] == [5, 20]  # GRPO: 2 epochs x 2 minibatches per step
+
+
+def test_the_weight_transfer_is_one_the_devices_have():
+    assert load_recipe(None).rollout.weight_transfer == "auto"  # nccl with CUDA, gloo without
+    load_recipe(None, ["rollout.weight_transfer=gloo"])
+    load_recipe(None, ["rollout.weight_transfer=nccl", "cluster.backend=ray", "cluster.gpus_per_engine=1",
+                       "cluster.gpus_per_trainer=1"])
+    bad = [
+        (["rollout.weight_transfer=tcp"], "rollout.weight_transfer: 'tcp' is not one of auto, gloo, nccl, ipc, file"),
+        (["rollout.weight_transfer=nccl", "cluster.backend=ray"], "'nccl' needs GPUs on the trainer and the engines"),
+        (["rollout.weight_transfer=ipc", "cluster.backend=ray"], "'ipc' shares one GPU .* only cluster.backend=local"),
+        (["rollout.sync_bucket_mb=0"], "rollout.sync_bucket_mb"),
+    ]
+    for overrides, message in bad:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(None, overrides)
