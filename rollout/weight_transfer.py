@@ -165,15 +165,21 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             raise RuntimeError("gloo weight transfer not initialised: call init_weight_transfer_engine first")
         u, start = update_info, 0
         dtypes = [getattr(torch, d) for d in u.dtype_names]
+        names = list(u.names)
+        if getattr(self.model_config.hf_text_config, "tie_word_embeddings", False):
+            # A tied embedding comes once, under the embedding's name; loaded under it, vLLM restores its LM head
+            # unprocessed and on CPU the prepacked copy its logits GEMM reads stays stale. Loaded as the LM head it
+            # is repacked and copied into the Parameter the embedding shares (VllmRollout.sync_weights does the same).
+            names = ["lm_head.weight" if n == "model.embed_tokens.weight" else n for n in names]
         try:
             with disable_mtp_completeness_check():
                 for count in u.bucket_counts:
                     end = start + count
-                    names, kinds, shapes = u.names[start:end], dtypes[start:end], u.shapes[start:end]
+                    part, kinds, shapes = names[start:end], dtypes[start:end], u.shapes[start:end]
                     size = sum(torch.Size(s).numel() * d.itemsize for s, d in zip(shapes, kinds))
                     buffer = torch.empty(size, dtype=torch.uint8)
                     broadcast(self.group, buffer, self.timeout_s)
-                    self.model.load_weights(unpack(buffer.to(self.device), names, kinds, shapes))
+                    self.model.load_weights(unpack(buffer.to(self.device), part, kinds, shapes))
                     start = end
         except BaseException:
             # the transfer broke off (the trainer or another engine died): end the layerwise reload so the model is
