@@ -24,7 +24,8 @@ from rlkit.rollout.vllm_console import shm_segments
 from rlkit.rollout import EngineConfig
 from rlkit.rollout.vllm_engine import VllmRollout, WeightSyncError
 from rlkit.rollout.weight_transfer import open_trainer_engine
-from rlkit.runtime.cluster import EngineClient, RolloutPool, TrainerGroup
+from rlkit.runtime.cluster import RolloutPool, TrainerGroup
+from rlkit.runtime.engine_client import EngineClient
 from rlkit.training.weights import TrainerWeights
 from tests.chat_model import GSM8K
 
