@@ -1,7 +1,7 @@
 """Weight sync, trainer to engines: `file` (the state dict through the driver, safetensors per engine) against `gloo`
 (streamed from trainer rank 0 straight to the engine workers through vLLM's weight-transfer API), measured in one run.
 
-    python bench/sync.py [--sizes 0.1B,0.5B] [--repeats 3]
+    python bench/sync.py [--sizes 0.1B,0.5B,1.5B] [--engines 1,2] [--repeats 3]
 
 Randomly initialised Qwen2-shaped models (tied embeddings, Qwen2.5's 151,936-token vocabulary), trained in bfloat16
 mixed precision (float32 master weights), served by bfloat16 engines, on Ray as a run places them: one trainer rank
@@ -93,8 +93,11 @@ def measure(cluster, trainer, pool, transport: str, repeats: int, rank0_pid: int
         with PeakRSS([os.getpid(), rank0_pid]) as rss:
             t0 = time.perf_counter()
             if transport == "file":
-                stats = pool.sync_weights(trainer.state_dict())
-                moved = stats.megabytes * (1 + engines)  # rank 0 -> driver, driver -> each engine
+                state = trainer.state_dict()  # the float32 master weights: the engines cast them on arrival
+                stats = pool.sync_weights(state)
+                sent = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
+                moved = sent * (1 + engines)  # rank 0 -> driver, driver -> each engine
+                del state
             else:
                 stats = pool.pull_weights(trainer)
                 moved = stats.megabytes  # rank 0 -> the group, once
@@ -107,6 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="0.1B,0.5B")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engines", default="1,2", help="engine counts to measure, e.g. 1 on a machine short of memory")
     args = parser.parse_args()
     from rlkit.kernels.precision import describe_machine
 
@@ -121,7 +125,7 @@ def main() -> None:
     cfg = RecipeConfig(
         rollout=RolloutConfig(dtype="bfloat16", max_new_tokens=4, sync_timeout_s=600, weight_transfer="gloo"),
         trainer=TrainerConfig(dtype="bfloat16", num_threads=1),
-        cluster=ClusterConfig(backend="ray", rollout_engines=2, cpus_per_engine=0.5, cpus_per_trainer=0.5),
+        cluster=ClusterConfig(backend="ray", rollout_engines=max(int(n) for n in args.engines.split(",")), cpus_per_engine=0.5, cpus_per_trainer=0.5),
         model=ModelConfig(max_seq_len=MAX_LEN))
     cluster = Cluster(cfg)
     rows = []
@@ -133,7 +137,7 @@ def main() -> None:
                 trainer = cluster.trainer_group(path, lr=1e-4, warmup_steps=0)
                 rank0_pid = ray.get(trainer.workers[0].actor.__ray_call__.remote(lambda self: os.getpid()))
                 both = cluster.rollout_pool(path)
-                for engines in (1, 2):
+                for engines in [int(n) for n in args.engines.split(",")]:
                     pool = RolloutPool(both.engines[:engines], both._resolve, transport="gloo",
                                        timeout_s=both.timeout_s, bucket_mb=both.bucket_mb)
                     result = {t: measure(cluster, trainer, pool, t, args.repeats, rank0_pid) for t in ("file", "gloo")}
