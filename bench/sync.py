@@ -95,7 +95,8 @@ def measure(cluster, trainer, pool, transport: str, repeats: int, rank0_pid: int
             if transport == "file":
                 state = trainer.state_dict()  # the float32 master weights: the engines cast them on arrival
                 stats = pool.sync_weights(state)
-                sent = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
+                distinct = {t.data_ptr(): t for t in state.values()}.values()  # a tied embedding is pickled once
+                sent = sum(t.numel() * t.element_size() for t in distinct) / 2**20
                 moved = sent * (1 + engines)  # rank 0 -> driver, driver -> each engine
                 del state
             else:
