@@ -216,7 +216,7 @@ class VllmRollout:
 
         self._within_deadline(finish)
 
-    def alive(self, wait_s: float = 10.0) -> bool:
+    def alive(self, wait_s: float = 5.0) -> bool:
         """Whether the engine's processes (its core and the core's workers) still run, watched for up to `wait_s` (a
         core whose worker died takes a moment to stop): a failed weight transfer asks every engine, to name the one
         that died."""

@@ -274,7 +274,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             traceback.clear_frames(e.__traceback__)  # they hold the group, which must go now to release the engines
             self.shutdown()
             try:  # the engines' own report, if it comes soon (it names the engine that failed)
-                future.result(timeout=min(self.timeout_s, 10.0))
+                future.result(timeout=self.timeout_s)
             except WeightSyncError as named:
                 raise named from e
             except BaseException:

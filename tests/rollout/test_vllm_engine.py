@@ -176,42 +176,9 @@ def test_engine_serves_the_trainers_adapter_over_its_base(setup):
     check_parity(model, setup)
 
 
-def test_a_bad_adapter_fails_the_sync(setup):
-    model, engine = setup.model, setup.engine
-    cfg = TrainerConfig(lora_rank=16, dtype="float32")  # above the rank the engine was made for
-    tensors = peft_adapter_tensors(apply_lora(copy.deepcopy(model), cfg).state_dict())
-    with pytest.raises(WeightSyncError, match="weight sync failed"):
-        engine.sync_adapter(tensors, adapter_config(cfg))
-
-
-def test_sync_with_a_wrong_shape_fails_clearly(setup):
-    model, engine = setup.model, setup.engine
-    bad = {k: v for k, v in model.state_dict().items()}
-    key = next(k for k in bad if k.endswith("q_proj.weight"))
-    bad[key] = torch.zeros(3, 3)
-    with pytest.raises(WeightSyncError):
-        engine.sync_weights(bad)
-
-
-def test_sync_past_its_deadline_raises_instead_of_hanging(setup):
-    import dataclasses
-    import time
-
-    model, engine = setup.model, setup.engine
-    saved = engine.cfg
-    engine.cfg = dataclasses.replace(saved, sync_timeout_s=1e-4)  # far below a real reload's ~20 ms
-    try:
-        start = time.perf_counter()
-        with pytest.raises(WeightSyncError, match="did not finish within rollout.sync_timeout_s"):
-            engine.sync_weights(model.state_dict())
-        assert time.perf_counter() - start < 10
-    finally:
-        engine.cfg = saved
-        engine._pool.submit(lambda: None).result()  # let the abandoned reload finish before the next test
-
-
 def test_two_engines_take_the_trainers_weights_and_one_killed_mid_transfer_fails_the_sync(setup, monkeypatch):
-    """A run's sync (rollout.weight_transfer=gloo): the trainer's rank 0 streams to both engines at once, sending each
+    """(Before the tests that fail a sync on purpose: a failed file reload leaves vLLM's layerwise reload half done.)
+    A run's sync (rollout.weight_transfer=gloo): the trainer's rank 0 streams to both engines at once, sending each
     byte once. Then the second engine's worker is killed after the transfer's second bucket: the sync fails within
     seconds, in one line naming that engine, and the engine that lived takes the next sync whole."""
     import signal
@@ -265,3 +232,36 @@ def test_two_engines_take_the_trainers_weights_and_one_killed_mid_transfer_fails
         check_parity(lm, setup)
     finally:
         second.close()
+
+def test_a_bad_adapter_fails_the_sync(setup):
+    model, engine = setup.model, setup.engine
+    cfg = TrainerConfig(lora_rank=16, dtype="float32")  # above the rank the engine was made for
+    tensors = peft_adapter_tensors(apply_lora(copy.deepcopy(model), cfg).state_dict())
+    with pytest.raises(WeightSyncError, match="weight sync failed"):
+        engine.sync_adapter(tensors, adapter_config(cfg))
+
+
+def test_sync_with_a_wrong_shape_fails_clearly(setup):
+    model, engine = setup.model, setup.engine
+    bad = {k: v for k, v in model.state_dict().items()}
+    key = next(k for k in bad if k.endswith("q_proj.weight"))
+    bad[key] = torch.zeros(3, 3)
+    with pytest.raises(WeightSyncError):
+        engine.sync_weights(bad)
+
+
+def test_sync_past_its_deadline_raises_instead_of_hanging(setup):
+    import dataclasses
+    import time
+
+    model, engine = setup.model, setup.engine
+    saved = engine.cfg
+    engine.cfg = dataclasses.replace(saved, sync_timeout_s=1e-4)  # far below a real reload's ~20 ms
+    try:
+        start = time.perf_counter()
+        with pytest.raises(WeightSyncError, match="did not finish within rollout.sync_timeout_s"):
+            engine.sync_weights(model.state_dict())
+        assert time.perf_counter() - start < 10
+    finally:
+        engine.cfg = saved
+        engine._pool.submit(lambda: None).result()  # let the abandoned reload finish before the next test
