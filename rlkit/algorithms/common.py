@@ -51,16 +51,25 @@ class Workers:
         """The engines take the policy's current weights: all of them (LoRA merged), or under
         trainer.lora_sync=adapter the adapter alone, after the stage's frozen base once. Returns the time and
         size of what was sent."""
+        direct = self.pool.transport != "file"  # rollout.weight_transfer: from trainer rank 0 to the engines
         if self.trainer_cfg.lora_sync != "adapter":
+            if direct:  # streamed, one gathered parameter at a time: nothing is gathered ahead of the lock
+                with self.engine_lock:
+                    return self.pool.pull_weights(self.trainer, "merged")
             state = self.trainer.state_dict()  # gathered before the lock: sampling goes on meanwhile
             with self.engine_lock:
                 return self.pool.sync_weights(state)
         base = SyncStats(0.0, 0.0)
         if not self._base_synced:  # the engines may hold another stage's weights or an adapter over them
-            state = self.trainer.base_state_dict()
-            with self.engine_lock:
-                base = self.pool.sync_weights(state)
+            if direct:
+                with self.engine_lock:
+                    base = self.pool.pull_weights(self.trainer, "base")
+            else:
+                state = self.trainer.base_state_dict()
+                with self.engine_lock:
+                    base = self.pool.sync_weights(state)
             self._base_synced = True
+        # the adapter (a few MB) goes through files, whatever the transport: vLLM serves it as a LoRA request
         tensors = self.trainer.adapter_state_dict()
         with self.engine_lock:
             adapter = self.pool.sync_adapter(tensors, adapter_config(self.trainer_cfg))

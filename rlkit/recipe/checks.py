@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rlkit.recipe import names
 from rlkit.recipe.config import (DATA_FORMATS, EVAL_SET_NAME, MAX_ENGINE_LORA_RANK, PLACEMENTS, RESERVED_EVAL_NAMES,
-                                 RUNTIME_ENV_KEYS, DataConfig, RecipeConfig, looks_local)
+                                 RUNTIME_ENV_KEYS, WEIGHT_TRANSFERS, DataConfig, RecipeConfig, looks_local)
 from rlkit.recipe.engine_args import check_engine_kwargs
 from rlkit.recipe.errors import RecipeError
 from rlkit.recipe.names import check_switch
@@ -20,7 +20,7 @@ from rlkit.recipe.stage_kinds import STAGE_KINDS, check_stage, checkpoint_name, 
 # The range of every numeric field a user sets (the data section's are in check_data, a stage's in validate).
 NUMERIC_RANGES = {
     "> 0": ["model.hidden_size", "model.intermediate_size", "model.num_layers", "model.num_heads", "model.max_seq_len",
-            "rollout.max_new_tokens", "rollout.kv_cache_gib", "rollout.sync_timeout_s", "trainer.lr",
+            "rollout.max_new_tokens", "rollout.kv_cache_gib", "rollout.sync_timeout_s", "rollout.sync_bucket_mb", "trainer.lr",
             "trainer.grad_clip", "trainer.micro_batch_size", "trainer.lora_alpha", "algo.group_size",
             "algo.epsilon_high", "algo.ppo_epochs", "algo.ppo_minibatches", "algo.dpo_beta", "algo.value_clip",
             "cluster.rollout_engines", "rollout.tensor_parallel_size", "rollout.max_num_seqs",
@@ -172,6 +172,7 @@ def check_cluster(cfg: RecipeConfig) -> None:
         raise RecipeError(f"cluster.runtime_env: unknown key '{unknown[0]}'; rlkit passes on "
                           f"{', '.join(RUNTIME_ENV_KEYS)}")
     check_engines(cfg)
+    check_weight_transfer(cfg)
     if cfg.rollout.max_staleness and not cfg.algo.tis_cap:
         raise RecipeError(
             f"rollout.max_staleness: {cfg.rollout.max_staleness} trains on samples from older weights, which the "
@@ -186,6 +187,18 @@ def check_engines(cfg: RecipeConfig) -> None:
         raise RecipeError(f"cluster.gpus_per_engine: {gpus:g} GPUs for an engine of rollout.tensor_parallel_size={tp}, "
                           f"which runs one worker per GPU; set cluster.gpus_per_engine={tp}")
     check_engine_kwargs(cfg.rollout.engine_kwargs)
+
+
+def check_weight_transfer(cfg: RecipeConfig) -> None:
+    """rollout.weight_transfer names a transport the run's devices have (GPUs are known here only on Ray)."""
+    c, transport = cfg.cluster, cfg.rollout.weight_transfer
+    _one_of("rollout.weight_transfer", transport, WEIGHT_TRANSFERS)
+    if transport == "nccl" and c.backend == "ray" and not (c.gpus_per_engine and c.gpus_per_trainer):
+        raise RecipeError("rollout.weight_transfer: 'nccl' needs GPUs on the trainer and the engines "
+                          "(cluster.gpus_per_trainer, cluster.gpus_per_engine); use 'gloo' (or 'auto') on CPUs")
+    if transport == "ipc" and c.backend != "local":
+        raise RecipeError("rollout.weight_transfer: 'ipc' shares one GPU between the trainer and its engine, which "
+                          "only cluster.backend=local does; use 'nccl' (or 'auto') on Ray")
 
 
 def check_rewards(cfg: RecipeConfig) -> None:

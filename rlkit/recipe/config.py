@@ -70,6 +70,7 @@ class DataConfig:
     step_separator: str = "\n"
 
 
+WEIGHT_TRANSFERS = ("auto", "gloo", "nccl", "ipc", "file")  # rollout.weight_transfer
 # "stepwise": TRL's stepwise supervision (prompt, completions: a list of steps, labels: a bool per step), for a
 # reward_model stage that trains a process reward model
 DATA_FORMATS = ("auto", "prompt_only", "prompt_completion", "messages", "preference", "stepwise")
@@ -97,6 +98,12 @@ class RolloutConfig:
     engine_kwargs: Dict[str, Any] = field(default_factory=dict)
     sync_dir: str = "/dev/shm/rlkit_sync"  # where trainer weights are written for the engine to reload
     sync_timeout_s: float = 60.0  # a weight sync that takes longer fails the run
+    # how weights reach the engines (rlkit.rollout.weight_transfer): "gloo" (trainer rank 0 broadcasts to every engine
+    # worker over a gloo group of its own; CPUs), "nccl" (the same over NCCL; GPUs), "ipc" (an engine sharing the
+    # trainer's GPU, cluster.backend local), "file" (safetensors in sync_dir, through the driver; the fallback);
+    # "auto": nccl with CUDA (cluster.gpus_per_engine > 0, or a GPU in a local run), else gloo
+    weight_transfer: str = "auto"
+    sync_bucket_mb: float = 256.0  # gloo/nccl/ipc: weights go in buffers of this size, one at a time
     # multi-turn episodes (an `env` section; rlkit.algorithms.episodes): at most this many assistant turns per episode
     max_turns: int = 1
     # tokens an episode may add after its prompt, sampled and environment tokens together (0: max_new_tokens x

@@ -28,6 +28,8 @@ OWNED = {
     "tensor_parallel_size": "rollout.tensor_parallel_size",
     "distributed_executor_backend": "rollout.tensor_parallel_size (rlkit runs an engine's workers as processes)",
     "max_num_seqs": "rollout.max_num_seqs",
+    "weight_transfer_config": "rollout.weight_transfer",
+    "worker_extension_cls": "rollout.weight_transfer (rlkit's gloo transport is a worker extension)",
     "gpu_memory_utilization": "rollout.gpu_memory_utilization",
     "kv_cache_memory_bytes": "rollout.gpu_kv_cache_gib",
     "enforce_eager": "rollout.enforce_eager",

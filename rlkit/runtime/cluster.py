@@ -1,6 +1,6 @@
 """Wiring workers into groups, in this process or as Ray actors. The only module that imports ray (with
 rlkit.runtime.placement, its helper for clusters of several nodes: joining, placement groups, rendezvous, shared
-storage).
+storage; and rlkit.runtime.engine_client, through which trainer rank 0 drives the engines during a weight transfer).
 
 Workers are plain classes (rollout.VllmRollout, rewards.Scorer, rlkit.training.reference.ReferenceModel,
 rlkit.training.trainer.ShardedTrainer). Here they are made remote with `ray.remote(...)(Cls)`; the groups below give
@@ -11,10 +11,12 @@ The leaf packages (rollout/, rewards/) take their own configs, which the recipe'
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +31,8 @@ from rlkit.training.batches import PairBatch, PolicyBatch, SFTBatch, TokenBatch,
 from rlkit.rewards.scorer import Scorer
 from rlkit.rollout import EngineConfig
 from rlkit.rollout.generations import Generations
+from rlkit.rollout.vllm_engine import SyncStats
+from rlkit.runtime.engine_client import EngineClient
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +159,22 @@ class TrainerGroup:
         """The LoRA adapter in PEFT's layout; every rank takes part in the gather."""
         return self._resolve([w.adapter_state_dict() for w in self.workers])[0]
 
+    def open_weight_transfer(self, connect: Callable, dtype: str) -> None:
+        """Every rank opens its side of the weight transfer (`connect`: rlkit.rollout.weight_transfer's
+        open_trainer_engine, its engines bound); rank 0 meets the engines. Weights stream in `dtype`."""
+        self._first_then_rest([w.open_weight_transfer(connect, dtype) for w in self.workers])
+
+    def send_weights(self, mode: str = "merged") -> float:
+        """Every rank gathers the weights parameter by parameter; rank 0 sends them to the engines. Returns the MB
+        sent (once, whatever the number of engines)."""
+        return self._first_then_rest([w.send_weights(mode) for w in self.workers])[0]
+
+    def _first_then_rest(self, calls: list) -> list:
+        """Rank 0's result first: when it fails (an engine died), the others are stuck in a gather it left, and
+        waiting on them would hang the run."""
+        first = self._resolve(calls[:1])
+        return first + self._resolve(calls[1:]) if len(calls) > 1 else first
+
     def save(self, path: str, tokenizer_path: str, recipe_yaml: str, extra: dict | None = None) -> str:
         return self._resolve([w.save(path, tokenizer_path, recipe_yaml, extra) for w in self.workers])[0]
 
@@ -185,9 +205,12 @@ class RanksReference:
 class RolloutPool:
     """N engines; prompts are split across them and every engine takes each weight sync."""
 
-    def __init__(self, engines: list, resolve: Callable[[list], list] = _local_resolve):
+    def __init__(self, engines: list, resolve: Callable[[list], list] = _local_resolve, transport: str = "file",
+                 timeout_s: float = 60.0, bucket_mb: float = 256.0):
         self.engines, self._resolve = engines, resolve
         self.placement_group = None  # on Ray: the pool's reservation (engines spread over the nodes)
+        self.transport, self.timeout_s, self.bucket_mb = transport, timeout_s, bucket_mb  # rollout.weight_transfer
+        self._source = None  # the trainer group whose rank 0 the engines' transfer group was opened with
 
     def generate(self, prompt_ids: list[list[int]], n: int = 1, temperature=None, max_new_tokens=None, seed=None):
         """n completions per prompt, [prompt][sample], as one Generations (flat arrays: rlkit.rollout.generations)."""
@@ -209,6 +232,26 @@ class RolloutPool:
         """Push a LoRA adapter to every engine (served over the base it holds); returns the slowest SyncStats."""
         stats = self._resolve([e.sync_adapter(tensors, config) for e in self.engines])
         return max(stats, key=lambda s: s.seconds)
+
+    def pull_weights(self, trainer: TrainerGroup, mode: str = "merged") -> SyncStats:
+        """The engines take `trainer`'s weights straight from its rank 0 (rollout.weight_transfer: gloo, nccl, ipc):
+        all of them ("merged"), or the frozen "base" under LoRA. The first pull from a group opens the transfer group
+        (rank 0 and every engine worker); this process sends only the order to send. Raises WeightSyncError naming
+        the engine when one dies or stalls, within rollout.sync_timeout_s."""
+        if trainer is not self._source:
+            counts = [info for info in self._resolve([e.transfer_info() for e in self.engines])]
+            client = EngineClient([getattr(e, "actor", e) for e in self.engines], [n for n, _ in counts],
+                                  self.timeout_s, remote=self._resolve is not _local_resolve)
+            from rlkit.rollout.weight_transfer import open_trainer_engine
+
+            connect = functools.partial(open_trainer_engine, self.transport, client=client,
+                                        world_size=1 + sum(n for n, _ in counts), timeout_s=self.timeout_s,
+                                        bucket_bytes=int(self.bucket_mb * 2**20))
+            trainer.open_weight_transfer(connect, counts[0][1])
+            self._source = trainer
+        t0 = time.perf_counter()
+        megabytes = trainer.send_weights(mode)
+        return SyncStats(time.perf_counter() - t0, megabytes)
 
     def close(self) -> None:
         self._resolve([e.close() for e in self.engines])
@@ -252,19 +295,23 @@ class Cluster:
         return self.ray.get if self.ray else _local_resolve
 
     def rollout_pool(self, model_path: str) -> RolloutPool:
-        from rlkit.rollout.vllm_engine import VllmRollout
+        from rlkit.rollout.vllm_engine import VllmRollout, weight_transport
 
         cfg, c = self.cfg, self.cfg.cluster
         lora_rank = cfg.trainer.lora_rank if cfg.trainer.lora_sync == "adapter" else 0
-        args = (engine_config(cfg.rollout), model_path, cfg.model.max_seq_len)
+        on_gpu = c.gpus_per_engine > 0 if self.ray else torch.cuda.is_available()
+        engine = dataclasses.replace(engine_config(cfg.rollout),
+                                     weight_transfer=weight_transport(cfg.rollout.weight_transfer, on_gpu))
+        sync = dict(transport=engine.weight_transfer, timeout_s=engine.sync_timeout_s, bucket_mb=engine.sync_bucket_mb)
+        args = (engine, model_path, cfg.model.max_seq_len)
         if self.ray is None:
-            return RolloutPool([VllmRollout(*args, seed=cfg.trainer.seed, lora_rank=lora_rank)])
+            return RolloutPool([VllmRollout(*args, seed=cfg.trainer.seed, lora_rank=lora_rank)], **sync)
         group = self._place("rollout engines (cluster.rollout_engines)", c.rollout_engines, c.cpus_per_engine,
                             c.gpus_per_engine, "spread")
         actor = self._actor(VllmRollout, c.cpus_per_engine, c.gpus_per_engine)
         engines = [_Remote(actor.options(**placement.in_bundle(group, i)).remote(
             *args, seed=cfg.trainer.seed + i, lora_rank=lora_rank)) for i in range(c.rollout_engines)]
-        pool = RolloutPool(engines, self._resolve())
+        pool = RolloutPool(engines, self._resolve(), **sync)
         pool.placement_group = group
         return pool
 
@@ -406,7 +453,8 @@ def engine_config(rollout: RolloutConfig) -> EngineConfig:
                         gpu_memory_utilization=rollout.gpu_memory_utilization, enforce_eager=rollout.enforce_eager,
                         sync_dir=rollout.sync_dir, sync_timeout_s=rollout.sync_timeout_s,
                         gpu_kv_cache_gib=rollout.gpu_kv_cache_gib, tensor_parallel_size=rollout.tensor_parallel_size,
-                        max_num_seqs=rollout.max_num_seqs, engine_kwargs=dict(rollout.engine_kwargs))
+                        max_num_seqs=rollout.max_num_seqs, engine_kwargs=dict(rollout.engine_kwargs),
+                        weight_transfer=rollout.weight_transfer, sync_bucket_mb=rollout.sync_bucket_mb)
 
 
 def creation_error(text: str) -> str:

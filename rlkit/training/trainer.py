@@ -28,6 +28,7 @@ from rlkit.training.precision import torch_dtype
 from rlkit.training.rank import (RankWorker, autocast_dtype, compile_blocks, default_device,
                                  enable_gradient_checkpointing, prepare_torch, pretrained_kwargs, resolve_dtype,
                                  shard_with_fsdp2, to_device)
+from rlkit.training.weights import TrainerWeights
 
 __all__ = ["RankWorker", "prepare_torch"]  # re-exported: the rank machinery lives in rlkit.training.rank
 
@@ -192,6 +193,26 @@ class ShardedTrainer(RankWorker):
         if self.cfg.lora_rank:
             state = merge_lora_state_dict(state, self.cfg.lora_alpha / self.cfg.lora_rank if merged else 0.0)
         return state
+
+    def weights(self, dtype: torch.dtype, mode: str = "merged") -> TrainerWeights:
+        """The weights as the engines take them, streamed one gathered parameter at a time (rlkit.training.weights):
+        "merged", the frozen "base" under LoRA, or the "adapter" alone; every rank must iterate it at once."""
+        scaling = self.cfg.lora_alpha / self.cfg.lora_rank if self.cfg.lora_rank else 0.0
+        return TrainerWeights(self.model.lm, dtype, scaling, mode)
+
+    def open_weight_transfer(self, connect, dtype: str) -> None:
+        """This rank's side of the weight transfer to the engines: `connect(stream, rank=...)` is
+        rlkit.rollout.weight_transfer.open_trainer_engine with the engines bound (rlkit.runtime.cluster passes it in,
+        so this layer imports no engine code). Every rank calls it at once; rank 0 meets the engines."""
+        self._stream = self.weights(getattr(torch, dtype))
+        self._transfer = connect(self._stream, rank=self.rank)
+
+    def send_weights(self, mode: str = "merged") -> float:
+        """Stream the weights ("merged", or the frozen "base" under LoRA) to the engines through the transfer
+        opened by `open_weight_transfer` (every rank must call it; rank 0 sends). Returns the MB sent."""
+        self._stream.mode = mode
+        self._transfer.send_weights()
+        return sum(m.nbytes for m in self._stream.metadata()) / 2**20
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA adapter's unsharded tensors on CPU in PEFT's file layout (every rank must call it): what

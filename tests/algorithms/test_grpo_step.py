@@ -50,6 +50,8 @@ class FakeWorkers:
     def state_dict(self):  # the trainer's weights, which the pool takes
         return {}
 
+    transport = "file"  # the pool's rollout.weight_transfer: sync_weights takes the state dict
+
     def sync_weights(self, state):
         return SyncStats(0.0, 0.0)
 

@@ -257,3 +257,19 @@ def test_quickstart_rm_recipe_trains_on_the_reward_model_with_the_verifier_as_go
     trained = [s for s in cfg.reward.rewards if s.weight]
     assert [(s.name, s.path) for s in trained] == [("model", cfg.stages[1].name)]  # the only reward trained on
     assert [s.name for s in cfg.reward.gold] == ["math"]
+
+
+def test_the_weight_transfer_is_one_the_devices_have():
+    assert load_recipe(None).rollout.weight_transfer == "auto"  # nccl with CUDA, gloo without
+    load_recipe(None, ["rollout.weight_transfer=gloo"])
+    load_recipe(None, ["rollout.weight_transfer=nccl", "cluster.backend=ray", "cluster.gpus_per_engine=1",
+                       "cluster.gpus_per_trainer=1"])
+    bad = [
+        (["rollout.weight_transfer=tcp"], "rollout.weight_transfer: 'tcp' is not one of auto, gloo, nccl, ipc, file"),
+        (["rollout.weight_transfer=nccl", "cluster.backend=ray"], "'nccl' needs GPUs on the trainer and the engines"),
+        (["rollout.weight_transfer=ipc", "cluster.backend=ray"], "'ipc' shares one GPU .* only cluster.backend=local"),
+        (["rollout.sync_bucket_mb=0"], "rollout.sync_bucket_mb"),
+    ]
+    for overrides, message in bad:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(None, overrides)

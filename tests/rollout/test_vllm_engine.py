@@ -26,9 +26,19 @@ from rlkit.rollout import EngineConfig
 from rlkit.recipe.engine_args import OWNED, engine_arg_names
 from rlkit.rollout.generations import Generations
 from rlkit.rollout.vllm_engine import VllmRollout, WeightSyncError, engine_kwargs
+from rlkit.rollout.weight_transfer import open_trainer_engine
+from rlkit.runtime.cluster import RolloutPool, TrainerGroup
+from rlkit.runtime.engine_client import EngineClient
+from rlkit.training.weights import TrainerWeights
 from tests.chat_model import GSM8K
 
 PROMPTS = ["12+34=", "7*8=", "99+1=", "5="]
+# float32: exact parity with the float32 model (auto would be bf16 on a CPU with native bf16); gloo: the engine takes
+# weights through vLLM's weight-transfer API as well as through files, so each sync test runs over both
+# float32: exact parity with the float32 model (auto would be bf16 on a CPU with native bf16). max_num_seqs and an
+# engine argument of vLLM's own (max_logprobs: 0 is the sampled token's alone) are passed through
+ENGINE = EngineConfig(max_new_tokens=8, sync_timeout_s=30, dtype="float32", weight_transfer="gloo", max_num_seqs=300,
+                      engine_kwargs={"max_logprobs": 1})
 BOUND_OUTSIDE = "VLLM_CPU_OMP_THREADS_BIND" in os.environ  # before any engine of this test session was made
 
 
@@ -38,6 +48,22 @@ class Served:
     tok: object
     engine: VllmRollout
     prompt_ids: list[list[int]]
+    path: str = ""  # the checkpoint the engine started from
+
+
+def push(engines: list[VllmRollout], model: torch.nn.Module, transport: str, mode: str = "merged",
+         lora_scaling: float = 0.0) -> float:
+    """Sync `model`'s weights into `engines` over `transport`, as a run's trainer rank 0 does (rlkit.training.weights
+    streamed through rlkit.rollout.weight_transfer, the engines driven through rlkit.runtime.cluster.EngineClient);
+    "file" writes the state dict. Returns the MB sent."""
+    if transport == "file":
+        return engines[0].sync_weights(model.state_dict()).megabytes
+    stream = TrainerWeights(model, engines[0].dtype, lora_scaling, mode)
+    client = EngineClient(engines, [1] * len(engines), engines[0].cfg.sync_timeout_s, remote=False)
+    transfer = open_trainer_engine(transport, stream, client, rank=0, world_size=1 + len(engines),
+                                   timeout_s=engines[0].cfg.sync_timeout_s, bucket_bytes=2**16)
+    transfer.send_weights()
+    return sum(m.nbytes for m in stream.metadata()) / 2**20
 
 
 def char_model(tmp_path_factory):
@@ -68,12 +94,8 @@ def setup(request, tmp_path_factory):
     else:
         path, model, tok, ids, max_len = chat_model(request.getfixturevalue("chat_model_path"))
     # LoRA-enabled (rank <= 8): without an adapter it serves the plain weights, which the first tests check.
-    # float32: exact parity with the float32 model (auto would be bf16 on a CPU with native bf16). max_num_seqs and
-    # an engine argument of vLLM's own (max_logprobs: 0 is the sampled token's alone) are passed through
-    cfg = EngineConfig(max_new_tokens=8, sync_timeout_s=30, dtype="float32", max_num_seqs=300,
-                       engine_kwargs={"max_logprobs": 1})
-    engine = VllmRollout(cfg, str(path), max_model_len=max_len, lora_rank=8)
-    yield Served(model, tok, engine, ids)
+    engine = VllmRollout(ENGINE, str(path), max_model_len=max_len, lora_rank=8)
+    yield Served(model, tok, engine, ids, str(path))
     engine.close()
     assert engine._shm, "vLLM made no shared memory: the check below proves nothing"
     assert not engine._shm & shm_segments(), "the engine's shared memory outlived close()"
@@ -107,17 +129,17 @@ def greedy(s: Served):
     return [tuple(g[0].token_ids.tolist()) for g in s.engine.generate(s.prompt_ids, n=1, temperature=0.0)]
 
 
-def test_engine_matches_trainer_before_and_after_sync(setup):
-    model, engine = setup.model, setup.engine
+@pytest.mark.parametrize("transport", ["file", "gloo"])
+def test_engine_matches_trainer_before_and_after_sync(setup, transport):
+    model = setup.model
     check_parity(model, setup)
     before = greedy(setup)
     with torch.no_grad():  # a different model: the engine must follow it after the sync
         for p in model.parameters():  # a tied embedding is one Parameter: perturbed once, for input and output
             p.add_(torch.randn_like(p) * 0.5)
-    stats = engine.sync_weights(model.state_dict())  # a tied state dict names that tensor twice
+    megabytes = push([setup.engine], model, transport)  # a tied state dict names that tensor twice
     # each distinct tensor is sent once: a tied output embedding neither fails the write nor goes twice
-    assert stats.seconds > 0
-    assert stats.megabytes == pytest.approx(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
+    assert megabytes == pytest.approx(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
     assert greedy(setup) != before
     check_parity(model, setup)
 
@@ -160,9 +182,10 @@ def test_engine_decodes_on_every_allowed_core(setup):
 
 def test_engine_serves_the_trainers_adapter_over_its_base(setup):
     model, engine = setup.model, setup.engine
-    engine.sync_weights(model.state_dict())  # the base
     cfg = TrainerConfig(lora_rank=4, lora_alpha=8.0, dtype="float32")
     tuned = apply_lora(copy.deepcopy(model), cfg)
+    push([engine], tuned, "gloo", mode="base")  # the frozen base of the LoRA-injected model, under the plain names
+    check_parity(model, setup)
     for round_ in range(2):  # a second adapter replaces the first
         with torch.no_grad():
             for name, p in tuned.named_parameters():
@@ -173,9 +196,70 @@ def test_engine_serves_the_trainers_adapter_over_its_base(setup):
         check_parity(tuned, setup)
     base_greedy = [tuple(hf_greedy(model.eval(), setup.tok, p, 8)) for p in setup.prompt_ids]
     assert greedy(setup) != base_greedy
+    # trainer.lora_sync=merged over gloo: W + alpha / r * B @ A, which drops the adapter the engine served
+    push([engine], tuned, "gloo", mode="merged", lora_scaling=cfg.lora_alpha / cfg.lora_rank)
+    assert engine._lora is None
+    check_parity(tuned, setup)
     engine.sync_weights(model.state_dict())  # a full sync drops the adapter
     check_parity(model, setup)
 
+
+def test_two_engines_take_the_trainers_weights_and_one_killed_mid_transfer_fails_the_sync(setup, monkeypatch):
+    """(Before the tests that fail a sync on purpose: a failed file reload leaves vLLM's layerwise reload half done.)
+    A run's sync (rollout.weight_transfer=gloo): the trainer's rank 0 streams to both engines at once, sending each
+    byte once. Then the second engine's worker is killed after the transfer's second bucket: the sync fails within
+    seconds, in one line naming that engine, and the engine that lived takes the next sync whole."""
+    import signal
+    import time
+
+    import psutil
+
+    from rlkit.rollout import weight_transfer
+    from rlkit.training.trainer import ShardedTrainer
+
+    if setup.engine.tied_embeddings:
+        pytest.skip("the untied model suffices: a second engine costs a start")
+    second = VllmRollout(ENGINE, setup.path, max_model_len=64)
+    try:
+        trainer = ShardedTrainer(TrainerConfig(dtype="float32", logprob_impl="torch"), setup.path, lr=1e-3,
+                                 warmup_steps=0)
+        lm = trainer.model.lm
+        with torch.no_grad():
+            for p in lm.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        group = TrainerGroup([trainer])
+        pool = RolloutPool([setup.engine, second], transport="gloo", timeout_s=30, bucket_mb=1 / 64)
+        stats = pool.pull_weights(group)
+        assert stats.megabytes == pytest.approx(sum(p.numel() * 4 for p in lm.parameters()) / 2**20)  # once
+        for engine in (setup.engine, second):
+            check_parity(lm, Served(lm, setup.tok, engine, setup.prompt_ids))
+
+        core = second.llm.llm_engine.engine_core.resources.engine_manager.processes[0].pid
+        worker = psutil.Process(core).children()[0].pid  # the process in the transfer group
+        real, sent = weight_transfer.broadcast, []
+
+        def broadcast_then_kill(group, buffer, timeout_s):
+            real(group, buffer, timeout_s)
+            sent.append(buffer.numel())
+            if len(sent) == 2:
+                os.kill(worker, signal.SIGKILL)
+
+        monkeypatch.setattr(weight_transfer, "broadcast", broadcast_then_kill)
+        with torch.no_grad():
+            for p in lm.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        start = time.perf_counter()
+        with pytest.raises(WeightSyncError) as failed:
+            pool.pull_weights(group)
+        assert time.perf_counter() - start < ENGINE.sync_timeout_s  # the dead peer is noticed, not waited out
+        assert str(failed.value) == ("rollout engine 1 died during the weight transfer (rollout.weight_transfer); "
+                                     "the run cannot go on without it")
+        assert len(sent) >= 2
+        monkeypatch.undo()
+        RolloutPool([setup.engine], transport="gloo", timeout_s=30).pull_weights(group)
+        check_parity(lm, setup)
+    finally:
+        second.close()
 
 def test_a_bad_adapter_fails_the_sync(setup):
     model, engine = setup.model, setup.engine
@@ -226,10 +310,10 @@ def test_the_engine_arguments_rlkit_sets_are_the_ones_a_recipe_may_not():
     rollout.engine_kwargs (and names where to set it); a key that slips past it fails the engine, not silently."""
     set_here = set()
     for on_gpu in (False, True):
-        for tp, lora, kv in ((1, 0, 0.0), (2, 8, 4.0)):
+        for tp, lora, kv, transport in ((1, 0, 0.0, "file"), (2, 8, 4.0, "gloo")):
             cfg = EngineConfig(dtype="float32", tensor_parallel_size=tp, gpu_kv_cache_gib=kv,
                                engine_kwargs={"max_logprobs": 1})
-            kwargs = engine_kwargs(cfg, "m", 64, 0, lora, on_gpu)
+            kwargs = engine_kwargs(cfg, "m", 64, 0, lora, on_gpu, transport)
             assert kwargs["max_logprobs"] == 1 and kwargs["tensor_parallel_size"] == tp
             set_here |= set(kwargs) - {"max_logprobs"}
     assert set_here == set(OWNED) and set(OWNED) <= engine_arg_names()

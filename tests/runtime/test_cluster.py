@@ -175,7 +175,7 @@ def test_engine_config_is_the_recipes_rollout_section():
     rollout = RolloutConfig(temperature=0.7, top_p=0.9, max_new_tokens=5, dtype="bfloat16", kv_cache_gib=2.0,
                             gpu_memory_utilization=0.3, enforce_eager=False, sync_dir="/tmp/x", sync_timeout_s=9.0,
                             gpu_kv_cache_gib=4.0, tensor_parallel_size=2, max_num_seqs=64,
-                            engine_kwargs={"enable_prefix_caching": False})
+                            engine_kwargs={"enable_prefix_caching": False}, weight_transfer="file", sync_bucket_mb=64.0)
     carried = {f.name: getattr(rollout, f.name) for f in dataclasses.fields(EngineConfig)}
     assert all(value != getattr(EngineConfig(), name) for name, value in carried.items())  # each one set above
     assert engine_config(rollout) == EngineConfig(**carried)
