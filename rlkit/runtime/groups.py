@@ -5,6 +5,7 @@ methods come as `_Remote` calls that return object refs, which the group's `reso
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Any, Callable
