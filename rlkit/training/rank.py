@@ -22,6 +22,7 @@ import torch
 from rlkit.training.batches import rank_part
 from rlkit.training.attention import model_attn_implementation
 from rlkit.recipe import TrainerConfig
+from rlkit.training.lora import merge_lora_state_dict
 from rlkit.training.losses import Stats
 from rlkit.training.packing import split_micro_batches
 from rlkit.training.precision import torch_dtype
@@ -201,6 +202,18 @@ class RankWorker:
             self.optimizer, lambda step: lr_factor(step, cfg.lr_schedule, warmup_steps, total_steps))
         self.step_count = 0
         self._compile_clock = compile_seconds()  # the step's perf/compile_seconds count from here
+
+    def gathered_state(self, lora_scale: float) -> dict[str, torch.Tensor]:
+        """The unsharded weights on CPU under the wrapped model's own names (its `lm`), LoRA merged at `lora_scale`
+        (0: the frozen base alone) when the trainer has adapters; every rank must call it."""
+        if self.world_size == 1:
+            state = {k: v.detach().cpu() for k, v in self.model.lm.state_dict().items()}
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            state = {k.removeprefix("lm."): v for k, v in full.items()}
+        return merge_lora_state_dict(state, lora_scale) if self.cfg.lora_rank else state
 
     def micro_batches(self, tokens, unit: int = 1) -> list[torch.Tensor]:
         """Row indices (b_i,) of each micro-batch of this rank's rows, a TokenBatch (trainer.micro_batch_size/_tokens;

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from rlkit.recipe import TrainerConfig
 from rlkit.training.batches import RewardPairBatch, StepBatch, TokenBatch, rank_part
-from rlkit.training.lora import apply_lora, merge_lora_state_dict
+from rlkit.training.lora import apply_lora
 from rlkit.training.losses import Stats
 from rlkit.training.packing import layout_rows
 from rlkit.training.rank import (RankWorker, autocast_dtype, compile_blocks, enable_gradient_checkpointing,
@@ -192,16 +192,7 @@ class RewardModelTrainer(RankWorker):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The unsharded weights on CPU under the classification model's names, LoRA merged (every rank calls it)."""
-        if self.world_size == 1:
-            state = {k: v.detach().cpu() for k, v in self.model.lm.state_dict().items()}
-        else:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            state = {k.removeprefix("lm."): v for k, v in full.items()}
-        if self.cfg.lora_rank:
-            state = merge_lora_state_dict(state, self.cfg.lora_alpha / self.cfg.lora_rank)
-        return state
+        return self.gathered_state(self.cfg.lora_alpha / self.cfg.lora_rank if self.cfg.lora_rank else 0.0)
 
     def save(self, path: str, tokenizer_path: str, recipe_yaml: str, extra: dict | None = None) -> str | None:
         """A Hugging Face sequence- (or token-) classification folder with the policy's tokenizer (rank 0 writes)."""

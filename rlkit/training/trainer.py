@@ -20,7 +20,7 @@ import torch
 from rlkit.kernels import fused_logprobs
 from rlkit.recipe import RefConfig, TrainerConfig
 from rlkit.training.attention import model_attn_implementation
-from rlkit.training.lora import apply_lora, merge_lora_state_dict, peft_adapter_tensors
+from rlkit.training.lora import apply_lora, peft_adapter_tensors
 from rlkit.training.batches import TokenBatch, rank_part
 from rlkit.training.losses import Forward
 from rlkit.training.packing import layout_rows
@@ -183,16 +183,7 @@ class ShardedTrainer(RankWorker):
     def full_state_dict(self, merged: bool = True) -> dict[str, torch.Tensor]:
         """The unsharded weights on CPU under the model's own names, LoRA merged, or with `merged=False` the
         frozen base alone (every rank must call it)."""
-        if self.world_size == 1:
-            state = {k: v.detach().cpu() for k, v in self.model.lm.state_dict().items()}
-        else:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            state = {k.removeprefix("lm."): v for k, v in full.items()}
-        if self.cfg.lora_rank:
-            state = merge_lora_state_dict(state, self.cfg.lora_alpha / self.cfg.lora_rank if merged else 0.0)
-        return state
+        return self.gathered_state(self.cfg.lora_alpha / self.cfg.lora_rank if merged and self.cfg.lora_rank else 0.0)
 
     def weights(self, dtype: torch.dtype, mode: str = "merged") -> TrainerWeights:
         """The weights as the engines take them, streamed one gathered parameter at a time (rlkit.training.weights):
