@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -160,3 +161,31 @@ def remove_segments(names: set[str]) -> int:
         resource_tracker.unregister(f"/{name}", "shared_memory")
         removed += 1
     return removed
+
+
+ALIVE = ".alive"  # in an engine's sync folder: the file whose lock the engine holds for as long as its process lives
+
+
+def claim_sync_folder(folder: Path) -> tuple[object, int]:
+    """Make `folder` (an engine's private weight-sync folder), hold a lock on a file in it until this process ends,
+    and remove its siblings whose owners died without removing theirs (an engine killed by the out-of-memory killer
+    or a SIGKILL leaves the whole model there, under /dev/shm: memory). Returns (the lock's open file: keep it,
+    siblings removed). An owner is judged dead by its lock, which the kernel drops when the owner's process ends,
+    not by its pid, which another pid namespace sharing this /dev/shm (a container) would not see."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ALIVE, "w")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    removed = 0
+    for sibling in folder.parent.iterdir():
+        if sibling == folder or not sibling.is_dir() or not (sibling / ALIVE).is_file():
+            continue  # not an engine's folder, or one being made (its lock file comes right after mkdir)
+        try:
+            with open(sibling / ALIVE) as other:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its owner lives
+        except (BlockingIOError, OSError):
+            continue
+        shutil.rmtree(sibling, ignore_errors=True)
+        removed += 1
+    return handle, removed

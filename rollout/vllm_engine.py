@@ -25,8 +25,8 @@ import torch
 from rlkit.kernels.precision import auto_dtype
 from rlkit.rollout import EngineConfig
 from rlkit.rollout.generations import Completion, Generations  # noqa: F401 (Completion: what stages index)
-from rlkit.rollout.vllm_console import (mapped_segments, process_tree, quiet_vllm_console, remove_segments,
-                                        shm_segments)
+from rlkit.rollout.vllm_console import (claim_sync_folder, mapped_segments, process_tree, quiet_vllm_console,
+                                        remove_segments, shm_segments)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ class VllmRollout:
         kwargs = engine_kwargs(cfg, str(model_path), max_model_len, seed, lora_rank, on_gpu, self.transport)
         self.dtype = getattr(torch, kwargs["dtype"])  # of the served weights
         self._sync_dir = Path(cfg.sync_dir) / f"{os.getpid()}_{id(self):x}"
+        self._alive, stale = claim_sync_folder(self._sync_dir)  # and removes what dead engines left there
+        if stale:
+            log.info("removed %d weight-sync folders that engines which died left in %s", stale, cfg.sync_dir)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
         self.lora_rank = lora_rank
         self._lora = None  # the LoRARequest that every generation uses, after the first sync_adapter
@@ -229,6 +232,7 @@ class VllmRollout:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self._sync_dir, ignore_errors=True)
+        self._alive.close()
         llm = getattr(self, "llm", None)
         if llm is not None:
             core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)

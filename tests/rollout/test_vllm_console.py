@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rlkit.rollout.vllm_console import (KNOWN_NOISE, KnownNoise, logging_config, mapped_segments, process_tree,
-                                        quiet_vllm_console, shm_segments)
+from rlkit.rollout.vllm_console import (ALIVE, KNOWN_NOISE, KnownNoise, claim_sync_folder, logging_config,
+                                        mapped_segments, process_tree, quiet_vllm_console, shm_segments)
 
 
 @pytest.fixture
@@ -84,3 +84,37 @@ def test_an_engine_claims_only_the_segments_its_own_processes_map():
         child.wait(timeout=10)
         ours.unlink()
         theirs.unlink()
+
+
+CLAIM_AND_WAIT = """
+import sys, time
+from pathlib import Path
+from rlkit.rollout.vllm_console import claim_sync_folder
+handle, _ = claim_sync_folder(Path(sys.argv[1]))
+(Path(sys.argv[1]) / "model.safetensors").write_bytes(b"weights")
+print("claimed", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_sync_folder_left_by_a_killed_engine_is_removed_and_a_living_engines_is_kept(tmp_path):
+    """An engine killed with SIGKILL never runs close(): the next engine on the node removes its folder (a whole
+    model under /dev/shm), by its lock, which the kernel drops when the process ends."""
+    owners = {name: subprocess.Popen([sys.executable, "-c", CLAIM_AND_WAIT, str(tmp_path / name)],
+                                     stdout=subprocess.PIPE, text=True) for name in ("dead", "living")}
+    try:
+        for proc in owners.values():
+            assert proc.stdout.readline().strip() == "claimed"
+        owners["dead"].kill()
+        owners["dead"].wait(timeout=30)
+        (tmp_path / "not_an_engines").mkdir()  # no lock file: not ours to judge
+        handle, removed = claim_sync_folder(tmp_path / "new")
+        assert removed == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["living", "new", "not_an_engines"]
+        assert (tmp_path / "living" / "model.safetensors").read_bytes() == b"weights"
+        assert (tmp_path / "new" / ALIVE).is_file()
+        handle.close()
+    finally:
+        for proc in owners.values():
+            proc.kill()
+            proc.wait(timeout=30)
