@@ -1,17 +1,19 @@
 """Weight sync, trainer to engines: `file` (the state dict through the driver, safetensors per engine) against `gloo`
 (streamed from trainer rank 0 straight to the engine workers through vLLM's weight-transfer API), measured in one run.
 
-    python bench/sync.py [--sizes 0.1B,0.5B,1.5B] [--engines 1,2] [--repeats 3]
+    python bench/sync.py [--sizes 0.1B,0.5B,1.5B] [--engines 1,2] [--repeats 3] [--transports file,gloo]
 
 Randomly initialised Qwen2-shaped models (tied embeddings, Qwen2.5's 151,936-token vocabulary), trained in bfloat16
 mixed precision (float32 master weights), served by bfloat16 engines, on Ray as a run places them: one trainer rank
-and one or two engines, each an actor. Per sync (median of --repeats, each after the trainer's weights changed):
+and one or two engines, each an actor. Per sync (median of --repeats; the first sync, which opens the transfer
+group, is not timed; the bytes sent do not depend on the weights' values, so the trainer does not step between):
 - s/sync: seconds, the driver's call to the end of the last engine's load;
 - MB moved: the weight bytes handed to a transport: `file` sends the float32 state dict to the driver and from there
   to every engine; `gloo` sends bfloat16 once from rank 0 (gloo relays it to every engine);
 - driver / rank-0 peak MB: the growth of each process's resident memory during the sync over its value before
   (sampled every 5 ms).
-Ratios are file / gloo (above 1: gloo is faster, moves less, holds less).
+Ratios are file / gloo (above 1: gloo is faster, moves less, holds less). `--transports gloo` measures gloo alone,
+for a model whose `file` sync does not fit the machine's memory (its columns then read n/a).
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="0.1B,0.5B")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engines", default="1,2", help="engine counts to measure, e.g. 1 on a machine short of memory")
+    parser.add_argument("--transports", default="file,gloo", help="`gloo` alone where `file` runs out of memory")
     args = parser.parse_args()
     from rlkit.kernels.precision import describe_machine
 
@@ -141,7 +144,8 @@ def main() -> None:
                 for engines in [int(n) for n in args.engines.split(",")]:
                     pool = RolloutPool(both.engines[:engines], both._resolve, transport="gloo",
                                        timeout_s=both.timeout_s, bucket_mb=both.bucket_mb)
-                    result = {t: measure(cluster, trainer, pool, t, args.repeats, rank0_pid) for t in ("file", "gloo")}
+                    result = {t: measure(cluster, trainer, pool, t, args.repeats, rank0_pid)
+                              for t in args.transports.split(",")}
                     rows.append((size, params, engines, result))
                     print(size, engines, result, flush=True)
                 cluster.release(trainer, both)
@@ -154,9 +158,14 @@ def main() -> None:
             "driver peak MB file", "gloo", "rank-0 peak MB file", "gloo"]
     print(" | ".join(head))
     for size, params, engines, r in rows:
-        (fs, fm, fd, f0), (gs, gm, gd, g0) = r["file"], r["gloo"]
-        print(f"{size} ({params / 1e9:.2f}B) | {engines} | {fs:.2f} | {gs:.2f} | {fs / gs:.1f}x | {fm:.0f} | {gm:.0f} | "
-              f"{fm / gm:.1f}x | {fd:.0f} | {gd:.0f} | {f0:.0f} | {g0:.0f}")
+        f, g = r.get("file"), r.get("gloo")
+        cells = [f"{size} ({params / 1e9:.2f}B)", str(engines)]
+        for k, form in ((0, "{:.2f}"), (1, "{:.0f}")):  # seconds, then MB moved: file, gloo, ratio
+            cells += [form.format(f[k]) if f else "n/a", form.format(g[k]) if g else "n/a",
+                      f"{f[k] / g[k]:.1f}x" if f and g else "n/a"]
+        for k in (2, 3):  # driver's, then rank 0's peak growth: file, gloo
+            cells += [f"{f[k]:.0f}" if f else "n/a", f"{g[k]:.0f}" if g else "n/a"]
+        print(" | ".join(cells))
     print("MB moved for gloo is 2 bytes x parameters, once, whatever the engines (gloo relays it to each receiver)")
 
 
