@@ -9,9 +9,10 @@ checking a recipe is fast and light. The public names are re-exported here (`fro
 from rlkit.recipe.checks import NUMERIC_RANGES, validate
 from rlkit.recipe.config import (AlgoConfig, CheckpointConfig, ClusterConfig, DataConfig, EnvConfig, EvalSetConfig,
                                  LoggingConfig, ModelConfig, RecipeConfig, RefConfig, RewardConfig, RewardSpec,
-                                 RolloutConfig, StageConfig, TrainerConfig, looks_local)
+                                 RolloutConfig, StageConfig, TrainerConfig)
 from rlkit.recipe.errors import RecipeError
 from rlkit.recipe.load import load_recipe, to_yaml
+from rlkit.recipe.names import looks_local
 from rlkit.recipe.stage_kinds import stage_updates
 
 __all__ = ["AlgoConfig", "CheckpointConfig", "ClusterConfig", "DataConfig", "EnvConfig", "EvalSetConfig",

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from rlkit.recipe import names
 from rlkit.recipe.config import (DATA_FORMATS, EVAL_SET_NAME, MAX_ENGINE_LORA_RANK, PLACEMENTS, RESERVED_EVAL_NAMES,
-                                 RUNTIME_ENV_KEYS, WEIGHT_TRANSFERS, DataConfig, RecipeConfig, looks_local)
+                                 RUNTIME_ENV_KEYS, WEIGHT_TRANSFERS, DataConfig, RecipeConfig)
 from rlkit.recipe.engine_args import check_engine_kwargs
 from rlkit.recipe.errors import RecipeError
-from rlkit.recipe.names import check_switch
+from rlkit.recipe.names import check_switch, looks_local
 from rlkit.recipe.stage_kinds import STAGE_KINDS, check_stage, checkpoint_name, one_of as _one_of, reward_model_stage
 
 

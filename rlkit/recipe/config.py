@@ -6,16 +6,13 @@ valid one, a wrong type names the key and the expected type. Cross-section check
 
 from __future__ import annotations
 
-import difflib
-import re
-from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from rlkit.recipe.errors import RecipeError
+from rlkit.recipe.errors import RecipeError, closest as _closest
 
 
 @dataclass(frozen=True)
@@ -423,26 +420,3 @@ def _merge_data(base: DataConfig, overrides: Dict[str, Any], where: str) -> Data
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), overrides))
     except OmegaConfBaseException as e:
         raise RecipeError(f"{where}: bad value for '{getattr(e, 'full_key', '')}': {str(e).splitlines()[0]}") from e
-
-
-def _closest(key: str, cls: type) -> str:
-    names = [f.name for f in fields(cls)] if is_dataclass(cls) else []
-    match = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(names)}."
-
-
-# What a hub id looks like ("org/name"); anything else that does not exist is a missing local path.
-HUB_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"
-
-
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz")
-
-
-def looks_local(source: str) -> bool:
-    """Whether `source` names a local path (it exists, or has a path's shape) rather than a hub name.
-
-    >>> looks_local("openai/gsm8k"), looks_local("data/sft.jsonl"), looks_local("./gsm8k"), looks_local("/x/y")
-    (False, True, True, True)
-    """
-    return (Path(source).exists() or source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES)
-            or not re.fullmatch(HUB_ID, source))

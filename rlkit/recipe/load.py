@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from rlkit.recipe.checks import validate
-from rlkit.recipe.config import RecipeConfig, _closest
+from rlkit.recipe.config import RecipeConfig
+from rlkit.recipe.errors import closest as _closest
 from rlkit.recipe.errors import RecipeError
 
 

@@ -1,5 +1,5 @@
-"""The names of the recipe's named switches, torch-free, for the checks a recipe passes at load; and the loader of a
-user's own implementation by import path.
+"""The names of the recipe's named switches, torch-free, for the checks a recipe passes at load; the loader of a
+user's own implementation by import path; and whether a source names a local path or a hub id (looks_local).
 
 Each switch has one registry of implementations where its code lives (rlkit.training.losses: policy losses, KL
 estimators, DPO losses, loss aggregations; rlkit.algorithms.episodes: environments); tests hold each registry's
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
 from rlkit.recipe.errors import RecipeError
@@ -84,3 +85,20 @@ class Registry(Generic[T]):
             return load_object(name, self.key)
         raise RecipeError(f"{self.key}: '{name}' is not one of {', '.join(self._items)} "
                           "(or 'pkg.module:name' for your own)")
+
+
+# What a hub id looks like ("org/name"); anything else that does not exist is a missing local path.
+HUB_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"
+
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz")
+
+
+def looks_local(source: str) -> bool:
+    """Whether `source` names a local path (it exists, or has a path's shape) rather than a hub name.
+
+    >>> looks_local("openai/gsm8k"), looks_local("data/sft.jsonl"), looks_local("./gsm8k"), looks_local("/x/y")
+    (False, True, True, True)
+    """
+    return (Path(source).exists() or source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES)
+            or not re.fullmatch(HUB_ID, source))
