@@ -60,11 +60,11 @@ def contrast(texts: list[str], verdicts: list[Verdict], valid: list[bool]) -> li
 def sample_pairs(ctx: StageContext, problems: list, seed: int) -> list[tuple]:
     """(prompt ids, chosen ids, rejected ids, margin 0) for `problems` from `stage.samples` answers of the policy."""
     exp = ctx.experience_maker().make(problems, ctx.stage.samples, ctx.cfg.rollout.temperature, seed)
-    renderer, pairs = ctx.data.renderer, []
+    renderer, pairs, texts = ctx.data.renderer, [], exp.texts  # texts: a list built per call, so once
     for i, problem in enumerate(problems):
         span, completions = exp.group(i), exp.completions[exp.group(i)]
         verdicts = [r.verdict for r in exp.scored.results[span]]
-        for chosen, rejected in contrast(exp.texts[span], verdicts, exp.scored.valid[span]):
+        for chosen, rejected in contrast(texts[span], verdicts, exp.scored.valid[span]):
             chosen_ids = (renderer.reply_ids(problem, problem.solution) if chosen is None
                           else sampled_reply(completions[chosen], renderer.eos_id))
             pairs.append((exp.prompt_ids[i], chosen_ids, sampled_reply(completions[rejected], renderer.eos_id), 0.0))
