@@ -175,12 +175,13 @@ def claim_sync_folder(folder: Path) -> tuple[object, int]:
     import fcntl
 
     folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / ALIVE, "w")
+    handle = open(folder / f"{ALIVE}.new", "w")
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(folder / f"{ALIVE}.new", folder / ALIVE)  # so that a lock file another engine sees is already locked
     removed = 0
     for sibling in folder.parent.iterdir():
         if sibling == folder or not sibling.is_dir() or not (sibling / ALIVE).is_file():
-            continue  # not an engine's folder, or one being made (its lock file comes right after mkdir)
+            continue  # not an engine's folder, or one being made
         try:
             with open(sibling / ALIVE) as other:
                 fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its owner lives
