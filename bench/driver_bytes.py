@@ -72,8 +72,6 @@ def nbytes(batch) -> int:
 
 
 def trainer_traffic(args) -> None:
-    import dataclasses
-
     from rlkit.algorithms.onpolicy import policy_batch, update_policy
     from rlkit.recipe import AlgoConfig, ClusterConfig, ModelConfig, RecipeConfig, TrainerConfig
     from rlkit.runtime.cluster import Cluster
