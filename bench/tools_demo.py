@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout first (rlkit.kernels, .rewards, .rollout, .envs still come from `pip install -e .`)
 
 RECIPE = "recipes/quickstart_tools.yaml"
 THREADS = 1  # torch intra-op threads of the trainer: spinning OpenMP threads cost most on a loaded machine
