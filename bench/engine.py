@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout first (rlkit.kernels, .rewards, .rollout, .envs still come from `pip install -e .`)
+# this checkout first; rlkit.kernels, .rewards, .rollout and .envs still come from the install (pip install -e .)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODEL = dict(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, max_seq_len=96)
 PROMPTS, GROUP, NEW_TOKENS = 8, 8, 64

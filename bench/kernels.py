@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout first (rlkit.kernels, .rewards, .rollout, .envs still come from `pip install -e .`)
+# this checkout first; rlkit.kernels, .rewards, .rollout and .envs still come from the install (pip install -e .)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rlkit.kernels import fused_logprobs  # noqa: E402
 from rlkit.kernels.logprobs import CHUNK_BYTES  # noqa: E402
 

@@ -27,7 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout first (rlkit.kernels, .rewards, .rollout, .envs still come from `pip install -e .`)
+# this checkout first; rlkit.kernels, .rewards, .rollout and .envs still come from the install (pip install -e .)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Qwen2-shaped: (hidden, layers, intermediate, heads, kv heads); Qwen2.5-0.5B and -1.5B's own shapes, and a smaller one
 SIZES = {"0.1B": (512, 12, 2816, 8, 2), "0.5B": (896, 24, 4864, 14, 2), "1.5B": (1536, 28, 8960, 12, 2)}

@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout first (rlkit.kernels, .rewards, .rollout, .envs still come from `pip install -e .`)
+# this checkout first; rlkit.kernels, .rewards, .rollout and .envs still come from the install (pip install -e .)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RECIPE = "recipes/quickstart_tools.yaml"
 THREADS = 1  # torch intra-op threads of the trainer: spinning OpenMP threads cost most on a loaded machine
