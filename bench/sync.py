@@ -114,7 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="0.1B,0.5B")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--engines", default="1,2", help="engine counts to measure, e.g. 1 on a machine short of memory")
+    parser.add_argument("--engines", default="1,2", help="engine counts to measure, e.g. 1 where memory is short")
     parser.add_argument("--transports", default="file,gloo", help="`gloo` alone where `file` runs out of memory")
     args = parser.parse_args()
     from rlkit.kernels.precision import describe_machine
@@ -130,7 +130,8 @@ def main() -> None:
     cfg = RecipeConfig(
         rollout=RolloutConfig(dtype="bfloat16", max_new_tokens=4, sync_timeout_s=600, weight_transfer="gloo"),
         trainer=TrainerConfig(dtype="bfloat16", num_threads=1),
-        cluster=ClusterConfig(backend="ray", rollout_engines=max(int(n) for n in args.engines.split(",")), cpus_per_engine=0.5, cpus_per_trainer=0.5),
+        cluster=ClusterConfig(backend="ray", rollout_engines=max(int(n) for n in args.engines.split(",")),
+                              cpus_per_engine=0.5, cpus_per_trainer=0.5),
         model=ModelConfig(max_seq_len=MAX_LEN))
     cluster = Cluster(cfg)
     rows = []
