@@ -68,7 +68,12 @@ class VllmRollout:
         kwargs = engine_kwargs(cfg, str(model_path), max_model_len, seed, lora_rank, on_gpu, self.transport)
         self.dtype = getattr(torch, kwargs["dtype"])  # of the served weights
         self._sync_dir = Path(cfg.sync_dir) / f"{os.getpid()}_{id(self):x}"
-        self._alive, stale = claim_sync_folder(self._sync_dir)  # and removes what dead engines left there
+        try:
+            self._alive, stale = claim_sync_folder(self._sync_dir)  # and removes what dead engines left there
+        except OSError as e:  # only a `file` sync needs the folder: that one fails, naming it
+            self._alive, stale = None, 0
+            log.warning("rollout.sync_dir=%s cannot hold the engine's weight-sync folder (%s); a file weight sync "
+                        "will fail", cfg.sync_dir, e)
         if stale:
             log.info("removed %d weight-sync folders that engines which died left in %s", stale, cfg.sync_dir)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
@@ -232,7 +237,8 @@ class VllmRollout:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self._sync_dir, ignore_errors=True)
-        self._alive.close()
+        if self._alive is not None:
+            self._alive.close()
         llm = getattr(self, "llm", None)
         if llm is not None:
             core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
