@@ -109,7 +109,9 @@ class Python:
     def __init__(self, wall_s: float = 5.0, memory_mb: int = 256, max_output_chars: int = 2000, python: str = ""):
         from rlkit.rewards.sandbox import Sandbox, SandboxLimits
 
-        limits = SandboxLimits(wall_s=wall_s + 1.0, cpu_s=max(1, math.ceil(wall_s)), memory_mb=memory_mb)
+        # the CPU limit a second past the wall clock: a busy loop must meet the wall clock first, which the answer
+        # names as the time limit (at an equal CPU limit the kernel's SIGKILL won about as often: "exit code -9")
+        limits = SandboxLimits(wall_s=wall_s + 1.0, cpu_s=math.ceil(wall_s) + 1, memory_mb=memory_mb)
         self.sandbox, self.wall_s, self.max_output_chars = Sandbox(limits, python), wall_s, max_output_chars
 
     def __call__(self, arguments: Mapping[str, Any]) -> str:
