@@ -4,7 +4,8 @@ storage; and rlkit.runtime.engine_client, through which trainer rank 0 drives th
 
 Workers are plain classes (rollout.VllmRollout, rewards.Scorer, rlkit.training.reference.ReferenceModel,
 rlkit.training.trainer.ShardedTrainer). Here they are made remote with `ray.remote(...)(Cls)`; the groups of
-rlkit.runtime.groups (re-exported here) give the controller one interface either way, so the stage loops run unchanged in unit tests and on a cluster.
+rlkit.runtime.groups (re-exported here) give the controller one interface either way, so the stage loops run
+unchanged in unit tests and on a cluster.
 The leaf packages (rollout/, rewards/) take their own configs, which the recipe's sections become here
 (`engine_config`, `rlkit.runtime.scoring.scorer_config`); they never import rlkit.
 """

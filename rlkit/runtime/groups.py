@@ -222,7 +222,7 @@ class RolloutPool:
         (rank 0 and every engine worker); this process sends only the order to send. Raises WeightSyncError naming
         the engine when one dies or stalls, within rollout.sync_timeout_s."""
         if trainer is not self._source:
-            counts = [info for info in self._resolve([e.transfer_info() for e in self.engines])]
+            counts = self._resolve([e.transfer_info() for e in self.engines])  # (workers, dtype) per engine
             client = EngineClient([getattr(e, "actor", e) for e in self.engines], [n for n, _ in counts],
                                   self.timeout_s, remote=self._resolve is not _local_resolve)
             from rlkit.rollout.weight_transfer import open_trainer_engine
