@@ -185,7 +185,7 @@ def claim_sync_folder(folder: Path) -> tuple[object, int]:
         try:
             with open(sibling / ALIVE) as other:
                 fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its owner lives
-        except (BlockingIOError, OSError):
+        except OSError:  # BlockingIOError: its owner lives
             continue
         shutil.rmtree(sibling, ignore_errors=True)
         removed += 1

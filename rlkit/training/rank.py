@@ -203,9 +203,14 @@ class RankWorker:
         self.step_count = 0
         self._compile_clock = compile_seconds()  # the step's perf/compile_seconds count from here
 
-    def gathered_state(self, lora_scale: float) -> dict[str, torch.Tensor]:
-        """The unsharded weights on CPU under the wrapped model's own names (its `lm`), LoRA merged at `lora_scale`
-        (0: the frozen base alone) when the trainer has adapters; every rank must call it."""
+    @property
+    def lora_scale(self) -> float:
+        """LoRA's alpha / rank, what a merge multiplies the adapters' product by (0.0 without adapters)."""
+        return self.cfg.lora_alpha / self.cfg.lora_rank if self.cfg.lora_rank else 0.0
+
+    def gathered_state(self, merged: bool = True) -> dict[str, torch.Tensor]:
+        """The unsharded weights on CPU under the wrapped model's own names (its `lm`), LoRA merged (`merged=False`:
+        the frozen base alone) when the trainer has adapters; every rank must call it."""
         if self.world_size == 1:
             state = {k: v.detach().cpu() for k, v in self.model.lm.state_dict().items()}
         else:
@@ -213,7 +218,7 @@ class RankWorker:
 
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             state = {k.removeprefix("lm."): v for k, v in full.items()}
-        return merge_lora_state_dict(state, lora_scale) if self.cfg.lora_rank else state
+        return merge_lora_state_dict(state, self.lora_scale if merged else 0.0) if self.cfg.lora_rank else state
 
     def micro_batches(self, tokens, unit: int = 1) -> list[torch.Tensor]:
         """Row indices (b_i,) of each micro-batch of this rank's rows, a TokenBatch (trainer.micro_batch_size/_tokens;

@@ -192,7 +192,7 @@ class RewardModelTrainer(RankWorker):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The unsharded weights on CPU under the classification model's names, LoRA merged (every rank calls it)."""
-        return self.gathered_state(self.cfg.lora_alpha / self.cfg.lora_rank if self.cfg.lora_rank else 0.0)
+        return self.gathered_state()
 
     def save(self, path: str, tokenizer_path: str, recipe_yaml: str, extra: dict | None = None) -> str | None:
         """A Hugging Face sequence- (or token-) classification folder with the policy's tokenizer (rank 0 writes)."""

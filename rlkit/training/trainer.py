@@ -183,13 +183,12 @@ class ShardedTrainer(RankWorker):
     def full_state_dict(self, merged: bool = True) -> dict[str, torch.Tensor]:
         """The unsharded weights on CPU under the model's own names, LoRA merged, or with `merged=False` the
         frozen base alone (every rank must call it)."""
-        return self.gathered_state(self.cfg.lora_alpha / self.cfg.lora_rank if merged and self.cfg.lora_rank else 0.0)
+        return self.gathered_state(merged)
 
     def weights(self, dtype: torch.dtype, mode: str = "merged") -> TrainerWeights:
         """The weights as the engines take them, streamed one gathered parameter at a time (rlkit.training.weights):
         "merged", the frozen "base" under LoRA, or the "adapter" alone; every rank must iterate it at once."""
-        scaling = self.cfg.lora_alpha / self.cfg.lora_rank if self.cfg.lora_rank else 0.0
-        return TrainerWeights(self.model.lm, dtype, scaling, mode)
+        return TrainerWeights(self.model.lm, dtype, self.lora_scale, mode)
 
     def open_weight_transfer(self, connect, dtype: str) -> None:
         """This rank's side of the weight transfer to the engines: `connect(stream, rank=...)` is
