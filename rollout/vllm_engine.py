@@ -48,6 +48,22 @@ class SyncStats:
         return self.megabytes / max(self.seconds, 1e-9)
 
 
+def prompt_seeds(seed: int, first: int, count: int) -> list[int]:
+    """The sampling seeds of prompts first .. first + count - 1 of a batch generated with `seed`.
+
+    vLLM seeds a request's k-th of n samples with its seed + k, so one seed for a whole batch gave every prompt the
+    same n random streams (the k-th samples of all prompts shared their noise, and identical prompts got identical
+    samples) and the next call's seed + 1 reused n - 1 of them. Each prompt gets its own 62-bit seed instead, word
+    `first + i` of numpy's SeedSequence(seed) (a word does not depend on how many are drawn): streams overlap
+    neither across prompts nor across nearby seeds, and a batch split over engines samples as on one.
+
+    >>> prompt_seeds(7, 2, 2) == prompt_seeds(7, 0, 4)[2:]
+    True
+    """
+    words = np.random.SeedSequence(seed).generate_state(first + count, np.uint64)[first:]
+    return [int(w >> np.uint64(2)) for w in words]  # + k for the k-th sample stays below 2^64
+
+
 class VllmRollout:
     """One vLLM engine. `generate` takes token ids, so trainer and engine never re-tokenize differently."""
 
@@ -97,21 +113,24 @@ class VllmRollout:
         temperature: float | None = None,
         max_new_tokens: int | None = None,
         seed: int | None = None,
+        first: int = 0,
     ) -> Generations:
         """n completions per prompt, with the sampled tokens' log-probs: [prompt][sample] `Completion`s, held as
-        flat arrays (what a Ray actor sends the driver: rlkit.rollout.generations)."""
+        flat arrays (what a Ray actor sends the driver: rlkit.rollout.generations). With a `seed`, each prompt
+        samples from its own seed (`prompt_seeds`; `first`: the index of these prompts' first in the whole batch
+        split over engines, so the split does not change the samples)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         temperature = self.cfg.temperature if temperature is None else temperature
-        params = SamplingParams(
+        params = [SamplingParams(
             n=n,
             temperature=temperature,
             top_p=self.cfg.top_p if temperature > 0 else 1.0,
             max_tokens=max_new_tokens or self.cfg.max_new_tokens,
             logprobs=0,  # the sampled token's log-prob only
-            seed=seed,
-        )
+            seed=s,
+        ) for s in (prompt_seeds(seed, first, len(prompt_ids)) if seed is not None else [None] * len(prompt_ids))]
         prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora)
         return to_generations([out.outputs for out in outputs], n)

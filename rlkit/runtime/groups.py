@@ -201,7 +201,7 @@ class RolloutPool:
         size = -(-len(prompt_ids) // k)  # ceil: contiguous chunks keep the output in prompt order
         chunks = [prompt_ids[i * size : (i + 1) * size] for i in range(k)]
         results = self._resolve(
-            [e.generate(c, n, temperature, max_new_tokens, None if seed is None else seed + i)
+            [e.generate(c, n, temperature, max_new_tokens, seed, i * size)  # i * size: the chunk's first prompt
              for i, (e, c) in enumerate(zip(self.engines, chunks)) if c]
         )
         return Generations.concat(results) if results else Generations.from_lists([], n)

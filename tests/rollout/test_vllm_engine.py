@@ -152,6 +152,23 @@ def test_a_seeded_batch_longer_than_a_prefill_step_samples(setup):
     assert len(groups) == len(prompts) and all(len(g) == 2 and len(g[0].token_ids) for g in groups)
 
 
+def test_each_prompt_of_a_seeded_batch_samples_from_its_own_seed(setup):
+    """vLLM seeds a request's k-th sample with seed + k, so one seed for a whole batch gave a repeated prompt the same
+    samples every time it appeared, and the next call's seed + 1 re-drew n - 1 of them. Each prompt has its own seed
+    now: a repeated prompt gets new samples, seed + 1 draws new ones, the same call repeats itself, and the batch
+    split in two (`first`, as the pool splits it over engines) samples as it does whole."""
+    def sample(prompts, seed, first=0):
+        out = setup.engine.generate(prompts, n=3, temperature=1.0, max_new_tokens=6, seed=seed, first=first)
+        return [[c.token_ids.tolist() for c in group] for group in out]
+
+    batch = [setup.prompt_ids[0]] * 4
+    whole = sample(batch, 5)
+    assert len({str(group) for group in whole}) == 4  # one seed for the batch: 4 copies of one group
+    assert [group[1:] for group in sample(batch, 6)] != [group[:-1] for group in whole]
+    assert sample(batch, 5) == whole
+    assert sample(batch[:1], 5) + sample(batch[1:], 5, first=1) == whole
+
+
 def test_generate_returns_flat_arrays_and_takes_the_engine_settings(setup):
     """The engine's answer is two flat arrays and offsets (what a Ray actor pickles to the driver), read as
     [prompt][sample] Completions whose arrays are views into them; the recipe's engine settings reached vLLM."""
