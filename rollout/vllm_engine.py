@@ -123,6 +123,7 @@ class VllmRollout:
         from vllm.inputs import TokensPrompt
 
         temperature = self.cfg.temperature if temperature is None else temperature
+        seeds = prompt_seeds(seed, first, len(prompt_ids)) if seed is not None else [None] * len(prompt_ids)
         params = [SamplingParams(
             n=n,
             temperature=temperature,
@@ -130,7 +131,7 @@ class VllmRollout:
             max_tokens=max_new_tokens or self.cfg.max_new_tokens,
             logprobs=0,  # the sampled token's log-prob only
             seed=s,
-        ) for s in (prompt_seeds(seed, first, len(prompt_ids)) if seed is not None else [None] * len(prompt_ids))]
+        ) for s in seeds]
         prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora)
         return to_generations([out.outputs for out in outputs], n)

@@ -8,8 +8,9 @@ at max_new_tokens, max_turns run out, or the next turn would not fit `max_episod
 tokens together).
 
 Many episodes are in flight at once: each turn samples every active episode in one engine call (one per distinct
-count of identical contexts: identical contexts share one prompt with n samples, prefilled once), and the environments step in a thread pool. The engines keep prefix caching on
-(vLLM's default for these models), so a turn's prompt reuses the KV blocks of the turns before it.
+count of identical contexts: identical contexts share one prompt with n samples, prefilled once), and the
+environments step in a thread pool. The engines keep prefix caching on (vLLM's default for these models), so a
+turn's prompt reuses the KV blocks of the turns before it.
 """
 
 from __future__ import annotations
