@@ -15,7 +15,9 @@ Where the examples come from (`stage.pairs`):
 Held-out pairwise accuracy (r_chosen > r_rejected) and mean margin (r_chosen - r_rejected) are logged as
 `<stage>/eval/accuracy` and `<stage>/eval/margin` every logging.eval_every steps and at the end (a PRM: per-step
 accuracy), and written into the checkpoint's rlkit_stage.json with how the stage rendered its sequences, which the
-`model` reward (rlkit.rewards.model) renders prompts and completions by.
+`model` reward (rlkit.rewards.model) renders prompts and completions by. With `pairs: policy` the accuracy is also
+logged apart on the pairs of two samples (`eval/accuracy_sampled`) and on those against the gold solution
+(`eval/accuracy_gold`, with their share `eval/gold_fraction`).
 
 Departures from TRL's RewardTrainer: the loss is summed over the step batch's pairs and divided by their count
 (the same value as TRL's mean, independent of micro-batches and ranks); no dropout in the score head (TRL disables
@@ -57,10 +59,11 @@ def contrast(texts: list[str], verdicts: list[Verdict], valid: list[bool]) -> li
     return [(right[k % len(right)] if right else None, w) for k, w in enumerate(wrong)]
 
 
-def sample_pairs(ctx: StageContext, problems: list, seed: int) -> list[tuple]:
-    """(prompt ids, chosen ids, rejected ids, margin 0) for `problems` from `stage.samples` answers of the policy."""
+def sample_pairs(ctx: StageContext, problems: list, seed: int) -> tuple[list[tuple], list[bool]]:
+    """(prompt ids, chosen ids, rejected ids, margin 0) for `problems` from `stage.samples` answers of the policy,
+    and per pair whether its chosen side is the gold solution (no sample was correct) rather than a sample."""
     exp = ctx.experience_maker().make(problems, ctx.stage.samples, ctx.cfg.rollout.temperature, seed)
-    renderer, pairs, texts = ctx.data.renderer, [], exp.texts  # texts: a list built per call, so once
+    renderer, pairs, gold, texts = ctx.data.renderer, [], [], exp.texts  # texts: a list built per call, so once
     for i, problem in enumerate(problems):
         span, completions = exp.group(i), exp.completions[exp.group(i)]
         verdicts = [r.verdict for r in exp.scored.results[span]]
@@ -68,7 +71,8 @@ def sample_pairs(ctx: StageContext, problems: list, seed: int) -> list[tuple]:
             chosen_ids = (renderer.reply_ids(problem, problem.solution) if chosen is None
                           else sampled_reply(completions[chosen], renderer.eos_id))
             pairs.append((exp.prompt_ids[i], chosen_ids, sampled_reply(completions[rejected], renderer.eos_id), 0.0))
-    return pairs
+            gold.append(chosen is None)
+    return pairs, gold
 
 
 def pair_batch(items: list[tuple], pad_id: int, num_pairs: int = 0) -> RewardPairBatch:
@@ -88,9 +92,12 @@ def step_batch(items: list[tuple], pad_id: int, normalizer: float = 0.0) -> Step
     return StepBatch(tokens, labels, normalizer or float(sum(len(ends) for _, ends, _ in items)))
 
 
-def held_out_metrics(group, items: list[tuple], pad_id: int, process: bool) -> dict[str, float]:
+def held_out_metrics(group, items: list[tuple], pad_id: int, process: bool,
+                     against_gold: list[bool] = ()) -> dict[str, float]:
     """The reward model's held-out metrics: pairwise accuracy, mean margin and loss (a PRM: per-step accuracy and
-    loss)."""
+    loss). With `against_gold` (per pair: its chosen side is the gold solution, not a sample), pairwise accuracy
+    also apart on the pairs of two sampled answers (`accuracy_sampled`, the ranking RL on the model's reward
+    uses) and on those of the gold solution against a wrong sample (`accuracy_gold`)."""
     per_row = 1 if process else 2
     outcomes = []  # per pair (r_chosen, r_rejected), or per step (d, label)
     for start in range(0, len(items), EVAL_ROWS // per_row):
@@ -108,28 +115,37 @@ def held_out_metrics(group, items: list[tuple], pad_id: int, process: bool) -> d
     if process:
         loss = torch.nn.functional.binary_cross_entropy_with_logits(first, second)
         return {"accuracy": float(((first > 0).float() == second).float().mean()), "loss": float(loss)}
-    return {"accuracy": float((first > second).float().mean()), "margin": float((first - second).mean()),
-            "loss": float(bradley_terry_loss(first, second).mean())}
+    right = (first > second).float()  # (P,)
+    metrics = {"accuracy": float(right.mean()), "margin": float((first - second).mean()),
+               "loss": float(bradley_terry_loss(first, second).mean())}
+    gold = torch.tensor(list(against_gold), dtype=torch.bool)
+    for name, part in (("accuracy_sampled", ~gold), ("accuracy_gold", gold)) if len(gold) else ():
+        if part.any():
+            metrics[name] = float(right[part].mean())
+    return metrics
 
 
-def examples(ctx: StageContext) -> tuple[list[tuple], list[tuple]]:
-    """(training, held-out) examples: the dataset's, or pairs sampled from the policy (kept with resume points)."""
+def examples(ctx: StageContext) -> tuple[list[tuple], list[tuple], list[bool]]:
+    """(training, held-out) examples: the dataset's, or pairs sampled from the policy (kept with resume points); and
+    for sampled held-out pairs, whether each one's chosen side is the gold solution (held_out_metrics)."""
     data, stage = ctx.data, ctx.stage
     if stage.pairs == "dataset":
         if data.steps:
-            return data.steps, data.held_out.steps
+            return data.steps, data.held_out.steps, []
         return ([(*p, m) for p, m in zip(data.pairs, data.margins)],
-                [(*p, m) for p, m in zip(data.held_out.pairs, data.held_out.margins)])
+                [(*p, m) for p, m in zip(data.held_out.pairs, data.held_out.margins)], [])
     if ctx.loop.restored("pairs") is not None:
-        return ctx.loop.restored("pairs"), ctx.loop.restored("held_out_pairs")
+        restored = ctx.loop.restored
+        return restored("pairs"), restored("held_out_pairs"), restored("held_out_gold") or []
     problems = random.Random(ctx.seed()).sample(data.problems, min(stage.steps * stage.batch_size, len(data.problems)))
-    train, held = sample_pairs(ctx, problems, ctx.seed()), sample_pairs(ctx, ctx.held_out, ctx.seed() + 1)
+    (train, _), (held, gold) = sample_pairs(ctx, problems, ctx.seed()), sample_pairs(ctx, ctx.held_out, ctx.seed() + 1)
     if not train or not held:
         raise RecipeError(f"stages.{ctx.index}: the policy's samples gave no wrong answer to pair on the "
                           f"{'training' if not train else 'held-out'} prompts; raise stages.{ctx.index}.samples or "
                           "rollout.temperature, or train on a preference dataset (pairs: dataset)")
-    ctx.logger.log({f"{ctx.prefix}/num_pairs": len(train), f"{ctx.prefix}/eval/num_pairs": len(held)})
-    return train, held
+    ctx.logger.log({f"{ctx.prefix}/num_pairs": len(train), f"{ctx.prefix}/eval/num_pairs": len(held),
+                    f"{ctx.prefix}/eval/gold_fraction": sum(gold) / len(held)})
+    return train, held, gold
 
 
 def rendering(ctx: StageContext, process: bool) -> dict:
@@ -143,7 +159,7 @@ def rendering(ctx: StageContext, process: bool) -> dict:
 def train(ctx: StageContext, recipe_yaml: str) -> str:
     """Train the stage's reward model; returns its checkpoint folder."""
     stage, pad_id, process = ctx.stage, ctx.data.renderer.pad_id, bool(ctx.data.steps)
-    train_items, held_items = examples(ctx)
+    train_items, held_items, held_gold = examples(ctx)
     loss = StepLoss() if process else PairwiseLoss(ctx.cfg.algo.rm_center_coef)
     group = ctx.workers.cluster.reward_model_group(ctx.model_path, ctx.lr, ctx.warmup_steps,
                                                    stage_updates(ctx.cfg, ctx.index), process)
@@ -152,13 +168,14 @@ def train(ctx: StageContext, recipe_yaml: str) -> str:
         every = ctx.cfg.logging.eval_every
         if step is not None and (not every or (step + 1) % every or step == stage.steps - 1):
             return {}
-        metrics = held_out_metrics(group, held_items, pad_id, process)
+        metrics = held_out_metrics(group, held_items, pad_id, process, held_gold)
         ctx.logger.log({f"{ctx.prefix}/eval/{k}": v for k, v in metrics.items()})
         return metrics
 
     with ctx.workers.releasing(group):
         sampler = BatchSampler(train_items, stage.batch_size, ctx.seed())
-        kept = {"pairs": train_items, "held_out_pairs": held_items} if stage.pairs == "policy" else None
+        kept = ({"pairs": train_items, "held_out_pairs": held_items, "held_out_gold": held_gold}
+                if stage.pairs == "policy" else None)
         for step in ctx.loop.steps(sampler, groups={"reward_model": group}, extra=kept, evaluate=evaluate):
             items = sampler.next()
             batch = step_batch(items, pad_id) if process else pair_batch(items, pad_id)
@@ -166,8 +183,12 @@ def train(ctx: StageContext, recipe_yaml: str) -> str:
             if ctx.log.step(step, update.metrics()):
                 ctx.log.show(loss=f"{update.stats.loss:.3f}", accuracy=f"{update.stats.accuracy:.2f}")
         held = evaluate(None)
+        parts = "".join(f"; {held[k]:.3f} on the {sum(g == gold for g in held_gold)} {what}"
+                        for k, gold, what in (("accuracy_sampled", False, "pairs of two samples"),
+                                              ("accuracy_gold", True, "of the gold solution against a wrong sample"))
+                        if k in held)
         print(f"stage {ctx.index} (reward_model): held-out {'step' if process else 'pairwise'} accuracy "
-              f"{held['accuracy']:.3f} on {len(held_items)} {'examples' if process else 'pairs'}", flush=True)
+              f"{held['accuracy']:.3f} on {len(held_items)} {'examples' if process else 'pairs'}{parts}", flush=True)
         folder = ctx.run_dir / "checkpoints" / ctx.checkpoint_name
         return group.save(str(folder), ctx.model_path, recipe_yaml,
                           {"stage": ctx.index, "kind": stage.kind, "reward_model": rendering(ctx, process),

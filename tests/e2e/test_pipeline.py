@@ -1,6 +1,6 @@
 """The practitioners' stages on the embedded default, end to end: SFT with snapshots, rejection-sampling
-fine-tuning, online DPO over two rounds and the average of DPO's last snapshots (one run of
-recipes/pipeline.yaml, scaled down); then distillation from that run's model into a fresh student, and IFD data
+fine-tuning, online DPO over two rounds, the average of DPO's last snapshots and a reward model on the averaged
+policy's own answers (one run of recipes/pipeline.yaml, scaled down, with quickstart_rm.yaml's last-but-one stage); then distillation from that run's model into a fresh student, and IFD data
 selection scored by its SFT model.
 """
 
@@ -23,7 +23,8 @@ STAGES = (
     "stages=[{kind: sft, steps: 300, batch_size: 64, lr: 1.0e-3, save_every: 100},"
     " {kind: rft, steps: 40, batch_size: 32, samples: 8, keep: all, lr: 5.0e-4},"
     " {kind: dpo, pairs: online, rounds: 2, samples: 4, steps: 10, batch_size: 8, lr: 1.0e-4, save_every: 3},"
-    " {kind: average, last: 3}]"
+    " {kind: average, last: 3},"
+    " {kind: reward_model, name: rm, pairs: policy, samples: 4, steps: 6, batch_size: 16, lr: 1.0e-3}]"
 )
 COMMON = ["logging.wandb_mode=disabled", "logging.log_every=1", "data.num_eval=200"]
 
@@ -77,6 +78,23 @@ def test_average_is_the_mean_of_the_last_snapshots(pipeline):
         torch.testing.assert_close(value, sum(s[name] for s in sources) / 3, rtol=1e-6, atol=1e-6)
     assert last_value(metrics, "average/last/accuracy") == pytest.approx(stages[2]["after"]["accuracy"])
     assert stages[3]["kind"] == "average" and "accuracy" in stages[3]["after"]
+
+
+@pytest.mark.slow
+def test_a_reward_model_on_the_policys_own_answers_scores_its_held_out_pairs_apart(pipeline):
+    """`pairs: policy`: the policy's samples on the training prompts, paired wrong against right (or against the gold
+    solution where no sample was right), train it; its held-out pairs, sampled on the held-out prompts, score it, on
+    all pairs and apart on the pairs of two samples and on those against the gold solution."""
+    run_dir, stages, metrics = pipeline
+    assert stages[4]["kind"] == "reward_model" and stages[4]["after"] == stages[3]["after"]  # the policy unchanged
+    held = json.loads((run_dir / "checkpoints" / "rm" / "rlkit_stage.json").read_text())["held_out"]
+    final = [m for m in metrics if "rm/eval/accuracy" in m][-1]
+    assert held == {k.removeprefix("rm/eval/"): v for k, v in final.items() if k.startswith("rm/eval/")}
+    pairs, gold = last_value(metrics, "rm/eval/num_pairs"), last_value(metrics, "rm/eval/gold_fraction")
+    assert pairs > 20 and 0 < gold < 1 and last_value(metrics, "rm/num_pairs") > 0
+    # all pairs' accuracy is the two parts' accuracies weighted by their shares
+    mixed = gold * held["accuracy_gold"] + (1 - gold) * held["accuracy_sampled"]
+    assert held["accuracy"] == pytest.approx(mixed, abs=1e-6)
 
 
 @pytest.mark.slow

@@ -89,6 +89,14 @@ def test_a_tiny_reward_model_ranks_every_held_out_pair(outcome):
     assert after["accuracy"] == 1.0 and after["margin"] > 1.0 and after["loss"] < before["loss"]
 
 
+def test_held_out_accuracy_apart_on_pairs_against_the_gold_solution(outcome):
+    group, held, renderer, _, _ = outcome
+    swapped = [(p, r, c, m) for p, c, r, m in held[6:]]  # every one of these is ranked the wrong way round
+    split = held_out_metrics(group, held[:6] + swapped, renderer.pad_id, False, [False] * 6 + [True] * 6)
+    assert (split["accuracy"], split["accuracy_sampled"], split["accuracy_gold"]) == (0.5, 1.0, 0.0)
+    assert "accuracy_gold" not in held_out_metrics(group, held[:6], renderer.pad_id, False, [False] * 6)
+
+
 def test_its_folder_is_a_sequence_classifier_that_scores_as_training_did(outcome):
     group, held, renderer, _, folder = outcome
     model = AutoModelForSequenceClassification.from_pretrained(folder)
