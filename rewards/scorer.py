@@ -67,6 +67,9 @@ class ScoreOutput:
     # (N,) the gold rewards combined: weighted sum, the first gold reward's verdict (ERROR if any gold reward
     # erred), each gold reward's score by name; empty without gold rewards
     gold_results: list[RewardResult] = field(default_factory=list)
+    # (N,) with gold rewards: the weighted sum of the rewards each on its own scale (a reward's `raw` component where
+    # it has one, as a model reward normalised per batch has), the proxy the gold monitor sets against gold
+    proxy: list[float] = field(default_factory=list)
 
     @property
     def gold_scores(self) -> list[float]:
@@ -86,6 +89,17 @@ def _check_budget(rewards: list, timeout_s: float) -> None:
         raise RewardConfigError(f"reward.rewards[{i}]: may take up to {budgets[i]:g}s per sample (its own limit; the "
                                 f"rewards together {sum(budgets):g}s) but reward.timeout_s is {timeout_s:g}; raise "
                                 "reward.timeout_s above that or lower the reward's limit (e.g. kwargs: {wall_s: ...})")
+
+
+def own_scale(result: RewardResult) -> float:
+    """A reward's score on its own scale: its `raw` component where it has one (a model reward's score before
+    per-batch normalisation and clipping), else its score.
+
+    >>> own_scale(RewardResult(0.5, Verdict.CORRECT, {"raw": 2.5})), own_scale(RewardResult(1.0, Verdict.CORRECT))
+    (2.5, 1.0)
+    """
+    raw = result.components.get("raw")
+    return float(raw) if raw is not None else result.score
 
 
 def is_batched(reward) -> bool:
@@ -205,7 +219,8 @@ class Scorer:
             info = {label: r.info for label, r in zip(self.labels, outs)}
             results.append(RewardResult(float(total), verdict, components, info))
         stats = self._stats(per_sample, results, valid) | self._gold_stats(per_gold, gold)
-        return ScoreOutput(scores, results, valid, stats, gold)
+        proxy = [float(sum(spec.weight * own_scale(r) for spec, r in zip(self.specs, outs))) for outs in per_sample]
+        return ScoreOutput(scores, results, valid, stats, gold, proxy if gold else [])
 
     def _combine_gold(self, samples: list[Sample], index: int, outs: list[RewardResult]) -> RewardResult:
         """A sample's gold rewards as one result; an error in any of them makes it an ERROR (left out of the gold

@@ -65,12 +65,15 @@ def evaluate(pool, scorer, problems: list[Problem], cfg: LoggingConfig = Logging
 
 def gold_metrics(scored) -> dict[str, float]:
     """The gold rewards' (reward.gold: scored, never trained on) accuracy (their first reward's verdict CORRECT)
-    and mean over the answers they could score; none without gold rewards."""
+    and mean over the answers they could score, and the proxy's mean on its own scale (ScoreOutput.proxy); none
+    without gold rewards."""
     kept = [r for r in scored.gold_results if r.verdict != Verdict.ERROR]
     if not scored.gold_results:
         return {}
+    proxy = scored.proxy or scored.scores
     return {"gold/accuracy": sum(r.verdict == Verdict.CORRECT for r in kept) / len(scored.gold_results),
-            "gold/mean_reward": sum(r.score for r in kept) / len(kept) if kept else 0.0}
+            "gold/mean_reward": sum(r.score for r in kept) / len(kept) if kept else 0.0,
+            "gold/proxy_mean_reward": sum(proxy) / len(proxy)}
 
 
 def sampled_pass_at_k(pool, scorer, problems: list[Problem], prompt_ids: list[list[int]],

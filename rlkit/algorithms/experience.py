@@ -189,9 +189,12 @@ class ExperienceMaker:
             return replace(drawn[0][0], sampler_position=sampler.position)
         picked = pick_groups([flags for _, flags in drawn], drawn[0][0].batch_size)
         rows = [(drawn[r][0], g * n + j) for r, g in picked for j in range(n)]  # (experience, row) of each sample
+        first = drawn[0][0].scored
         scored = ScoreOutput(scores=[e.scored.scores[i] for e, i in rows],
                              results=[e.scored.results[i] for e, i in rows],
-                             valid=[e.scored.valid[i] for e, i in rows], stats=drawn[0][0].scored.stats)
+                             valid=[e.scored.valid[i] for e, i in rows], stats=first.stats,
+                             gold_results=[e.scored.gold_results[i] for e, i in rows] if first.gold_results else [],
+                             proxy=[e.scored.proxy[i] for e, i in rows] if first.proxy else [])
         return Experience([drawn[r][0].problems[g] for r, g in picked], [drawn[r][0].prompt_ids[g] for r, g in picked],
                           [e.completions[i] for e, i in rows], scored, n, version, len(drawn), sampler.position)
 

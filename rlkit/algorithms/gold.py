@@ -132,7 +132,7 @@ class GoldMonitor:
         if not scored.gold_results:
             return {}
         keep = [a and b for a, b in zip(scorable, scored.gold_valid)]
-        out = step_gold_metrics(scored.scores, scored.gold_scores, [r.verdict for r in scored.gold_results], keep,
+        out = step_gold_metrics(scored.proxy or scored.scores, scored.gold_scores, [r.verdict for r in scored.gold_results], keep,
                                 group_size)
         if "gold/gap" in out:
             self.gaps.append(out["gold/gap"])
@@ -141,10 +141,10 @@ class GoldMonitor:
         return out
 
     def observe(self, evaluation: dict[str, float]) -> bool:
-        """Record a held-out evaluation (its mean_reward is the proxy's, gold/mean_reward the gold's); True when the
-        stage should stop (reward.stop_on_gold_drop)."""
+        """Record a held-out evaluation (its gold/proxy_mean_reward, else mean_reward, is the proxy's,
+        gold/mean_reward the gold's); True when the stage should stop (reward.stop_on_gold_drop)."""
         if "gold/mean_reward" not in evaluation:
             return False
-        self.proxy.append(float(evaluation["mean_reward"]))
+        self.proxy.append(float(evaluation.get("gold/proxy_mean_reward", evaluation["mean_reward"])))
         self.gold.append(float(evaluation["gold/mean_reward"]))
         return bool(self.stop_after) and gold_drop_streak(self.proxy, self.gold) >= self.stop_after

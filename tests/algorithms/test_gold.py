@@ -1,5 +1,7 @@
 """The gold-reward monitor's math (rlkit.algorithms.gold), with values worked out by hand in the comments."""
 
+from dataclasses import replace
+
 import pytest
 
 from rlkit.algorithms.gold import GoldMonitor, gold_drop_streak, group_correlation, pearson, slope, step_gold_metrics
@@ -71,6 +73,13 @@ def test_monitor_gap_trend_over_its_window():
     assert out["gold/proxy_mean"] == 5.0 and out["gold/mean"] == 1.0 and out["gold/accuracy"] == 1.0
 
 
+def test_monitor_reads_the_proxy_on_its_own_scale():
+    # scores normalised per batch (z-scores -1, 1); ScoreOutput.proxy holds the raw 3 and 1: mean 2, gap 2 - 0.5
+    out = GoldMonitor(window=3, stop_after=0).step(replace(scored([-1.0, 1.0], [1.0, 0.0], [C, W]), proxy=[3.0, 1.0]),
+                                                   [True, True])
+    assert (out["gold/proxy_mean"], out["gold/gap"], out["gold/correlation"]) == (2.0, 1.5, 1.0)
+
+
 def test_monitor_without_gold_rewards_is_inert():
     monitor = GoldMonitor(window=10, stop_after=2, start={"accuracy": 0.5, "mean_reward": 0.5})
     assert monitor.step(ScoreOutput([1.0], [RewardResult(1.0, C)], [True]), [True]) == {}
@@ -83,6 +92,10 @@ def test_monitor_stops_after_n_gold_drops_with_a_rising_proxy_counting_the_stage
     evaluations = [(1.0, 0.6), (2.0, 0.55), (2.5, 0.5)]  # gold rises, then falls twice while the proxy rises
     stops = [monitor.observe({"mean_reward": p, "gold/mean_reward": g}) for p, g in evaluations]
     assert stops == [False, False, True]
+    # a proxy normalised per batch has mean_reward 0 at every evaluation: gold/proxy_mean_reward is its own scale
+    own = GoldMonitor(window=10, stop_after=2, start=start | {"gold/proxy_mean_reward": 0.0})
+    assert [own.observe({"mean_reward": 0.0, "gold/proxy_mean_reward": p, "gold/mean_reward": g})
+            for p, g in evaluations] == [False, False, True]
     never = GoldMonitor(window=10, stop_after=0, start=start)
     assert not any(never.observe({"mean_reward": p, "gold/mean_reward": g}) for p, g in evaluations)
 

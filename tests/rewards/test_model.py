@@ -87,6 +87,19 @@ def test_the_scorer_weighs_it_like_any_reward(folder):
     assert out.results[0].components["model"] == pytest.approx(alone[0].score, abs=1e-5)
 
 
+def test_beside_gold_its_proxy_is_its_raw_score_not_the_batch_normalised_one(folder):
+    # normalised per batch, a model reward's mean is 0 at every step: the gold monitor needs its own scale
+    path, _, _ = folder
+    samples = [Sample("How many?", "72", "72"), Sample("How many?", "I do not know", "72"), Sample("Why?", "3", "72")]
+    raw = [r.score for r in ModelReward(str(path)).score_batch(samples)]
+    spec = RewardSpec(name="model", weight=2.0, kwargs={"path": str(path), "normalize": True})
+    with Scorer(ScorerConfig(rewards=(spec,), gold=(RewardSpec(name="math"),))) as scorer:
+        out = scorer.score(samples)
+    assert sum(out.scores) == pytest.approx(0.0, abs=1e-5)  # 2 x z-scores
+    assert out.proxy == pytest.approx([2 * r for r in raw], abs=1e-5)
+    assert [r.score for r in out.gold_results] == [1.0, 0.0, 0.0]
+
+
 def test_step_aggregates_by_hand():
     probs = [0.9, 0.6, 0.8]
     assert aggregate_steps(probs, "min") == 0.6  # the weakest step

@@ -136,6 +136,7 @@ def test_gold_rewards_are_scored_beside_the_trained_ones_and_never_in_the_score(
     with Scorer(cfg) as scorer:
         out = scorer.score(samples("4", "44", "boom"))
         assert out.scores == [1.0, 0.0, 0.0] and out.valid == [True, True, True]
+        assert out.proxy == out.scores  # LengthReward has no raw component: the proxy is its score
         assert out.results[0].components == {"LengthReward": 1.0}  # gold is not a component of the score
         assert out.gold_scores[:2] == [3.0, 1.0] and out.gold_valid == [True, True, False]
         assert [r.verdict for r in out.gold_results] == [Verdict.CORRECT, Verdict.WRONG, Verdict.ERROR]
