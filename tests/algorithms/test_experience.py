@@ -200,3 +200,27 @@ def test_episodes_are_scored_on_their_last_answer_plus_the_environments_parts():
     assert exp.scored.scores == [1.0, 0.5, 0.0, 0.5]
     assert exp.scored.stats["env/tool_error"] == pytest.approx(-0.25)
     assert exp.token_batch(0).response_mask.tolist()[0] == [0, 1, 0, 1]  # the tool's token (50) leaves the loss
+
+
+def test_a_batch_filled_over_sampling_rounds_keeps_each_samples_gold_and_proxy():
+    """GRPO's algo.resample_rounds: the batch is picked from several rounds' groups; each picked sample keeps its
+    gold result and its proxy (the gold monitor reads both)."""
+    from rlkit.algorithms.experience import ExperienceMaker
+    from rlkit.data.tasks import BatchSampler
+
+    class Rounds(ExperienceMaker):  # round r: one prompt "r<r>", rewards (0, 0) then (0, 1): uniform, then not
+        def make(self, problems, n, temperature, seed, version=0):
+            r = len(self.made)
+            self.made.append(r)
+            rewards = [0.0, float(r)]
+            scored = ScoreOutput(rewards, [RewardResult(x, Verdict.WRONG) for x in rewards], [True, True],
+                                 gold_results=[RewardResult(10.0 * r + k, Verdict.WRONG) for k in range(2)],
+                                 proxy=[100.0 * r + k for k in range(2)])
+            return Experience([Problem(f"r{r}", "1", "", prompt_ids=(1, 2))], [[1, 2]],
+                              [Completion((7,), (-0.1,), "a", True)] * 2, scored, 2)
+
+    maker = Rounds(pool=None, scorer=None, max_error_rate=1.0, where="test")
+    maker.made = []
+    exp = maker.make_groups(BatchSampler([Problem("p", "1", "")], 1, 0), 2, 1.0, 0, rounds=3)
+    assert [p.prompt for p in exp.problems] == ["r1"]  # round 0's group was uniform, round 1's was not
+    assert [r.score for r in exp.scored.gold_results] == [10.0, 11.0] and exp.scored.proxy == [100.0, 101.0]
