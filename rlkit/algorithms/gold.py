@@ -132,8 +132,8 @@ class GoldMonitor:
         if not scored.gold_results:
             return {}
         keep = [a and b for a, b in zip(scorable, scored.gold_valid)]
-        out = step_gold_metrics(scored.proxy or scored.scores, scored.gold_scores, [r.verdict for r in scored.gold_results], keep,
-                                group_size)
+        verdicts = [r.verdict for r in scored.gold_results]
+        out = step_gold_metrics(scored.proxy or scored.scores, scored.gold_scores, verdicts, keep, group_size)
         if "gold/gap" in out:
             self.gaps.append(out["gold/gap"])
             trend = slope(list(self.gaps))

@@ -183,10 +183,9 @@ def train(ctx: StageContext, recipe_yaml: str) -> str:
             if ctx.log.step(step, update.metrics()):
                 ctx.log.show(loss=f"{update.stats.loss:.3f}", accuracy=f"{update.stats.accuracy:.2f}")
         held = evaluate(None)
-        parts = "".join(f"; {held[k]:.3f} on the {sum(g == gold for g in held_gold)} {what}"
-                        for k, gold, what in (("accuracy_sampled", False, "pairs of two samples"),
-                                              ("accuracy_gold", True, "of the gold solution against a wrong sample"))
-                        if k in held)
+        parts = "".join(f"; {held[key]:.3f} on the {held_gold.count(gold)} {what}" for key, gold, what in (
+            ("accuracy_sampled", False, "pairs of two samples"),
+            ("accuracy_gold", True, "of the gold solution against a wrong sample")) if key in held)
         print(f"stage {ctx.index} (reward_model): held-out {'step' if process else 'pairwise'} accuracy "
               f"{held['accuracy']:.3f} on {len(held_items)} {'examples' if process else 'pairs'}{parts}", flush=True)
         folder = ctx.run_dir / "checkpoints" / ctx.checkpoint_name

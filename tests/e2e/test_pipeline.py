@@ -1,7 +1,8 @@
 """The practitioners' stages on the embedded default, end to end: SFT with snapshots, rejection-sampling
 fine-tuning, online DPO over two rounds, the average of DPO's last snapshots and a reward model on the averaged
-policy's own answers (one run of recipes/pipeline.yaml, scaled down, with quickstart_rm.yaml's last-but-one stage); then distillation from that run's model into a fresh student, and IFD data
-selection scored by its SFT model.
+policy's own answers (one run of recipes/pipeline.yaml, scaled down, with a short form of quickstart_rm.yaml's
+reward model stage); then distillation from that run's model into a fresh student, and IFD data selection scored
+by its SFT model.
 """
 
 import json
