@@ -2,10 +2,13 @@
 then the speed-up those phase times project for separate rollout and trainer GPUs (bench/async_sim.py).
 
     python bench/async.py [--steps 150] [--start DIR] [--out runs/bench_async] [--warmup 2] [--comm 0.1]
+                          [--precision auto|float32|bfloat16]
 
 One run, the embedded default model of recipes/quickstart.yaml:
-1. the starting checkpoint: the quickstart's SFT and DPO stages, written to OUT/start (reused when its
-   checkpoints/02_dpo exists), or `--start DIR`, e.g. runs/quickstart/checkpoints/02_dpo;
+1. the starting checkpoint: the quickstart's SFT and DPO stages, written to OUT/start (OUT/start_float32 with
+   `--precision float32`; reused when its checkpoints/02_dpo exists), or `--start DIR`, e.g.
+   runs/quickstart/checkpoints/02_dpo. `--precision` sets trainer.dtype, ref.dtype and rollout.dtype in every run;
+   `auto` (default) keeps the recipe's own `auto`: bf16 where this machine computes it natively, else float32;
 2. the quickstart's GRPO stage (its steps, batch size and lr; `--steps` sets the steps) from that checkpoint, three
    times: rollout.max_staleness=0, 1 and 2. All three set algo.tis_cap=2.0, which off-policy training needs, so
    that only the staleness differs (at 0 the engine samples from the trainer's own weights and the truncated
@@ -99,15 +102,17 @@ def rlkit_run(recipe: Path, run_dir: Path, overrides: list[str]) -> list[tuple[f
     return steps
 
 
-def start_checkpoint(out: Path, start_recipe: Path, given: str) -> str:
-    """`--start`, else OUT/start's DPO checkpoint, made by the quickstart's SFT and DPO stages unless it exists."""
+def start_checkpoint(out: Path, start_recipe: Path, given: str, precision: str) -> str:
+    """`--start`, else OUT/start's (OUT/start_<precision>'s) DPO checkpoint, made by the quickstart's SFT and DPO
+    stages unless it exists."""
     if given:
         return str(Path(given).resolve())
-    checkpoint = out / "start" / "checkpoints" / "02_dpo"
+    folder = out / ("start" if precision == "auto" else f"start_{precision}")
+    checkpoint = folder / "checkpoints" / "02_dpo"
     if (checkpoint / "config.json").exists():
         print(f"starting checkpoint: {checkpoint} (reused)", flush=True)
     else:
-        rlkit_run(start_recipe, out / "start", [])
+        rlkit_run(start_recipe, folder, [])
     return str(checkpoint.resolve())
 
 
@@ -135,22 +140,28 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_async", help="where the runs go")
     parser.add_argument("--warmup", type=int, default=2, help="first GRPO steps left out of the timings")
     parser.add_argument("--comm", type=float, default=COMM, help="async_sim: gradient all-reduce / 1-rank train time")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="trainer, reference and engine dtype in every run (auto: bf16 where native, else float32)")
     args = parser.parse_args()
     from rlkit.kernels.precision import describe_machine
 
     print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
     out = (REPO / args.out).resolve()
     base, stages = quickstart_stages()
+    if args.precision != "auto":
+        base |= {k: base.get(k, {}) | {"dtype": args.precision} for k in ("trainer", "ref", "rollout")}
     stage = stages["grpo"] | ({"steps": args.steps} if args.steps else {})
     start = start_checkpoint(out, write_recipe(out / "recipes" / "start.yaml",
-                                               base | {"stages": [stages["sft"], stages["dpo"]]}), args.start)
+                                               base | {"stages": [stages["sft"], stages["dpo"]]}), args.start,
+                             args.precision)
     model = base.get("model", {}) | {"path": start}
     recipe = write_recipe(out / "recipes" / "grpo.yaml", base | {"model": model, "stages": [stage]})
     results = {}
     for n in STALENESS:
         run_dir = out / f"staleness_{n}"
         steps = rlkit_run(recipe, run_dir, [f"rollout.max_staleness={n}", f"algo.tis_cap={TIS_CAP}"])
-        group = yaml.safe_load((run_dir / "recipe.yaml").read_text())["algo"]["group_size"]  # the resolved recipe
+        resolved = yaml.safe_load((run_dir / "recipe.yaml").read_text())  # auto resolved to a dtype there
+        group, dtype = resolved["algo"]["group_size"], resolved["trainer"]["dtype"]
         (grpo,) = json.loads((run_dir / "summary.json").read_text())["stages"]
         results[n] = measure(steps, args.warmup, stage["batch_size"] * group) | {
             "before": grpo["before"]["accuracy"], "after": grpo["after"]["accuracy"]}
@@ -158,17 +169,17 @@ def main() -> None:
     phases = PhaseTimes(**results[0]["phases"])
     projections = project(phases, comm=args.comm)
     (out / "results.json").write_text(json.dumps(
-        {"start": start, "stage": stage, "tis_cap": TIS_CAP, "warmup": args.warmup, "runs": results,
+        {"start": start, "stage": stage, "dtype": dtype, "tis_cap": TIS_CAP, "warmup": args.warmup, "runs": results,
          "projection": [asdict(p) for p in projections], "comm": args.comm}, indent=2))
-    report(start, stage, group, args.warmup, results, phases, projections, args.comm)
+    report(start, stage, group, dtype, args.warmup, results, phases, projections, args.comm)
     print(f"\nnumbers in {out / 'results.json'}")
 
 
-def report(start: str, stage: dict, group: int, warmup: int, results: dict, phases: PhaseTimes, projections,
-           comm: float) -> None:
+def report(start: str, stage: dict, group: int, dtype: str, warmup: int, results: dict, phases: PhaseTimes,
+           projections, comm: float) -> None:
     base = results[0]
     print(f"\nGRPO stage of recipes/quickstart.yaml from {start}: {stage['steps']} steps x {stage['batch_size']} "
-          f"prompts x {group} samples, lr {stage['lr']}, algo.tis_cap={TIS_CAP} in every run; "
+          f"prompts x {group} samples, lr {stage['lr']}, {dtype}, algo.tis_cap={TIS_CAP} in every run; "
           f"timings over steps {warmup}..{stage['steps'] - 1}, seconds per step")
     print(f"{'staleness':>9s} {'steps/s':>8s} {'samples/s':>9s} {'ratio':>6s} {'generate':>8s} {'score':>6s} "
           f"{'ref':>6s} {'train':>6s} {'sync':>6s} {'wait':>6s} {'lag':>5s} {'acc before':>10s} {'after':>6s}")
