@@ -72,6 +72,11 @@ class ScoreOutput:
     proxy: list[float] = field(default_factory=list)
 
     @property
+    def proxy_scores(self) -> list[float]:
+        """(N,) what the gold monitor sets against gold: `proxy`, or the scores where no proxy was kept."""
+        return self.proxy or self.scores
+
+    @property
     def gold_scores(self) -> list[float]:
         return [r.score for r in self.gold_results]  # (N,)
 

@@ -70,7 +70,7 @@ def gold_metrics(scored) -> dict[str, float]:
     kept = [r for r in scored.gold_results if r.verdict != Verdict.ERROR]
     if not scored.gold_results:
         return {}
-    proxy = scored.proxy or scored.scores
+    proxy = scored.proxy_scores
     return {"gold/accuracy": sum(r.verdict == Verdict.CORRECT for r in kept) / len(scored.gold_results),
             "gold/mean_reward": sum(r.score for r in kept) / len(kept) if kept else 0.0,
             "gold/proxy_mean_reward": sum(proxy) / len(proxy)}

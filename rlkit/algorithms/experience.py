@@ -208,13 +208,14 @@ class ExperienceMaker:
 
 
 def add_env_rewards(scored: ScoreOutput, episodes: list) -> ScoreOutput:
-    """Each episode's environment reward parts added to its score (an excluded sample keeps its placeholder), their
-    means logged as reward/env/<part>."""
+    """Each episode's environment reward parts added to its score and to its proxy (an excluded sample keeps its
+    placeholder), their means logged as reward/env/<part>."""
     parts = [dict(getattr(e, "reward_parts", {}) or {}) for e in episodes]
-    scores = [s + (sum(p.values()) if ok else 0.0) for s, p, ok in zip(scored.scores, parts, scored.valid)]
+    added = [sum(p.values()) if ok else 0.0 for p, ok in zip(parts, scored.valid)]  # (N,)
     names = sorted({k for p in parts for k in p})
     stats = dict(scored.stats) | {f"env/{k}": sum(p.get(k, 0.0) for p in parts) / max(len(parts), 1) for k in names}
-    return replace(scored, scores=scores, stats=stats)
+    return replace(scored, scores=[s + a for s, a in zip(scored.scores, added)],
+                   proxy=[s + a for s, a in zip(scored.proxy, added)], stats=stats)
 
 
 def pick_groups(uniform: list[list[bool]], batch: int) -> list[tuple[int, int]]:

@@ -133,7 +133,7 @@ class GoldMonitor:
             return {}
         keep = [a and b for a, b in zip(scorable, scored.gold_valid)]
         verdicts = [r.verdict for r in scored.gold_results]
-        out = step_gold_metrics(scored.proxy or scored.scores, scored.gold_scores, verdicts, keep, group_size)
+        out = step_gold_metrics(scored.proxy_scores, scored.gold_scores, verdicts, keep, group_size)
         if "gold/gap" in out:
             self.gaps.append(out["gold/gap"])
             trend = slope(list(self.gaps))

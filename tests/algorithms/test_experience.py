@@ -193,11 +193,12 @@ def test_episodes_are_scored_on_their_last_answer_plus_the_environments_parts():
         def score(self, samples):
             assert [s.completion for s in samples] == ["42"] * 4  # the last answer, not the transcript
             return ScoreOutput([1.0, 1.0, 0.0, 1.0], [RewardResult(1.0, Verdict.CORRECT)] * 4,
-                               [True, True, False, True])
+                               [True, True, False, True], proxy=[2.0, 2.0, 0.0, 2.0])  # beside gold rewards
 
     problems = [Problem("6*7=", "42", "42", prompt_ids=(1, 2)), Problem("2*21=", "42", "42", prompt_ids=(1, 3))]
     exp = ExperienceMaker(None, Scorer(), 1.0, "test", episodes=episodes).make(problems, 2, 1.0, seed=0)
     assert exp.scored.scores == [1.0, 0.5, 0.0, 0.5]
+    assert exp.scored.proxy == [2.0, 1.5, 0.0, 1.5]  # the environment's parts are trained on: part of the proxy
     assert exp.scored.stats["env/tool_error"] == pytest.approx(-0.25)
     assert exp.token_batch(0).response_mask.tolist()[0] == [0, 1, 0, 1]  # the tool's token (50) leaves the loss
 
