@@ -1,8 +1,9 @@
 """The rollout engine's own costs, rlkit's settings against vLLM's defaults, measured in one run.
 
-    python bench/engine.py [--repeats 5]
+    python bench/engine.py [--repeats 5] [--precision auto|float32|bfloat16]
 
-On the throughput benchmark's model (512-wide, 8-layer Llama, float32 on CPU):
+On the throughput benchmark's model (512-wide, 8-layer Llama on CPU; engine and trainer in `--precision`, by default
+`auto`: bfloat16 where this CPU computes it natively, else float32, rlkit.kernels.precision):
 - decode: 8 prompts x 8 samples x 64 new tokens (EOS ignored), median seconds. Baseline: vLLM's automatic CPU
   binding (VLLM_CPU_OMP_THREADS_BIND=auto, which keeps a core for the scheduler); rlkit: every allowed core.
 - shutdown: seconds for the engine to stop after use. Baseline: vLLM's default grace; rlkit: `VllmRollout.close`.
@@ -45,7 +46,7 @@ def decode_seconds(engine, repeats: int) -> float:
     return statistics.median(times)
 
 
-def make_engine(model_path: Path, bind: str | None, lora_rank: int = 0):
+def make_engine(model_path: Path, bind: str | None, dtype: str, lora_rank: int = 0):
     from rlkit.rollout import EngineConfig
     from rlkit.rollout.vllm_engine import VllmRollout
 
@@ -53,7 +54,7 @@ def make_engine(model_path: Path, bind: str | None, lora_rank: int = 0):
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # rlkit's default
     else:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind  # read by the engine processes vLLM spawns
-    cfg = EngineConfig(max_new_tokens=NEW_TOKENS, temperature=1.0)
+    cfg = EngineConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, dtype=dtype)
     return VllmRollout(cfg, str(model_path), MODEL["max_seq_len"], lora_rank=lora_rank)
 
 
@@ -75,10 +76,13 @@ def sync_seconds(engine, trainer, repeats: int, adapter: bool) -> tuple[float, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="engine and trainer dtype (auto: bf16 where this CPU computes it natively, else float32)")
     args = parser.parse_args()
-    from rlkit.kernels.precision import describe_machine
+    from rlkit.kernels.precision import auto_dtype, describe_machine
 
     print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
+    dtype = auto_dtype("cpu")[0] if args.precision == "auto" else args.precision
 
     from rlkit.recipe import ModelConfig, TrainerConfig
     from rlkit.training.modeling import init_model, save_checkpoint
@@ -90,7 +94,7 @@ def main() -> None:
         rows = []
 
         for name, bind in (("vLLM auto binding", "auto"), ("rlkit", None)):
-            engine = make_engine(path, bind)
+            engine = make_engine(path, bind, dtype)
             decode = decode_seconds(engine, args.repeats)
             t0 = time.perf_counter()
             if bind == "auto":  # vLLM's own shutdown, default grace
@@ -100,14 +104,14 @@ def main() -> None:
                 engine.close()
             rows.append((name, decode, time.perf_counter() - t0))
 
-        trainer = ShardedTrainer(TrainerConfig(lora_rank=8, lora_sync="adapter"), str(path), 1e-4, 1)
-        engine = make_engine(path, None, lora_rank=8)
+        trainer = ShardedTrainer(TrainerConfig(lora_rank=8, lora_sync="adapter", dtype=dtype), str(path), 1e-4, 1)
+        engine = make_engine(path, None, dtype, lora_rank=8)
         merged = sync_seconds(engine, trainer, args.repeats, adapter=False)
         adapter = sync_seconds(engine, trainer, args.repeats, adapter=True)
         engine.close()
 
     (base_name, base_decode, base_stop), (_, ours_decode, ours_stop) = rows
-    print(f"model {MODEL}; decode {PROMPTS} x {GROUP} x {NEW_TOKENS} tokens; median of {args.repeats}")
+    print(f"model {MODEL}, {dtype}; decode {PROMPTS} x {GROUP} x {NEW_TOKENS} tokens; median of {args.repeats}")
     print(f"{'':28s} {'baseline':>10s} {'rlkit':>10s} {'ratio':>8s}")
     print(f"{'decode s':28s} {base_decode:10.2f} {ours_decode:10.2f} {base_decode / ours_decode:7.2f}x")
     print(f"{'shutdown s':28s} {base_stop:10.2f} {ours_stop:10.2f} {base_stop / ours_stop:7.2f}x")

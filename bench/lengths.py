@@ -2,13 +2,14 @@
 (and with `--compile`, trainer.compile), one run, ratios against the padded update.
 
     python bench/lengths.py [--prompts 8] [--group 8] [--micro-batch 64] [--budget 4096] [--repeats 3] [--compile]
-                            [--device cpu|cuda]
+                            [--device cpu|cuda] [--precision auto|float32|bfloat16]
 
 Lengths: a byte-level BPE (vocabulary 2048) is trained at run time on the shipped GSM8K file
 (data/gsm8k_test.jsonl). A step batch is `--prompts` questions, each with `--group` completions whose lengths are
 those of GSM8K worked answers drawn at random (completions of one prompt differ in length, as sampled ones do);
 rows are prompt-major, as GRPO builds them. Token ids are random: the update's cost does not depend on them.
-Model: a randomly initialised Llama (`--hidden`, `--layers`), float32. Each configuration runs
+Model: a randomly initialised Llama (`--hidden`, `--layers`), trained in `--precision` (trainer.dtype; `auto`, the
+default: bf16 mixed precision where the device computes bf16 natively, else float32). Each configuration runs
 `ShardedTrainer.step` (on-policy GRPO's PolicyLoss, token-mean) in a process of its own, one warm-up update and then
 `--repeats` timed ones:
 - padded: micro-batches of `--micro-batch` consecutive rows (trainer.micro_batch_size, 64 by default: the whole
@@ -240,13 +241,15 @@ def main() -> None:
                         help="time all configurations in one process, in turn (no memory column)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: the trainer on the GPU (Triton log-prob kernel; peak memory from the CUDA allocator)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="trainer.dtype (auto: bf16 where the device computes it natively, else float32)")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
         job = json.loads(args.job)
         print("RESULT", json.dumps(run_interleaved(job) if "variants" in job else run_one(job)), flush=True)
         return
-    from rlkit.kernels.precision import describe_machine
+    from rlkit.kernels.precision import auto_dtype, describe_machine
 
     print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
     if args.device == "cuda":
@@ -254,6 +257,7 @@ def main() -> None:
 
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is visible")
+    dtype = auto_dtype(args.device)[0] if args.precision == "auto" else args.precision
     questions, answers = gsm8k_lengths()
     lengths = step_lengths(questions, answers, args.prompts, args.group)
     rows = [p + c for p, c in lengths]
@@ -261,7 +265,7 @@ def main() -> None:
     print(f"GSM8K lengths (byte-level BPE, vocab {VOCAB}): prompt median {statistics.median(questions)}, completion "
           f"median {statistics.median(answers)}; step batch {args.prompts} x {args.group} rows of {min(rows)}-"
           f"{max(rows)} tokens (mean {statistics.mean(rows):.0f}); micro-batch {args.micro_batch} rows, token "
-          f"budget {budget}; Llama {args.hidden} wide x {args.layers} layers, float32, sdpa, "
+          f"budget {budget}; Llama {args.hidden} wide x {args.layers} layers, {dtype}, sdpa, "
           f"{'CUDA' if args.device == 'cuda' else f'{os.cpu_count()} CPUs'}; median of {args.repeats} updates")
     names = args.configs.split(",")
     variants = [(name, CONFIGS[name], ckpt, False) for ckpt in (False, True) for name in names]
@@ -270,7 +274,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(Path(tmp) / "model", args.hidden, args.layers)
         trainers = [{k: budget if v == "budget" else v for k, v in fields.items()}
-                    | {"micro_batch_size": args.micro_batch, "gradient_checkpointing": ckpt, "compile": comp}
+                    | {"micro_batch_size": args.micro_batch, "gradient_checkpointing": ckpt, "compile": comp,
+                       "dtype": dtype}
                     for _, fields, ckpt, comp in variants]
         base = {"lengths": lengths, "model": model, "repeats": args.repeats, "device": args.device}
         if args.interleave:

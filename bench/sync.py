@@ -2,14 +2,16 @@
 (streamed from trainer rank 0 straight to the engine workers through vLLM's weight-transfer API), measured in one run.
 
     python bench/sync.py [--sizes 0.1B,0.5B,1.5B] [--engines 1,2] [--repeats 3] [--transports file,gloo]
+                         [--precision auto|float32|bfloat16]
 
-Randomly initialised Qwen2-shaped models (tied embeddings, Qwen2.5's 151,936-token vocabulary), trained in bfloat16
-mixed precision (float32 master weights), served by bfloat16 engines, on Ray as a run places them: one trainer rank
-and one or two engines, each an actor. Per sync (median of --repeats; the first sync, which opens the transfer
+Randomly initialised Qwen2-shaped models (tied embeddings, Qwen2.5's 151,936-token vocabulary), trained and served
+in `--precision` (`auto`, the default: bfloat16 where this CPU computes it natively, a trainer in bf16 mixed
+precision over float32 master weights; else float32), on Ray as a run places them: one trainer rank and one or two
+engines, each an actor. Per sync (median of --repeats; the first sync, which opens the transfer
 group, is not timed; the bytes sent do not depend on the weights' values, so the trainer does not step between):
 - s/sync: seconds, the driver's call to the end of the last engine's load;
 - MB moved: the weight bytes handed to a transport: `file` sends the float32 state dict to the driver and from there
-  to every engine; `gloo` sends bfloat16 once from rank 0 (gloo relays it to every engine);
+  to every engine; `gloo` sends the engines' dtype once from rank 0 (gloo relays it to every engine);
 - driver / rank-0 peak MB: the growth of each process's resident memory during the sync over its value before
   (sampled every 5 ms).
 Ratios are file / gloo (above 1: gloo is faster, moves less, holds less). `--transports gloo` measures gloo alone,
@@ -116,10 +118,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engines", default="1,2", help="engine counts to measure, e.g. 1 where memory is short")
     parser.add_argument("--transports", default="file,gloo", help="`gloo` alone where `file` runs out of memory")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="trainer and engine dtype (auto: bf16 where this CPU computes it natively, else float32)")
     args = parser.parse_args()
-    from rlkit.kernels.precision import describe_machine
+    from rlkit.kernels.precision import auto_dtype, describe_machine
 
     print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
+    dtype = auto_dtype("cpu")[0] if args.precision == "auto" else args.precision
     print(f"load average before: {os.getloadavg()}", flush=True)
 
     import ray
@@ -128,8 +133,8 @@ def main() -> None:
     from rlkit.runtime.cluster import Cluster, RolloutPool
 
     cfg = RecipeConfig(
-        rollout=RolloutConfig(dtype="bfloat16", max_new_tokens=4, sync_timeout_s=600, weight_transfer="gloo"),
-        trainer=TrainerConfig(dtype="bfloat16", num_threads=1),
+        rollout=RolloutConfig(dtype=dtype, max_new_tokens=4, sync_timeout_s=600, weight_transfer="gloo"),
+        trainer=TrainerConfig(dtype=dtype, num_threads=1),
         cluster=ClusterConfig(backend="ray", rollout_engines=max(int(n) for n in args.engines.split(",")),
                               cpus_per_engine=0.5, cpus_per_trainer=0.5),
         model=ModelConfig(max_seq_len=MAX_LEN))
@@ -154,7 +159,8 @@ def main() -> None:
     finally:
         cluster.shutdown()
 
-    print(f"\nQwen2-shaped, tied, bf16 engines, trainer bf16 mixed precision (float32 master weights); "
+    trained = "bf16 mixed precision (float32 master weights)" if dtype == "bfloat16" else dtype
+    print(f"\nQwen2-shaped, tied, {dtype} engines, trainer {trained}; "
           f"median of {args.repeats}; load average after: {os.getloadavg()}")
     head = ["model", "engines", "s/sync file", "gloo", "ratio", "MB moved file", "gloo", "ratio",
             "driver peak MB file", "gloo", "rank-0 peak MB file", "gloo"]
@@ -168,7 +174,8 @@ def main() -> None:
         for k in (2, 3):  # driver's, then rank 0's peak growth: file, gloo
             cells += [f"{f[k]:.0f}" if f else "n/a", f"{g[k]:.0f}" if g else "n/a"]
         print(" | ".join(cells))
-    print("MB moved for gloo is 2 bytes x parameters, once, whatever the engines (gloo relays it to each receiver)")
+    size = 2 if dtype == "bfloat16" else 4
+    print(f"MB moved for gloo is {size} bytes x parameters, once, whatever the engines (gloo relays it to each receiver)")
 
 
 if __name__ == "__main__":
