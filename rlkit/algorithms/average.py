@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from rlkit.algorithms.common import StageContext
 from rlkit.recipe import RecipeError
@@ -46,24 +45,24 @@ def source_checkpoints(ctx: StageContext) -> list[Path]:
         raise unknown_source_error(ctx.cfg.stages, ctx.index)
     root = ctx.logger.run_dir / "checkpoints"
     snapshots = sorted((root / f"{folder}.snapshots").glob("step_*"))
-    return [p for p in snapshots if (p / "model.safetensors").exists()] + [root / folder]
+    return [p for p in snapshots if any(p.glob("*.safetensors"))] + [root / folder]
 
 
 def run(ctx: StageContext, recipe_yaml: str) -> str:
     """Average, save as the stage's checkpoint, point the engines at it; returns its path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlkit.training.modeling import save_checkpoint
+    from rlkit.training.modeling import checkpoint_state, save_checkpoint
 
     paths = source_checkpoints(ctx)[-ctx.stage.last:]
     if len(paths) < 2:
         print(f"stage {ctx.index} (average): only {len(paths)} checkpoint of the source stage; set save_every on "
               "it to keep snapshots", flush=True)
     last = paths[-1]
-    ctx.workers.pool.sync_weights(load_file(str(last / "model.safetensors")))
+    ctx.workers.pool.sync_weights(checkpoint_state(last))
     last_metrics = ctx.evaluate(log=False)
     weights = mixing_weights(len(paths), ctx.stage.method, ctx.stage.ema_decay)
-    averaged = average_state_dicts([load_file(str(p / "model.safetensors")) for p in paths], weights)
+    averaged = average_state_dicts([checkpoint_state(p) for p in paths], weights)
     model = AutoModelForCausalLM.from_pretrained(last)
     loaded = model.load_state_dict(averaged, strict=False)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()  # saved once, with the embedding

@@ -179,6 +179,16 @@ def save_checkpoint(model, tokenizer, path: str | Path, recipe_yaml: str, extra:
     return path
 
 
+def checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a Hugging Face checkpoint folder, from one safetensors file or all of its shards."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise RecipeError(f"{path}: no .safetensors weights in this checkpoint folder")
+    return {name: tensor for f in files for name, tensor in load_file(str(f)).items()}
+
+
 def _rmtree(path: Path) -> None:
     import shutil
 

@@ -37,3 +37,20 @@ def test_model_path_without_tokenizer_is_named(tmp_path):
 def test_missing_model_path(tmp_path):
     with pytest.raises(RecipeError, match="model.path: .* is not a folder"):
         load_model_and_tokenizer(tmp_path / "nope")
+
+
+def test_a_checkpoints_tensors_are_read_from_all_its_shards(tmp_path):
+    """save_pretrained splits a model past max_shard_size into shards; checkpoint_state reads every one, so a 7B
+    checkpoint averages and branches (a stage's `start`) as a small one does."""
+    from rlkit.training.modeling import checkpoint_state
+
+    model, _ = init_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    state = checkpoint_state(tmp_path / "sharded")
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+    assert state.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(state[name], value), name
+    with pytest.raises(RecipeError, match="no .safetensors weights"):
+        checkpoint_state(tmp_path)
