@@ -1,7 +1,8 @@
 """Reward model training (`kind: reward_model`): a Bradley-Terry outcome model from preference pairs, or a process
-reward model from stepwise supervision, on the policy's transformer with a new score head
-(rlkit.training.reward_model). The stage's checkpoint is a Hugging Face sequence- (or token-) classification folder;
-the policy is not changed, and the next stage starts from the policy this one started from.
+reward model from stepwise supervision, on the policy's transformer (or `stage.model`'s: an earlier stage's policy or
+a folder with the policy's tokenizer) with a new score head (rlkit.training.reward_model). The stage's checkpoint is a
+Hugging Face sequence- (or token-) classification folder; the policy is not changed, and the next stage starts from
+the policy this one started from.
 
 Where the examples come from (`stage.pairs`):
 - `dataset`: a preference dataset (TRL's format, text or conversational, with TRL's optional `margin` column), or
@@ -27,12 +28,14 @@ dropout by default too).
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import torch
 
 from rlkit.algorithms.common import StageContext, sampled_reply
 from rlkit.data.tasks import BatchSampler
-from rlkit.recipe import RecipeError, stage_updates
+from rlkit.recipe import RecipeConfig, RecipeError, stage_updates
+from rlkit.recipe.stage_kinds import earlier_policy
 from rlkit.rewards.base import Verdict
 from rlkit.training.batches import RewardPairBatch, StepBatch
 from rlkit.training.reward_model import PairwiseLoss, StepLoss, bradley_terry_loss, last_token, scored_tokens
@@ -148,6 +151,22 @@ def examples(ctx: StageContext) -> tuple[list[tuple], list[tuple], list[bool]]:
     return train, held, gold
 
 
+def backbone_path(cfg: RecipeConfig, index: int, run_dir: Path, policy: str) -> str:
+    """The checkpoint stage `index`'s reward model starts from: its `model` (an earlier stage's policy under
+    run_dir, or a folder with the policy's tokenizer, since the pairs are the policy's token ids), else `policy`."""
+    from rlkit.training.modeling import load_tokenizer
+
+    name = cfg.stages[index].model
+    if not name:
+        return policy
+    folder = earlier_policy(cfg.stages, index, name)  # or a folder: validated when the recipe loaded
+    path = str(run_dir / "checkpoints" / folder) if folder else name
+    if load_tokenizer(path).get_vocab() != load_tokenizer(policy).get_vocab():
+        raise RecipeError(f"stages.{index}.model: '{name}' has another tokenizer than the policy, whose token ids "
+                          "the pairs are; start the reward model from a model with the policy's tokenizer")
+    return path
+
+
 def rendering(ctx: StageContext, process: bool) -> dict:
     """How the stage rendered its sequences, for the `model` reward to render prompts and completions the same way."""
     renderer, data = ctx.data.renderer, ctx.cfg.stage_data(ctx.index)
@@ -159,9 +178,10 @@ def rendering(ctx: StageContext, process: bool) -> dict:
 def train(ctx: StageContext, recipe_yaml: str) -> str:
     """Train the stage's reward model; returns its checkpoint folder."""
     stage, pad_id, process = ctx.stage, ctx.data.renderer.pad_id, bool(ctx.data.steps)
+    backbone = backbone_path(ctx.cfg, ctx.index, ctx.run_dir, ctx.model_path)
     train_items, held_items, held_gold = examples(ctx)
     loss = StepLoss() if process else PairwiseLoss(ctx.cfg.algo.rm_center_coef)
-    group = ctx.workers.cluster.reward_model_group(ctx.model_path, ctx.lr, ctx.warmup_steps,
+    group = ctx.workers.cluster.reward_model_group(backbone, ctx.lr, ctx.warmup_steps,
                                                    stage_updates(ctx.cfg, ctx.index), process)
 
     def evaluate(step: int | None) -> dict[str, float]:

@@ -30,11 +30,11 @@ from rlkit.runtime.cluster import Cluster
 from rlkit.runtime.scoring import live_rewards, names_stage
 from rlkit.algorithms.episodes import episode_sampler
 from rlkit.recipe import RecipeConfig, RecipeError, stage_updates, to_yaml
-from rlkit.recipe.stage_kinds import STAGE_KINDS
+from rlkit.recipe.stage_kinds import STAGE_KINDS, earlier_policy
 from rlkit.algorithms.evaluate import evaluate, evaluate_sets, log_evaluation
 from rlkit.training.losses import resolve_switches
 from rlkit.training.modeling import build_char_tokenizer, check_context, init_model, load_tokenizer, quiet_checkpoint_bars, \
-    resolve_model_path, save_checkpoint
+    resolve_model_path, save_checkpoint, checkpoint_state
 from rlkit.data.prepare import EvalSet, RunData, describe, prepare_run_data
 from rlkit.training.precision import resolve_recipe
 from rlkit.runtime.tracking import RunLogger
@@ -238,6 +238,8 @@ def train_stage(live: LiveRun, index: int, resume: ResumePoint | None) -> None:
     point the next stage starts from. `resume`: the point inside this stage to continue from."""
     cfg, state, data, logger = live.cfg, live.state, live.data, live.logger
     stage, t0 = cfg.stages[index], time.perf_counter()
+    if stage.start and resume is None:  # resumed inside the stage: its resume point holds the switched policy
+        start_from(live, earlier_policy(cfg.stages, index, stage.start))  # validated when the recipe loaded
     trainer = None if not STAGE_KINDS[stage.kind].trains_model else live.cluster.trainer_group(
         state.model_path, cfg.stage_lr(index), cfg.stage_warmup(index), stage_updates(cfg, index))
     stage_data = data.stages[index]
@@ -272,6 +274,23 @@ def train_stage(live: LiveRun, index: int, resume: ResumePoint | None) -> None:
         state.model_path = model_path
     state.global_step, state.seconds = logger.global_step, time.perf_counter() - live.started
     live.checkpointer.save(state)  # between stages: the next one starts from model_path
+
+
+def start_from(live: LiveRun, folder: str) -> None:
+    """A stage's `start`: the policy is an earlier checkpoint again (`folder` under checkpoints/), in the engines
+    too; evaluated there, it is the stage's `before` (logged, so the held-out curve shows the branch)."""
+    cfg, state, path = live.cfg, live.state, live.run_dir / "checkpoints" / folder
+    if Path(state.model_path) == path:
+        return
+    state.model_path = str(path)
+    live.pool.sync_weights(checkpoint_state(path))
+    evaluation = evaluate(live.pool, live.scorer, live.data.held_out, cfg.logging, cfg.reward.max_error_rate,
+                          episodes=live.episodes)
+    state.before = log_evaluation(live.logger, evaluation, cfg.logging.table_rows)
+    state.before |= evaluate_sets(live.pool, live.scorer, live.data.evals, live.logger, cfg.logging,
+                                  cfg.reward.max_error_rate, live.episodes)
+    print(f"stage {state.stage}: starts from {folder}, held-out accuracy {accuracy_text(live.data.evals, state.before)}",
+          flush=True)
 
 
 def accuracy_text(sets: list[EvalSet], *metrics: dict) -> str:

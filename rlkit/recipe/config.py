@@ -335,6 +335,9 @@ class StageConfig:
     samples: int = 8  # also DPO with pairs=online: samples per prompt to pick chosen/rejected from
     keep: str = "best"  # "best": the best accepted completion per prompt; "all": every distinct accepted one
     teacher: str = ""  # distill: the teacher's local Hugging Face checkpoint, served by its own engine
+    # the policy this stage starts from: an earlier stage's checkpoint (its name or folder, e.g. 01_sft), the run's
+    # start (00_init); "": the policy the stages before left (a branch: later stages continue from this one's)
+    start: str = ""
     # dpo
     # "policy": gold vs the starting policy's wrong answer; "online": per round, from the policy; "dataset": the
     # chosen/rejected pairs of a preference dataset (the stage's data). reward_model: "dataset" (a preference or,
@@ -342,6 +345,9 @@ class StageConfig:
     # from the current policy, a correct one against each wrong one as the recipe's rewards judge them)
     pairs: str = "policy"
     rounds: int = 1  # pairs=online: sample, label, train, repeat; steps are split evenly over the rounds
+    # reward_model: the checkpoint its transformer starts from: an earlier stage's (its name or folder) or a local
+    # Hugging Face folder with the policy's tokenizer (the pairs are the policy's token ids); "": the policy
+    model: str = ""
     # average: the weights of the last `last` snapshots (save_every) of stage `source` (default: the previous one)
     source: str = ""  # a stage name or its checkpoint folder (e.g. 01_sft)
     last: int = 3

@@ -19,7 +19,8 @@ from rlkit.recipe.errors import RecipeError
 from rlkit.recipe.names import load_object
 
 # StageConfig fields every kind reads (an average stage ignores steps and batch_size: it trains nothing)
-COMMON_FIELDS = ("kind", "name", "steps", "batch_size", "lr", "warmup_steps", "save_every", "data")
+COMMON_FIELDS = ("kind", "name", "steps", "batch_size", "lr", "warmup_steps", "save_every", "data", "start")
+INIT = "00_init"  # the run's starting checkpoint folder
 
 
 def _batch(cfg: RecipeConfig, stage: StageConfig) -> int:
@@ -127,6 +128,22 @@ def average_source(stages: list[StageConfig], i: int) -> str | None:
     return next((folder for folder, name in earlier if source in (folder, name)), None)
 
 
+def earlier_policy(stages: list[StageConfig], i: int, name: str) -> str | None:
+    """The checkpoint folder of the policy `name` names for stage `i`: an earlier stage that trains the policy (by its
+    name or checkpoint folder), or the run's start (00_init); None when it names none."""
+    if name == INIT or not name:
+        return name or None
+    return next((checkpoint_name(s, j) for j, s in enumerate(stages[:i])
+                 if STAGE_KINDS[s.kind].yields_policy and name in (s.name, checkpoint_name(s, j))), None)
+
+
+def _check_policy_name(stages: list[StageConfig], i: int, field: str, name: str) -> None:
+    if earlier_policy(stages, i, name) is None:
+        names = [INIT] + [checkpoint_name(s, j) for j, s in enumerate(stages[:i]) if STAGE_KINDS[s.kind].yields_policy]
+        raise RecipeError(f"stages.{i}.{field}: '{name}' is not an earlier stage's policy; expected one of {names} "
+                          "(or that stage's name)")
+
+
 def unknown_source_error(stages: list[StageConfig], i: int) -> RecipeError:
     earlier = [checkpoint_name(s, j) for j, s in enumerate(stages[:i])]
     return RecipeError(f"stages.{i}.source: '{stages[i].source}' is not an earlier stage; expected one of {earlier}")
@@ -149,6 +166,10 @@ def _check_reward_model(cfg: RecipeConfig, i: int) -> None:
                           "be even")
     if cfg.algo.rm_center_coef < 0:
         raise RecipeError(f"algo.rm_center_coef: must be >= 0, got {cfg.algo.rm_center_coef}")
+    if stage.model and earlier_policy(cfg.stages, i, stage.model) is None \
+            and not (Path(stage.model) / "config.json").is_file():
+        raise RecipeError(f"stages.{i}.model: '{stage.model}' is neither an earlier stage's policy nor a Hugging Face "
+                          "checkpoint folder (config.json, weights, tokenizer); name the stage, or give a local path")
 
 
 def _reward_model_data(stage: StageConfig) -> str:
@@ -164,6 +185,9 @@ def _check_average(cfg: RecipeConfig, i: int) -> None:
         raise RecipeError(f"stages.{i}.ema_decay: must be in (0, 1), got {stage.ema_decay}")
     if i == 0 and not stage.source:
         raise RecipeError(f"stages.{i}: an average stage needs an earlier stage (with save_every) to average")
+    if stage.start:
+        raise RecipeError(f"stages.{i}.start: an average stage averages the snapshots of `source`, it starts from no "
+                          "policy; remove it")
     if average_source(cfg.stages, i) is None:
         raise unknown_source_error(cfg.stages, i)
 
@@ -182,7 +206,7 @@ STAGE_KINDS = {
     "average": StageKind("rlkit.algorithms.average:run", data=lambda stage: "", trains_model=False,
                          fields=("source", "last", "method", "ema_decay"), check=_check_average),
     "reward_model": StageKind("rlkit.algorithms.reward_model:train", data=_reward_model_data, trains_model=False,
-                              yields_policy=False, fields=("pairs", "samples"), check=_check_reward_model),
+                              yields_policy=False, fields=("pairs", "samples", "model"), check=_check_reward_model),
 }
 
 
@@ -217,6 +241,8 @@ def check_stage(cfg: RecipeConfig, i: int) -> None:
     if rows % ranks:
         raise RecipeError(f"stages.{i}.batch_size: {rows} rows per step do not split evenly over "
                           f"cluster.trainer_ranks={ranks}")
+    if stage.start:
+        _check_policy_name(cfg.stages, i, "start", stage.start)
     if kind.check is not None:
         kind.check(cfg, i)
 

@@ -1,8 +1,8 @@
 """The practitioners' stages on the embedded default, end to end: SFT with snapshots, rejection-sampling
-fine-tuning, online DPO over two rounds, the average of DPO's last snapshots and a reward model on the averaged
-policy's own answers (one run of recipes/pipeline.yaml, scaled down, with a short form of quickstart_rm.yaml's
-reward model stage); then distillation from that run's model into a fresh student, and IFD data selection scored
-by its SFT model.
+fine-tuning, online DPO over two rounds, the average of DPO's last snapshots, and a reward model on the SFT model's
+own answers (a branch back to SFT: `start`) with the averaged model's transformer (`model`) (one run of
+recipes/pipeline.yaml, scaled down, with a short form of quickstart_rm.yaml's reward model stage); then distillation
+from that run's model into a fresh student, and IFD data selection scored by its SFT model.
 """
 
 import json
@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from rlkit.data.tasks import make_problem
 from rlkit.rewards.base import Sample, Verdict
 from rlkit.rewards.math import MathReward
+from rlkit.runtime.checkpoint import Checkpointer
 from rlkit.select import main as select_main
 from tests.e2e.test_quickstart import REPO, read_metrics, run
 
@@ -25,7 +26,8 @@ STAGES = (
     " {kind: rft, steps: 40, batch_size: 32, samples: 8, keep: all, lr: 5.0e-4},"
     " {kind: dpo, pairs: online, rounds: 2, samples: 4, steps: 10, batch_size: 8, lr: 1.0e-4, save_every: 3},"
     " {kind: average, last: 3},"
-    " {kind: reward_model, name: rm, pairs: policy, samples: 4, steps: 6, batch_size: 16, lr: 1.0e-3}]"
+    " {kind: reward_model, name: rm, start: 01_sft, model: 04_average, pairs: policy, samples: 4, steps: 6,"
+    " batch_size: 16, lr: 1.0e-3}]"
 )
 COMMON = ["logging.wandb_mode=disabled", "logging.log_every=1", "data.num_eval=200"]
 
@@ -82,12 +84,32 @@ def test_average_is_the_mean_of_the_last_snapshots(pipeline):
 
 
 @pytest.mark.slow
+def test_a_stage_branches_back_to_an_earlier_policy_and_a_reward_model_starts_from_another(pipeline):
+    """`start: 01_sft`: the engines take the SFT checkpoint again and evaluate it as the stage's `before` (as SFT's
+    own evaluation scored it), and the run continues from it; `model: 04_average`: the reward model's transformer
+    starts from the averaged policy, not from the policy it samples its pairs from."""
+    run_dir, stages, _ = pipeline
+    sft, average, rm = stages[0]["after"], stages[3]["after"], stages[4]["before"]
+    assert sft["accuracy"] != average["accuracy"]  # the branch is visible in held-out accuracy
+    assert rm["accuracy"] == pytest.approx(sft["accuracy"]) and rm["mean_reward"] == pytest.approx(sft["mean_reward"])
+    assert Checkpointer(run_dir, keep=1).latest().state.model_path.endswith("01_sft")  # where a next stage would start
+    ckpt = run_dir / "checkpoints"
+    rm_body = {k: v.float() for k, v in load_file(str(ckpt / "rm" / "model.safetensors")).items() if k != "score.weight"}
+
+    def distance(folder):
+        weights = load_file(str(ckpt / folder / "model.safetensors"))
+        return sum(float((weights[k].float() - v).pow(2).sum()) for k, v in rm_body.items())
+
+    assert distance("04_average") < distance("01_sft") / 4  # 6 steps from the average (10x nearer here), far from SFT
+
+
+@pytest.mark.slow
 def test_a_reward_model_on_the_policys_own_answers_scores_its_held_out_pairs_apart(pipeline):
     """`pairs: policy`: the policy's samples on the training prompts, paired wrong against right (or against the gold
     solution where no sample was right), train it; its held-out pairs, sampled on the held-out prompts, score it, on
     all pairs and apart on the pairs of two samples and on those against the gold solution."""
     run_dir, stages, metrics = pipeline
-    assert stages[4]["kind"] == "reward_model" and stages[4]["after"] == stages[3]["after"]  # the policy unchanged
+    assert stages[4]["kind"] == "reward_model" and stages[4]["after"] == stages[4]["before"]  # the policy unchanged
     held = json.loads((run_dir / "checkpoints" / "rm" / "rlkit_stage.json").read_text())["held_out"]
     final = [m for m in metrics if "rm/eval/accuracy" in m][-1]
     assert held == {k.removeprefix("rm/eval/"): v for k, v in final.items() if k.startswith("rm/eval/")}

@@ -70,6 +70,15 @@ def test_yaml_then_overrides_in_order(tmp_path):
         (["env.name=tools", "stages=[{kind: dpo}]"], "stages.0 would pair whole episodes for DPO"),
         (["stages=[{kind: sft}, {kind: average, source: sfft}]"],
          "stages.1.source: 'sfft' is not an earlier stage; expected one of ['01_sft']"),
+        # a branch starts from an earlier policy; a reward model from an earlier policy or a checkpoint folder
+        (["stages=[{kind: sft}, {kind: reward_model, name: rm}, {kind: grpo, start: rm}]"],
+         "stages.2.start: 'rm' is not an earlier stage's policy; expected one of ['00_init', '01_sft']"),
+        (["stages=[{kind: grpo, start: 02_sft}, {kind: sft}]"], "stages.0.start: '02_sft' is not an earlier stage"),
+        (["stages=[{kind: sft}, {kind: sft, save_every: 1}, {kind: average, start: 01_sft}]"],
+         "stages.2.start: an average stage averages the snapshots of `source`"),
+        (["stages=[{kind: reward_model, model: /no/such/model}]"],
+         "stages.0.model: '/no/such/model' is neither an earlier stage's policy nor a Hugging Face checkpoint folder"),
+        (["stages=[{kind: sft, model: 00_init}]"], "stages.0.model: sft stages do not read it (only reward_model"),
         (["trainer.lr_schedule=exp"], "trainer.lr_schedule: 'exp' is not one of constant, linear, cosine"),
         # a field the stage's kind does not read (rlkit.recipe.stage_kinds) would be silently ignored
         (["stages=[{kind: grpo, teacher: ckpt}]"],
@@ -153,6 +162,12 @@ def test_resolved_yaml_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(to_yaml(cfg))
     assert load_recipe(path) == cfg
+
+
+def test_a_branch_and_a_reward_models_own_backbone_load():
+    cfg = load_recipe(None, ["stages=[{kind: sft, name: warm}, {kind: sft, name: long}, "
+                             "{kind: reward_model, start: warm, model: long}, {kind: grpo}, {kind: dpo, start: 00_init}]"])
+    assert (cfg.stages[2].start, cfg.stages[2].model, cfg.stages[4].start) == ("warm", "long", "00_init")
 
 
 def test_quickstart_recipe_is_valid():

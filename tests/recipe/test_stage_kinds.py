@@ -55,3 +55,16 @@ def test_loading_a_recipe_needs_no_torch():
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_stage_names_an_earlier_policy_by_its_name_or_folder():
+    """`start` (and a reward model's `model`) name an earlier stage that trains the policy, or the run's start; a
+    reward model stage, a later stage or the stage itself are no policy to start from."""
+    from rlkit.recipe.stage_kinds import earlier_policy
+
+    stages = [StageConfig(kind="sft", name="warm"), StageConfig(kind="reward_model", name="rm"),
+              StageConfig(kind="dpo"), StageConfig(kind="grpo")]
+    assert [earlier_policy(stages, 3, name) for name in ("warm", "01_sft", "03_dpo", "00_init")] == \
+        ["warm", None, "03_dpo", "00_init"]  # a named stage's folder is its name
+    assert [earlier_policy(stages, 3, name) for name in ("rm", "04_grpo", "")] == [None, None, None]
+    assert earlier_policy(stages, 2, "03_dpo") is None  # not before itself

@@ -143,3 +143,26 @@ def test_a_tiny_process_reward_model_scores_each_step(model_path, tmp_path):
     assert by["min"][1].score == pytest.approx(min(steps)) and by["last"][1].score == pytest.approx(steps[2])
     assert by["product"][1].score == pytest.approx(math.prod(steps))
     assert by["min"][0].verdict == Verdict.CORRECT and by["min"][1].verdict == Verdict.WRONG
+
+
+def test_a_reward_model_starts_from_an_earlier_stage_or_a_folder_with_the_policys_tokenizer(model_path, tmp_path):
+    """`model` names an earlier stage's policy (its checkpoint under the run folder) or a folder; a folder whose
+    tokenizer is not the policy's stops the stage in one line, since the pairs are the policy's token ids."""
+    import shutil
+
+    from rlkit.algorithms.reward_model import backbone_path
+    from rlkit.recipe import RecipeConfig, RecipeError, StageConfig
+    from tests.chat_model import build_tokenizer
+
+    def cfg(model):
+        return RecipeConfig(stages=[StageConfig(kind="sft", name="long"), StageConfig(kind="reward_model", model=model)])
+
+    assert backbone_path(cfg(""), 1, tmp_path, model_path) == model_path  # the policy
+    long = shutil.copytree(model_path, tmp_path / "checkpoints" / "long")  # stage `long`'s checkpoint
+    assert backbone_path(cfg("long"), 1, tmp_path, model_path) == str(long)
+    same = shutil.copytree(model_path, tmp_path / "same")
+    assert backbone_path(cfg(str(same)), 1, tmp_path, model_path) == str(same)
+    other = shutil.copytree(model_path, tmp_path / "other")
+    build_tokenizer().save_pretrained(other)  # a byte-level BPE instead of the character tokenizer
+    with pytest.raises(RecipeError, match="stages.1.model: '.*other' has another tokenizer than the policy"):
+        backbone_path(cfg(str(other)), 1, tmp_path, model_path)
