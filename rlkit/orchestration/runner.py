@@ -202,11 +202,7 @@ def start(cfg: RecipeConfig, recipe_yaml: str, resume: ResumePoint | None) -> Li
         pool = cluster.rollout_pool(state.model_path)
         episodes = episode_sampler(cfg, pool, data.renderer)  # None unless the recipe has an env (multi-turn)
         if resume is None:
-            evaluation = evaluate(pool, scorer, data.held_out, cfg.logging, cfg.reward.max_error_rate,
-                                  episodes=episodes)
-            state.before = log_evaluation(logger, evaluation, cfg.logging.table_rows)
-            state.before |= evaluate_sets(pool, scorer, data.evals, logger, cfg.logging, cfg.reward.max_error_rate,
-                                          episodes)
+            state.before = evaluate_policy(cfg, data, pool, scorer, logger, episodes)
             checkpointer.save(state)
     except BaseException:
         _close(pool, scorer, logger, cluster)
@@ -215,6 +211,13 @@ def start(cfg: RecipeConfig, recipe_yaml: str, resume: ResumePoint | None) -> Li
         raise
     return LiveRun(cfg, recipe_yaml, run_dir, data, cluster, scorer, pool, logger, checkpointer, state, episodes,
                    started)
+
+
+def evaluate_policy(cfg: RecipeConfig, data: RunData, pool, scorer, logger: RunLogger, episodes) -> dict:
+    """The engines' policy on the held-out set and every further set, logged; its metrics (a stage's `before`)."""
+    evaluation = evaluate(pool, scorer, data.held_out, cfg.logging, cfg.reward.max_error_rate, episodes=episodes)
+    metrics = log_evaluation(logger, evaluation, cfg.logging.table_rows)
+    return metrics | evaluate_sets(pool, scorer, data.evals, logger, cfg.logging, cfg.reward.max_error_rate, episodes)
 
 
 def make_run_dir(run_dir: Path) -> None:
@@ -279,16 +282,12 @@ def train_stage(live: LiveRun, index: int, resume: ResumePoint | None) -> None:
 def start_from(live: LiveRun, folder: str) -> None:
     """A stage's `start`: the policy is an earlier checkpoint again (`folder` under checkpoints/), in the engines
     too; evaluated there, it is the stage's `before` (logged, so the held-out curve shows the branch)."""
-    cfg, state, path = live.cfg, live.state, live.run_dir / "checkpoints" / folder
+    state, path = live.state, live.run_dir / "checkpoints" / folder
     if Path(state.model_path) == path:
         return
     state.model_path = str(path)
     live.pool.sync_weights(checkpoint_state(path))
-    evaluation = evaluate(live.pool, live.scorer, live.data.held_out, cfg.logging, cfg.reward.max_error_rate,
-                          episodes=live.episodes)
-    state.before = log_evaluation(live.logger, evaluation, cfg.logging.table_rows)
-    state.before |= evaluate_sets(live.pool, live.scorer, live.data.evals, live.logger, cfg.logging,
-                                  cfg.reward.max_error_rate, live.episodes)
+    state.before = evaluate_policy(live.cfg, live.data, live.pool, live.scorer, live.logger, live.episodes)
     print(f"stage {state.stage}: starts from {folder}, held-out accuracy {accuracy_text(live.data.evals, state.before)}",
           flush=True)
 

@@ -131,8 +131,10 @@ def average_source(stages: list[StageConfig], i: int) -> str | None:
 def earlier_policy(stages: list[StageConfig], i: int, name: str) -> str | None:
     """The checkpoint folder of the policy `name` names for stage `i`: an earlier stage that trains the policy (by its
     name or checkpoint folder), or the run's start (00_init); None when it names none."""
-    if name == INIT or not name:
-        return name or None
+    if name == INIT:
+        return INIT
+    if not name:
+        return None
     return next((checkpoint_name(s, j) for j, s in enumerate(stages[:i])
                  if STAGE_KINDS[s.kind].yields_policy and name in (s.name, checkpoint_name(s, j))), None)
 
