@@ -96,10 +96,15 @@ def _check_sampling(cfg: RecipeConfig, i: int) -> None:  # rft (and distill)
     one_of(f"stages.{i}.keep", cfg.stages[i].keep, ("best", "all"))
 
 
+def _is_checkpoint_folder(path: str) -> bool:
+    """Whether `path` is a local Hugging Face checkpoint folder (its config.json is there)."""
+    return bool(path) and (Path(path) / "config.json").is_file()
+
+
 def _check_distill(cfg: RecipeConfig, i: int) -> None:
     _check_sampling(cfg, i)
     teacher = cfg.stages[i].teacher
-    if not teacher or not (Path(teacher) / "config.json").is_file():
+    if not _is_checkpoint_folder(teacher):
         raise RecipeError(f"stages.{i}.teacher: '{teacher}' is not a Hugging Face checkpoint folder "
                           "(config.json, weights, tokenizer); give the teacher model's local path")
 
@@ -168,8 +173,7 @@ def _check_reward_model(cfg: RecipeConfig, i: int) -> None:
                           "be even")
     if cfg.algo.rm_center_coef < 0:
         raise RecipeError(f"algo.rm_center_coef: must be >= 0, got {cfg.algo.rm_center_coef}")
-    if stage.model and earlier_policy(cfg.stages, i, stage.model) is None \
-            and not (Path(stage.model) / "config.json").is_file():
+    if stage.model and earlier_policy(cfg.stages, i, stage.model) is None and not _is_checkpoint_folder(stage.model):
         raise RecipeError(f"stages.{i}.model: '{stage.model}' is neither an earlier stage's policy nor a Hugging Face "
                           "checkpoint folder (config.json, weights, tokenizer); name the stage, or give a local path")
 
