@@ -249,7 +249,8 @@ def main() -> None:
         job = json.loads(args.job)
         print("RESULT", json.dumps(run_interleaved(job) if "variants" in job else run_one(job)), flush=True)
         return
-    from rlkit.kernels.precision import auto_dtype, describe_machine
+    from rlkit.kernels.precision import describe_machine
+    from rlkit.training.precision import resolve
 
     print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
     if args.device == "cuda":
@@ -257,7 +258,7 @@ def main() -> None:
 
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is visible")
-    dtype = auto_dtype(args.device)[0] if args.precision == "auto" else args.precision
+    dtype = resolve(args.precision, args.device, "--precision")[0]  # an emulated bf16 warns with its slowdown
     questions, answers = gsm8k_lengths()
     lengths = step_lengths(questions, answers, args.prompts, args.group)
     rows = [p + c for p, c in lengths]

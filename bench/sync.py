@@ -121,10 +121,11 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="trainer and engine dtype (auto: bf16 where this CPU computes it natively, else float32)")
     args = parser.parse_args()
-    from rlkit.kernels.precision import auto_dtype, describe_machine
+    from rlkit.kernels.precision import describe_machine
+    from rlkit.training.precision import resolve
 
     print(describe_machine(), flush=True)  # the numbers below depend on it (native bf16 or not)
-    dtype = auto_dtype("cpu")[0] if args.precision == "auto" else args.precision
+    dtype = resolve(args.precision, "cpu", "--precision")[0]  # an emulated bf16 warns with its slowdown
     print(f"load average before: {os.getloadavg()}", flush=True)
 
     import ray
