@@ -1,6 +1,7 @@
 """Checkpoint and resume for real: a run is killed (SIGKILL to its whole process group, vLLM included) in the
-middle of its GRPO stage, then `resume=auto` finishes it. The resumed run must continue from the same step
-and end exactly where an uninterrupted run of the same recipe ends.
+middle of its GRPO stage, which starts from the SFT model again (`start: 01_sft`), then `resume=auto` finishes it.
+The resumed run must continue from the same step and end exactly where an uninterrupted run of the same recipe
+ends.
 """
 
 import json
@@ -21,8 +22,10 @@ OVERRIDES = [
     "logging.log_every=1",
     "data.num_eval=40",  # the runs are compared with each other, not with a bar: a small held-out set does
     "checkpoint.every=5",
+    # GRPO branches back to the SFT model (`start`), so the resumed run must take its policy, and its reference, from
+    # the resume point, not from the stage before it (DPO)
     "stages=[{kind: sft, steps: 60, batch_size: 32, lr: 1.0e-3}, {kind: dpo, steps: 10, batch_size: 8, lr: 1.0e-4},"
-    f" {{kind: grpo, steps: {GRPO_STEPS}, batch_size: 4, lr: 1.0e-4}}]",
+    f" {{kind: grpo, start: 01_sft, steps: {GRPO_STEPS}, batch_size: 4, lr: 1.0e-4}}]",
 ]
 
 
@@ -89,6 +92,10 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path):
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     summaries = [json.loads((d / "summary.json").read_text())["stages"] for d in (run_dir, full_dir)]
     assert [s["after"] for s in summaries[0]] == [s["after"] for s in summaries[1]]
+    for sft, _, grpo in summaries:  # GRPO's `before` is the SFT model's evaluation
+        assert grpo["before"] == sft["after"], (sft, grpo)
+    # the uninterrupted run switched to the SFT model; the resumed one took it from the resume point instead
+    assert "stage 2: starts from 01_sft" in full.stdout and "starts from" not in resumed.stdout
 
     # a finished run has nothing to resume
     again = run("recipes/quickstart.yaml", f"logging.output_dir={run_dir}", *OVERRIDES, "resume=auto", timeout=300)
