@@ -74,7 +74,7 @@ def test_a_stage_given_the_wrong_kind_of_data_fails_at_load(tok, files, stages, 
 def test_held_out_needs_answers(tok, files):
     with pytest.raises(RecipeError, match="held-out evaluation needs prompts with gold answers"):
         prepare(tok, f"data.source={files['messages']}", "data.num_eval=5", "model.max_seq_len=512",
-                f"stages=[{{kind: sft}}]")
+                "stages=[{kind: sft}]")
 
 
 def test_long_prompts_are_dropped_and_counted(tok, caplog):
