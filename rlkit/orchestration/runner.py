@@ -30,7 +30,7 @@ from rlkit.runtime.cluster import Cluster
 from rlkit.runtime.scoring import live_rewards, names_stage
 from rlkit.algorithms.episodes import episode_sampler
 from rlkit.recipe import RecipeConfig, RecipeError, stage_updates, to_yaml
-from rlkit.recipe.stage_kinds import STAGE_KINDS, earlier_policy
+from rlkit.recipe.stage_kinds import INIT, STAGE_KINDS, earlier_policy
 from rlkit.algorithms.evaluate import evaluate, evaluate_sets, log_evaluation
 from rlkit.training.losses import resolve_switches
 from rlkit.training.modeling import build_char_tokenizer, check_context, init_model, load_tokenizer, quiet_checkpoint_bars, \
@@ -233,7 +233,7 @@ def new_run_dir(run_dir: Path, recipe_yaml: str, data: RunData, model, tokenizer
     """The made run folder with the resolved recipe, the data description and the starting checkpoint (00_init)."""
     (run_dir / "recipe.yaml").write_text(recipe_yaml)
     (run_dir / "data.json").write_text(json.dumps(describe(data), indent=2))
-    return RunState(model_path=str(save_checkpoint(model, tokenizer, run_dir / "checkpoints" / "00_init", recipe_yaml)))
+    return RunState(model_path=str(save_checkpoint(model, tokenizer, run_dir / "checkpoints" / INIT, recipe_yaml)))
 
 
 def train_stage(live: LiveRun, index: int, resume: ResumePoint | None) -> None:
