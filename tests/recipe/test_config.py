@@ -269,8 +269,9 @@ def test_gold_rewards_load_beside_the_trained_ones():
 def test_quickstart_rm_recipe_trains_on_the_reward_model_with_the_verifier_as_gold():
     cfg = load_recipe("recipes/quickstart_rm.yaml")
     assert [s.kind for s in cfg.stages] == ["sft", "sft", "reward_model", "grpo"]
-    sft, rm_base, rm = cfg.stages[:3]
+    sft, rm_base, rm, grpo = cfg.stages
     assert (rm.start, rm.model) == (sft.name, rm_base.name)  # pairs from the SFT model, on the longer-trained one
+    assert grpo.start == rm_base.name  # GRPO from the longer-trained one, as the verifier baseline in the README
     trained = [s for s in cfg.reward.rewards if s.weight]
     assert [(s.name, s.path) for s in trained] == [("model", rm.name)]  # the only reward trained on
     assert [s.name for s in cfg.reward.gold] == ["math"]
