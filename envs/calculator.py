@@ -12,6 +12,8 @@ import ast
 import math
 import operator
 
+from rlkit.rewards.pyparse import parse
+
 MAX_CHARS = 200  # longer expressions are refused unread (they also bound the parser's nesting)
 MAX_EXPONENT = 1000  # |b| in a ** b
 MAX_BITS = 4096  # integer operands and results (about 1233 decimal digits)
@@ -41,7 +43,7 @@ def evaluate(expression: str) -> int | float:
     if len(expression) > MAX_CHARS:
         raise CalculatorError(f"the expression is {len(expression)} characters long; at most {MAX_CHARS}")
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
+        tree = parse(expression.strip(), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
         raise CalculatorError(f"not an arithmetic expression ({type(e).__name__})") from None
     return _value(tree.body)

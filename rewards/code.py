@@ -31,6 +31,7 @@ from typing import Any
 from rlkit.rewards._codec import Opaque, decode  # noqa: F401 (Opaque: the type decode gives what cannot travel)
 from rlkit.rewards.base import RewardResult, Sample, Verdict
 from rlkit.rewards.math import final_reply
+from rlkit.rewards.pyparse import parse
 from rlkit.rewards.sandbox import Sandbox, SandboxLimits, SandboxResult
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -94,7 +95,7 @@ class _Asserts(ast.NodeTransformer):
 def prepare_tests(tests: str) -> tuple[str, tuple[types.CodeType, ...]]:
     """(the tests as sent into the sandbox, one parent-side skeleton per assert). Tests are trusted data."""
     rewriter = _Asserts()
-    tree = ast.fix_missing_locations(rewriter.visit(ast.parse(tests)))
+    tree = ast.fix_missing_locations(rewriter.visit(parse(tests)))
     if not rewriter.skeletons:
         raise ValueError("the tests contain no assert statements")
     return ast.unparse(tree), tuple(rewriter.skeletons)
@@ -119,7 +120,7 @@ def extract_code(completion: str) -> str:
 def _defines(code: str, name: str) -> bool | None:
     """Whether `code` defines `name` at top level; None when it does not parse."""
     try:
-        tree = ast.parse(code)
+        tree = parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)

@@ -23,6 +23,7 @@ from typing import Any
 
 from rlkit.rewards.base import RewardResult, Sample, Verdict
 from rlkit.rewards.format import answer_span
+from rlkit.rewards.pyparse import parse
 
 NAMES = ["Alice", "Bob", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana"]
 MAX_ANSWER_CHARS = 10_000  # a verifier reads an answer, not a novel: longer is a format error
@@ -244,7 +245,7 @@ def check_countdown(gold: dict, answer: str) -> tuple[Verdict, str]:
     if not sides or len(sides[0]) > 500:
         return Verdict.FORMAT_ERROR, "no arithmetic expression"
     try:
-        tree = ast.parse(sides[0].strip(), mode="eval")
+        tree = parse(sides[0].strip(), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):  # e.g. too many nested parentheses
         return Verdict.FORMAT_ERROR, "the expression does not parse"
     used: list[int] = []
