@@ -80,10 +80,10 @@ def test_an_output_dir_the_worker_node_cannot_see_fails_in_one_line(world):
 
 GRPO_STEPS = 4  # killed at step 2 (a resume point every 2 steps): 2 steps run after the resume
 # short stages: the runs are compared with each other, not with a bar (most of their time is starting engines)
-SHOW = [*FLOAT32, "logging.wandb_mode=disabled", "logging.log_every=1", "data.num_eval=20", "checkpoint.every=2",
-        "cluster.placement=spread",  # one trainer rank and one engine per node (one node: both on it)
-        f"stages=[{{kind: sft, steps: 16, batch_size: 32, lr: 1.0e-3}}, {{kind: grpo, steps: {GRPO_STEPS}, "
-        "batch_size: 4, lr: 1.0e-4}]"]
+RECIPE = [*FLOAT32, "logging.wandb_mode=disabled", "logging.log_every=1", "data.num_eval=20", "checkpoint.every=2",
+          f"stages=[{{kind: sft, steps: 16, batch_size: 32, lr: 1.0e-3}}, {{kind: grpo, steps: {GRPO_STEPS}, "
+          "batch_size: 4, lr: 1.0e-4}]"]
+SHOW = [*RECIPE, "cluster.placement=spread"]  # one trainer rank and one engine per node
 
 
 def kill_in_grpo(world, run_dir, min_step: int, log) -> subprocess.Popen:
@@ -109,7 +109,7 @@ def kill_in_grpo(world, run_dir, min_step: int, log) -> subprocess.Popen:
 def test_two_nodes_end_like_one_node_after_a_driver_kill_and_resume(world, tmp_path):
     """The Ray quickstart on two nodes (a trainer rank and an engine on each: cluster.placement=spread), its driver
     SIGKILLed mid-GRPO and rerun with resume=auto, ends with the held-out accuracies and per-step losses of the
-    same recipe run uninterrupted on one node; its run folder is complete on the shared storage."""
+    same recipe run uninterrupted in one process; its run folder is complete on the shared storage."""
     run_dir = world.shared / "two"
     with open(tmp_path / "killed.log", "w") as log:
         killed = kill_in_grpo(world, run_dir, 2, log)
@@ -125,13 +125,18 @@ def test_two_nodes_end_like_one_node_after_a_driver_kill_and_resume(world, tmp_p
         assert (run_dir / "checkpoints" / name / "model.safetensors").exists(), name
     assert not list(run_dir.glob(".rlkit-storage-*"))
 
+    # the reference: the same recipe uninterrupted in one process (recipes/quickstart.yaml is quickstart_ray.yaml
+    # without its cluster section: one rank, one engine, no Ray). Two ranks end where one does up to float rounding
+    # (tests/runtime/test_cluster.py), and engines split the prompts, not their seeds. Every SFT and GRPO metric is
+    # compared, so the steps after the resume are checked by the policy's entropy and gradient norm, not only by
+    # losses near 0 (the 16-step SFT model rarely answers right)
     one_dir = tmp_path / "one"
-    one = run("recipes/quickstart_ray.yaml", f"logging.output_dir={one_dir}", *SHOW)
+    one = run("recipes/quickstart.yaml", f"logging.output_dir={one_dir}", *RECIPE)
     assert one.returncode == 0, one.stderr[-4000:]
     summaries = [json.loads((d / "summary.json").read_text())["stages"] for d in (one_dir, run_dir)]
     assert [s["after"] for s in summaries[0]] == [s["after"] for s in summaries[1]]
-    losses = [{(m["step"], k): v for m in read_metrics(d) for k, v in m.items() if k.endswith("loss")}
-              for d in (one_dir, run_dir)]
-    assert losses[0].keys() == losses[1].keys() and any(k.startswith("grpo/") for _, k in losses[0])
-    for key, value in losses[0].items():
-        assert losses[1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    metrics = [{(m["step"], k): v for m in read_metrics(d) for k, v in m.items() if k.startswith(("sft/", "grpo/"))
+                and not any(word in k for word in ("time", "per_s", "seconds"))} for d in (one_dir, run_dir)]
+    assert metrics[0].keys() == metrics[1].keys() and (20, "grpo/entropy") in metrics[0]
+    for key, value in metrics[0].items():
+        assert metrics[1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
