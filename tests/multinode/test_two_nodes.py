@@ -108,8 +108,8 @@ def kill_in_grpo(world, run_dir, min_step: int, log) -> subprocess.Popen:
 @pytest.mark.slow
 def test_two_nodes_end_like_one_node_after_a_driver_kill_and_resume(world, tmp_path):
     """The Ray quickstart on two nodes (a trainer rank and an engine on each: cluster.placement=spread), its driver
-    SIGKILLed mid-GRPO and rerun with resume=auto, ends with the held-out accuracies and per-step losses of the
-    same recipe run uninterrupted in one process; its run folder is complete on the shared storage."""
+    SIGKILLed mid-GRPO and rerun with resume=auto, ends with the held-out accuracies and per-step SFT and GRPO
+    metrics of the same recipe run uninterrupted in one process; its run folder is complete on the shared storage."""
     run_dir = world.shared / "two"
     with open(tmp_path / "killed.log", "w") as log:
         killed = kill_in_grpo(world, run_dir, 2, log)
@@ -137,6 +137,7 @@ def test_two_nodes_end_like_one_node_after_a_driver_kill_and_resume(world, tmp_p
     assert [s["after"] for s in summaries[0]] == [s["after"] for s in summaries[1]]
     metrics = [{(m["step"], k): v for m in read_metrics(d) for k, v in m.items() if k.startswith(("sft/", "grpo/"))
                 and not any(word in k for word in ("time", "per_s", "seconds"))} for d in (one_dir, run_dir)]
-    assert metrics[0].keys() == metrics[1].keys() and (20, "grpo/entropy") in metrics[0]
+    assert metrics[0].keys() == metrics[1].keys()
+    assert any(k == "grpo/entropy" and step > point["global_step"] for step, k in metrics[0])  # after the resume
     for key, value in metrics[0].items():
         assert metrics[1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
