@@ -28,6 +28,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def step_metrics(run_dir: Path, prefixes: tuple[str, ...]) -> dict[tuple[int, str], float]:
+    """{(step, key): value} of the keys under `prefixes`, wall-clock ones (times, rates, seconds) left out: what two
+    runs of one recipe must share, whatever their speed."""
+    return {(m["step"], k): v for m in read_metrics(run_dir) for k, v in m.items()
+            if k.startswith(prefixes) and not any(word in k for word in ("time", "per_s", "seconds"))}
+
+
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     """The quickstart as shipped (in float32); its stage checkpoints are where the Ray and PPO tests start."""

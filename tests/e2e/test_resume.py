@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.e2e.test_quickstart import FLOAT32, REPO, read_metrics, run
+from tests.e2e.test_quickstart import FLOAT32, REPO, read_metrics, run, step_metrics
 
 GRPO_STEPS = 20  # killed at step 10 or later (a resume point every 5 steps): at least 5 steps run after the resume
 OVERRIDES = [
@@ -84,9 +84,8 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path):
     # the same recipe without the kill ends at the same place
     full = run("recipes/quickstart.yaml", f"logging.output_dir={full_dir}", *OVERRIDES)
     assert full.returncode == 0, full.stderr[-4000:]
-    expected = {(m["step"], k): v for m in read_metrics(full_dir) for k, v in m.items() if k.startswith("grpo/")
-                and "time" not in k and "per_s" not in k and "weight_sync" not in k}
-    got = {(m["step"], k): v for m in metrics for k, v in m.items() if (m["step"], k) in expected}
+    expected = step_metrics(full_dir, ("grpo/",))
+    got = {key: value for key, value in step_metrics(run_dir, ("grpo/",)).items() if key in expected}
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

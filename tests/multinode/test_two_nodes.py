@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.e2e.test_quickstart import FLOAT32, REPO, read_metrics, run
+from tests.e2e.test_quickstart import FLOAT32, REPO, run, step_metrics
 from tests.e2e.test_resume import latest_point
 
 FAST = ["logging.wandb_mode=disabled", "data.num_eval=20",
@@ -135,8 +135,7 @@ def test_two_nodes_end_like_one_node_after_a_driver_kill_and_resume(world, tmp_p
     assert one.returncode == 0, one.stderr[-4000:]
     summaries = [json.loads((d / "summary.json").read_text())["stages"] for d in (one_dir, run_dir)]
     assert [s["after"] for s in summaries[0]] == [s["after"] for s in summaries[1]]
-    metrics = [{(m["step"], k): v for m in read_metrics(d) for k, v in m.items() if k.startswith(("sft/", "grpo/"))
-                and not any(word in k for word in ("time", "per_s", "seconds"))} for d in (one_dir, run_dir)]
+    metrics = [step_metrics(d, ("sft/", "grpo/")) for d in (one_dir, run_dir)]
     assert metrics[0].keys() == metrics[1].keys()
     assert any(k == "grpo/entropy" and step > point["global_step"] for step, k in metrics[0])  # after the resume
     for key, value in metrics[0].items():

@@ -29,7 +29,7 @@ RACE = textwrap.dedent("""
                                       for i in range(30)) + "    return x\\n"
     errors = []
 
-    def work(k):
+    def work():
         for _ in range(200):
             try:
                 parse(SOURCE)
@@ -43,7 +43,7 @@ RACE = textwrap.dedent("""
         for _ in range(20000):
             garbage()
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)] + [threading.Thread(target=churn)]
+    threads = [threading.Thread(target=work) for _ in range(8)] + [threading.Thread(target=churn)]
     for t in threads:
         t.start()
     for t in threads:
