@@ -1,6 +1,6 @@
 """The quickstart recipe end to end: real model, real vLLM engine, real rewards.
 
-Each learning stage must raise held-out accuracy. The run is a subprocess, as a user runs it.
+Each learning stage must raise held-out accuracy (GRPO: that of the answers it samples). The run is a subprocess, as a user runs it.
 """
 
 import json
@@ -37,9 +37,12 @@ def step_metrics(run_dir: Path, prefixes: tuple[str, ...]) -> dict[tuple[int, st
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    """The quickstart as shipped (in float32); its stage checkpoints are where the Ray and PPO tests start."""
+    """The quickstart as shipped (in float32), its evaluations also sampling 4 answers per problem at temperature 1
+    (pass@1: the accuracy of the answers GRPO trains on); its stage checkpoints are where the Ray and PPO tests
+    start."""
     run_dir = tmp_path_factory.mktemp("quickstart") / "run"
-    proc = run("recipes/quickstart.yaml", f"logging.output_dir={run_dir}", "logging.wandb_mode=offline")
+    proc = run("recipes/quickstart.yaml", f"logging.output_dir={run_dir}", "logging.wandb_mode=offline",
+               "logging.eval_samples=4", "logging.eval_pass_k=[1]")
     return run_dir, proc
 
 
@@ -50,8 +53,16 @@ def test_quickstart_learns_at_every_stage(quickstart):
     summary = json.loads((run_dir / "summary.json").read_text())
     stages = summary["stages"]
     assert [s["kind"] for s in stages] == ["sft", "dpo", "grpo"]
+    sft, dpo, grpo = stages
+    assert sft["after"]["accuracy"] > sft["before"]["accuracy"], sft
+    assert dpo["after"]["accuracy"] > dpo["before"]["accuracy"], dpo
+    # GRPO raises the accuracy of what it samples (pass@1 at temperature 1 over 2000 answers: 0.303 -> 0.339 on an
+    # AMD EPYC). Its greedy accuracy moves by less than the noise between machines and sampling seeds (-0.008 there,
+    # +0.010 and +0.012 on a Xeon; +0.032 and +0.022 from the same DPO model under trainer.seed 0 and 1), and must
+    # only not collapse (lr 3e-4 took it to 0.286)
+    assert grpo["after"]["pass@1"] > grpo["before"]["pass@1"], grpo
+    assert grpo["after"]["accuracy"] > grpo["before"]["accuracy"] - 0.03, grpo
     for s in stages:
-        assert s["after"]["accuracy"] > s["before"]["accuracy"], s
         ckpt = run_dir / "checkpoints" / s["name"]
         assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
         assert (ckpt / "recipe.yaml").exists()
