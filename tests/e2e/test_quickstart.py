@@ -1,6 +1,7 @@
 """The quickstart recipe end to end: real model, real vLLM engine, real rewards.
 
-Each learning stage must raise held-out accuracy (GRPO: that of the answers it samples). The run is a subprocess, as a user runs it.
+Each learning stage must raise held-out accuracy (GRPO: that of the answers it samples). The run is a subprocess,
+as a user runs it.
 """
 
 import json
